@@ -1,0 +1,1176 @@
+"""pi-proxy: OpenAI- and Anthropic-compatible HTTP gateway over pi-ai.
+
+Clients speak OpenAI Chat Completions to this server; every request is answered by a short-lived
+`node bridge.mjs` process that calls @mariozechner/pi-ai and prints its events as JSON lines.
+Python owns HTTP, configuration, credentials and translation; the bridge only talks to pi-ai.
+
+The file reads in the order data flows through it:
+
+  1. Configuration        flags and PI_PROXY_* environment variables
+  2. pi's config files    models.json (JSON with comments), auth.json, resolving keys
+  3. Model registry       pi-ai's catalogue merged with models.json; availability; name -> model
+  4. Bridge               spawning `node bridge.mjs`, reading its events, killing and reaping it
+  5. Errors               ApiError and the mapping of upstream failures to HTTP statuses
+  6. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
+  7. HTTP                 the Flask app: routes, SSE responses, client-disconnect detection
+  8. Main                 command line and the gevent server
+
+Translation functions in sections 5-6 are pure: tests call them without HTTP or node.
+"""
+
+if __name__ == "__main__":
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gevent
+import gevent.subprocess
+from flask import Flask, Response, request
+from gevent.pywsgi import WSGIHandler, WSGIServer
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("pi-proxy")
+HERE = Path(__file__).resolve().parent
+BRIDGE_SCRIPT = HERE / "bridge.mjs"
+
+
+# ==================================================================================================
+# 1. Configuration
+# ==================================================================================================
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 4141
+    max_body_size: int = 52_428_800
+    upstream_timeout_ms: int = 120_000
+    agent_dir: Path = Path("~/.pi/agent").expanduser()
+
+
+def load_config(argv=None, environ=os.environ) -> Config:
+    """Flags win over PI_PROXY_* environment variables, which win over the defaults."""
+    parser = argparse.ArgumentParser(prog="proxy.py", description="OpenAI/Anthropic gateway over pi-ai")
+    parser.add_argument("--host", help="address to bind (env PI_PROXY_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (env PI_PROXY_PORT, default 4141)")
+    args = parser.parse_args(argv)
+    defaults = Config()
+    return Config(
+        host=args.host or environ.get("PI_PROXY_HOST", defaults.host),
+        port=args.port if args.port is not None else int(environ.get("PI_PROXY_PORT", defaults.port)),
+        max_body_size=int(environ.get("PI_PROXY_MAX_BODY_SIZE", defaults.max_body_size)),
+        upstream_timeout_ms=int(environ.get("PI_PROXY_UPSTREAM_TIMEOUT_MS", defaults.upstream_timeout_ms)),
+        agent_dir=Path(environ.get("PI_CODING_AGENT_DIR", "~/.pi/agent")).expanduser(),
+    )
+
+
+# ==================================================================================================
+# 2. pi's config files
+# ==================================================================================================
+
+_JSON_STRING_OR_COMMENT = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*')
+_JSON_STRING_OR_TRAILING_COMMA = re.compile(r'"(?:\\.|[^"\\])*"|,(\s*[}\]])')
+
+
+def parse_jsonc(text: str):
+    """JSON with // comments and trailing commas: exactly what pi accepts in models.json."""
+    text = _JSON_STRING_OR_COMMENT.sub(lambda m: m.group(0) if m.group(0)[0] == '"' else "", text)
+    text = _JSON_STRING_OR_TRAILING_COMMA.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(0), text)
+    return json.loads(text)
+
+
+_command_outputs: dict[str, str | None] = {}
+
+
+def resolve_config_value(value: str, cached: bool = True) -> str | None:
+    """pi's rule for keys and header values: `!cmd` runs cmd through the shell (its trimmed
+    output; None if it fails), an environment variable's name gives its value, anything else is
+    the literal. pi caches command output for auth.json keys but not for models.json values."""
+    if not value.startswith("!"):
+        return os.environ.get(value) or value
+    if cached and value in _command_outputs:
+        return _command_outputs[value]
+    try:
+        result = subprocess.run(value[1:], shell=True, capture_output=True, text=True, timeout=10)
+        output = result.stdout.strip() if result.returncode == 0 else ""
+    except subprocess.TimeoutExpired:
+        output = ""
+    if cached:
+        _command_outputs[value] = output or None
+    return output or None
+
+
+class AuthFile:
+    """auth.json: provider id -> {"type":"api_key","key"} | {"type":"oauth","access","refresh","expires"}.
+    Re-read only when the file changes, since `pi` may log in or refresh while we run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stamp = None
+        self._entries: dict = {}
+
+    def entries(self) -> dict:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._entries = None, {}
+            return self._entries
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            try:
+                self._entries = json.loads(self.path.read_text())
+            except (OSError, ValueError) as error:
+                log.error("cannot read %s: %s", self.path, error)
+                self._entries = {}
+            self._stamp = stamp
+        return self._entries
+
+
+@dataclass
+class Credential:
+    key: str
+    source: str  # where the key came from, safe to show: "auth.json", "env:NAME", "models.json"
+
+
+class Credentials:
+    """A provider's key in pi's order: auth.json, then the environment, then models.json's apiKey."""
+
+    def __init__(self, auth_file: AuthFile, env_keys: dict, config_keys: dict):
+        self.auth_file = auth_file
+        self.env_keys = env_keys  # provider -> name of the environment variable pi-ai reads
+        self.config_keys = config_keys  # provider -> models.json apiKey (unresolved)
+
+    def for_provider(self, provider: str) -> Credential | None:
+        entry = self.auth_file.entries().get(provider)
+        if isinstance(entry, dict) and entry.get("type") == "api_key" and entry.get("key"):
+            key = resolve_config_value(entry["key"])
+            if key:
+                return Credential(key, "auth.json")
+        elif isinstance(entry, dict) and entry.get("type") == "oauth" and entry.get("access"):
+            return Credential(entry["access"], "auth.json (oauth)")
+        env_name = self.env_keys.get(provider)
+        if env_name == "<authenticated>":
+            return Credential("", "ambient cloud credentials")
+        if env_name and os.environ.get(env_name):
+            return Credential(os.environ[env_name], f"env:{env_name}")
+        if self.config_keys.get(provider):
+            key = resolve_config_value(self.config_keys[provider], cached=False)
+            if key:
+                return Credential(key, "models.json")
+        return None
+
+
+# ==================================================================================================
+# 3. Model registry
+# ==================================================================================================
+
+CUSTOM_MODEL_DEFAULTS = {
+    "reasoning": False,
+    "input": ["text"],
+    "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+    "contextWindow": 128000,
+    "maxTokens": 16384,
+}
+_OVERRIDABLE = ("name", "reasoning", "input", "contextWindow", "maxTokens")
+
+
+@dataclass
+class ProviderSettings:
+    """What models.json says about a provider that applies per request rather than per model."""
+
+    api_key: str | None = None
+    headers: dict = field(default_factory=dict)
+    auth_header: bool = False
+
+
+@dataclass
+class Registry:
+    models: dict = field(default_factory=dict)  # canonical "provider/id" -> pi-ai model
+    settings: dict = field(default_factory=dict)  # provider -> ProviderSettings
+    model_headers: dict = field(default_factory=dict)  # canonical id -> models.json headers
+
+
+class ModelsJsonError(ValueError):
+    pass
+
+
+def build_registry(catalog: list, models_json: dict | None) -> Registry:
+    """pi-ai's catalogue with models.json applied as pi applies it: a built-in provider's
+    baseUrl/compat apply to its models, `models` adds models or replaces a built-in one of the
+    same id whole, `modelOverrides` patches built-in models field by field; apiKey, headers and
+    authHeader apply per request. The caller validates models_json first (check_models_json)."""
+    providers = {p["id"]: {m["id"]: m for m in p["models"]} for p in catalog}
+    registry = Registry()
+    for name, spec in ((models_json or {}).get("providers") or {}).items():
+        builtin = providers.get(name, {})
+        first_builtin = next(iter(builtin.values()), {})
+        models = {}
+        for model_id, model in builtin.items():
+            model = {**model, "baseUrl": spec.get("baseUrl", model["baseUrl"]),
+                     "compat": {**(model.get("compat") or {}), **(spec.get("compat") or {})}}
+            override = (spec.get("modelOverrides") or {}).get(model_id)
+            if override:
+                model = _apply_override(model, override)
+                if override.get("headers"):
+                    registry.model_headers[f"{name}/{model_id}"] = override["headers"]
+            models[model_id] = model
+        for custom in spec.get("models") or []:
+            api = custom.get("api") or spec.get("api") or first_builtin.get("api")
+            base_url = custom.get("baseUrl") or spec.get("baseUrl") or first_builtin.get("baseUrl")
+            if not api or not base_url:
+                continue
+            models[custom["id"]] = {
+                **CUSTOM_MODEL_DEFAULTS,
+                **{k: v for k, v in custom.items() if k not in ("headers", "compat", "baseUrl", "api")},
+                "name": custom.get("name", custom["id"]),
+                "api": api,
+                "provider": name,
+                "baseUrl": base_url,
+                "compat": {**(spec.get("compat") or {}), **(custom.get("compat") or {})},
+            }
+            registry.model_headers.pop(f"{name}/{custom['id']}", None)
+            if custom.get("headers"):
+                registry.model_headers[f"{name}/{custom['id']}"] = custom["headers"]
+        providers[name] = models
+        registry.settings[name] = ProviderSettings(spec.get("apiKey"), spec.get("headers") or {},
+                                                   bool(spec.get("authHeader")))
+    for provider, models in providers.items():
+        for model_id, model in models.items():
+            registry.models[f"{provider}/{model_id}"] = model
+    return registry
+
+
+def _apply_override(model: dict, override: dict) -> dict:
+    model = {**model, **{k: override[k] for k in _OVERRIDABLE if k in override}}
+    if "thinkingLevelMap" in override:
+        model["thinkingLevelMap"] = {**(model.get("thinkingLevelMap") or {}), **override["thinkingLevelMap"]}
+    if "cost" in override:
+        model["cost"] = {**model["cost"], **override["cost"]}
+    if "compat" in override:
+        model["compat"] = {**(model.get("compat") or {}), **override["compat"]}
+    return model
+
+
+def check_models_json(data, builtin_providers: set) -> None:
+    """pi's validation of models.json; any problem rejects the whole file (as pi does)."""
+    if not isinstance(data, dict) or not isinstance(data.get("providers"), dict):
+        raise ModelsJsonError('it must be an object with a "providers" object')
+    for name, spec in data["providers"].items():
+        if not isinstance(spec, dict):
+            raise ModelsJsonError(f"provider {name!r} must be an object")
+        models = spec.get("models") or []
+        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                   and m["id"] for m in models):
+            raise ModelsJsonError(f'provider {name!r}: "models" must be a list of objects with an "id"')
+        if not models and not any(spec.get(k) for k in ("baseUrl", "headers", "compat", "modelOverrides")):
+            raise ModelsJsonError(f'provider {name!r}: must specify "baseUrl", "headers", "compat", '
+                                  '"modelOverrides", or "models"')
+        if models and name not in builtin_providers:
+            for required in ("baseUrl", "apiKey"):
+                if not spec.get(required):
+                    raise ModelsJsonError(f'provider {name!r}: "{required}" is required when defining custom models')
+            for model in models:
+                if not (model.get("api") or spec.get("api")):
+                    raise ModelsJsonError(f'provider {name!r}, model {model["id"]!r}: no "api" specified')
+        for model in [*models, *(spec.get("modelOverrides") or {}).values()]:
+            for limit in ("contextWindow", "maxTokens"):
+                if limit in model and not (isinstance(model[limit], int) and model[limit] > 0):
+                    raise ModelsJsonError(f"provider {name!r}: invalid {limit}")
+
+
+def read_models_json(agent_dir: Path, builtin_providers: set) -> tuple[dict | None, str | None]:
+    """models.json, or None and the reason it was rejected (built-in models keep working)."""
+    path = agent_dir / "models.json"
+    if not path.exists():
+        return None, None
+    try:
+        data = parse_jsonc(path.read_text())
+        check_models_json(data, builtin_providers)
+    except (OSError, ValueError) as error:
+        return None, f"{path} was not loaded: {error}. Built-in models are still available."
+    return data, None
+
+
+def canonical_id(model: dict) -> str:
+    return f"{model['provider']}/{model['id']}"
+
+
+def resolve_model(name: str, models: dict, is_available) -> dict:
+    """A requested model name -> the pi-ai model. Canonical `provider/id` wins; a bare id must
+    belong to exactly one available provider."""
+    if name in models:
+        model = models[name]
+        if not is_available(model["provider"]):
+            raise ApiError(401, f"No credentials for provider {model['provider']!r} (model {name!r})",
+                           "authentication_error")
+        return model
+    matches = [m for m in models.values() if m["id"] == name and is_available(m["provider"])]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        candidates = ", ".join(sorted(canonical_id(m) for m in matches))
+        raise ApiError(400, f"Model {name!r} is offered by several providers; use one of: {candidates}",
+                       "invalid_request_error", param="model", code="ambiguous_model")
+    raise ApiError(404, f"The model {name!r} does not exist or has no credentials configured",
+                   "not_found_error", param="model", code="model_not_found")
+
+
+# ==================================================================================================
+# 4. Bridge
+# ==================================================================================================
+
+
+class Bridge:
+    """One `node bridge.mjs` process answering one request. Every path ends in close(), which
+    kills the process if it still runs and always reaps it."""
+
+    def __init__(self, node: str, request: dict):
+        self.proc = gevent.subprocess.Popen(
+            [node, str(BRIDGE_SCRIPT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=HERE,
+        )
+        self.stderr_tail = b""
+        self._stderr_reader = gevent.spawn(self._drain_stderr)
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the process died at once; events() reports it
+
+    def _drain_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr_tail = (self.stderr_tail + line)[-2000:]
+
+    def events(self, idle_timeout: float):
+        """Yield the bridge's events. The last one is always `done` or `error`: a bridge that goes
+        silent for idle_timeout seconds, dies, or prints garbage yields a synthetic error."""
+        while True:
+            line = None
+            with gevent.Timeout(idle_timeout, False):
+                line = self.proc.stdout.readline()
+            if line is None:
+                yield {"type": "error", "reason": "error", "timeout": True,
+                       "message": {"errorMessage": f"upstream sent nothing for {idle_timeout:g} s"}}
+                return
+            if not line:
+                yield {"type": "error", "reason": "error", "message": {"errorMessage": self._exit_reason()}}
+                return
+            try:
+                event = json.loads(line)
+            except ValueError:
+                yield {"type": "error", "reason": "error",
+                       "message": {"errorMessage": "bridge printed something that is not JSON"}}
+                return
+            yield event
+            if event.get("type") in ("done", "error", "catalog"):
+                return
+
+    def _exit_reason(self) -> str:
+        code = self.proc.wait()
+        self._stderr_reader.join(timeout=1)
+        tail = self.stderr_tail.decode(errors="replace").strip().splitlines()
+        detail = f": {tail[-1]}" if tail else ""
+        return f"bridge exited unexpectedly (status {code}){detail}"
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=1)
+            except gevent.subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+        self._stderr_reader.kill(block=False)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
+def load_catalog(node: str) -> list:
+    """pi-ai's built-in providers and models, once at startup."""
+    result = subprocess.run([node, str(BRIDGE_SCRIPT)], input=b'{"op":"catalog"}\n', capture_output=True,
+                            cwd=HERE, timeout=60)
+    for line in result.stdout.splitlines():
+        event = json.loads(line)
+        if event.get("type") == "catalog":
+            return event["providers"]
+    raise RuntimeError("bridge.mjs did not print the catalogue: "
+                       + result.stderr.decode(errors="replace").strip()[-500:])
+
+
+# ==================================================================================================
+# 5. Errors
+# ==================================================================================================
+
+
+class ApiError(Exception):
+    """An error answered to the client in its API's own shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None,
+                 code=None, retry_after: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type_
+        self.param, self.code, self.retry_after = param, code, retry_after
+
+    def openai_body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+_STATUS_IN_MESSAGE = re.compile(r"^(\d{3})\b")
+
+
+def upstream_error(event: dict, secrets=()) -> ApiError:
+    """A bridge `error` event -> the ApiError a client should see. The status the upstream sent
+    is kept (the bridge observes it; pi-ai's message starts with it too); transport failures
+    become 502 and silence becomes 504."""
+    message = redact((event.get("message") or {}).get("errorMessage") or "upstream error", secrets)
+    status = event.get("status")
+    if status is None:
+        found = _STATUS_IN_MESSAGE.match(message)
+        status = int(found.group(1)) if found else None
+    if event.get("timeout") or re.search(r"timed? ?out", message, re.I) and status is None:
+        return ApiError(504, f"Upstream timed out: {message}", "timeout_error")
+    if status is None:
+        return ApiError(502, f"Upstream request failed: {message}", "api_error")
+    if event.get("overflow"):
+        return ApiError(400, message, "invalid_request_error", code="context_length_exceeded")
+    if status == 408:
+        return ApiError(504, message, "timeout_error")
+    if status < 400:
+        status = 502
+    return ApiError(status, message, ERROR_TYPES.get(status, "api_error"), retry_after=event.get("retryAfter"))
+
+
+def redact(text: str, secrets) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+# ==================================================================================================
+# 6. OpenAI chat completions
+# ==================================================================================================
+
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_CONTENT = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "null"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"enum": ["text", "image_url", "refusal"]}},
+                "allOf": [
+                    {"if": {"properties": {"type": {"const": "text"}}}, "then": _TEXT_PART},
+                    {
+                        "if": {"properties": {"type": {"const": "image_url"}}},
+                        "then": {
+                            "required": ["image_url"],
+                            "properties": {
+                                "image_url": {"type": "object", "required": ["url"],
+                                              "properties": {"url": {"type": "string"}}}
+                            },
+                        },
+                    },
+                ],
+            },
+        },
+    ]
+}
+_TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
+}
+CHAT_SCHEMA = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                    "content": _CONTENT,
+                    "name": {"type": "string"},
+                    "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                    "tool_call_id": {"type": "string"},
+                },
+                "allOf": [
+                    {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"]}},
+                    {"if": {"properties": {"role": {"enum": ["system", "developer", "user"]}}},
+                     "then": {"required": ["content"]}},
+                ],
+            },
+        },
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "seed": {"type": "integer"},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "response_format": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {
+                "required": ["json_schema"],
+                "properties": {"json_schema": {"type": "object", "required": ["name"],
+                                               "properties": {"name": {"type": "string"},
+                                                              "schema": {"type": "object"}}}},
+            },
+        },
+        "tools": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "function"],
+                "properties": {
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[a-zA-Z0-9_.-]{1,128}$"},
+                            "description": {"type": "string"},
+                            "parameters": {"type": "object"},
+                        },
+                    },
+                },
+            },
+        },
+        "tool_choice": {
+            "anyOf": [
+                {"enum": ["auto", "none", "required"]},
+                {"type": "object", "required": ["type", "function"],
+                 "properties": {"type": {"const": "function"},
+                                "function": {"type": "object", "required": ["name"],
+                                             "properties": {"name": {"type": "string"}}}}},
+            ]
+        },
+        "parallel_tool_calls": {"type": "boolean"},
+        "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]},
+        "user": {"type": "string"},
+        "metadata": {"type": "object"},
+        "n": {"type": "integer", "minimum": 1},
+    },
+}
+CHAT_VALIDATOR = Draft202012Validator(CHAT_SCHEMA)
+CHAT_FIELDS = set(CHAT_SCHEMA["properties"]) | {"logprobs", "top_logprobs", "logit_bias"}
+
+
+def json_path(path) -> str:
+    """jsonschema's path deque -> `messages[0].content`."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def validate(body, validator: Draft202012Validator) -> dict:
+    """The request body with nulls dropped (clients send `"stop": null` for "unset"), or ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object")
+    body = {key: value for key, value in body.items() if value is not None}
+    error = best_match(validator.iter_errors(body))
+    if error is not None:
+        param = json_path(error.absolute_path) or None
+        where = f" at {param}" if param else ""
+        raise ApiError(400, f"Invalid request{where}: {error.message}", param=param, code="invalid_value")
+    return body
+
+
+def reject_unsupported(body: dict):
+    """Features pi-ai cannot honour are refused by name rather than silently ignored."""
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "n > 1 is not supported by this proxy", param="n", code="unsupported_parameter")
+    if body.get("logprobs"):
+        raise ApiError(400, "logprobs is not supported by this proxy", param="logprobs", code="unsupported_parameter")
+    for name in ("top_logprobs", "logit_bias"):
+        if body.get(name):
+            raise ApiError(400, f"{name} is not supported by this proxy", param=name, code="unsupported_parameter")
+    unknown = sorted(set(body) - CHAT_FIELDS)
+    if unknown:
+        log.debug("ignoring unknown chat completion fields: %s", ", ".join(unknown))
+
+
+_DATA_URI = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.*)$", re.S)
+
+
+def image_from_url(url: str, param: str) -> dict:
+    found = _DATA_URI.match(url)
+    if not found:
+        raise ApiError(400, "Only base64 data: URIs are accepted for images", param=param, code="unsupported_image_url")
+    try:
+        base64.b64decode(found.group(2), validate=True)
+    except binascii.Error:
+        raise ApiError(400, "The image data is not valid base64", param=param, code="invalid_image") from None
+    return {"type": "image", "data": found.group(2), "mimeType": found.group(1)}
+
+
+def chat_content_to_pi(content, param: str) -> list:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks = []
+    for index, part in enumerate(content):
+        if part["type"] == "image_url":
+            blocks.append(image_from_url(part["image_url"]["url"], f"{param}[{index}].image_url.url"))
+        elif part["type"] == "refusal":
+            blocks.append({"type": "text", "text": part.get("refusal", "")})
+        else:
+            blocks.append({"type": "text", "text": part["text"]})
+    return blocks
+
+
+def text_of(blocks: list) -> str:
+    return "".join(block["text"] for block in blocks if block["type"] == "text")
+
+
+def assistant_message(model: dict, content: list, has_tool_calls: bool) -> dict:
+    """History rebuilt from a client is stamped with the target model, so pi-ai treats it as that
+    model's own output."""
+    return {
+        "role": "assistant",
+        "content": content,
+        "api": model["api"],
+        "provider": model["provider"],
+        "model": model["id"],
+        "usage": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "totalTokens": 0,
+                  "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "total": 0}},
+        "stopReason": "toolUse" if has_tool_calls else "stop",
+        "timestamp": 0,
+    }
+
+
+def parse_arguments(arguments: str | None, param: str) -> dict:
+    if not arguments or not arguments.strip():
+        return {}
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        raise ApiError(400, "Tool call arguments must be a JSON object", param=param) from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "Tool call arguments must be a JSON object", param=param)
+    return parsed
+
+
+def chat_to_context(body: dict, model: dict) -> dict:
+    """OpenAI chat messages and tools -> a pi-ai Context. System and developer messages, wherever
+    they stand, become the system prompt (pi's context has only one)."""
+    system, messages, tool_names = [], [], {}
+    for index, message in enumerate(body["messages"]):
+        role, param = message["role"], f"messages[{index}]"
+        content = chat_content_to_pi(message.get("content"), f"{param}.content")
+        if role in ("system", "developer"):
+            system.append(text_of(content))
+        elif role == "user":
+            messages.append({"role": "user", "content": content, "timestamp": 0})
+        elif role == "assistant":
+            calls = message.get("tool_calls") or []
+            blocks = [b for b in content if b["text"]]
+            for call_index, call in enumerate(calls):
+                function = call["function"]
+                tool_names[call["id"]] = function["name"]
+                arguments = parse_arguments(function.get("arguments"),
+                                            f"{param}.tool_calls[{call_index}].function.arguments")
+                blocks.append({"type": "toolCall", "id": call["id"], "name": function["name"], "arguments": arguments})
+            messages.append(assistant_message(model, blocks, bool(calls)))
+        else:
+            call_id = message["tool_call_id"]
+            if call_id not in tool_names:
+                raise ApiError(400, f"tool_call_id {call_id!r} does not answer any earlier assistant tool call",
+                               param=f"{param}.tool_call_id")
+            messages.append({"role": "toolResult", "toolCallId": call_id, "toolName": tool_names[call_id],
+                             "content": [b for b in content if b["type"] == "text"], "isError": False,
+                             "timestamp": 0})
+    if any(b["type"] == "image" for m in messages if m["role"] == "user" for b in m["content"]) \
+            and "image" not in model.get("input", []):
+        raise ApiError(400, f"The model {canonical_id(model)!r} does not accept images", param="messages")
+    context = {"messages": messages}
+    system_prompt = "\n\n".join(part for part in system if part)
+    if body.get("response_format", {}).get("type") in ("json_object", "json_schema") \
+            and model["api"] not in ("openai-completions", "openai-responses"):
+        system_prompt = "\n\n".join(filter(None, [system_prompt, json_instruction(body["response_format"])]))
+    if system_prompt:
+        context["systemPrompt"] = system_prompt
+    if body.get("tools"):
+        context["tools"] = [
+            {"name": t["function"]["name"], "description": t["function"].get("description", ""),
+             "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+            for t in body["tools"]
+        ]
+    return context
+
+
+def json_instruction(response_format: dict) -> str:
+    """APIs without a JSON mode get the request for JSON as an instruction instead."""
+    schema = response_format.get("json_schema", {}).get("schema")
+    if schema:
+        return "Respond only with a JSON value that conforms to this JSON Schema:\n" + json.dumps(schema)
+    return "Respond only with a valid JSON object."
+
+
+def chat_options(body: dict) -> dict:
+    """The parts of a chat request that pi-ai models itself (SimpleStreamOptions)."""
+    options = {}
+    if "temperature" in body:
+        options["temperature"] = body["temperature"]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        options["maxTokens"] = max_tokens
+    if body.get("reasoning_effort", "none") != "none":
+        options["reasoning"] = body["reasoning_effort"]
+    if body.get("user"):
+        options["metadata"] = {"user_id": body["user"]}
+    return options
+
+
+def chat_payload(body: dict, api: str) -> dict:
+    """Fields pi-ai does not model, in the upstream API's own vocabulary (merged by onPayload).
+    What an API has no equivalent for is dropped with a debug line."""
+    payload, dropped = {}, []
+    choice = body.get("tool_choice")
+    if api == "openai-completions":
+        for name in ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "response_format",
+                     "tool_choice", "parallel_tool_calls", "user"):
+            if name in body:
+                payload[name] = body[name]
+    elif api == "anthropic-messages":
+        if "top_p" in body:
+            payload["top_p"] = body["top_p"]
+        if "stop" in body:
+            payload["stop_sequences"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
+        if choice is not None or body.get("parallel_tool_calls") is False:
+            anthropic_choice = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
+            if isinstance(choice, dict):
+                payload["tool_choice"] = {"type": "tool", "name": choice["function"]["name"]}
+            else:
+                payload["tool_choice"] = dict(anthropic_choice[choice or "auto"])
+            if body.get("parallel_tool_calls") is False and payload["tool_choice"]["type"] != "none":
+                payload["tool_choice"]["disable_parallel_tool_use"] = True
+        dropped = [n for n in ("seed", "frequency_penalty", "presence_penalty") if n in body]
+    elif api == "openai-responses":
+        for name in ("top_p", "parallel_tool_calls", "user"):
+            if name in body:
+                payload[name] = body[name]
+        if choice is not None:
+            payload["tool_choice"] = {"type": "function", "name": choice["function"]["name"]} \
+                if isinstance(choice, dict) else choice
+        response_format = body.get("response_format")
+        if response_format and response_format["type"] == "json_schema":
+            spec = response_format["json_schema"]
+            payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
+                                          "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
+        elif response_format and response_format["type"] == "json_object":
+            payload["text"] = {"format": {"type": "json_object"}}
+        dropped = [n for n in ("stop", "seed", "frequency_penalty", "presence_penalty") if n in body]
+    else:
+        dropped = [n for n in ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "tool_choice",
+                               "parallel_tool_calls") if n in body]
+    if dropped:
+        log.debug("%s has no equivalent for %s; dropped", api, ", ".join(dropped))
+    return payload
+
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "toolUse": "tool_calls"}
+
+
+def chat_usage(usage: dict) -> dict:
+    """pi-ai usage -> OpenAI usage. OpenAI counts cached tokens inside prompt_tokens."""
+    prompt = usage.get("input", 0) + usage.get("cacheRead", 0) + usage.get("cacheWrite", 0)
+    completion = usage.get("output", 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": usage.get("cacheRead", 0)},
+        "cost": usage.get("cost", {}).get("total", 0),
+    }
+
+
+def finish_reason(message: dict, reason: str) -> str:
+    if any(block["type"] == "toolCall" for block in message.get("content", [])):
+        return "tool_calls"
+    return FINISH_REASONS.get(reason, "stop")
+
+
+def chat_completion(message: dict, reason: str, completion_id: str, model_name: str, created: int) -> dict:
+    """The final pi-ai message -> a `chat.completion` object."""
+    blocks = message.get("content", [])
+    text = "".join(b["text"] for b in blocks if b["type"] == "text")
+    reasoning = "".join(b["thinking"] for b in blocks if b["type"] == "thinking")
+    calls = [
+        {"id": b["id"], "type": "function",
+         "function": {"name": b["name"], "arguments": json.dumps(b.get("arguments") or {})}}
+        for b in blocks if b["type"] == "toolCall"
+    ]
+    reply = {"role": "assistant", "content": text if text or not calls else None}
+    if reasoning:
+        reply["reasoning_content"] = reasoning
+    if calls:
+        reply["tool_calls"] = calls
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model_name,
+        "choices": [{"index": 0, "message": reply, "finish_reason": finish_reason(message, reason),
+                     "logprobs": None}],
+        "usage": chat_usage(message.get("usage", {})),
+    }
+
+
+class ChatChunks:
+    """pi events -> `chat.completion.chunk` objects, one event at a time.
+
+    pi numbers content blocks (text, thinking, tool calls together); OpenAI numbers tool calls
+    alone, so tool calls get their own index here."""
+
+    def __init__(self, completion_id: str, model_name: str, created: int, include_usage: bool):
+        self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
+        self.include_usage = include_usage
+        self.tool_index: dict[int, int] = {}  # pi contentIndex -> OpenAI tool_calls index
+        self.streamed_arguments: set[int] = set()
+
+    def chunk(self, delta: dict, finish=None) -> dict:
+        return {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    def translate(self, event: dict) -> list:
+        kind = event["type"]
+        if kind == "start":
+            return [self.chunk({"role": "assistant", "content": ""})]
+        if kind == "text_delta":
+            return [self.chunk({"content": event["delta"]})]
+        if kind == "thinking_delta":
+            return [self.chunk({"reasoning_content": event["delta"]})]
+        if kind == "toolcall_start":
+            index = self.tool_index.setdefault(event["contentIndex"], len(self.tool_index))
+            call = {"index": index, "id": event["id"], "type": "function",
+                    "function": {"name": event["toolName"], "arguments": ""}}
+            return [self.chunk({"tool_calls": [call]})]
+        if kind == "toolcall_delta" and event["delta"]:
+            self.streamed_arguments.add(event["contentIndex"])
+            return [self.tool_arguments(event["contentIndex"], event["delta"])]
+        if kind == "toolcall_end" and event["contentIndex"] not in self.streamed_arguments:
+            # Some upstreams deliver a call whole: its arguments still have to reach the client.
+            return [self.tool_arguments(event["contentIndex"], json.dumps(event["toolCall"].get("arguments") or {}))]
+        if kind == "done":
+            chunks = [self.chunk({}, finish_reason(event["message"], event["reason"]))]
+            if self.include_usage:
+                chunks.append({**self.base, "choices": [], "usage": chat_usage(event["message"].get("usage", {}))})
+            return chunks
+        return []
+
+    def tool_arguments(self, content_index: int, arguments: str) -> dict:
+        call = {"index": self.tool_index[content_index], "function": {"arguments": arguments}}
+        return self.chunk({"tool_calls": [call]})
+
+
+# ==================================================================================================
+# 7. HTTP
+# ==================================================================================================
+
+
+def sse_data(payload) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Proxy:
+    """The server's state: configuration, models and credentials, and how to run the bridge."""
+
+    def __init__(self, config: Config, node: str, registry: Registry, credentials: Credentials):
+        self.config, self.node = config, node
+        self.registry, self.credentials = registry, credentials
+        self.started = int(time.time())
+
+    def is_available(self, provider: str) -> bool:
+        return self.credentials.for_provider(provider) is not None
+
+    def available_models(self) -> list:
+        return [m for m in self.registry.models.values() if self.is_available(m["provider"])]
+
+    def stream_request(self, model: dict, context: dict, options: dict, payload: dict) -> tuple[dict, list]:
+        """The bridge request for one call, and the secrets that must never reach the client."""
+        credential = self.credentials.for_provider(model["provider"])
+        settings = self.registry.settings.get(model["provider"], ProviderSettings())
+        # pi-ai sends the model's own headers; models.json's provider headers, then its model
+        # headers, go over them (resolved like keys), then authHeader's Authorization.
+        layered = {**settings.headers, **self.registry.model_headers.get(canonical_id(model), {})}
+        headers = {name: resolve_config_value(value, cached=False) or "" for name, value in layered.items()}
+        if settings.auth_header and credential.key:
+            headers["Authorization"] = f"Bearer {credential.key}"
+        options = {**options, "apiKey": credential.key or None, "headers": headers,
+                   "timeoutMs": self.config.upstream_timeout_ms}
+        return ({"op": "stream", "model": model, "context": context, "options": options, "payload": payload},
+                [credential.key, *headers.values()])
+
+    def open_stream(self, bridge_request: dict, secrets: list) -> "Call":
+        return Call(Bridge(self.node, bridge_request), self.config.upstream_timeout_ms / 1000, secrets)
+
+
+class Call:
+    """One upstream call in flight: the bridge, its events, and the client connection it serves.
+    If the client goes away, the bridge is killed at once, even while the upstream is silent."""
+
+    def __init__(self, bridge: Bridge, idle_timeout: float, secrets: list):
+        self.bridge, self.secrets = bridge, secrets
+        self.events = bridge.events(idle_timeout)
+        self._watcher = None
+        client = request.environ.get("pi_proxy.socket")
+        if client is not None:
+            self._watcher = gevent.spawn(watch_client, client, bridge.close)
+
+    def first(self) -> dict:
+        """The first event; an upstream failure before any output is raised as ApiError."""
+        event = next(self.events)
+        if event["type"] == "error":
+            self.close()
+            raise upstream_error(event, self.secrets)
+        return event
+
+    def close(self):
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
+        self.bridge.close()
+
+
+def watch_client(client: socket.socket, on_gone):
+    """Wait until the client's socket is readable: an orderly close reads as b"" (gone); data
+    means a pipelined request, which is not a disconnect, so stop watching."""
+    try:
+        gevent.socket.wait_read(client.fileno())
+        gone = client.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        gone = True
+    if gone:
+        log.info("client disconnected; stopping its upstream call")
+        on_gone()
+
+
+def api_family(path: str) -> str:
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+def error_response(error: ApiError) -> Response:
+    response = Response(json.dumps(error.openai_body()), status=error.status, mimetype="application/json")
+    if error.retry_after:
+        response.headers["Retry-After"] = error.retry_after
+    return response
+
+
+def read_json_body():
+    """The request's JSON body, or ApiError. Size is capped by MAX_CONTENT_LENGTH (413), also
+    for chunked bodies."""
+    raw = request.get_data(cache=False)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
+
+
+def create_app(proxy: Proxy) -> Flask:
+    app = Flask("pi-proxy")
+    app.config["MAX_CONTENT_LENGTH"] = proxy.config.max_body_size
+
+    @app.errorhandler(ApiError)
+    def on_api_error(error: ApiError):
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def on_http_error(error: HTTPException):
+        return error_response(ApiError(error.code, error.description, ERROR_TYPES.get(error.code, "invalid_request_error")))
+
+    @app.errorhandler(Exception)
+    def on_unexpected(error: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "Internal proxy error", "api_error"))
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def list_models():
+        data = [model_entry(m, proxy.started) for m in proxy.available_models()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/<path:model_id>")
+    def get_model(model_id):
+        for model in proxy.available_models():
+            if canonical_id(model) == model_id:
+                return model_entry(model, proxy.started)
+        raise ApiError(404, f"The model {model_id!r} does not exist", "not_found_error", param="model",
+                       code="model_not_found")
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        body = validate(read_json_body(), CHAT_VALIDATOR)
+        reject_unsupported(body)
+        model = resolve_model(body["model"], proxy.registry.models, proxy.is_available)
+        context = chat_to_context(body, model)
+        bridge_request, secrets = proxy.stream_request(model, context, chat_options(body),
+                                                      chat_payload(body, model["api"]))
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        call = proxy.open_stream(bridge_request, secrets)
+        try:
+            first = call.first()
+        except BaseException:
+            call.close()
+            raise
+        if body.get("stream"):
+            include_usage = bool(body.get("stream_options", {}).get("include_usage"))
+            chunks = ChatChunks(completion_id, body["model"], created, include_usage)
+            response = Response(stream_chat(call, first, chunks), mimetype="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            response.call_on_close(call.close)
+            return response
+        try:
+            final = first
+            for final in call.events:
+                pass
+        finally:
+            call.close()
+        if final["type"] == "error":
+            raise upstream_error(final, secrets)
+        return chat_completion(final["message"], final["reason"], completion_id, body["model"], created)
+
+    return app
+
+
+def model_entry(model: dict, created: int) -> dict:
+    return {"id": canonical_id(model), "object": "model", "created": created, "owned_by": model["provider"]}
+
+
+def stream_chat(call: Call, first: dict, chunks: ChatChunks):
+    """SSE frames for a chat stream. It always ends in `data: [DONE]`; a failure after the
+    headers went out becomes an error chunk first."""
+    try:
+        for frame in chunks.translate(first):
+            yield sse_data(frame)
+        for event in call.events:
+            if event["type"] == "error":
+                error = upstream_error(event, call.secrets)
+                yield sse_data(error.openai_body())
+                break
+            for frame in chunks.translate(event):
+                yield sse_data(frame)
+        yield b"data: [DONE]\n\n"
+    finally:
+        call.close()
+
+
+# ==================================================================================================
+# 8. Main
+# ==================================================================================================
+
+
+class Handler(WSGIHandler):
+    """Hands the client socket to the app (to notice disconnects) and sends small frames at once."""
+
+    def handle(self):
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().handle()
+
+    def get_environ(self):
+        environ = super().get_environ()
+        environ["pi_proxy.socket"] = self.socket
+        return environ
+
+
+def build_proxy(config: Config) -> Proxy:
+    node = shutil.which("node")
+    if node is None:
+        raise SystemExit("pi-proxy: `node` was not found on PATH; install Node.js 20 or newer")
+    catalog = load_catalog(node)
+    models_json, problem = read_models_json(config.agent_dir, {p["id"] for p in catalog})
+    if problem:
+        log.error(problem)
+    registry = build_registry(catalog, models_json)
+    env_keys = {p["id"]: p["envKey"] for p in catalog}
+    config_keys = {name: s.api_key for name, s in registry.settings.items() if s.api_key}
+    credentials = Credentials(AuthFile(config.agent_dir / "auth.json"), env_keys, config_keys)
+    return Proxy(config, node, registry, credentials)
+
+
+def main(argv=None):
+    logging.basicConfig(level=os.environ.get("PI_PROXY_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(argv)
+    proxy = build_proxy(config)
+    server = WSGIServer((config.host, config.port), create_app(proxy), handler_class=Handler, log=None,
+                        error_log=log)
+    server.init_socket()
+    url = f"http://{config.host}:{server.server_port}"
+    available = proxy.available_models()
+    providers = sorted({m["provider"] for m in available})
+    print(f"pi-proxy listening on {url} with {len(available)} models available"
+          + (f" ({', '.join(providers)})" if providers else ""), flush=True)
+    if not available:
+        print(f"hint: no provider has credentials. Set a provider's key (e.g. OPENAI_API_KEY, ANTHROPIC_API_KEY), "
+              f"add it to {config.agent_dir / 'auth.json'}, or declare providers in "
+              f"{config.agent_dir / 'models.json'}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
