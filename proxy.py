@@ -626,7 +626,10 @@ def validate(body, validator: Draft202012Validator) -> dict:
     body = {key: value for key, value in body.items() if value is not None}
     error = best_match(validator.iter_errors(body))
     if error is not None:
-        param = json_path(error.absolute_path) or None
+        path = list(error.absolute_path)
+        if error.validator == "required":  # name the missing field, not its parent
+            path.append(next(name for name in error.validator_value if name not in error.instance))
+        param = json_path(path) or None
         where = f" at {param}" if param else ""
         raise ApiError(400, f"Invalid request{where}: {error.message}", param=param, code="invalid_value")
     return body
@@ -974,13 +977,19 @@ class Call:
         if client is not None:
             self._watcher = gevent.spawn(watch_client, client, bridge.close)
 
-    def first(self) -> dict:
-        """The first event; an upstream failure before any output is raised as ApiError."""
-        event = next(self.events)
-        if event["type"] == "error":
-            self.close()
-            raise upstream_error(event, self.secrets)
-        return event
+    def opening(self) -> list:
+        """The events up to the first piece of content (or the end). A failure before any
+        content is raised as ApiError, so the client gets the upstream's real HTTP status rather
+        than a stream that breaks at once."""
+        opening = []
+        for event in self.events:
+            if event["type"] == "error":
+                self.close()
+                raise upstream_error(event, self.secrets)
+            opening.append(event)
+            if event["type"] != "start":
+                break
+        return opening
 
     def close(self):
         if self._watcher is not None:
@@ -1012,10 +1021,14 @@ def error_response(error: ApiError) -> Response:
     return response
 
 
-def read_json_body():
-    """The request's JSON body, or ApiError. Size is capped by MAX_CONTENT_LENGTH (413), also
-    for chunked bodies."""
-    raw = request.get_data(cache=False)
+def read_json_body(limit: int):
+    """The request's JSON body, or ApiError: 413 past `limit` bytes, chunked bodies included."""
+    too_large = ApiError(413, f"The request body is larger than {limit} bytes", "request_too_large")
+    if (request.content_length or 0) > limit:
+        raise too_large
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise too_large
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
@@ -1024,7 +1037,6 @@ def read_json_body():
 
 def create_app(proxy: Proxy) -> Flask:
     app = Flask("pi-proxy")
-    app.config["MAX_CONTENT_LENGTH"] = proxy.config.max_body_size
 
     @app.errorhandler(ApiError)
     def on_api_error(error: ApiError):
@@ -1058,7 +1070,7 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        body = validate(read_json_body(), CHAT_VALIDATOR)
+        body = validate(read_json_body(proxy.config.max_body_size), CHAT_VALIDATOR)
         reject_unsupported(body)
         model = resolve_model(body["model"], proxy.registry.models, proxy.is_available)
         context = chat_to_context(body, model)
@@ -1067,19 +1079,16 @@ def create_app(proxy: Proxy) -> Flask:
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         call = proxy.open_stream(bridge_request, secrets)
         try:
-            first = call.first()
+            opening = call.opening()
         except BaseException:
             call.close()
             raise
         if body.get("stream"):
             include_usage = bool(body.get("stream_options", {}).get("include_usage"))
             chunks = ChatChunks(completion_id, body["model"], created, include_usage)
-            response = Response(stream_chat(call, first, chunks), mimetype="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            response.call_on_close(call.close)
-            return response
+            return sse_response(stream_chat(call, opening, chunks), call)
         try:
-            final = first
+            final = opening[-1]
             for final in call.events:
                 pass
         finally:
@@ -1095,12 +1104,21 @@ def model_entry(model: dict, created: int) -> dict:
     return {"id": canonical_id(model), "object": "model", "created": created, "owned_by": model["provider"]}
 
 
-def stream_chat(call: Call, first: dict, chunks: ChatChunks):
+def sse_response(frames, call: Call) -> Response:
+    response = Response(frames, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # Runs even if the client vanished before the first frame (a generator's finally would not).
+    response.call_on_close(call.close)
+    return response
+
+
+def stream_chat(call: Call, opening: list, chunks: ChatChunks):
     """SSE frames for a chat stream. It always ends in `data: [DONE]`; a failure after the
     headers went out becomes an error chunk first."""
     try:
-        for frame in chunks.translate(first):
-            yield sse_data(frame)
+        for event in opening:
+            for frame in chunks.translate(event):
+                yield sse_data(frame)
         for event in call.events:
             if event["type"] == "error":
                 error = upstream_error(event, call.secrets)
@@ -1131,6 +1149,9 @@ class Handler(WSGIHandler):
     def get_environ(self):
         environ = super().get_environ()
         environ["pi_proxy.socket"] = self.socket
+        # gevent decodes chunked bodies itself; this tells Werkzeug to read one to its end
+        # (capped by MAX_CONTENT_LENGTH) instead of treating it as empty.
+        environ["wsgi.input_terminated"] = True
         return environ
 
 

@@ -1,0 +1,152 @@
+"""Shared fixtures: a fake upstream speaking three provider protocols, and a real proxy process
+(proxy.py + bridge.mjs + pi-ai) configured through a temporary PI_CODING_AGENT_DIR."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from tests.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Test secrets: none of them may ever appear in a response or a log line.
+SECRETS = {
+    "fake-chat": "sk-chat-SECRET-aaaa1111",
+    "fake-anthropic": "sk-ant-SECRET-bbbb2222",
+    "fake-responses": "sk-resp-SECRET-cccc3333",
+    "openai": "sk-openai-env-SECRET-dddd4444",
+}
+
+
+def models_json(fake_url: str) -> dict:
+    """Three custom providers, one per upstream API, plus built-in `openai` redirected to the fake."""
+    rich = {"reasoning": True, "input": ["text", "image"], "contextWindow": 200000, "maxTokens": 8192,
+            "cost": {"input": 3, "output": 15, "cacheRead": 0.3, "cacheWrite": 3.75}}
+    return {
+        "providers": {
+            "fake-chat": {"baseUrl": f"{fake_url}/v1", "api": "openai-completions", "apiKey": SECRETS["fake-chat"],
+                          "models": [{"id": "chat-model", **rich}, {"id": "shared-model"}]},
+            "fake-anthropic": {"baseUrl": fake_url, "api": "anthropic-messages", "apiKey": "FAKE_ANTHROPIC_KEY",
+                               "models": [{"id": "claude-test", **rich}, {"id": "shared-model"}]},
+            "fake-responses": {"baseUrl": f"{fake_url}/v1", "api": "openai-responses",
+                               "apiKey": SECRETS["fake-responses"], "models": [{"id": "gpt-test", **rich}]},
+            "fake-dead": {"baseUrl": "http://127.0.0.1:9/v1", "api": "openai-completions", "apiKey": "sk-dead-key-0000",
+                          "models": [{"id": "dead-model"}]},
+            "openai": {"baseUrl": f"{fake_url}/v1"},
+        }
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningProxy:
+    def __init__(self, agent_dir: Path, log_path: Path, extra_env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(agent_dir.parent),
+            "PI_CODING_AGENT_DIR": str(agent_dir),
+            "PI_PROXY_PORT": str(self.port),
+            "PI_PROXY_UPSTREAM_TIMEOUT_MS": "4000",
+            "PI_PROXY_MAX_BODY_SIZE": "2000000",
+            "PI_PROXY_LOG_LEVEL": "DEBUG",
+            "FAKE_ANTHROPIC_KEY": SECRETS["fake-anthropic"],
+            "OPENAI_API_KEY": SECRETS["openai"],
+            **(extra_env or {}),
+        }
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "proxy.py")], cwd=ROOT, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited: {log_path.read_text()}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("proxy did not become healthy")
+
+    def bridges(self) -> list[int]:
+        """PIDs of bridge processes that are children of this proxy."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == self.proc.pid and b"bridge.mjs" in cmdline:
+                found.append(int(entry.name))
+        return found
+
+    def wait_no_bridges(self, timeout: float = 2.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.bridges():
+                return True
+            time.sleep(0.05)
+        return not self.bridges()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def fake():
+    upstream = FakeUpstream()
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_dir(tmp_path_factory, fake):
+    directory = tmp_path_factory.mktemp("home") / "agent"
+    directory.mkdir()
+    (directory / "models.json").write_text(json.dumps(models_json(fake.base_url), indent=2))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def proxy(agent_dir, tmp_path_factory):
+    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "proxy.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_fake(request):
+    """Each test starts with an empty script and request log on the shared fake upstream."""
+    if "fake" in request.fixturenames:
+        request.getfixturevalue("fake").reset()
+    yield
+
+
+@pytest.fixture
+def client(proxy):
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, timeout=30)
