@@ -448,19 +448,33 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     529: "overloaded_error",
 }
-_STATUS_IN_MESSAGE = re.compile(r"^(\d{3})\b")
+STATUS_OF_TYPE = {type_: status for status, type_ in ERROR_TYPES.items()} | {"api_error": 500}
+_STATUS_PREFIX = re.compile(r"^(\d{3}) (.*)$", re.S)
+
+
+def parse_upstream_message(text: str) -> tuple[int | None, str]:
+    """pi-ai's error message -> (status, readable message). The SDKs write "<status> <message>";
+    Anthropic's "<status> <its whole JSON error body>"; an in-stream error may be that JSON alone,
+    whose error type then tells the status."""
+    found = _STATUS_PREFIX.match(text)
+    status, rest = (int(found.group(1)), found.group(2)) if found else (None, text)
+    try:
+        error = json.loads(rest).get("error")
+    except (ValueError, AttributeError):
+        return status, rest
+    if not isinstance(error, dict) or not error.get("message"):
+        return status, rest
+    return status or STATUS_OF_TYPE.get(error.get("type")), error["message"]
 
 
 def upstream_error(event: dict, secrets=()) -> ApiError:
     """A bridge `error` event -> the ApiError a client should see. The status the upstream sent
-    is kept (the bridge observes it; pi-ai's message starts with it too); transport failures
-    become 502 and silence becomes 504."""
-    message = redact((event.get("message") or {}).get("errorMessage") or "upstream error", secrets)
-    status = event.get("status")
-    if status is None:
-        found = _STATUS_IN_MESSAGE.match(message)
-        status = int(found.group(1)) if found else None
-    if event.get("timeout") or re.search(r"timed? ?out", message, re.I) and status is None:
+    is kept (the bridge observes it; pi-ai's message carries it too); transport failures become
+    502 and silence 504."""
+    raw = (event.get("message") or {}).get("errorMessage") or "upstream error"
+    parsed_status, message = parse_upstream_message(redact(raw, secrets))
+    status = event.get("status") or parsed_status
+    if event.get("timeout") or (status is None and re.search(r"timed? ?out", message, re.I)):
         return ApiError(504, f"Upstream timed out: {message}", "timeout_error")
     if status is None:
         return ApiError(502, f"Upstream request failed: {message}", "api_error")

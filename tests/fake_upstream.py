@@ -30,6 +30,8 @@ API::
     fake.wait_for_disconnect(timeout=2.0, count=1) -> bool
     fake.wait_for_requests(count=1, timeout=2.0) -> bool
     fake.reset()                             # clear queue, requests, disconnects; default back to Hello
+    fake.pending                             # number of queued replies not yet consumed
+    fake.port
     fake.stop()                              # fast; also drops open connections
 
 Reply fields (all optional):
@@ -42,7 +44,7 @@ Reply fields (all optional):
                         anthropic ``thinking`` block, responses ``reasoning`` item (summary text)
     reasoning_signature str, anthropic ``signature_delta`` / responses ``encrypted_content``
                         (default: a generated "fakesig-..." value when reasoning is set)
-    tool_calls          [(id, name, arguments_json_str)], arguments streamed in ~3 fragments.
+    tool_calls          [(id, name, arguments_json_str_or_dict)], arguments streamed in ~3 fragments.
                         chat: tool_calls[].id; anthropic: tool_use.id; responses: call_id
                         (pi-ai then reports the id as "<call_id>|fc_<...>").
     stop                "stop" | "length" | "tool_calls" | "stop_sequence";
@@ -68,13 +70,18 @@ Reply fields (all optional):
     error_body          dict (sent as JSON) or str/bytes (sent verbatim as text/plain, or text/html
                         if it starts with "<"), replaces the default error body.
     headers             dict, extra response headers (error or stream), e.g. {"retry-after": "7"}.
-    delay               float seconds between SSE events (0 -> events are batched into big writes).
+    delay               float seconds between SSE events (0 -> events are batched into big writes;
+                        non-streaming JSON: waited once before the body).
     first_byte_delay    float seconds to wait before sending the status line/headers.
     hang_after_headers  bool, send 200 + headers, then nothing until the client disconnects
                         (or fake.stop()).
+    hang_after          int, send the first N SSE events (counted like cut_after), then go silent
+                        with the connection open until the client disconnects (or fake.stop()).
     cut_after           int, send only the first N SSE events (every event counts, incl.
                         anthropic ping and the chat role chunk), then close the socket without
                         the terminating zero-length chunk (client sees a truncated body).
+    cut_clean           bool, with cut_after: end the HTTP body properly (zero-length chunk, the
+                        connection stays usable) - the SSE stream just lacks its terminal events.
     stream_error        str, after the content send the API's in-stream error event instead of the
                         normal ending: chat ``data: {"error":{...}}``; anthropic ``event: error``
                         (overloaded_error); responses ``response.failed`` (code server_error).
@@ -82,6 +89,12 @@ Reply fields (all optional):
     json_response       bool, reply with a non-streaming JSON body (also done automatically when
                         the request body does not have ``"stream": true``).
     model               str, model name to report (default: echo the request's "model").
+
+Observed pi-ai 0.73.1 behaviour (see tests/test_fake_upstream.py): HTTP errors read
+"<status> <error.message>" for the OpenAI APIs but "<status> <whole JSON body>" for Anthropic;
+refused/garbage -> "Connection error."; abrupt cut -> "terminated"; a *clean* early end is an error
+only for Anthropic ("Anthropic stream ended before message_stop") - the OpenAI APIs report a normal
+stop; openai-responses ignores ``response.incomplete`` (max_output_tokens) -> stopReason "stop", usage 0.
 
 Disconnect detection: while sleeping (first_byte_delay, delay, hang) the socket is polled every
 50 ms with select() + recv(MSG_PEEK) == b""; while writing, BrokenPipe/ConnectionReset count too.
@@ -127,7 +140,9 @@ class Reply:
     delay: float = 0.0
     first_byte_delay: float = 0.0
     hang_after_headers: bool = False
+    hang_after: int | None = None
     cut_after: int | None = None
+    cut_clean: bool = False
     stream_error: str | None = None
     raw: bytes | None = None
     json_response: bool = False
@@ -858,7 +873,7 @@ class FakeUpstream:
         conn.send_head(200, headers)
         if r.hang_after_headers:
             conn.wait(float("inf"))
-            return  # only reached when... never; wait raises _Gone
+            return  # not reached: wait(inf) only ends by raising _Gone
         events = {"chat": plan.chat_events, "anthropic": plan.anthropic_events,
                   "responses": plan.responses_events}[api]()
         limit = r.cut_after
@@ -872,6 +887,10 @@ class FakeUpstream:
         for data in events:
             if limit is not None and sent >= limit:
                 break
+            if r.hang_after is not None and sent >= r.hang_after:
+                if buf:
+                    conn.send(frame(b"".join(buf)))
+                conn.wait(float("inf"))  # only ends by raising _Gone
             if r.delay and sent:
                 conn.wait(r.delay)
             sent += 1
@@ -885,7 +904,7 @@ class FakeUpstream:
                     buf, size = [], 0
         if buf:
             conn.send(frame(b"".join(buf)))
-        if limit is not None and sent >= limit:
+        if limit is not None and sent >= limit and not r.cut_clean:
             # abrupt end: no zero-length terminating chunk, just close the socket
             h.close_connection = True
             try:

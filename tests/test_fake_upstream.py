@@ -4,11 +4,9 @@ Python SDKs. Run: .venv/bin/python -m pytest tests/test_fake_upstream.py"""
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -183,6 +181,21 @@ def test_cut_after_is_an_error(fake, api):
 
 
 @pytest.mark.parametrize("api", APIS)
+def test_clean_cut_is_silently_accepted_except_by_anthropic(fake, api):
+    # HTTP body ends properly, but the SSE stream stops after 6 events (no finish/terminal event).
+    full = "one two three four five six seven"
+    last = final(run_pi(fake, api, Reply(text=full, cut_after=6, cut_clean=True)))
+    if api == "anthropic-messages":
+        assert last["type"] == "error"
+        assert last["error"]["errorMessage"] == "Anthropic stream ended before message_stop"
+    else:  # pi-ai 0.73.1 reports a truncated OpenAI stream as a normal stop, usage 0
+        assert last["type"] == "done" and last["reason"] == "stop"
+        assert last["message"]["usage"]["output"] == 0
+        text = blocks(last["message"], "text")[0]["text"]
+        assert full.startswith(text) and len(text) < len(full)  # silently truncated
+
+
+@pytest.mark.parametrize("api", APIS)
 def test_in_stream_error_event(fake, api):
     last = final(run_pi(fake, api, Reply(text="partial", stream_error="Overloaded right now")))
     assert last["type"] == "error"
@@ -215,15 +228,19 @@ def _read_until(p: subprocess.Popen, typ: str, timeout: float = 10) -> None:
 
 
 @pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("mode", ["hang_after_headers", "slow_stream"])
+@pytest.mark.parametrize("mode", ["hang_after_headers", "slow_stream", "hang_after"])
 def test_killed_client_is_seen_as_disconnect(fake, api, mode):
+    wait_for = "start"  # pi-ai emits "start" once the response headers arrived
     if mode == "hang_after_headers":
         fake.push(Reply(hang_after_headers=True))
-    else:  # first event is sent at once, then the fake sits in a 30 s inter-event delay
+    elif mode == "slow_stream":  # first event is sent at once, then a 30 s inter-event delay
         fake.push(Reply(text="a b c d e f g", delay=30))
+    else:  # some content, then silence
+        fake.push(Reply(text="a b c d e f g", hang_after=5))
+        wait_for = "text_delta"
     p = _spawn_pi(fake, api)
     try:
-        _read_until(p, "start")  # pi-ai emits "start" once the response headers arrived
+        _read_until(p, wait_for)
         assert fake.disconnects == []
         t0 = time.monotonic()
         p.kill()

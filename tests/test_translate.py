@@ -1,0 +1,295 @@
+"""Unit tests of proxy.py's pure functions: configuration, model registry, translation."""
+
+import json
+
+import pytest
+
+import proxy
+from proxy import ApiError
+
+CATALOG = [
+    {"id": "openai", "envKey": "OPENAI_API_KEY", "models": [
+        {"id": "gpt-4o", "name": "GPT-4o", "api": "openai-responses", "provider": "openai",
+         "baseUrl": "https://api.openai.com/v1", "reasoning": False, "input": ["text", "image"],
+         "cost": {"input": 2.5, "output": 10, "cacheRead": 1.25, "cacheWrite": 0}, "contextWindow": 128000,
+         "maxTokens": 16384, "compat": {"sendSessionIdHeader": True}},
+        {"id": "gpt-5", "name": "GPT-5", "api": "openai-responses", "provider": "openai",
+         "baseUrl": "https://api.openai.com/v1", "reasoning": True, "input": ["text"],
+         "cost": {"input": 1, "output": 8, "cacheRead": 0.1, "cacheWrite": 0}, "contextWindow": 400000,
+         "maxTokens": 128000}]},
+    {"id": "anthropic", "envKey": None, "models": []},
+]
+
+
+# --- pi's config files --------------------------------------------------------------------------
+
+
+def test_jsonc_allows_line_comments_and_trailing_commas_but_keeps_strings():
+    text = '{\n // note\n "url": "http://a//b", "list": [1, 2,], // tail\n "s": "x,]"\n}'
+    assert proxy.parse_jsonc(text) == {"url": "http://a//b", "list": [1, 2], "s": "x,]"}
+
+
+def test_jsonc_rejects_block_comments_like_pi():
+    with pytest.raises(ValueError):
+        proxy.parse_jsonc('{/* no */ "a": 1}')
+
+
+def test_config_value_resolution(monkeypatch):
+    monkeypatch.setenv("MY_KEY_VAR", "from-env")
+    assert proxy.resolve_config_value("MY_KEY_VAR") == "from-env"
+    assert proxy.resolve_config_value("literal-key") == "literal-key"
+    assert proxy.resolve_config_value("!echo '  from command  '") == "from command"
+    assert proxy.resolve_config_value("!exit 3") is None
+
+
+def test_load_config_flags_win_over_env(tmp_path):
+    env = {"PI_PROXY_HOST": "0.0.0.0", "PI_PROXY_PORT": "5000", "PI_PROXY_MAX_BODY_SIZE": "10",
+           "PI_PROXY_UPSTREAM_TIMEOUT_MS": "99", "PI_CODING_AGENT_DIR": str(tmp_path)}
+    config = proxy.load_config(["--port", "6000"], env)
+    assert (config.host, config.port, config.max_body_size, config.upstream_timeout_ms) == ("0.0.0.0", 6000, 10, 99)
+    assert config.agent_dir == tmp_path
+    default = proxy.load_config([], {})
+    assert (default.host, default.port) == ("127.0.0.1", 4141)
+    assert default.agent_dir.name == "agent" and default.agent_dir.parent.name == ".pi"
+
+
+# --- model registry ------------------------------------------------------------------------------
+
+
+def test_builtin_provider_redirect_and_overrides():
+    registry = proxy.build_registry(CATALOG, {"providers": {"openai": {
+        "baseUrl": "http://local/v1", "compat": {"supportsLongCacheRetention": True},
+        "headers": {"X-Team": "blue"},
+        "modelOverrides": {"gpt-5": {"name": "Five", "cost": {"input": 9}, "headers": {"X-Model": "5"}}}}}})
+    gpt4o, gpt5 = registry.models["openai/gpt-4o"], registry.models["openai/gpt-5"]
+    assert gpt4o["baseUrl"] == gpt5["baseUrl"] == "http://local/v1"
+    assert gpt4o["compat"] == {"sendSessionIdHeader": True, "supportsLongCacheRetention": True}
+    assert gpt5["name"] == "Five" and gpt5["cost"] == {"input": 9, "output": 8, "cacheRead": 0.1, "cacheWrite": 0}
+    assert registry.settings["openai"].headers == {"X-Team": "blue"}
+    assert registry.model_headers["openai/gpt-5"] == {"X-Model": "5"}
+
+
+def test_custom_model_replaces_builtin_whole_and_new_ones_get_defaults():
+    registry = proxy.build_registry(CATALOG, {"providers": {
+        "openai": {"models": [{"id": "gpt-4o", "name": "mine"}]},
+        "local": {"baseUrl": "http://x/v1", "api": "openai-completions", "apiKey": "k",
+                  "models": [{"id": "llama", "reasoning": True}, {"id": "other", "api": "anthropic-messages"}]}}})
+    replaced = registry.models["openai/gpt-4o"]
+    assert replaced["name"] == "mine" and replaced["input"] == ["text"] and replaced["cost"]["input"] == 0
+    assert replaced["api"] == "openai-responses", "api defaults to the provider's first built-in model's"
+    llama = registry.models["local/llama"]
+    assert llama["reasoning"] is True and llama["contextWindow"] == 128000 and llama["maxTokens"] == 16384
+    assert llama["provider"] == "local" and llama["baseUrl"] == "http://x/v1" and llama["api"] == "openai-completions"
+    assert registry.models["local/other"]["api"] == "anthropic-messages"
+    assert "openai/gpt-5" in registry.models
+    assert registry.settings["local"].api_key == "k"
+
+
+@pytest.mark.parametrize("config,problem", [
+    ([], "providers"),
+    ({"providers": {"x": {"baseUrl": "u", "api": "openai-completions", "models": [{"id": "m"}]}}}, "apiKey"),
+    ({"providers": {"x": {"apiKey": "k", "api": "openai-completions", "models": [{"id": "m"}]}}}, "baseUrl"),
+    ({"providers": {"x": {"baseUrl": "u", "apiKey": "k", "models": [{"id": "m"}]}}}, "api"),
+    ({"providers": {"x": {"apiKey": "k"}}}, "must specify"),
+    ({"providers": {"openai": {"models": [{"name": "no id"}]}}}, "id"),
+    ({"providers": {"openai": {"models": [{"id": "m", "maxTokens": 0}]}}}, "maxTokens"),
+])
+def test_models_json_validation(config, problem):
+    with pytest.raises(proxy.ModelsJsonError, match=problem):
+        proxy.check_models_json(config, {"openai", "anthropic"})
+
+
+def test_malformed_models_json_is_reported_and_builtins_survive(tmp_path):
+    (tmp_path / "models.json").write_text('{"providers": {"x": ')
+    data, problem = proxy.read_models_json(tmp_path, {"openai"})
+    assert data is None and "models.json was not loaded" in problem and "Built-in models" in problem
+    assert "openai/gpt-4o" in proxy.build_registry(CATALOG, data).models
+
+
+def test_credentials_order_auth_json_then_env_then_models_json(tmp_path, monkeypatch):
+    auth = proxy.AuthFile(tmp_path / "auth.json")
+    credentials = proxy.Credentials(auth, {"openai": "OPENAI_API_KEY", "local": None}, {"local": "LOCAL_KEY_VAR"})
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert credentials.for_provider("openai") is None
+    monkeypatch.setenv("OPENAI_API_KEY", "env-key")
+    assert (credentials.for_provider("openai").key, credentials.for_provider("openai").source) == \
+        ("env-key", "env:OPENAI_API_KEY")
+    (tmp_path / "auth.json").write_text(json.dumps({"openai": {"type": "api_key", "key": "file-key"}}))
+    assert credentials.for_provider("openai").key == "file-key"
+    assert credentials.for_provider("local").key == "LOCAL_KEY_VAR", "an unset variable name is a literal"
+    monkeypatch.setenv("LOCAL_KEY_VAR", "local-secret")
+    assert credentials.for_provider("local").source == "models.json"
+    assert credentials.for_provider("local").key == "local-secret"
+
+
+def test_model_resolution():
+    models = proxy.build_registry(CATALOG, {"providers": {"local": {
+        "baseUrl": "u", "api": "openai-completions", "apiKey": "k", "models": [{"id": "gpt-5"}, {"id": "solo"}]}}}).models
+    available = lambda provider: provider in ("openai", "local")  # noqa: E731
+    assert proxy.resolve_model("openai/gpt-5", models, available)["provider"] == "openai"
+    assert proxy.resolve_model("solo", models, available)["provider"] == "local"
+    with pytest.raises(ApiError) as ambiguous:
+        proxy.resolve_model("gpt-5", models, available)
+    assert ambiguous.value.status == 400 and "local/gpt-5" in ambiguous.value.message
+    assert proxy.resolve_model("gpt-5", models, lambda p: p == "local")["provider"] == "local"
+    with pytest.raises(ApiError) as unknown:
+        proxy.resolve_model("nope", models, available)
+    assert unknown.value.status == 404
+
+
+# --- requests -> pi -----------------------------------------------------------------------------------
+
+MODEL = {"id": "m", "api": "openai-completions", "provider": "p", "input": ["text", "image"]}
+
+
+def test_validation_names_nested_fields_and_drops_nulls():
+    body = proxy.validate({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": None},
+                          proxy.CHAT_VALIDATOR)
+    assert "stop" not in body
+    with pytest.raises(ApiError) as caught:
+        proxy.validate({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, proxy.CHAT_VALIDATOR)
+    assert caught.value.param == "messages[0].tool_call_id"
+
+
+def test_chat_to_context_full_conversation():
+    body = {"messages": [
+        {"role": "system", "content": "S1"},
+        {"role": "user", "content": [{"type": "text", "text": "look"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": ""}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "r1"},
+        {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "r2"}]},
+        {"role": "developer", "content": "S2"},
+    ], "tools": [{"type": "function", "function": {"name": "f"}}]}
+    context = proxy.chat_to_context(body, MODEL)
+    assert context["systemPrompt"] == "S1\n\nS2"
+    user, assistant, result1, result2 = context["messages"]
+    assert user["content"][1] == {"type": "image", "data": "AAAA", "mimeType": "image/png"}
+    assert [b["arguments"] for b in assistant["content"]] == [{"a": 1}, {}]
+    assert (assistant["provider"], assistant["model"], assistant["stopReason"]) == ("p", "m", "toolUse")
+    assert (result1["toolCallId"], result1["toolName"], result1["content"][0]["text"]) == ("c1", "f", "r1")
+    assert result2["toolName"] == "g" and result2["content"][0]["text"] == "r2"
+    assert context["tools"] == [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {}}}]
+
+
+@pytest.mark.parametrize("url,code", [("https://x/y.png", "unsupported_image_url"),
+                                      ("data:image/png;base64,@@@", "invalid_image")])
+def test_bad_images_are_400(url, code):
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+    with pytest.raises(ApiError) as caught:
+        proxy.chat_to_context(body, MODEL)
+    assert caught.value.code == code
+
+
+def test_bad_tool_arguments_are_400():
+    body = {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}
+    with pytest.raises(ApiError) as caught:
+        proxy.chat_to_context(body, MODEL)
+    assert caught.value.param == "messages[0].tool_calls[0].function.arguments"
+
+
+def test_chat_options():
+    assert proxy.chat_options({"temperature": 0.5, "max_tokens": 10, "reasoning_effort": "high", "user": "u"}) == \
+        {"temperature": 0.5, "maxTokens": 10, "reasoning": "high", "metadata": {"user_id": "u"}}
+    assert proxy.chat_options({"max_tokens": 10, "max_completion_tokens": 20, "reasoning_effort": "none"}) == \
+        {"maxTokens": 20}
+
+
+def test_chat_payload_per_api():
+    body = {"top_p": 0.5, "stop": "X", "seed": 1, "tool_choice": "required", "parallel_tool_calls": False,
+            "response_format": {"type": "json_object"}}
+    assert proxy.chat_payload(body, "openai-completions") == body
+    assert proxy.chat_payload(body, "anthropic-messages") == {
+        "top_p": 0.5, "stop_sequences": ["X"], "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}
+    assert proxy.chat_payload(body, "openai-responses") == {
+        "top_p": 0.5, "parallel_tool_calls": False, "tool_choice": "required", "text": {"format": {"type": "json_object"}}}
+    assert proxy.chat_payload(body, "google-generative-ai") == {}
+    named = {"tool_choice": {"type": "function", "function": {"name": "f"}}}
+    assert proxy.chat_payload(named, "openai-responses") == {"tool_choice": {"type": "function", "name": "f"}}
+
+
+# --- pi events -> OpenAI ------------------------------------------------------------------------------
+
+USAGE = {"input": 10, "output": 5, "cacheRead": 3, "cacheWrite": 0, "totalTokens": 18, "cost": {"total": 0.25}}
+
+
+def test_chunks_for_text_thinking_and_tools():
+    chunks = proxy.ChatChunks("id1", "m", 1, include_usage=True)
+    message = {"content": [{"type": "toolCall", "id": "t1", "name": "f", "arguments": {"a": 1}}], "usage": USAGE}
+    events = [
+        {"type": "start"},
+        {"type": "thinking_start", "contentIndex": 0}, {"type": "thinking_delta", "contentIndex": 0, "delta": "hm"},
+        {"type": "text_start", "contentIndex": 1}, {"type": "text_delta", "contentIndex": 1, "delta": "Hi"},
+        {"type": "toolcall_start", "contentIndex": 2, "id": "t1", "toolName": "f"},
+        {"type": "toolcall_delta", "contentIndex": 2, "delta": '{"a":'},
+        {"type": "toolcall_delta", "contentIndex": 2, "delta": "1}"},
+        {"type": "toolcall_end", "contentIndex": 2, "toolCall": message["content"][0]},
+        {"type": "toolcall_start", "contentIndex": 3, "id": "t2", "toolName": "g"},
+        {"type": "toolcall_end", "contentIndex": 3, "toolCall": {"arguments": {"b": 2}}},
+        {"type": "done", "reason": "stop", "message": message},
+    ]
+    out = [c for e in events for c in chunks.translate(e)]
+    deltas = [c["choices"][0]["delta"] for c in out if c["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert deltas[1] == {"reasoning_content": "hm"} and deltas[2] == {"content": "Hi"}
+    assert deltas[3]["tool_calls"][0] == {"index": 0, "id": "t1", "type": "function",
+                                          "function": {"name": "f", "arguments": ""}}
+    assert [d["tool_calls"][0]["function"]["arguments"] for d in deltas[4:6]] == ['{"a":', "1}"]
+    assert deltas[6]["tool_calls"][0]["index"] == 1
+    assert deltas[7]["tool_calls"][0] == {"index": 1, "function": {"arguments": '{"b": 2}'}}, \
+        "a call delivered whole still sends its arguments"
+    assert out[-2]["choices"][0]["finish_reason"] == "tool_calls", "tool calls win over the upstream's 'stop'"
+    assert out[-1]["choices"] == [] and out[-1]["usage"]["prompt_tokens"] == 13
+    assert all(c["id"] == "id1" and c["object"] == "chat.completion.chunk" for c in out)
+
+
+def test_chat_completion_object():
+    message = {"content": [{"type": "thinking", "thinking": "t"}, {"type": "text", "text": "a"},
+                           {"type": "text", "text": "b"}], "usage": USAGE}
+    completion = proxy.chat_completion(message, "length", "id", "m", 5)
+    assert completion["choices"][0]["message"] == {"role": "assistant", "content": "ab", "reasoning_content": "t"}
+    assert completion["choices"][0]["finish_reason"] == "length"
+    assert completion["usage"] == {"prompt_tokens": 13, "completion_tokens": 5, "total_tokens": 18,
+                                   "prompt_tokens_details": {"cached_tokens": 3}, "cost": 0.25}
+
+
+# --- upstream errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event,status,type_", [
+    ({"status": 429, "retryAfter": "7", "message": {"errorMessage": "429 slow down"}}, 429, "rate_limit_error"),
+    ({"message": {"errorMessage": "401 Incorrect API key"}}, 401, "authentication_error"),
+    ({"message": {"errorMessage": "403 status code (no body)"}}, 403, "permission_error"),
+    ({"message": {"errorMessage": "529 overloaded"}}, 529, "overloaded_error"),
+    ({"message": {"errorMessage": "503 unavailable"}}, 503, "api_error"),
+    ({"status": 408, "message": {"errorMessage": "408 timeout"}}, 504, "timeout_error"),
+    ({"message": {"errorMessage": "Connection error."}}, 502, "api_error"),
+    ({"message": {"errorMessage": "Request timed out."}}, 504, "timeout_error"),
+    ({"timeout": True, "message": {"errorMessage": "silence"}}, 504, "timeout_error"),
+    ({"status": 400, "overflow": True, "message": {"errorMessage": "prompt is too long"}}, 400, "invalid_request_error"),
+])
+def test_upstream_error_mapping(event, status, type_):
+    error = proxy.upstream_error({"type": "error", "reason": "error", **event})
+    assert (error.status, error.type) == (status, type_)
+    assert error.retry_after == event.get("retryAfter")
+
+
+def test_upstream_error_redacts_secrets():
+    error = proxy.upstream_error({"message": {"errorMessage": "401 bad key sk-abcdef123456"}}, ["sk-abcdef123456"])
+    assert "sk-abcdef123456" not in error.message and "[redacted]" in error.message
+
+
+@pytest.mark.parametrize("text,status,message", [
+    ('401 {"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"},"request_id":"r"}',
+     401, "invalid x-api-key"),
+    ('{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', 529, "Overloaded"),
+    ("429 Rate limit reached. Please try again in 7s.", 429, "Rate limit reached. Please try again in 7s."),
+    ("500 status code (no body)", 500, "status code (no body)"),
+    ("502 <html><body>Bad Gateway</body></html>", 502, "<html><body>Bad Gateway</body></html>"),
+    ("terminated", None, "terminated"),
+])
+def test_parse_upstream_message(text, status, message):
+    assert proxy.parse_upstream_message(text) == (status, message)
