@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gevent
+import gevent.queue
 import gevent.subprocess
 from flask import Flask, Response, request
 from gevent.pywsgi import WSGIHandler, WSGIServer
@@ -351,28 +352,42 @@ class Bridge:
             cwd=HERE,
         )
         self.stderr_tail = b""
-        self._stderr_reader = gevent.spawn(self._drain_stderr)
+        self.lines = gevent.queue.Queue()
+        self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
         try:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
         except OSError:
             pass  # the process died at once; events() reports it
 
+    def _read_stdout(self):
+        # A reader of its own, so waiting for a line can time out without interrupting a read.
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(b"")
+
     def _drain_stderr(self):
         for line in self.proc.stderr:
             self.stderr_tail = (self.stderr_tail + line)[-2000:]
 
-    def events(self, idle_timeout: float):
+    def events(self, idle_timeout: float, heartbeat: float | None = None):
         """Yield the bridge's events. The last one is always `done` or `error`: a bridge that goes
-        silent for idle_timeout seconds, dies, or prints garbage yields a synthetic error."""
+        silent for idle_timeout seconds, dies, or prints garbage yields a synthetic error. With
+        `heartbeat`, every that many seconds of silence yields {"type": "heartbeat"}."""
+        silent = 0.0
         while True:
-            line = None
-            with gevent.Timeout(idle_timeout, False):
-                line = self.proc.stdout.readline()
-            if line is None:
+            wait = idle_timeout - silent if heartbeat is None else min(heartbeat, idle_timeout - silent)
+            try:
+                line = self.lines.get(timeout=wait)
+            except gevent.queue.Empty:
+                silent += wait
+                if silent < idle_timeout:
+                    yield {"type": "heartbeat"}
+                    continue
                 yield {"type": "error", "reason": "error", "timeout": True,
                        "message": {"errorMessage": f"upstream sent nothing for {idle_timeout:g} s"}}
                 return
+            silent = 0.0
             if not line:
                 yield {"type": "error", "reason": "error", "message": {"errorMessage": self._exit_reason()}}
                 return
@@ -383,12 +398,12 @@ class Bridge:
                        "message": {"errorMessage": "bridge printed something that is not JSON"}}
                 return
             yield event
-            if event.get("type") in ("done", "error", "catalog"):
+            if event.get("type") in ("done", "error"):
                 return
 
     def _exit_reason(self) -> str:
         code = self.proc.wait()
-        self._stderr_reader.join(timeout=1)
+        self._readers[1].join(timeout=1)
         tail = self.stderr_tail.decode(errors="replace").strip().splitlines()
         detail = f": {tail[-1]}" if tail else ""
         return f"bridge exited unexpectedly (status {code}){detail}"
@@ -401,7 +416,7 @@ class Bridge:
             except gevent.subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc.wait()
-        self._stderr_reader.kill(block=False)
+        gevent.killall(self._readers, block=False)
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
                 pipe.close()
@@ -796,50 +811,57 @@ def chat_options(body: dict) -> dict:
     return options
 
 
-def chat_payload(body: dict, api: str) -> dict:
-    """Fields pi-ai does not model, in the upstream API's own vocabulary (merged by onPayload).
-    What an API has no equivalent for is dropped with a debug line."""
-    payload, dropped = {}, []
+def chat_extras(body: dict) -> dict:
+    """The chat request's fields that pi-ai does not model, in neutral form (see upstream_payload)."""
+    extras = {name: body[name] for name in ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty",
+                                            "response_format", "parallel_tool_calls", "user") if name in body}
     choice = body.get("tool_choice")
-    if api == "openai-completions":
-        for name in ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "response_format",
-                     "tool_choice", "parallel_tool_calls", "user"):
-            if name in body:
-                payload[name] = body[name]
+    if choice is not None:
+        extras["tool_choice"] = {"name": choice["function"]["name"]} if isinstance(choice, dict) else choice
+    return extras
+
+
+_EXTRAS_BY_API = {
+    "openai-completions": ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "response_format",
+                           "parallel_tool_calls", "user", "tool_choice"),
+    "anthropic-messages": ("top_p", "top_k", "stop", "tool_choice", "parallel_tool_calls"),
+    "openai-responses": ("top_p", "parallel_tool_calls", "user", "tool_choice", "response_format"),
+}
+
+
+def upstream_payload(extras: dict, api: str) -> dict:
+    """Neutral extras -> fields merged into the upstream request body (pi-ai's onPayload), in that
+    API's own vocabulary. Neutral form: OpenAI names, plus `top_k`; `tool_choice` is "auto" |
+    "required" | "none" | {"name": N}. What an API has no field for is dropped (logged at DEBUG)."""
+    supported = _EXTRAS_BY_API.get(api, ())
+    dropped = sorted(set(extras) - set(supported))
+    if dropped:
+        log.debug("%s has no equivalent for %s; dropped", api, ", ".join(dropped))
+    payload = {name: value for name, value in extras.items() if name in supported}
+    choice = payload.pop("tool_choice", None)
+    if api == "openai-completions" and choice is not None:
+        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
     elif api == "anthropic-messages":
-        if "top_p" in body:
-            payload["top_p"] = body["top_p"]
-        if "stop" in body:
-            payload["stop_sequences"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
-        if choice is not None or body.get("parallel_tool_calls") is False:
-            anthropic_choice = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
-            if isinstance(choice, dict):
-                payload["tool_choice"] = {"type": "tool", "name": choice["function"]["name"]}
-            else:
-                payload["tool_choice"] = dict(anthropic_choice[choice or "auto"])
-            if body.get("parallel_tool_calls") is False and payload["tool_choice"]["type"] != "none":
+        if "stop" in payload:
+            stop = payload.pop("stop")
+            payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+        serial = payload.pop("parallel_tool_calls", None) is False
+        if choice is not None or serial:
+            kinds = {"auto": "auto", "required": "any", "none": "none"}
+            payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
+                else {"type": kinds[choice or "auto"]}
+            if serial and payload["tool_choice"]["type"] != "none":
                 payload["tool_choice"]["disable_parallel_tool_use"] = True
-        dropped = [n for n in ("seed", "frequency_penalty", "presence_penalty") if n in body]
     elif api == "openai-responses":
-        for name in ("top_p", "parallel_tool_calls", "user"):
-            if name in body:
-                payload[name] = body[name]
         if choice is not None:
-            payload["tool_choice"] = {"type": "function", "name": choice["function"]["name"]} \
-                if isinstance(choice, dict) else choice
-        response_format = body.get("response_format")
+            payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
+        response_format = payload.pop("response_format", None)
         if response_format and response_format["type"] == "json_schema":
             spec = response_format["json_schema"]
             payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
                                           "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
         elif response_format and response_format["type"] == "json_object":
             payload["text"] = {"format": {"type": "json_object"}}
-        dropped = [n for n in ("stop", "seed", "frequency_penalty", "presence_penalty") if n in body]
-    else:
-        dropped = [n for n in ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "tool_choice",
-                               "parallel_tool_calls") if n in body]
-    if dropped:
-        log.debug("%s has no equivalent for %s; dropped", api, ", ".join(dropped))
     return payload
 
 
@@ -1000,6 +1022,8 @@ class Call:
             if event["type"] == "error":
                 self.close()
                 raise upstream_error(event, self.secrets)
+            if event["type"] == "heartbeat":
+                continue
             opening.append(event)
             if event["type"] != "start":
                 break
@@ -1089,7 +1113,7 @@ def create_app(proxy: Proxy) -> Flask:
         model = resolve_model(body["model"], proxy.registry.models, proxy.is_available)
         context = chat_to_context(body, model)
         bridge_request, secrets = proxy.stream_request(model, context, chat_options(body),
-                                                      chat_payload(body, model["api"]))
+                                                      upstream_payload(chat_extras(body), model["api"]))
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         call = proxy.open_stream(bridge_request, secrets)
         try:

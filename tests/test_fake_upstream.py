@@ -4,7 +4,8 @@ Python SDKs. Run: .venv/bin/python -m pytest tests/test_fake_upstream.py"""
 from __future__ import annotations
 
 import json
-import selectors
+import os
+import select
 import socket
 import subprocess
 import time
@@ -212,19 +213,24 @@ def _spawn_pi(fake, api) -> subprocess.Popen:
 
 
 def _read_until(p: subprocess.Popen, typ: str, timeout: float = 10) -> None:
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
+    # Read the pipe's fd directly (os.read), NOT p.stdout.readline(): readline() pulls everything the
+    # pipe holds (up to 8 KiB) into Python's TextIOWrapper buffer and returns one line, so when pi-ai
+    # writes several lines at once (start, text_start, text_delta from one TCP chunk) the later lines
+    # sit in that buffer while select() on the now-empty fd blocks until the timeout.
+    fd = p.stdout.fileno()
     end = time.monotonic() + timeout
-    try:
-        while time.monotonic() < end:
-            if sel.select(timeout=max(0.0, end - time.monotonic())):
-                line = p.stdout.readline()
-                assert line, "pi_direct exited early"
-                if json.loads(line)["type"] == typ:
-                    return
-        raise AssertionError(f"no {typ} event within {timeout}s")
-    finally:
-        sel.close()
+    buf = b""
+    while True:
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.strip() and json.loads(line)["type"] == typ:
+                return
+        rem = end - time.monotonic()
+        if rem <= 0 or not select.select([fd], [], [], rem)[0]:
+            raise AssertionError(f"no {typ} event within {timeout}s")
+        chunk = os.read(fd, 65536)
+        assert chunk, "pi_direct exited early"
+        buf += chunk
 
 
 @pytest.mark.parametrize("api", APIS)

@@ -198,17 +198,24 @@ def test_chat_options():
         {"maxTokens": 20}
 
 
-def test_chat_payload_per_api():
+def test_upstream_payload_per_api():
     body = {"top_p": 0.5, "stop": "X", "seed": 1, "tool_choice": "required", "parallel_tool_calls": False,
             "response_format": {"type": "json_object"}}
-    assert proxy.chat_payload(body, "openai-completions") == body
-    assert proxy.chat_payload(body, "anthropic-messages") == {
+    extras = proxy.chat_extras(body)
+    assert proxy.upstream_payload(extras, "openai-completions") == body
+    assert proxy.upstream_payload(extras, "anthropic-messages") == {
         "top_p": 0.5, "stop_sequences": ["X"], "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}
-    assert proxy.chat_payload(body, "openai-responses") == {
+    assert proxy.upstream_payload(extras, "openai-responses") == {
         "top_p": 0.5, "parallel_tool_calls": False, "tool_choice": "required", "text": {"format": {"type": "json_object"}}}
-    assert proxy.chat_payload(body, "google-generative-ai") == {}
-    named = {"tool_choice": {"type": "function", "function": {"name": "f"}}}
-    assert proxy.chat_payload(named, "openai-responses") == {"tool_choice": {"type": "function", "name": "f"}}
+    assert proxy.upstream_payload(extras, "google-generative-ai") == {}
+
+
+def test_named_tool_choice_per_api():
+    extras = proxy.chat_extras({"tool_choice": {"type": "function", "function": {"name": "f"}}})
+    assert proxy.upstream_payload(extras, "openai-completions") == {
+        "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    assert proxy.upstream_payload(extras, "openai-responses") == {"tool_choice": {"type": "function", "name": "f"}}
+    assert proxy.upstream_payload(extras, "anthropic-messages") == {"tool_choice": {"type": "tool", "name": "f"}}
 
 
 # --- pi events -> OpenAI ------------------------------------------------------------------------------
