@@ -453,6 +453,10 @@ class ApiError(Exception):
     def openai_body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def anthropic_body(self) -> dict:
+        type_ = self.type if self.type in ANTHROPIC_ERROR_TYPES else "api_error"
+        return {"type": "error", "error": {"type": type_, "message": self.message}}
+
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -463,6 +467,7 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     529: "overloaded_error",
 }
+ANTHROPIC_ERROR_TYPES = {*ERROR_TYPES.values(), "api_error"}
 STATUS_OF_TYPE = {type_: status for status, type_ in ERROR_TYPES.items()} | {"api_error": 500}
 _STATUS_PREFIX = re.compile(r"^(\d{3}) (.*)$", re.S)
 
@@ -960,7 +965,416 @@ class ChatChunks:
 
 
 # ==================================================================================================
-# 7. HTTP
+# 7. Anthropic messages
+# ==================================================================================================
+
+_A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
+_A_IMAGE = {
+    "required": ["source"],
+    "properties": {"source": {
+        "type": "object", "required": ["type"],
+        "properties": {"type": {"enum": ["base64", "url"]}},
+        "if": {"properties": {"type": {"const": "base64"}}},
+        "then": {"required": ["media_type", "data"],
+                 "properties": {"media_type": {"type": "string"}, "data": {"type": "string"}}},
+    }},
+}
+
+
+def _a_blocks(allowed: list, extra_rules: list = ()) -> dict:
+    rules = [{"if": {"properties": {"type": {"const": "text"}}}, "then": _A_TEXT},
+             {"if": {"properties": {"type": {"const": "image"}}}, "then": _A_IMAGE}, *extra_rules]
+    return {"type": "array", "items": {"type": "object", "required": ["type"],
+                                       "properties": {"type": {"enum": allowed}}, "allOf": rules}}
+
+
+_A_TOOL_RESULT_CONTENT = {"anyOf": [{"type": "string"}, _a_blocks(["text", "image"])]}
+_A_CONTENT_RULES = [
+    {"if": {"properties": {"type": {"const": "tool_use"}}},
+     "then": {"required": ["id", "name"], "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                                         "input": {"type": "object"}}}},
+    {"if": {"properties": {"type": {"const": "tool_result"}}},
+     "then": {"required": ["tool_use_id"], "properties": {"tool_use_id": {"type": "string"},
+                                                          "content": _A_TOOL_RESULT_CONTENT,
+                                                          "is_error": {"type": "boolean"}}}},
+    {"if": {"properties": {"type": {"const": "thinking"}}},
+     "then": {"required": ["thinking"], "properties": {"thinking": {"type": "string"},
+                                                       "signature": {"type": "string"}}}},
+    {"if": {"properties": {"type": {"const": "redacted_thinking"}}},
+     "then": {"required": ["data"], "properties": {"data": {"type": "string"}}}},
+]
+ANTHROPIC_BLOCK_TYPES = ["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"]
+_A_MESSAGES_PROPERTIES = {
+    "model": {"type": "string", "minLength": 1},
+    "messages": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "role": {"enum": ["user", "assistant", "system"]},
+                "content": {"anyOf": [{"type": "string"}, _a_blocks(ANTHROPIC_BLOCK_TYPES, _A_CONTENT_RULES)]},
+            },
+        },
+    },
+    "system": {"anyOf": [{"type": "string"}, _a_blocks(["text"])]},
+    "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+        "input_schema": {"type": "object"}}}},
+    "tool_choice": {
+        "type": "object", "required": ["type"],
+        "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
+                       "disable_parallel_tool_use": {"type": "boolean"}},
+        "if": {"properties": {"type": {"const": "tool"}}}, "then": {"required": ["name"]},
+    },
+    "thinking": {
+        "type": "object", "required": ["type"],
+        "properties": {"type": {"enum": ["enabled", "adaptive", "disabled"]},
+                       "budget_tokens": {"type": "integer", "minimum": 1}},
+        "if": {"properties": {"type": {"const": "enabled"}}}, "then": {"required": ["budget_tokens"]},
+    },
+    "output_config": {"type": "object", "properties": {"effort": {"enum": ["low", "medium", "high", "max"]}}},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": 0},
+    "stop_sequences": {"type": "array", "items": {"type": "string"}},
+    "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}},
+    "stream": {"type": "boolean"},
+}
+MESSAGES_VALIDATOR = Draft202012Validator({
+    "type": "object", "required": ["model", "messages", "max_tokens"],
+    "properties": {**_A_MESSAGES_PROPERTIES, "max_tokens": {"type": "integer", "minimum": 1}},
+})
+COUNT_TOKENS_VALIDATOR = Draft202012Validator({
+    "type": "object", "required": ["model", "messages"], "properties": _A_MESSAGES_PROPERTIES,
+})
+
+# Tool-use ids must match ^[a-zA-Z0-9_-]+$ for Anthropic clients, but pi-ai's ids need not (the
+# Responses API's are "call_x|fc_y"). Such ids are wrapped reversibly, so results still pair.
+_SAFE_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+_WRAPPED_TOOL_ID = "toolu_pi_"
+
+
+def client_tool_id(pi_id: str) -> str:
+    if _SAFE_TOOL_ID.match(pi_id) and not pi_id.startswith(_WRAPPED_TOOL_ID):
+        return pi_id
+    return _WRAPPED_TOOL_ID + base64.urlsafe_b64encode(pi_id.encode()).decode().rstrip("=")
+
+
+def pi_tool_id(client_id: str) -> str:
+    if not client_id.startswith(_WRAPPED_TOOL_ID):
+        return client_id
+    wrapped = client_id[len(_WRAPPED_TOOL_ID):]
+    try:
+        return base64.urlsafe_b64decode(wrapped + "=" * (-len(wrapped) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return client_id
+
+
+def anthropic_blocks(content) -> list:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def anthropic_image(block: dict, param: str) -> dict:
+    source = block["source"]
+    if source["type"] != "base64":
+        raise ApiError(400, "Only base64 image sources are accepted", param=f"{param}.source")
+    return {"type": "image", "data": source["data"], "mimeType": source["media_type"]}
+
+
+def anthropic_user_content(blocks: list, param: str) -> list:
+    content = []
+    for index, block in enumerate(blocks):
+        if block["type"] == "text":
+            content.append({"type": "text", "text": block["text"]})
+        elif block["type"] == "image":
+            content.append(anthropic_image(block, f"{param}[{index}]"))
+        else:
+            raise ApiError(400, f"A {block['type']} block cannot stand here", param=f"{param}[{index}].type")
+    return content
+
+
+def anthropic_to_context(body: dict, model: dict) -> dict:
+    """An Anthropic Messages request -> a pi-ai Context. Tool results in a user turn become pi
+    toolResult messages (ahead of the turn's other content); `role: "system"` messages are folded
+    into the system prompt; assistant turns are stamped with the target model."""
+    system = [text_of(anthropic_blocks(body.get("system", "")))]
+    messages, tool_names = [], {}
+    for index, message in enumerate(body["messages"]):
+        blocks, param = anthropic_blocks(message["content"]), f"messages[{index}].content"
+        if message["role"] == "system":
+            system.append(text_of(anthropic_user_content(blocks, param)))
+        elif message["role"] == "assistant":
+            content = []
+            for block_index, block in enumerate(blocks):
+                kind = block["type"]
+                if kind == "text" and block["text"]:
+                    content.append({"type": "text", "text": block["text"]})
+                elif kind == "thinking":
+                    content.append({"type": "thinking", "thinking": block["thinking"],
+                                    "thinkingSignature": block.get("signature") or None})
+                elif kind == "redacted_thinking":
+                    content.append({"type": "thinking", "thinking": "", "thinkingSignature": block["data"],
+                                    "redacted": True})
+                elif kind == "tool_use":
+                    call_id = pi_tool_id(block["id"])
+                    tool_names[call_id] = block["name"]
+                    content.append({"type": "toolCall", "id": call_id, "name": block["name"],
+                                    "arguments": block.get("input") or {}})
+                elif kind != "text":
+                    raise ApiError(400, f"A {kind} block cannot stand in an assistant message",
+                                   param=f"{param}[{block_index}].type")
+            messages.append(assistant_message(model, content, any(b["type"] == "toolCall" for b in content)))
+        else:
+            results = [(i, b) for i, b in enumerate(blocks) if b["type"] == "tool_result"]
+            for block_index, block in results:
+                call_id = pi_tool_id(block["tool_use_id"])
+                result = anthropic_user_content(anthropic_blocks(block.get("content", "")),
+                                                f"{param}[{block_index}].content")
+                messages.append({"role": "toolResult", "toolCallId": call_id,
+                                 "toolName": tool_names.get(call_id, ""), "content": result,
+                                 "isError": bool(block.get("is_error")), "timestamp": 0})
+            rest = [b for b in blocks if b["type"] != "tool_result"]
+            if rest or not results:
+                messages.append({"role": "user", "content": anthropic_user_content(rest, param), "timestamp": 0})
+    if any(b["type"] == "image" for m in messages if m["role"] != "assistant" for b in m["content"]) \
+            and "image" not in model.get("input", []):
+        raise ApiError(400, f"The model {canonical_id(model)!r} does not accept images", param="messages")
+    context = {"messages": messages}
+    system_prompt = "\n\n".join(part for part in system if part)
+    if system_prompt:
+        context["systemPrompt"] = system_prompt
+    tools = []
+    for tool in body.get("tools", []):
+        if "input_schema" not in tool:  # a server tool (web search, ...) that nothing here can run
+            log.debug("dropping server tool %s", tool.get("type", tool["name"]))
+            continue
+        tools.append({"name": tool["name"], "description": tool.get("description", ""),
+                      "parameters": tool["input_schema"]})
+    if tools:
+        context["tools"] = tools
+    return context
+
+
+def reasoning_for_budget(budget: int) -> str:
+    """pi-ai's thinking levels by their default budgets (1024/2048/8192/16384 tokens)."""
+    for level, limit in (("minimal", 1024), ("low", 2048), ("medium", 8192)):
+        if budget <= limit:
+            return level
+    return "high"
+
+
+ADAPTIVE_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh"}
+
+
+def anthropic_options(body: dict) -> dict:
+    options = {"maxTokens": body["max_tokens"]}
+    if "temperature" in body:
+        options["temperature"] = body["temperature"]
+    thinking = body.get("thinking", {"type": "disabled"})
+    if thinking["type"] == "enabled":
+        level = reasoning_for_budget(thinking["budget_tokens"])
+        options["reasoning"] = level
+        options["thinkingBudgets"] = {level: thinking["budget_tokens"]}
+    elif thinking["type"] == "adaptive":
+        options["reasoning"] = ADAPTIVE_EFFORTS[body.get("output_config", {}).get("effort", "high")]
+    user_id = body.get("metadata", {}).get("user_id")
+    if user_id:
+        options["metadata"] = {"user_id": user_id}
+    return options
+
+
+def anthropic_extras(body: dict) -> dict:
+    extras = {name: body[name] for name in ("top_p", "top_k") if name in body}
+    if body.get("stop_sequences"):
+        extras["stop"] = body["stop_sequences"]
+    choice = body.get("tool_choice")
+    if choice:
+        kinds = {"auto": "auto", "any": "required", "none": "none"}
+        extras["tool_choice"] = {"name": choice["name"]} if choice["type"] == "tool" else kinds[choice["type"]]
+        if choice.get("disable_parallel_tool_use"):
+            extras["parallel_tool_calls"] = False
+    return extras
+
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "toolUse": "tool_use"}
+
+
+def anthropic_stop_reason(message: dict, reason: str) -> str:
+    if any(block["type"] == "toolCall" for block in message.get("content", [])):
+        return "tool_use"  # Claude Code runs tools only on tool_use
+    return STOP_REASONS.get(reason, "end_turn")
+
+
+def anthropic_usage(usage: dict) -> dict:
+    return {"input_tokens": usage.get("input", 0), "output_tokens": usage.get("output", 0),
+            "cache_read_input_tokens": usage.get("cacheRead", 0),
+            "cache_creation_input_tokens": usage.get("cacheWrite", 0)}
+
+
+def anthropic_block(block: dict) -> dict:
+    if block["type"] == "text":
+        return {"type": "text", "text": block["text"]}
+    if block["type"] == "thinking":
+        if block.get("redacted"):
+            return {"type": "redacted_thinking", "data": block.get("thinkingSignature") or ""}
+        return {"type": "thinking", "thinking": block["thinking"], "signature": block.get("thinkingSignature") or ""}
+    return {"type": "tool_use", "id": client_tool_id(block["id"]), "name": block["name"],
+            "input": block.get("arguments") or {}}
+
+
+def anthropic_message(message: dict, reason: str, message_id: str, model_name: str) -> dict:
+    """The final pi-ai message -> an Anthropic `message` object."""
+    return {
+        "id": message_id, "type": "message", "role": "assistant", "model": model_name,
+        "content": [anthropic_block(b) for b in message.get("content", [])],
+        "stop_reason": anthropic_stop_reason(message, reason), "stop_sequence": None,
+        "usage": anthropic_usage(message.get("usage", {})),
+    }
+
+
+class AnthropicEvents:
+    """pi events -> Anthropic stream events, (name, data) pairs, keeping Anthropic's grammar:
+    message_start, then blocks one at a time (start, deltas, stop) indexed from 0, then
+    message_delta and message_stop. pi may interleave blocks (openai-completions ends all its
+    blocks only when the stream ends); a block is closed as soon as another one needs the
+    stream, and a later delta for it opens a fresh block of the same kind."""
+
+    def __init__(self, message_id: str, model_name: str, input_estimate: int):
+        self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
+        self.open = None  # (pi contentIndex, kind) of the block now open
+        self.index = -1  # the Anthropic index of the last block started
+        self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
+        self.streamed_arguments: set[int] = set()
+
+    def translate(self, event: dict) -> list:
+        kind, index = event["type"], event.get("contentIndex")
+        if kind == "start":
+            return [("message_start", {"type": "message_start", "message": {
+                "id": self.message_id, "type": "message", "role": "assistant", "model": self.model_name,
+                "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": self.input_estimate, "output_tokens": 1,
+                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})]
+        if kind == "heartbeat":
+            return [("ping", {"type": "ping"})]
+        if kind in ("text_start", "thinking_start"):
+            return self.start_block(index, kind.split("_")[0])
+        if kind == "toolcall_start":
+            self.tool_calls[index] = (client_tool_id(event["id"]), event["toolName"])
+            return self.start_block(index, "tool_use")
+        if kind == "text_delta":
+            return [*self.ensure_open(index, "text"), self.delta({"type": "text_delta", "text": event["delta"]})]
+        if kind == "thinking_delta":
+            return [*self.ensure_open(index, "thinking"),
+                    self.delta({"type": "thinking_delta", "thinking": event["delta"]})]
+        if kind == "toolcall_delta" and event["delta"]:
+            self.streamed_arguments.add(index)
+            return [*self.ensure_open(index, "tool_use"),
+                    self.delta({"type": "input_json_delta", "partial_json": event["delta"]})]
+        if kind == "thinking_end" and event.get("contentSignature") and self.open == (index, "thinking"):
+            # Only openai-completions ends a thinking block after later ones began; its
+            # "signature" is a field name, not worth a block of its own.
+            return [self.delta({"type": "signature_delta", "signature": event["contentSignature"]}), *self.close()]
+        if kind == "toolcall_end" and index not in self.streamed_arguments:
+            arguments = json.dumps(event["toolCall"].get("arguments") or {})
+            return [*self.ensure_open(index, "tool_use"),
+                    self.delta({"type": "input_json_delta", "partial_json": arguments}), *self.close()]
+        if kind.endswith("_end") and self.open and self.open[0] == index:
+            return self.close()
+        if kind == "done":
+            message = event["message"]
+            return [*self.close(),
+                    ("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": anthropic_stop_reason(message, event["reason"]),
+                                                 "stop_sequence": None},
+                                       "usage": anthropic_usage(message.get("usage", {}))}),
+                    ("message_stop", {"type": "message_stop"})]
+        return []
+
+    def start_block(self, index: int, kind: str) -> list:
+        frames = self.close()
+        self.index += 1
+        self.open = (index, kind)
+        if kind == "text":
+            block = {"type": "text", "text": ""}
+        elif kind == "thinking":
+            block = {"type": "thinking", "thinking": "", "signature": ""}
+        else:
+            call_id, name = self.tool_calls[index]
+            block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+        frames.append(("content_block_start", {"type": "content_block_start", "index": self.index,
+                                               "content_block": block}))
+        return frames
+
+    def ensure_open(self, index: int, kind: str) -> list:
+        return [] if self.open == (index, kind) else self.start_block(index, kind)
+
+    def delta(self, delta: dict) -> tuple:
+        return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
+
+    def close(self) -> list:
+        if self.open is None:
+            return []
+        self.open = None
+        return [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+
+
+def estimate_text_tokens(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+def count_request_tokens(context: dict) -> int:
+    """An estimate of the input tokens of a pi context; see the README for the method."""
+    total = estimate_text_tokens(context.get("systemPrompt", ""))
+    for tool in context.get("tools", []):
+        total += estimate_text_tokens(tool["name"] + tool["description"] + json.dumps(tool["parameters"]))
+    for message in context["messages"]:
+        for block in message["content"] if isinstance(message["content"], list) else []:
+            if block["type"] == "text":
+                total += estimate_text_tokens(block["text"])
+            elif block["type"] == "thinking":
+                total += estimate_text_tokens(block["thinking"])
+            elif block["type"] == "toolCall":
+                total += estimate_text_tokens(block["name"] + json.dumps(block["arguments"]))
+            elif block["type"] == "image":
+                total += 1600
+    return max(total, 1)
+
+
+_CLAUDE_DATE = re.compile(r"-(\d{8}|latest)$")
+_VERSION_DOT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
+def claude_key(name: str) -> str:
+    """Anthropic and Copilot spell one Claude model differently: claude-sonnet-4-5-20250929,
+    claude-sonnet-4-5[1m] and claude-sonnet-4.5 all have the key claude-sonnet-4-5."""
+    name = name.lower().split("[", 1)[0]
+    return _VERSION_DOT.sub("-", _CLAUDE_DATE.sub("", name))
+
+
+def resolve_claude_model(name: str, models: dict, is_available) -> dict:
+    """Model resolution for Anthropic clients: the usual rules, then the Claude model of the same
+    family and version under another spelling. Never a different version."""
+    try:
+        return resolve_model(name.split("[", 1)[0], models, is_available)
+    except ApiError as error:
+        if error.status != 404:
+            raise
+    key = claude_key(name.rsplit("/", 1)[-1])
+    matches = [m for m in models.values() if is_available(m["provider"]) and claude_key(m["id"]) == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        candidates = ", ".join(sorted(canonical_id(m) for m in matches))
+        raise ApiError(400, f"Model {name!r} is offered by several providers; use one of: {candidates}")
+    claudes = sorted(canonical_id(m) for m in models.values()
+                     if is_available(m["provider"]) and "claude" in m["id"])
+    raise ApiError(404, f"model: {name} is not available. Available Claude models: "
+                        + (", ".join(claudes) if claudes else "none"), "not_found_error")
+
+
+# ==================================================================================================
+# 8. HTTP
 # ==================================================================================================
 
 
@@ -997,17 +1411,17 @@ class Proxy:
         return ({"op": "stream", "model": model, "context": context, "options": options, "payload": payload},
                 [credential.key, *headers.values()])
 
-    def open_stream(self, bridge_request: dict, secrets: list) -> "Call":
-        return Call(Bridge(self.node, bridge_request), self.config.upstream_timeout_ms / 1000, secrets)
+    def open_stream(self, bridge_request: dict, secrets: list, heartbeat: float | None = None) -> "Call":
+        bridge = Bridge(self.node, bridge_request)
+        return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets)
 
 
 class Call:
     """One upstream call in flight: the bridge, its events, and the client connection it serves.
     If the client goes away, the bridge is killed at once, even while the upstream is silent."""
 
-    def __init__(self, bridge: Bridge, idle_timeout: float, secrets: list):
-        self.bridge, self.secrets = bridge, secrets
-        self.events = bridge.events(idle_timeout)
+    def __init__(self, bridge: Bridge, events, secrets: list):
+        self.bridge, self.events, self.secrets = bridge, events, secrets
         self._watcher = None
         client = request.environ.get("pi_proxy.socket")
         if client is not None:
@@ -1053,7 +1467,8 @@ def api_family(path: str) -> str:
 
 
 def error_response(error: ApiError) -> Response:
-    response = Response(json.dumps(error.openai_body()), status=error.status, mimetype="application/json")
+    body = error.anthropic_body() if api_family(request.path) == "anthropic" else error.openai_body()
+    response = Response(json.dumps(body), status=error.status, mimetype="application/json")
     if error.retry_after:
         response.headers["Retry-After"] = error.retry_after
     return response
@@ -1135,7 +1550,64 @@ def create_app(proxy: Proxy) -> Flask:
             raise upstream_error(final, secrets)
         return chat_completion(final["message"], final["reason"], completion_id, body["model"], created)
 
+    @app.post("/v1/messages")
+    def messages():
+        body = validate(read_json_body(proxy.config.max_body_size), MESSAGES_VALIDATOR)
+        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.is_available)
+        context = anthropic_to_context(body, model)
+        estimate = count_request_tokens(context)
+        bridge_request, secrets = proxy.stream_request(model, context, anthropic_options(body),
+                                                      upstream_payload(anthropic_extras(body), model["api"]))
+        message_id = f"msg_{uuid.uuid4().hex[:24]}"
+        call = proxy.open_stream(bridge_request, secrets, heartbeat=PING_INTERVAL)
+        try:
+            opening = call.opening()
+        except ApiError as error:
+            raise anthropic_overflow(error, estimate, model) from None
+        except BaseException:
+            call.close()
+            raise
+        if body.get("stream"):
+            frames = AnthropicEvents(message_id, body["model"], estimate)
+            return sse_response(stream_anthropic(call, opening, frames), call)
+        try:
+            final = opening[-1]
+            for final in call.events:
+                pass
+        finally:
+            call.close()
+        if final["type"] == "error":
+            raise anthropic_overflow(upstream_error(final, secrets), estimate, model)
+        return anthropic_message(final["message"], final["reason"], message_id, body["model"])
+
+    @app.post("/v1/messages/count_tokens")
+    def count_tokens():
+        body = validate(read_json_body(proxy.config.max_body_size), COUNT_TOKENS_VALIDATOR)
+        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.is_available)
+        return {"input_tokens": count_request_tokens(anthropic_to_context(body, model))}
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root():
+        return {"status": "ok", "service": "pi-proxy"}
+
+    @app.post("/api/event_logging/batch")
+    def event_logging():
+        return {}  # Claude Code's telemetry: accepted and dropped
+
     return app
+
+
+PING_INTERVAL = 10.0  # seconds of upstream silence between Anthropic `ping` events
+_TWO_NUMBERS = re.compile(r"(\d+)\D+?(\d+)")
+
+
+def anthropic_overflow(error: ApiError, estimate: int, model: dict) -> ApiError:
+    """Claude Code recognises a context overflow only by Anthropic's wording."""
+    if error.code != "context_length_exceeded" or error.message.startswith("prompt is too long"):
+        return error
+    numbers = _TWO_NUMBERS.search(error.message)
+    used, limit = (numbers.groups() if numbers else (estimate, model["contextWindow"]))
+    return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", code="context_length_exceeded")
 
 
 def model_entry(model: dict, created: int) -> dict:
@@ -1148,6 +1620,27 @@ def sse_response(frames, call: Call) -> Response:
     # Runs even if the client vanished before the first frame (a generator's finally would not).
     response.call_on_close(call.close)
     return response
+
+
+def sse_event(name: str, payload) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_anthropic(call: Call, opening: list, frames: AnthropicEvents):
+    """SSE events for a Messages stream. It always ends in message_stop or an `error` event."""
+    try:
+        for event in opening:
+            for name, data in frames.translate(event):
+                yield sse_event(name, data)
+        for event in call.events:
+            if event["type"] == "error":
+                error = upstream_error(event, call.secrets)
+                yield sse_event("error", error.anthropic_body())
+                break
+            for name, data in frames.translate(event):
+                yield sse_event(name, data)
+    finally:
+        call.close()
 
 
 def stream_chat(call: Call, opening: list, chunks: ChatChunks):
@@ -1170,7 +1663,7 @@ def stream_chat(call: Call, opening: list, chunks: ChatChunks):
 
 
 # ==================================================================================================
-# 8. Main
+# 9. Main
 # ==================================================================================================
 
 

@@ -23,6 +23,7 @@ SECRETS = {
     "fake-anthropic": "sk-ant-SECRET-bbbb2222",
     "fake-responses": "sk-resp-SECRET-cccc3333",
     "openai": "sk-openai-env-SECRET-dddd4444",
+    "fake-copilot": "sk-copilot-SECRET-eeee5555",
 }
 
 
@@ -40,6 +41,9 @@ def models_json(fake_url: str) -> dict:
                                "apiKey": SECRETS["fake-responses"], "models": [{"id": "gpt-test", **rich}]},
             "fake-dead": {"baseUrl": "http://127.0.0.1:9/v1", "api": "openai-completions", "apiKey": "sk-dead-key-0000",
                           "models": [{"id": "dead-model"}]},
+            "fake-copilot": {"baseUrl": fake_url, "api": "anthropic-messages", "apiKey": "sk-copilot-SECRET-eeee5555",
+                             "models": [{"id": "claude-sonnet-4.5", **rich}, {"id": "claude-opus-4.6", **rich},
+                                        {"id": "claude-haiku-4.5"}]},
             "openai": {"baseUrl": f"{fake_url}/v1"},
         }
     }

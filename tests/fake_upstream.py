@@ -75,6 +75,8 @@ Reply fields (all optional):
     first_byte_delay    float seconds to wait before sending the status line/headers.
     hang_after_headers  bool, send 200 + headers, then nothing until the client disconnects
                         (or fake.stop()).
+    stall               (N, seconds): after the first N SSE events, go silent for that long once,
+                        then send the rest
     hang_after          int, send the first N SSE events (counted like cut_after), then go silent
                         with the connection open until the client disconnects (or fake.stop()).
     cut_after           int, send only the first N SSE events (every event counts, incl.
@@ -141,6 +143,7 @@ class Reply:
     first_byte_delay: float = 0.0
     hang_after_headers: bool = False
     hang_after: int | None = None
+    stall: tuple | None = None
     cut_after: int | None = None
     cut_clean: bool = False
     stream_error: str | None = None
@@ -893,6 +896,11 @@ class FakeUpstream:
                 conn.wait(float("inf"))  # only ends by raising _Gone
             if r.delay and sent:
                 conn.wait(r.delay)
+            if r.stall and sent == r.stall[0]:
+                if buf:
+                    conn.send(frame(b"".join(buf)))
+                    buf, size = [], 0
+                conn.wait(r.stall[1])
             sent += 1
             if r.delay:
                 conn.send(frame(data))

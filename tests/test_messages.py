@@ -1,0 +1,414 @@
+"""End to end: the official anthropic SDK -> /v1/messages -> bridge.mjs -> pi-ai -> fake upstreams.
+Every stream the SDK reads here also goes through the strict grammar checker."""
+
+import json
+import re
+import time
+
+import anthropic
+import httpx2 as httpx
+import pytest
+import requests
+
+from tests.conftest import RunningProxy
+from tests.fake_upstream import Reply
+from tests.sse_grammar import check_anthropic_stream
+from tests.test_chat_completions import MODELS, PIXEL, last_request
+
+ALL_APIS = pytest.mark.parametrize("model", list(MODELS))
+WEATHER = {"name": "get_weather", "description": "Weather for a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+HI = [{"role": "user", "content": "hi"}]
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """Keeps the raw bytes of every event stream, for the grammar checker."""
+
+    def __init__(self):
+        super().__init__()
+        self.streams = []
+
+    def handle_request(self, request):
+        response = super().handle_request(request)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            chunks = []
+            self.streams.append(chunks)
+            inner = response.stream
+
+            class Tee(httpx.SyncByteStream):
+                def __iter__(self):
+                    for chunk in inner:
+                        chunks.append(chunk)
+                        yield chunk
+
+                def close(self):
+                    inner.close()
+            response.stream = Tee()
+        return response
+
+
+@pytest.fixture
+def client(proxy):
+    transport = RecordingTransport()
+    yield anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0,
+                              http_client=httpx.Client(transport=transport, timeout=30))
+    for chunks in transport.streams:
+        check_anthropic_stream(b"".join(chunks).decode())
+
+
+def raw_stream(proxy, body: dict, **headers) -> list:
+    response = requests.post(f"{proxy.url}/v1/messages", json={**body, "stream": True}, headers=headers)
+    assert response.status_code == 200, response.text
+    return check_anthropic_stream(response.text)
+
+
+# --- text --------------------------------------------------------------------------------------------
+
+
+@ALL_APIS
+def test_text(client, fake, model):
+    fake.push(Reply(text="Hello from upstream.", usage=dict(input=12, output=6, cached=30)))
+    message = client.messages.create(model=model, max_tokens=200, messages=HI)
+    assert [b.type for b in message.content] == ["text"]
+    assert message.content[0].text == "Hello from upstream."
+    assert message.stop_reason == "end_turn" and message.role == "assistant" and message.model == model
+    assert message.id.startswith("msg_")
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (12, 6)
+    assert message.usage.cache_read_input_tokens == 30, "cached tokens are reported apart from input_tokens"
+
+
+@ALL_APIS
+def test_streamed_text(client, fake, model):
+    fake.push(Reply(text="Streaming works fine today.", usage=dict(input=9, output=5)))
+    with client.messages.stream(model=model, max_tokens=200, messages=HI) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert "".join(pieces) == "Streaming works fine today." and len(pieces) >= 3
+    assert final.content[0].text == "Streaming works fine today."
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens == 5
+
+
+def test_message_start_carries_an_input_estimate_that_grows_with_input(proxy, fake):
+    small = raw_stream(proxy, {"model": "fake-anthropic/claude-test", "max_tokens": 50, "messages": HI})
+    fake.push(Reply(text="ok"))
+    large = raw_stream(proxy, {"model": "fake-anthropic/claude-test", "max_tokens": 50,
+                               "messages": [{"role": "user", "content": "many words here " * 500}]})
+    small_estimate = small[0][1]["message"]["usage"]["input_tokens"]
+    large_estimate = large[0][1]["message"]["usage"]["input_tokens"]
+    assert 0 < small_estimate < large_estimate
+
+
+# --- system, images, parameters -------------------------------------------------------------
+
+
+@ALL_APIS
+def test_system_blocks_and_mid_conversation_system_messages(client, fake, model):
+    fake.push(Reply(text="ok"))
+    client.messages.create(model=model, max_tokens=100,
+                           system=[{"type": "text", "text": "Rule one.", "cache_control": {"type": "ephemeral"}},
+                                   {"type": "text", "text": "Rule two."}],
+                           messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                     {"role": "system", "content": "Late rule."}, {"role": "user", "content": "c"}])
+    sent = json.dumps(last_request(fake, model).body)
+    assert "Rule one." in sent and "Rule two." in sent and "Late rule." in sent
+
+
+@ALL_APIS
+def test_image(client, fake, model):
+    fake.push(Reply(text="a tiny image"))
+    message = client.messages.create(model=model, max_tokens=100, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}},
+        {"type": "text", "text": "What is it?"}]}])
+    assert message.content[0].text == "a tiny image"
+    assert PIXEL in json.dumps(last_request(fake, model).body)
+
+
+def test_parameters_reach_anthropic_upstream(client, fake):
+    fake.push(Reply(text="ok"))
+    # This SDK release no longer types the sampling parameters; older clients still send them.
+    client.messages.create(model="fake-anthropic/claude-test", max_tokens=3000, messages=HI,
+                           extra_body={"temperature": 0.4, "top_p": 0.9, "top_k": 40},
+                           stop_sequences=["HALT"], metadata={"user_id": "user-7"},
+                           tools=[WEATHER], tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    body = fake.requests[-1].body
+    assert body["max_tokens"] == 3000 and body["temperature"] == 0.4
+    assert body["top_p"] == 0.9 and body["top_k"] == 40 and body["stop_sequences"] == ["HALT"]
+    assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert body["metadata"] == {"user_id": "user-7"}
+
+
+def test_parameters_reach_openai_completions_upstream(client, fake):
+    fake.push(Reply(text="ok"))
+    client.messages.create(model="fake-chat/chat-model", max_tokens=300, messages=HI,
+                           extra_body={"top_p": 0.5, "top_k": 5}, stop_sequences=["END"], tools=[WEATHER],
+                           tool_choice={"type": "tool", "name": "get_weather"})
+    body = fake.requests[-1].body
+    assert body["top_p"] == 0.5 and body["stop"] == ["END"] and "top_k" not in body
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_thinking_budget_is_honoured(client, fake):
+    fake.push(Reply(text="ok"))
+    client.messages.create(model="fake-anthropic/claude-test", max_tokens=6000, messages=HI,
+                           thinking={"type": "enabled", "budget_tokens": 5000})
+    body = fake.requests[-1].body
+    assert body["thinking"]["type"] == "enabled" and body["thinking"]["budget_tokens"] == 5000
+
+
+def test_accepts_what_claude_code_sends(proxy, fake):
+    fake.push(Reply(text="ok"))
+    response = requests.post(
+        f"{proxy.url}/v1/messages?beta=true",
+        headers={"anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14,made-up-beta",
+                 "x-api-key": "whatever"},
+        json={"model": "fake-anthropic/claude-test", "max_tokens": 1, "unknown_field": True,
+              "metadata": {"user_id": "abc"},
+              "messages": [{"role": "user", "content": [
+                  {"type": "text", "text": "Warmup", "cache_control": {"type": "ephemeral"}}]}]})
+    assert response.status_code == 200 and response.json()["type"] == "message"
+
+
+def test_root_and_telemetry_endpoints(proxy):
+    assert requests.head(f"{proxy.url}/").status_code == 200
+    assert requests.get(f"{proxy.url}/").status_code == 200
+    assert requests.post(f"{proxy.url}/api/event_logging/batch", json={"events": []}).status_code == 200
+
+
+# --- tools ----------------------------------------------------------------------------------------------
+
+
+@ALL_APIS
+def test_tool_use_and_result_round_trip(client, fake, model):
+    fake.push(Reply(text="Checking.", tool_calls=[("call_w1", "get_weather", '{"city": "Lima"}')]))
+    messages = [{"role": "user", "content": "Weather in Lima?"}]
+    with client.messages.stream(model=model, max_tokens=300, messages=messages, tools=[WEATHER]) as stream:
+        first = stream.get_final_message()
+    assert first.stop_reason == "tool_use"
+    tool_use = next(b for b in first.content if b.type == "tool_use")
+    assert tool_use.name == "get_weather" and tool_use.input == {"city": "Lima"}
+    assert re.match(r"^[a-zA-Z0-9_-]+$", tool_use.id)
+
+    fake.push(Reply(text="Lima is foggy."))
+    messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                 {"role": "user", "content": [
+                     {"type": "tool_result", "tool_use_id": tool_use.id, "content": [
+                         {"type": "text", "text": "fog, 17C"},
+                         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}}]},
+                     {"type": "text", "text": "<system-reminder>be brief</system-reminder>"}]}]
+    second = client.messages.create(model=model, max_tokens=300, messages=messages, tools=[WEATHER])
+    assert second.content[0].text == "Lima is foggy."
+    sent = json.dumps(last_request(fake, model).body)
+    assert "fog, 17C" in sent and "call_w1" in sent and "be brief" in sent
+    if model != "fake-chat/chat-model":  # chat completions has no images in tool results; pi-ai moves them
+        assert PIXEL in sent
+
+
+def test_tool_result_error_flag_reaches_anthropic_upstream(client, fake):
+    fake.push(Reply(text="sorry"))
+    client.messages.create(model="fake-anthropic/claude-test", max_tokens=100, tools=[WEATHER], messages=[
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "X"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                      "content": "city not found"}]}])
+    results = [block for message in fake.requests[-1].body["messages"] if isinstance(message["content"], list)
+               for block in message["content"] if block["type"] == "tool_result"]
+    assert results and results[0]["is_error"] is True and results[0]["tool_use_id"] == "toolu_1"
+
+
+def test_responses_tool_ids_are_made_safe_and_pair_again(client, fake):
+    fake.push(Reply(tool_calls=[("call_zz9", "get_weather", '{"city": "Oslo"}')]))
+    first = client.messages.create(model="fake-responses/gpt-test", max_tokens=100, messages=HI, tools=[WEATHER])
+    tool_use = first.content[-1]
+    assert re.match(r"^[a-zA-Z0-9_-]+$", tool_use.id), "pi-ai's 'call|item' id must not reach the client"
+    fake.push(Reply(text="done"))
+    client.messages.create(model="fake-responses/gpt-test", max_tokens=100, tools=[WEATHER], messages=[
+        *HI, {"role": "assistant", "content": [tool_use.model_dump()]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "cold"}]}])
+    items = fake.requests[-1].body["input"]
+    output = next(item for item in items if item.get("type") == "function_call_output")
+    assert output["call_id"] == "call_zz9"
+
+
+@ALL_APIS
+def test_tool_call_without_arguments_gives_empty_object(client, fake, model):
+    fake.push(Reply(tool_calls=[("call_now", "get_time", "")]))
+    with client.messages.stream(model=model, max_tokens=100, messages=HI, tools=[
+            {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]) as stream:
+        final = stream.get_final_message()
+    assert final.content[-1].type == "tool_use" and final.content[-1].input == {}
+
+
+@ALL_APIS
+def test_parallel_tool_calls_are_separate_blocks(client, fake, model):
+    fake.push(Reply(tool_calls=[("call_a", "get_weather", '{"city": "A"}'), ("call_b", "get_weather", '{"city": "B"}')]))
+    with client.messages.stream(model=model, max_tokens=100, messages=HI, tools=[WEATHER]) as stream:
+        final = stream.get_final_message()
+    assert [b.input["city"] for b in final.content if b.type == "tool_use"] == ["A", "B"]
+
+
+# --- thinking -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["fake-anthropic/claude-test", "fake-responses/gpt-test"])
+def test_thinking_with_signature_round_trips(client, fake, model):
+    fake.push(Reply(reasoning="Let me think.", reasoning_signature="sig-XYZ-123", text="42"))
+    with client.messages.stream(model=model, max_tokens=4000, messages=HI,
+                                thinking={"type": "enabled", "budget_tokens": 2000}) as stream:
+        final = stream.get_final_message()
+    thinking = final.content[0]
+    assert thinking.type == "thinking" and thinking.thinking.strip() == "Let me think."
+    assert "sig-XYZ-123" in thinking.signature
+    fake.push(Reply(text="again"))
+    client.messages.create(model=model, max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000},
+                           messages=[*HI, {"role": "assistant", "content": [b.model_dump() for b in final.content]},
+                                     {"role": "user", "content": "more"}])
+    assert "sig-XYZ-123" in json.dumps(last_request(fake, model).body), "the signature goes back upstream"
+
+
+def test_thinking_from_chat_completions_upstream(client, fake):
+    fake.push(Reply(reasoning="Pondering.", text="Yes."))
+    with client.messages.stream(model="fake-chat/chat-model", max_tokens=300, messages=HI,
+                                thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "Pondering."
+
+
+# --- stop reasons ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["fake-anthropic/claude-test", "fake-chat/chat-model"])
+def test_max_tokens_stop_reason(client, fake, model):
+    fake.push(Reply(text="cut short", stop="length"))
+    message = client.messages.create(model=model, max_tokens=2, messages=HI)
+    assert message.stop_reason == "max_tokens"
+
+
+def test_tool_use_stop_reason_even_when_upstream_says_stop(client, fake):
+    fake.push(Reply(tool_calls=[("call_s", "get_weather", '{"city": "S"}')], stop="stop"))
+    message = client.messages.create(model="fake-chat/chat-model", max_tokens=100, messages=HI, tools=[WEATHER])
+    assert message.stop_reason == "tool_use"
+
+
+# --- Claude model names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["claude-sonnet-4-5-20250929", "claude-sonnet-4-5", "claude-sonnet-4-5[1m]",
+                                  "claude-sonnet-4.5"])
+def test_anthropic_model_ids_map_to_the_same_model(client, fake, name):
+    fake.push(Reply(text="mapped"))
+    assert client.messages.create(model=name, max_tokens=10, messages=HI).content[0].text == "mapped"
+    assert fake.requests[-1].body["model"] == "claude-sonnet-4.5"
+
+
+def test_other_versions_are_not_substituted(client):
+    for name in ("claude-sonnet-4-6", "claude-opus-4-1"):
+        with pytest.raises(anthropic.NotFoundError) as caught:
+            client.messages.create(model=name, max_tokens=10, messages=HI)
+        assert caught.value.body["error"]["type"] == "not_found_error"
+        assert "fake-copilot/claude-sonnet-4.5" in caught.value.body["error"]["message"]
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({"model": "fake-anthropic/claude-test", "messages": HI}, "max_tokens"),
+    ({"model": "fake-anthropic/claude-test", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]},
+     "messages[0].role"),
+    ({"model": "fake-anthropic/claude-test", "max_tokens": 5,
+      "messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content"),
+])
+def test_invalid_requests_are_400_in_anthropic_shape(proxy, body, fragment):
+    response = requests.post(f"{proxy.url}/v1/messages", json=body)
+    assert response.status_code == 400
+    error = response.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert fragment in error["error"]["message"]
+
+
+@pytest.mark.parametrize("status,error_class,error_type", [
+    (401, anthropic.AuthenticationError, "authentication_error"),
+    (403, anthropic.PermissionDeniedError, "permission_error"),
+    (429, anthropic.RateLimitError, "rate_limit_error"),
+    (500, anthropic.InternalServerError, "api_error"),
+    (529, anthropic.InternalServerError, "overloaded_error"),
+])
+@ALL_APIS
+def test_upstream_errors_keep_status_in_anthropic_shape(client, fake, model, status, error_class, error_type):
+    fake.push(Reply(status=status, headers={"retry-after": "5"} if status == 429 else {}))
+    with pytest.raises(error_class) as caught:
+        client.messages.create(model=model, max_tokens=10, messages=HI)
+    assert caught.value.status_code == status
+    assert caught.value.body["error"]["type"] == error_type
+    if status == 429:
+        assert caught.value.response.headers["retry-after"] == "5"
+
+
+def test_context_overflow_reads_like_anthropic(client, fake):
+    fake.push(Reply(status=400, error_body={"error": {
+        "message": "prompt token count of 250123 exceeds the limit of 200000", "code": "model_max_prompt_tokens_exceeded"}}))
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="fake-chat/chat-model", max_tokens=10, messages=HI)
+    assert caught.value.body["error"]["message"] == "prompt is too long: 250123 tokens > 200000 maximum"
+
+
+@ALL_APIS
+def test_cut_stream_ends_with_error_event(proxy, fake, model):
+    fake.push(Reply(text="a b c d e f g h", cut_after=6))
+    frames = raw_stream(proxy, {"model": model, "max_tokens": 100, "messages": HI})
+    assert frames[-1][0] == "error"
+
+
+@ALL_APIS
+def test_in_stream_error_reaches_the_sdk(client, fake, model):
+    fake.push(Reply(text="some text", stream_error="exploded"))
+    with pytest.raises(anthropic.APIStatusError):
+        with client.messages.stream(model=model, max_tokens=100, messages=HI) as stream:
+            stream.get_final_message()
+
+
+@pytest.fixture(scope="module")
+def patient_proxy(agent_dir, tmp_path_factory):
+    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "patient.log",
+                           {"PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"})
+    yield running
+    running.stop()
+
+
+def test_ping_while_upstream_is_silent(patient_proxy, fake):
+    fake.push(Reply(text="before after", stall=(3, 11)))
+    started = time.monotonic()
+    frames = raw_stream(patient_proxy, {"model": "fake-anthropic/claude-test", "max_tokens": 100, "messages": HI})
+    names = [name for name, _ in frames]
+    assert "ping" in names and names[-1] == "message_stop"
+    assert time.monotonic() - started < 40
+
+
+# --- count_tokens ----------------------------------------------------------------------------------
+
+
+def count(client, **request) -> int:
+    return client.messages.count_tokens(model="fake-anthropic/claude-test", **request).input_tokens
+
+
+def test_count_tokens_grows_with_input_and_counts_everything(client):
+    base = count(client, messages=HI)
+    longer = count(client, messages=[{"role": "user", "content": "hello there " * 200}])
+    with_system = count(client, messages=HI, system="You are a careful assistant. " * 20)
+    with_tools = count(client, messages=HI, tools=[WEATHER])
+    with_image = count(client, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}}]}])
+    with_tool_turns = count(client, tools=[WEATHER], messages=[
+        *HI, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "get_weather",
+                                                "input": {"city": "Quito"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "warm " * 50}]}])
+    assert 0 < base < longer
+    assert with_system > base and with_tools > base and with_image > base and with_tool_turns > with_tools
+    assert count(client, messages=HI) == base, "stable"
+
+
+def test_count_tokens_needs_no_upstream(client, fake):
+    count(client, messages=HI)
+    assert fake.requests == []
