@@ -28,10 +28,12 @@ import base64
 import binascii
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -1319,26 +1321,98 @@ class AnthropicEvents:
         return [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
 
 
-def estimate_text_tokens(text: str) -> int:
-    return (len(text) + 3) // 4
+# Token estimate (count_tokens and message_start). No tokenizer for current Claude models exists
+# offline, so this is a linear model over regex counts of BPE pre-token pieces, calibrated on the
+# legacy Claude tokenizer (npm @anthropic-ai/tokenizer) over 201 samples of English and code: mean
+# error 2-5%, worst 10% on held-out files. Claude 3-4.x count 10-20% more than that tokenizer,
+# hence CLAUDE_SCALE; GPT-family models (o200k) count 0-25% fewer. Overcounting is the safe side:
+# Claude Code compacts on these numbers. Non-English text is not calibrated.
+_PIECES = re.compile(r"[A-Za-z]+|[!-/:-@\[-`{-~]+")  # ASCII letter runs and punctuation runs
+_DIGIT_GROUPS = re.compile(r"[0-9]{1,3}")
+_CAMEL_HUMPS = re.compile(r"[a-z][A-Z]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+_NON_ASCII_LETTER = re.compile(r"[^\x00-\x7f\W\d_]")
+CLAUDE_SCALE = 1.15
+MESSAGE_OVERHEAD = 3  # tokens of framing per message or system prompt
+TOOLS_OVERHEAD = 346  # Anthropic's tool-use system prompt, present whenever tools are
+IMAGE_FALLBACK_TOKENS = 1600  # the per-image maximum, when the size cannot be read
 
 
-def count_request_tokens(context: dict) -> int:
-    """An estimate of the input tokens of a pi context; see the README for the method."""
-    total = estimate_text_tokens(context.get("systemPrompt", ""))
-    for tool in context.get("tools", []):
-        total += estimate_text_tokens(tool["name"] + tool["description"] + json.dumps(tool["parameters"]))
+def estimate_text_tokens(text: str) -> float:
+    if not text:
+        return 0.0
+    count = (1.044 * len(_PIECES.findall(text)) + 1.045 * len(_CAMEL_HUMPS.findall(text))
+             + 1.45 * len(_DIGIT_GROUPS.findall(text)) + 1.11 * text.count("\n") + 0.59 * text.count("\t"))
+    if not text.isascii():
+        non_ascii, cjk = len(_NON_ASCII.findall(text)), len(_CJK.findall(text))
+        letters = len(_NON_ASCII_LETTER.findall(text)) - cjk
+        count += cjk + 0.5 * letters + 1.5 * (non_ascii - cjk - letters)
+    return max(count, len(text) / 6)  # text without separators (base64, "aaaa") still grows
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, GIF, WebP or JPEG header."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return struct.unpack("<HH", data[6:10])
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        if data[12:16] == b"VP8X":
+            return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+        if data[12:16] == b"VP8L" and data[20:21] == b"\x2f":
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if data[12:16] == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+            width, height = struct.unpack("<HH", data[26:30])
+            return width & 0x3FFF, height & 0x3FFF
+        return None
+    position = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while position + 9 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF or marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            position += 1 if marker == 0xFF else 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
+
+
+def estimate_image_tokens(data_b64: str) -> int:
+    """Anthropic's rule: width*height/750 after scaling into 1568 px and ~1.19 megapixels."""
+    head = "".join(data_b64[:262144].split())
+    try:
+        size = image_size(base64.b64decode(head[:len(head) - len(head) % 4]))
+    except (binascii.Error, ValueError, struct.error):
+        size = None
+    if not size or min(size) <= 0:
+        return IMAGE_FALLBACK_TOKENS
+    width, height = size
+    scale = min(1.0, 1568 / max(width, height), math.sqrt(1092 * 1092 / (width * height)))
+    return max(1, math.ceil(max(1, int(width * scale)) * max(1, int(height * scale)) / 750))
+
+
+def count_request_tokens(context: dict, model: dict) -> int:
+    """An estimate of a pi context's input tokens for `model`."""
+    text = estimate_text_tokens(context.get("systemPrompt", ""))
+    fixed = MESSAGE_OVERHEAD * (1 + len(context["messages"]))  # framing, the same for every tokenizer
+    if context.get("tools"):
+        fixed += TOOLS_OVERHEAD
+        text += sum(estimate_text_tokens(json.dumps(tool)) for tool in context["tools"])
     for message in context["messages"]:
-        for block in message["content"] if isinstance(message["content"], list) else []:
+        for block in message["content"]:
             if block["type"] == "text":
-                total += estimate_text_tokens(block["text"])
-            elif block["type"] == "thinking":
-                total += estimate_text_tokens(block["thinking"])
+                text += estimate_text_tokens(block["text"])
             elif block["type"] == "toolCall":
-                total += estimate_text_tokens(block["name"] + json.dumps(block["arguments"]))
+                text += estimate_text_tokens(block["name"] + json.dumps(block["arguments"]))
+            elif block["type"] == "thinking":  # Anthropic drops old thinking; counting it errs safe
+                text += estimate_text_tokens(block["thinking"])
             elif block["type"] == "image":
-                total += 1600
-    return max(total, 1)
+                fixed += estimate_image_tokens(block["data"])
+    scale = CLAUDE_SCALE if "claude" in model["id"] else 1.0
+    return max(1, round(text * scale) + fixed)
 
 
 _CLAUDE_DATE = re.compile(r"-(\d{8}|latest)$")
@@ -1555,7 +1629,7 @@ def create_app(proxy: Proxy) -> Flask:
         body = validate(read_json_body(proxy.config.max_body_size), MESSAGES_VALIDATOR)
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.is_available)
         context = anthropic_to_context(body, model)
-        estimate = count_request_tokens(context)
+        estimate = count_request_tokens(context, model)
         bridge_request, secrets = proxy.stream_request(model, context, anthropic_options(body),
                                                       upstream_payload(anthropic_extras(body), model["api"]))
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
@@ -1584,7 +1658,7 @@ def create_app(proxy: Proxy) -> Flask:
     def count_tokens():
         body = validate(read_json_body(proxy.config.max_body_size), COUNT_TOKENS_VALIDATOR)
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.is_available)
-        return {"input_tokens": count_request_tokens(anthropic_to_context(body, model))}
+        return {"input_tokens": count_request_tokens(anthropic_to_context(body, model), model)}
 
     @app.route("/", methods=["GET", "HEAD"])
     def root():

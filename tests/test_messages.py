@@ -2,6 +2,7 @@
 Every stream the SDK reads here also goes through the strict grammar checker."""
 
 import json
+from pathlib import Path
 import re
 import time
 
@@ -399,7 +400,8 @@ def test_count_tokens_grows_with_input_and_counts_everything(client):
     with_system = count(client, messages=HI, system="You are a careful assistant. " * 20)
     with_tools = count(client, messages=HI, tools=[WEATHER])
     with_image = count(client, messages=[{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}}]}])
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}},
+        {"type": "text", "text": "hi"}]}])
     with_tool_turns = count(client, tools=[WEATHER], messages=[
         *HI, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "get_weather",
                                                 "input": {"city": "Quito"}}]},
@@ -412,3 +414,15 @@ def test_count_tokens_grows_with_input_and_counts_everything(client):
 def test_count_tokens_needs_no_upstream(client, fake):
     count(client, messages=HI)
     assert fake.requests == []
+
+
+REFERENCE = json.loads((Path(__file__).parent / "token_reference.json").read_text())
+
+
+@pytest.mark.parametrize("sample", [s for s in REFERENCE if "request" in s and "<base64" not in json.dumps(s)],
+                         ids=lambda s: s["name"])
+def test_count_tokens_matches_anthropics_published_counts(client, sample):
+    """Anthropic's documented count_tokens examples, counted for a Claude model: within 15%."""
+    request = {key: value for key, value in sample["request"].items() if key != "model"}
+    counted = client.messages.count_tokens(model="fake-copilot/claude-sonnet-4.5", **request).input_tokens
+    assert abs(counted - sample["input_tokens"]) <= 0.15 * sample["input_tokens"], counted

@@ -1,6 +1,8 @@
 """Unit tests of proxy.py's pure functions: configuration, model registry, translation."""
 
+import base64
 import json
+from pathlib import Path
 
 import pytest
 
@@ -300,3 +302,29 @@ def test_upstream_error_redacts_secrets():
 ])
 def test_parse_upstream_message(text, status, message):
     assert proxy.parse_upstream_message(text) == (status, message)
+
+
+# --- token estimate -----------------------------------------------------------------------------------
+
+REFERENCE = json.loads((Path(__file__).parent / "token_reference.json").read_text())
+
+
+@pytest.mark.parametrize("sample", [s for s in REFERENCE if s["category"] != "anthropic-docs"],
+                         ids=lambda s: s["name"])
+def test_text_estimate_within_15_percent_of_the_claude_tokenizer(sample):
+    """Reference counts from the legacy Claude tokenizer (see README: count_tokens)."""
+    estimate = proxy.estimate_text_tokens(sample["text"])
+    assert abs(estimate - sample["claude_tokens"]) <= 0.15 * sample["claude_tokens"]
+
+
+def test_text_estimate_grows_with_input_and_handles_odd_text():
+    assert proxy.estimate_text_tokens("") == 0
+    sizes = [proxy.estimate_text_tokens("word " * n) for n in (1, 10, 100, 1000)]
+    assert sizes == sorted(sizes) and sizes[-1] > 900
+    assert proxy.estimate_text_tokens("a" * 6000) >= 1000, "separator-free text still counts"
+
+
+def test_image_estimate_reads_the_size_from_the_header():
+    png = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + (1000).to_bytes(4, "big") + (1000).to_bytes(4, "big")
+    assert proxy.estimate_image_tokens(base64.b64encode(png + b"\0" * 20).decode()) == 1334  # 1000*1000/750
+    assert proxy.estimate_image_tokens("not an image") == proxy.IMAGE_FALLBACK_TOKENS
