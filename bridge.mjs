@@ -13,7 +13,9 @@
 //         the upstream API's own vocabulary; object values merge one level deep.
 //         -> pi-ai's events without `partial`:
 //            {"type":"start"}
-//            {"type":"text_start|thinking_start","contentIndex":i}
+//            {"type":"text_start|thinking_start","contentIndex":i,"contentSignature"?:s}
+//            (a thinking block's signature on its start when pi-ai knows it then: openai-completions,
+//            which ends its blocks only when the stream ends)
 //            {"type":"text_delta|thinking_delta|toolcall_delta","contentIndex":i,"delta":s}
 //            {"type":"text_end|thinking_end","contentIndex":i,"contentSignature"?:s}
 //            {"type":"toolcall_start","contentIndex":i,"id":s,"toolName":s}
@@ -24,12 +26,15 @@
 //             "status"?:n,"retryAfter"?:s,"overflow"?:true}
 //            status: the upstream's HTTP status when it sent one; overflow: pi-ai recognised a
 //            context-window overflow in the error.
+//            A Responses-API stream that ends in `response.incomplete` is reported as pi-ai reports
+//            the other APIs' max-token stops (reason "length", with usage): pi-ai 0.73.1 skips it.
 //   exit   0 after the final line is flushed. SIGTERM or the end of stdin aborts the upstream call.
 //
 // Why the events are reduced: every pi-ai event carries `partial`, the whole message so far;
 // printing it per delta is quadratic in the answer's length.
 
 import {
+  calculateCost,
   findEnvKeys,
   getEnvApiKey,
   getModels,
@@ -90,17 +95,63 @@ function catalog() {
 }
 
 // The SDKs inside pi-ai throw on an HTTP error before pi-ai's onResponse runs, and pi-ai reports
-// only a message string. Watching fetch keeps the upstream's real status and retry-after.
-function watchUpstreamResponses() {
+// only a message string. Watching fetch keeps the upstream's real status and retry-after, and, for
+// the Responses API, the `response.incomplete` event that pi-ai ignores.
+function watchUpstreamResponses(api) {
   const seen = {};
   const fetchUpstream = globalThis.fetch;
   globalThis.fetch = async (...args) => {
     const response = await fetchUpstream(...args);
     seen.status = response.status;
     seen.retryAfter = response.headers.get("retry-after") ?? undefined;
-    return response;
+    const isStream = (response.headers.get("content-type") ?? "").includes("text/event-stream");
+    if (!api.endsWith("-responses") || !isStream || !response.body) return response;
+    const { status, statusText, headers } = response;
+    return new Response(response.body.pipeThrough(watchIncomplete(seen)), { status, statusText, headers });
   };
   return seen;
+}
+
+// Passes the SSE bytes through untouched, noting the `response.incomplete` event's response.
+function watchIncomplete(seen) {
+  const decoder = new TextDecoder();
+  let partialLine = "";
+  return new TransformStream({
+    transform(chunk, controller) {
+      controller.enqueue(chunk);
+      const lines = (partialLine + decoder.decode(chunk, { stream: true })).split("\n");
+      partialLine = lines.pop();
+      for (const line of lines) {
+        if (!line.startsWith("data: ") || !line.includes('"response.incomplete"')) continue;
+        try {
+          const event = JSON.parse(line.slice(6));
+          if (event.type === "response.incomplete") seen.incomplete = event.response ?? {};
+        } catch {
+          // not an event of ours; pi-ai reports unparsable streams itself
+        }
+      }
+    },
+  });
+}
+
+// What pi-ai does on `response.completed`, for a stream that ended in `response.incomplete`.
+function markIncomplete(event, incomplete, model) {
+  const { message } = event;
+  const usage = incomplete.usage;
+  if (usage) {
+    const cached = usage.input_tokens_details?.cached_tokens || 0;
+    message.usage = {
+      input: (usage.input_tokens || 0) - cached,
+      output: usage.output_tokens || 0,
+      cacheRead: cached,
+      cacheWrite: 0,
+      totalTokens: usage.total_tokens || 0,
+      cost: { input: 0, output: 0, cacheRead: 0, cacheWrite: 0, total: 0 },
+    };
+    calculateCost(model, message.usage);
+  }
+  message.stopReason = "length";
+  return { ...event, reason: "length" };
 }
 
 function mergePayload(body, payload) {
@@ -120,8 +171,11 @@ function reduce(event) {
     case "start":
       return { type };
     case "text_start":
-    case "thinking_start":
       return { type, contentIndex };
+    case "thinking_start": {
+      const contentSignature = event.partial.content[contentIndex]?.thinkingSignature;
+      return contentSignature ? { type, contentIndex, contentSignature } : { type, contentIndex };
+    }
     case "text_delta":
     case "thinking_delta":
     case "toolcall_delta":
@@ -157,7 +211,7 @@ function errorEvent(reason, message, upstream, model) {
 }
 
 async function stream({ model, context, options, payload }) {
-  const upstream = watchUpstreamResponses();
+  const upstream = watchUpstreamResponses(model.api);
   const events = streamSimple(model, context, {
     ...options,
     signal: abort.signal,
@@ -170,7 +224,9 @@ async function stream({ model, context, options, payload }) {
       emit(errorEvent(event.reason, event.error, upstream, model));
       return;
     }
-    const reduced = reduce(event);
+    const reduced = reduce(event.type === "done" && upstream.incomplete
+      ? markIncomplete(event, upstream.incomplete, model)
+      : event);
     if (reduced) emit(reduced);
   }
 }

@@ -26,6 +26,7 @@ if __name__ == "__main__":
 import argparse
 import base64
 import binascii
+import collections
 import json
 import logging
 import math
@@ -1448,6 +1449,495 @@ def resolve_claude_model(name: str, models: dict, is_available) -> dict:
 
 
 # ==================================================================================================
+# 8. OpenAI responses
+# ==================================================================================================
+
+_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"],
+                                                   "properties": {"type": {"type": "string"}}}}
+_R_ITEM_RULES = {
+    "message": {"required": ["role", "content"],
+                "properties": {"role": {"enum": ["user", "system", "developer", "assistant"]}, "content": _R_PARTS}},
+    "function_call": {"required": ["call_id", "name"],
+                      "properties": {"call_id": {"type": "string"}, "name": {"type": "string"},
+                                     "namespace": {"type": "string"}, "arguments": {"type": "string"}}},
+    "custom_tool_call": {"required": ["call_id", "name"],
+                         "properties": {"call_id": {"type": "string"}, "name": {"type": "string"},
+                                        "namespace": {"type": "string"}, "input": {"type": "string"}}},
+    "function_call_output": {"required": ["call_id", "output"],
+                             "properties": {"call_id": {"type": "string"}, "output": _R_PARTS}},
+    "custom_tool_call_output": {"required": ["call_id", "output"],
+                                "properties": {"call_id": {"type": "string"}, "output": _R_PARTS}},
+    "reasoning": {"properties": {"summary": {"type": "array", "items": {"type": "object"}},
+                                 "encrypted_content": {"type": ["string", "null"]}}},
+}
+_R_TOOL_RULES = {
+    "function": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
+                                                      "description": {"type": ["string", "null"]},
+                                                      "parameters": {"type": ["object", "null"]}}},
+    "custom": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
+                                                    "description": {"type": ["string", "null"]},
+                                                    "format": {"type": "object"}}},
+}
+_R_TOOL = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}},
+           "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": rule} for kind, rule in _R_TOOL_RULES.items()]}
+_R_TOOLS = {"type": "array", "items": {
+    "allOf": [_R_TOOL, {"if": {"properties": {"type": {"const": "namespace"}}},
+                        "then": {"required": ["name", "tools"],
+                                 "properties": {"name": {"type": "string"}, "tools": {"type": "array", "items": _R_TOOL}}}}]}}
+RESPONSES_VALIDATOR = Draft202012Validator({
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "input": {"type": ["string", "array"], "items": {
+            "type": "object", "properties": {"type": {"type": "string"}},
+            # An item without a type is a message (OpenAI's "easy input message").
+            "allOf": [{"if": {"properties": {"type": {"const": kind}}, **({} if kind == "message" else {"required": ["type"]})},
+                       "then": rule} for kind, rule in _R_ITEM_RULES.items()]}},
+        "instructions": {"type": "string"},
+        "tools": _R_TOOLS,
+        "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
+                                  {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}]},
+        "parallel_tool_calls": {"type": "boolean"},
+        "reasoning": {"type": "object", "properties": {
+            "effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", None]}}},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "text": {"type": "object", "properties": {"format": {
+            "type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {"required": ["name"], "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}}}}},
+        "store": {"type": "boolean"},
+        "stream": {"type": "boolean"},
+        "metadata": {"type": "object"},
+        "user": {"type": "string"},
+        "include": {"type": "array", "items": {"type": "string"}},
+        "prompt_cache_key": {"type": "string"},
+        "previous_response_id": {"type": "string"},
+        "background": {"type": "boolean"},
+    },
+})
+
+
+def reject_stateful(body: dict):
+    """Nothing is stored here, so nothing can be referred to later."""
+    for name in ("previous_response_id", "conversation"):
+        if body.get(name):
+            raise ApiError(400, f"{name} is not supported: this proxy is stateless and stores no responses; "
+                                "send the whole conversation in `input`", param=name, code="unsupported_parameter")
+    if body.get("background"):
+        raise ApiError(400, "background responses are not supported by this proxy", param="background",
+                       code="unsupported_parameter")
+
+
+@dataclass(frozen=True)
+class ClientTool:
+    """A tool as the client declared it; pi sees each as one function tool."""
+
+    name: str
+    namespace: str | None = None
+    custom: bool = False  # a custom (freeform) tool: one string argument, CUSTOM_INPUT
+
+
+CUSTOM_INPUT = "input"
+
+
+def responses_tools(tools: list) -> tuple[list, dict]:
+    """Responses tools -> (pi tools, pi tool name -> ClientTool). Namespaces are flattened (a name
+    that two namespaces share becomes `namespace__name`); a custom tool takes its raw text as one
+    string argument; hosted tools (web_search, ...) that nothing here can run are dropped."""
+    declared = []
+    for tool in tools:
+        if tool["type"] == "namespace":
+            declared += [(inner, tool["name"]) for inner in tool["tools"] if inner["type"] in ("function", "custom")]
+        elif tool["type"] in ("function", "custom"):
+            declared.append((tool, None))
+        else:
+            log.debug("dropping hosted tool %s", tool["type"])
+    counts = collections.Counter(tool["name"] for tool, _ in declared)
+    pi_tools, by_pi_name = [], {}
+    for tool, namespace in declared:
+        pi_name = tool["name"] if counts[tool["name"]] == 1 or not namespace else f"{namespace}__{tool['name']}"
+        custom = tool["type"] == "custom"
+        description = tool.get("description") or ""
+        if custom:
+            grammar = (tool.get("format") or {}).get("definition")
+            if grammar:
+                description += f"\n\nThe `{CUSTOM_INPUT}` argument must follow this grammar:\n{grammar}"
+            parameters = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
+        else:
+            parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+        pi_tools.append({"name": pi_name, "description": description, "parameters": parameters})
+        by_pi_name[pi_name] = ClientTool(tool["name"], namespace, custom)
+    return pi_tools, by_pi_name
+
+
+def response_parts_to_pi(content, param: str) -> list:
+    """Message or tool-output content (a string or parts) -> pi text and image blocks."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks = []
+    for index, part in enumerate(content):
+        if part["type"] == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise ApiError(400, "Only images given as base64 data: URIs in `image_url` are accepted",
+                               param=f"{param}[{index}].image_url", code="unsupported_image_url")
+            blocks.append(image_from_url(part["image_url"], f"{param}[{index}].image_url"))
+        elif isinstance(part.get("text") or part.get("refusal"), str):
+            blocks.append({"type": "text", "text": part.get("text") or part["refusal"]})
+        else:
+            log.debug("dropping a %s content part at %s", part["type"], param)
+    return blocks
+
+
+def loose_text(item: dict) -> str:
+    """The text an input item of an unknown type carries, if any."""
+    for name in ("text", "content", "output", "input"):
+        value = item.get(name)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, list):
+            text = "".join(part["text"] for part in value if isinstance(part, dict) and isinstance(part.get("text"), str))
+            if text:
+                return text
+    return ""
+
+
+_REASONING_ENVELOPE = "pi-proxy.1:"
+
+
+def seal_reasoning(model_id: str, signature: str) -> str:
+    """A reasoning item's `encrypted_content`: pi-ai's signature for the thinking block (Anthropic's
+    signature; the whole upstream reasoning item for openai-responses) and the model it is valid for."""
+    payload = json.dumps({"model": model_id, "signature": signature}, separators=(",", ":"))
+    return _REASONING_ENVELOPE + base64.urlsafe_b64encode(payload.encode()).decode()
+
+
+def open_reasoning(sealed: str | None, model: dict) -> str | None:
+    """The signature in a reasoning item, if the proxy made it for this model; None otherwise."""
+    if not sealed or not sealed.startswith(_REASONING_ENVELOPE):
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(sealed[len(_REASONING_ENVELOPE):]))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model):
+        return None
+    return payload.get("signature") or None
+
+
+def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict) -> dict:
+    """A Responses request -> a pi-ai Context. `instructions` and system/developer messages become
+    the system prompt; consecutive output items (reasoning, assistant messages, tool calls) form one
+    assistant turn, stamped with the target model; reasoning items are kept only when they were
+    made for this very model; items of unknown types are kept as text when they carry any."""
+    pi_names = {(tool.namespace, tool.name): pi_name for pi_name, tool in tools.items()}
+    items = body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
+    system, messages, turn, tool_names = [body.get("instructions", "")], [], [], {}
+
+    def end_turn():
+        if turn:
+            messages.append(assistant_message(model, list(turn), any(b["type"] == "toolCall" for b in turn)))
+            turn.clear()
+
+    for index, item in enumerate(items):
+        kind, param = item.get("type", "message"), f"input[{index}]"
+        role = item.get("role") if kind == "message" else None
+        if role in ("system", "developer"):
+            system.append(text_of(response_parts_to_pi(item["content"], f"{param}.content")))
+        elif role == "assistant":
+            turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
+        elif kind == "reasoning":
+            signature = open_reasoning(item.get("encrypted_content"), model)
+            if signature is None:
+                log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(model))
+                continue
+            thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
+            turn.append({"type": "thinking", "thinking": thinking, "thinkingSignature": signature})
+        elif kind in ("function_call", "custom_tool_call"):
+            pi_name = pi_names.get((item.get("namespace"), item["name"]), item["name"])
+            if kind == "custom_tool_call":
+                arguments = {CUSTOM_INPUT: item.get("input", "")}
+            else:
+                arguments = parse_arguments(item.get("arguments"), f"{param}.arguments")
+            tool_names[item["call_id"]] = pi_name
+            turn.append({"type": "toolCall", "id": item["call_id"], "name": pi_name, "arguments": arguments})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            end_turn()
+            if item["call_id"] not in tool_names:
+                raise ApiError(400, f"call_id {item['call_id']!r} does not answer any earlier tool call",
+                               param=f"{param}.call_id")
+            messages.append({"role": "toolResult", "toolCallId": item["call_id"],
+                             "toolName": tool_names[item["call_id"]],
+                             "content": response_parts_to_pi(item["output"], f"{param}.output"),
+                             "isError": False, "timestamp": 0})
+        else:
+            end_turn()
+            content = response_parts_to_pi(item["content"], f"{param}.content") if role == "user" else []
+            if role != "user":
+                text = loose_text(item)
+                log.debug("input item %s of type %s kept as %s", param, kind, "text" if text else "nothing")
+                content = [{"type": "text", "text": text}] if text else []
+            if content:
+                messages.append({"role": "user", "content": content, "timestamp": 0})
+    end_turn()
+    if any(b["type"] == "image" for m in messages if m["role"] != "assistant" for b in m["content"]) \
+            and "image" not in model.get("input", []):
+        raise ApiError(400, f"The model {canonical_id(model)!r} does not accept images", param="input")
+    response_format = responses_format(body)
+    if response_format and model["api"] not in ("openai-completions", "openai-responses"):
+        system.append(json_instruction(response_format))
+    context = {"messages": messages}
+    system_prompt = "\n\n".join(part for part in system if part)
+    if system_prompt:
+        context["systemPrompt"] = system_prompt
+    if pi_tools:
+        context["tools"] = pi_tools
+    return context
+
+
+def responses_format(body: dict) -> dict | None:
+    """`text.format` -> chat's `response_format`, the neutral form upstream_payload knows."""
+    spec = body.get("text", {}).get("format")
+    if not spec or spec["type"] == "text":
+        return None
+    if spec["type"] == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": spec["name"], "schema": spec.get("schema", {}),
+                                                   "strict": bool(spec.get("strict"))}}
+
+
+def responses_as_chat(body: dict, tools: dict) -> dict:
+    """The Responses fields that chat completions also has, under chat's names, so that
+    chat_options and chat_extras translate them."""
+    chat = {name: body[name] for name in ("temperature", "top_p", "parallel_tool_calls", "user") if name in body}
+    if "max_output_tokens" in body:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    if body.get("reasoning", {}).get("effort"):
+        chat["reasoning_effort"] = body["reasoning"]["effort"]
+    response_format = responses_format(body)
+    if response_format:
+        chat["response_format"] = response_format
+    choice = body.get("tool_choice")
+    if isinstance(choice, str):
+        chat["tool_choice"] = choice
+    elif isinstance(choice, dict) and choice["type"] in ("function", "custom") and choice.get("name"):
+        pi_names = {(t.namespace, t.name): pi_name for pi_name, t in tools.items()}
+        name = pi_names.get((choice.get("namespace"), choice["name"]), choice["name"])
+        chat["tool_choice"] = {"type": "function", "function": {"name": name}}
+    elif choice is not None:
+        log.debug("tool_choice of type %s has no pi equivalent; using auto", choice["type"])
+    return chat
+
+
+def responses_options(body: dict, chat: dict) -> dict:
+    options = chat_options(chat)
+    if body.get("prompt_cache_key"):
+        options["sessionId"] = body["prompt_cache_key"]
+    return options
+
+
+def responses_usage(usage: dict) -> dict:
+    """pi-ai usage -> Responses usage. Like OpenAI, input_tokens includes the cached tokens."""
+    chat = chat_usage(usage)
+    return {"input_tokens": chat["prompt_tokens"], "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": chat["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": chat["total_tokens"]}
+
+
+def response_object(body: dict, response_id: str, created: int) -> dict:
+    """The `response` object's fields that do not change while it streams."""
+    return {"id": response_id, "object": "response", "created_at": created, "status": "in_progress",
+            "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"), "model": body["model"], "output": [],
+            "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None, **body.get("reasoning", {})}, "store": False,
+            "temperature": body.get("temperature"), "text": body.get("text", {"format": {"type": "text"}}),
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools", []),
+            "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
+            "metadata": body.get("metadata", {})}
+
+
+def failure_code(error: ApiError) -> str:
+    """An ApiError -> the `code` of a failed response (the codes Codex recognises)."""
+    if error.status == 429:
+        return "rate_limit_exceeded"
+    return error.code or ("server_error" if error.status >= 500 else error.type)
+
+
+ITEM_OF_BLOCK = {"text": "message", "thinking": "reasoning", "toolcall": "tool"}
+
+
+class ResponsesEvents:
+    """pi events -> Responses stream events (dicts with `type` and `sequence_number`).
+
+    Output items stream one at a time: output_item.added, the item's own events, output_item.done.
+    pi may interleave blocks (openai-completions ends all its blocks only when the stream ends), so
+    an item is finished as soon as another block needs the stream, and a later delta for it opens
+    a new item. The terminal event's response lists every finished item."""
+
+    def __init__(self, response: dict, model_id: str, tools: dict):
+        self.response, self.model_id, self.tools = response, model_id, tools
+        self.sequence = 0
+        self.output = []  # finished items
+        self.open = None  # (pi contentIndex, item kind, item) now streaming
+        self.text = ""  # the open item's text, summary or arguments so far
+        self.calls = {}  # pi contentIndex -> (call id, pi tool name)
+        self.signatures = {}  # pi contentIndex -> a thinking block's signature, known at its start
+
+    def event(self, type_: str, **fields) -> dict:
+        event = {"type": type_, **fields, "sequence_number": self.sequence}
+        self.sequence += 1
+        return event
+
+    def translate(self, event: dict) -> list:
+        kind, index = event["type"], event.get("contentIndex")
+        if kind == "start":
+            return [self.event("response.created", response=self.snapshot("in_progress")),
+                    self.event("response.in_progress", response=self.snapshot("in_progress"))]
+        if kind in ("text_start", "thinking_start", "toolcall_start"):
+            if kind == "toolcall_start":
+                self.calls[index] = (event["id"], event["toolName"])
+            if event.get("contentSignature"):
+                self.signatures[index] = event["contentSignature"]
+            return self.start_item(index, ITEM_OF_BLOCK[kind.split("_")[0]])
+        if kind == "text_delta":
+            return [*self.ensure_open(index, "message"), self.delta("response.output_text.delta", event["delta"])]
+        if kind == "thinking_delta":
+            return [*self.ensure_open(index, "reasoning"), *self.summary_delta(event["delta"])]
+        if kind == "toolcall_delta" and event["delta"]:
+            frames = self.ensure_open(index, "tool")
+            self.text += event["delta"]
+            if self.open[2]["type"] == "function_call":
+                frames.append(self.event("response.function_call_arguments.delta", item_id=self.open[2]["id"],
+                                         output_index=len(self.output), delta=event["delta"]))
+            return frames
+        if kind == "toolcall_end" and self.is_open(index):
+            return self.finish(event["toolCall"].get("arguments") or {})
+        if kind == "thinking_end" and self.is_open(index):
+            return self.finish(signature=event.get("contentSignature"))
+        if kind.endswith("_end") and self.is_open(index):
+            return self.finish()
+        if kind == "done":
+            message = event["message"]
+            frames = self.finish()
+            incomplete = event["reason"] == "length"
+            response = self.snapshot("incomplete" if incomplete else "completed")
+            response["usage"] = responses_usage(message.get("usage", {}))
+            if incomplete:
+                response["incomplete_details"] = {"reason": "max_output_tokens"}
+            return [*frames, self.event(f"response.{response['status']}", response=response)]
+        return []
+
+    def fail(self, error: ApiError) -> list:
+        """The terminal event for a stream that broke after it began."""
+        frames = self.finish()
+        response = self.snapshot("failed")
+        response["error"] = {"code": failure_code(error), "message": error.message}
+        return [*frames, self.event("response.failed", response=response)]
+
+    def snapshot(self, status: str) -> dict:
+        return {**self.response, "status": status, "output": list(self.output)}
+
+    def is_open(self, index: int) -> bool:
+        return self.open is not None and self.open[0] == index
+
+    def ensure_open(self, index: int, kind: str) -> list:
+        return [] if self.open is not None and self.open[:2] == (index, kind) else self.start_item(index, kind)
+
+    def start_item(self, index: int, kind: str) -> list:
+        frames = self.finish()
+        if kind == "message":
+            item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "status": "in_progress",
+                    "role": "assistant", "content": []}
+        elif kind == "reasoning":
+            item = {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": []}
+        else:
+            call_id, pi_name = self.calls[index]
+            tool = self.tools.get(pi_name, ClientTool(pi_name))
+            item = {"id": f"{'ctc' if tool.custom else 'fc'}_{uuid.uuid4().hex}", "status": "in_progress",
+                    "call_id": call_id, "name": tool.name}
+            item |= {"type": "custom_tool_call", "input": ""} if tool.custom \
+                else {"type": "function_call", "arguments": ""}
+            if tool.namespace:
+                item["namespace"] = tool.namespace
+        self.open, self.text = (index, kind, item), ""
+        frames.append(self.event("response.output_item.added", output_index=len(self.output), item=dict(item)))
+        if item["type"] == "message":
+            frames.append(self.event("response.content_part.added", item_id=item["id"], output_index=len(self.output),
+                                     content_index=0, part=self.text_part("")))
+        return frames
+
+    def delta(self, type_: str, delta: str) -> dict:
+        self.text += delta
+        return self.event(type_, item_id=self.open[2]["id"], output_index=len(self.output), content_index=0,
+                          delta=delta, logprobs=[])
+
+    def summary_delta(self, delta: str) -> list:
+        item_id, frames = self.open[2]["id"], []
+        if not self.text:
+            frames.append(self.event("response.reasoning_summary_part.added", item_id=item_id,
+                                     output_index=len(self.output), summary_index=0,
+                                     part={"type": "summary_text", "text": ""}))
+        self.text += delta
+        frames.append(self.event("response.reasoning_summary_text.delta", item_id=item_id,
+                                 output_index=len(self.output), summary_index=0, delta=delta))
+        return frames
+
+    @staticmethod
+    def text_part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def finish(self, arguments: dict | None = None, signature: str | None = None) -> list:
+        """Close the open item: its closing events and output_item.done."""
+        if self.open is None:
+            return []
+        (index, _, item), text, where = self.open, self.text, {"output_index": len(self.output)}
+        self.open, where["item_id"] = None, item["id"]
+        frames = []
+        if item["type"] == "message":
+            item |= {"status": "completed", "content": [self.text_part(text)]}
+            frames += [self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
+                       self.event("response.content_part.done", **where, content_index=0, part=self.text_part(text))]
+        elif item["type"] == "reasoning":
+            if text:
+                part = {"type": "summary_text", "text": text}
+                item["summary"] = [part]
+                frames += [self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=text),
+                           self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)]
+            signature = signature or self.signatures.get(index)
+            if signature:
+                item["encrypted_content"] = seal_reasoning(self.model_id, signature)
+        else:
+            if not text or not _is_json_object(text):
+                if not text and arguments is not None and item["type"] == "function_call":
+                    frames.append(self.event("response.function_call_arguments.delta", **where,
+                                             delta=json.dumps(arguments)))
+                text = json.dumps(arguments if arguments is not None else {})
+            item["status"] = "completed"
+            if item["type"] == "function_call":
+                item["arguments"] = text
+                frames.append(self.event("response.function_call_arguments.done", **where, name=item["name"],
+                                         arguments=text))
+            else:
+                value = json.loads(text).get(CUSTOM_INPUT)
+                item["input"] = value if isinstance(value, str) else text
+                frames += [self.event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
+                           self.event("response.custom_tool_call_input.done", **where, input=item["input"])]
+        self.output.append(item)
+        frames.append(self.event("response.output_item.done", output_index=where["output_index"], item=item))
+        return frames
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+# ==================================================================================================
 # 8. HTTP
 # ==================================================================================================
 
@@ -1660,6 +2150,35 @@ def create_app(proxy: Proxy) -> Flask:
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.is_available)
         return {"input_tokens": count_request_tokens(anthropic_to_context(body, model), model)}
 
+    @app.post("/v1/responses")
+    def responses():
+        body = validate(read_json_body(proxy.config.max_body_size), RESPONSES_VALIDATOR)
+        reject_stateful(body)
+        model = resolve_model(body["model"], proxy.registry.models, proxy.is_available)
+        pi_tools, tools = responses_tools(body.get("tools", []))
+        context = responses_to_context(body, model, pi_tools, tools)
+        chat = responses_as_chat(body, tools)
+        bridge_request, secrets = proxy.stream_request(model, context, responses_options(body, chat),
+                                                      upstream_payload(chat_extras(chat), model["api"]))
+        response = response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time()))
+        frames = ResponsesEvents(response, canonical_id(model), tools)
+        call = proxy.open_stream(bridge_request, secrets)
+        try:
+            opening = call.opening()
+        except BaseException:
+            call.close()
+            raise
+        if body.get("stream"):
+            return sse_response(stream_responses(call, opening, frames), call)
+        try:
+            events = [*opening, *call.events]
+        finally:
+            call.close()
+        if events[-1]["type"] == "error":
+            raise upstream_error(events[-1], secrets)
+        last = [frame for event in events for frame in frames.translate(event)][-1]
+        return last["response"]
+
     @app.route("/", methods=["GET", "HEAD"])
     def root():
         return {"status": "ok", "service": "pi-proxy"}
@@ -1732,6 +2251,22 @@ def stream_chat(call: Call, opening: list, chunks: ChatChunks):
             for frame in chunks.translate(event):
                 yield sse_data(frame)
         yield b"data: [DONE]\n\n"
+    finally:
+        call.close()
+
+
+def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
+    """SSE events for a Responses stream. It always ends in response.completed,
+    response.incomplete or response.failed; never `data: [DONE]`."""
+    try:
+        for event in opening:
+            for frame in frames.translate(event):
+                yield sse_event(frame["type"], frame)
+        for event in call.events:
+            translated = frames.fail(upstream_error(event, call.secrets)) if event["type"] == "error" \
+                else frames.translate(event)
+            for frame in translated:
+                yield sse_event(frame["type"], frame)
     finally:
         call.close()
 

@@ -1,0 +1,334 @@
+"""End to end: the official openai SDK's Responses API -> /v1/responses -> bridge.mjs -> pi-ai -> fake
+upstreams. Every stream the SDK reads here also goes through the strict grammar checker."""
+
+import json
+
+import httpx2 as httpx
+import openai
+import pytest
+import requests
+
+from tests.fake_upstream import Reply
+from tests.responses_grammar import check_responses_stream
+from tests.test_chat_completions import MODELS, PIXEL, last_request
+from tests.test_messages import RecordingTransport
+
+ALL_APIS = pytest.mark.parametrize("model", list(MODELS))
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+PATCH_GRAMMAR = 'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF'
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files with a patch",
+               "format": {"type": "grammar", "syntax": "lark", "definition": PATCH_GRAMMAR}}
+
+
+@pytest.fixture
+def client(proxy):
+    transport = RecordingTransport()
+    yield openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0,
+                        http_client=httpx.Client(transport=transport, timeout=30))
+    for chunks in transport.streams:
+        check_responses_stream(b"".join(chunks).decode())
+
+
+def raw_stream(proxy, body: dict) -> list[dict]:
+    response = requests.post(f"{proxy.url}/v1/responses", json={**body, "stream": True}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return check_responses_stream(response.text)
+
+
+def sent_text(fake, model) -> str:
+    return json.dumps(last_request(fake, model).body)
+
+
+def as_input(items) -> list[dict]:
+    """Output items as a client sends them back (SDK models -> plain JSON)."""
+    return [item.model_dump(exclude_none=True) for item in items]
+
+
+# --- text --------------------------------------------------------------------------------------------
+
+
+@ALL_APIS
+def test_text(client, fake, model):
+    fake.push(Reply(text="Hello from upstream.", usage=dict(input=12, output=6, cached=30)))
+    response = client.responses.create(model=model, input="hi")
+    assert response.status == "completed" and response.object == "response" and response.id.startswith("resp_")
+    assert response.output_text == "Hello from upstream." and response.model == model
+    [message] = response.output
+    assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    assert response.usage.input_tokens == 42, "input_tokens counts cached tokens, as OpenAI does"
+    assert response.usage.input_tokens_details.cached_tokens == 30
+    assert (response.usage.output_tokens, response.usage.total_tokens) == (6, 48)
+
+
+@ALL_APIS
+def test_streamed_text(client, fake, model):
+    fake.push(Reply(text="Streaming works fine today.", usage=dict(input=9, output=5)))
+    with client.responses.stream(model=model, input="hi") as stream:
+        pieces = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(pieces) == "Streaming works fine today." and len(pieces) >= 3
+    assert final.output_text == "Streaming works fine today." and final.status == "completed"
+    assert final.usage.output_tokens == 5
+
+
+@ALL_APIS
+def test_instructions_and_system_messages_reach_the_upstream(client, fake, model):
+    fake.push(Reply(text="ok"))
+    client.responses.create(model=model, instructions="Rule one.", input=[
+        {"role": "developer", "content": "Rule two."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "question"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "earlier answer"}]},
+        {"role": "system", "content": "Late rule."},
+        {"role": "user", "content": "follow-up"}])
+    sent = sent_text(fake, model)
+    for text in ("Rule one.", "Rule two.", "Late rule.", "question", "earlier answer", "follow-up"):
+        assert text in sent
+
+
+@ALL_APIS
+def test_image(client, fake, model):
+    fake.push(Reply(text="a tiny image"))
+    response = client.responses.create(model=model, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "what is this?"},
+        {"type": "input_image", "image_url": f"data:image/png;base64,{PIXEL}"}]}])
+    assert response.output_text == "a tiny image"
+    assert PIXEL in sent_text(fake, model)
+
+
+def test_parameters_reach_a_responses_upstream(client, fake):
+    model = "fake-responses/gpt-test"
+    fake.push(Reply(text="{}"))
+    client.responses.create(model=model, input="hi", max_output_tokens=77, temperature=0.5, top_p=0.9,
+                            reasoning={"effort": "high"}, prompt_cache_key="session-42", tools=[WEATHER],
+                            tool_choice={"type": "function", "name": "get_weather"}, parallel_tool_calls=False,
+                            text={"format": {"type": "json_schema", "name": "answer",
+                                             "schema": {"type": "object", "properties": {}}}})
+    body = last_request(fake, model).body
+    assert body["max_output_tokens"] == 77 and body["top_p"] == 0.9 and body["reasoning"]["effort"] == "high"
+    assert body["prompt_cache_key"] == "session-42", "prompt_cache_key becomes pi-ai's sessionId"
+    assert body["tool_choice"] == {"type": "function", "name": "get_weather"}
+    assert body["parallel_tool_calls"] is False
+    assert body["text"]["format"]["type"] == "json_schema" and body["text"]["format"]["name"] == "answer"
+
+
+def test_json_format_becomes_an_instruction_for_anthropic(client, fake):
+    model = "fake-anthropic/claude-test"
+    fake.push(Reply(text="{}"))
+    client.responses.create(model=model, input="hi", text={"format": {"type": "json_object"}})
+    assert "Respond only with a valid JSON object." in sent_text(fake, model)
+
+
+# --- tools -------------------------------------------------------------------------------------------
+
+
+@ALL_APIS
+def test_function_call_and_its_output_round_trip(client, fake, model):
+    fake.push(Reply(text="Let me check.", tool_calls=[("call_w1", "get_weather", '{"city": "Paris"}')]))
+    with client.responses.stream(model=model, input="weather in Paris?", tools=[WEATHER]) as stream:
+        argument_deltas = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        first = stream.get_final_response()
+    assert first.status == "completed"
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert [c.name for c in calls] == ["get_weather"] and json.loads(calls[0].arguments) == {"city": "Paris"}
+    assert "".join(argument_deltas) == calls[0].arguments
+    assert calls[0].call_id.startswith("call_w1") and calls[0].id.startswith("fc_")
+    fake.push(Reply(text="It is sunny in Paris."))
+    second = client.responses.create(model=model, tools=[WEATHER], input=[
+        {"role": "user", "content": "weather in Paris?"}, *as_input(first.output),
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny, 24C"}])
+    assert second.output_text == "It is sunny in Paris."
+    sent = last_request(fake, model).body
+    assert "sunny, 24C" in json.dumps(sent) and "call_w1" in json.dumps(sent)
+    if model.startswith("fake-responses"):
+        outputs = [i for i in sent["input"] if i.get("type") == "function_call_output"]
+        assert outputs == [{"type": "function_call_output", "call_id": "call_w1", "output": "sunny, 24C"}]
+
+
+@ALL_APIS
+def test_namespace_custom_and_hosted_tools(client, fake, model):
+    patch = "*** Begin Patch\n*** Add File: a.txt\n+hello\n*** End Patch\n"
+    fake.push(Reply(tool_calls=[("call_n1", "forecast", '{"days": 3}'), ("call_c1", "apply_patch", {"input": patch})]))
+    tools = [{"type": "namespace", "name": "weather_ns", "description": "Weather tools",
+              "tools": [{"type": "function", "name": "forecast", "parameters": {
+                  "type": "object", "properties": {"days": {"type": "integer"}}}}]},
+             APPLY_PATCH, {"type": "web_search", "external_web_access": False}]
+    with client.responses.stream(model=model, input="do it", tools=tools) as stream:
+        first = stream.get_final_response()
+    upstream_tools = json.dumps(last_request(fake, model).body.get("tools"))
+    assert "forecast" in upstream_tools and "apply_patch" in upstream_tools
+    assert "begin_patch" in upstream_tools, "the custom tool's grammar goes into its description"
+    assert "web_search" not in upstream_tools, "hosted tools are dropped"
+    function_call, custom_call = first.output
+    assert (function_call.type, function_call.name, function_call.namespace) == ("function_call", "forecast", "weather_ns")
+    assert (custom_call.type, custom_call.name, custom_call.input) == ("custom_tool_call", "apply_patch", patch)
+    fake.push(Reply(text="done"))
+    client.responses.create(model=model, tools=tools, input=[
+        {"role": "user", "content": "do it"}, *as_input(first.output),
+        {"type": "function_call_output", "call_id": function_call.call_id, "output": "rainy"},
+        {"type": "custom_tool_call_output", "call_id": custom_call.call_id, "output": "patch applied"}])
+    sent = sent_text(fake, model)
+    assert "rainy" in sent and "patch applied" in sent and "a.txt" in sent
+
+
+def test_output_for_an_unknown_call_is_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="fake-chat/chat-model", input=[
+            {"type": "function_call_output", "call_id": "nope", "output": "x"}])
+    assert caught.value.body["param"] == "input[0].call_id"
+
+
+def test_unknown_input_items_are_kept_as_text(client, fake):
+    model = "fake-chat/chat-model"
+    fake.push(Reply(text="ok"))
+    client.responses.create(model=model, input=[
+        {"role": "user", "content": "hi"},
+        {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+        {"type": "mystery_item", "text": "remember the mystery text"},
+        {"type": "item_reference", "id": "msg_x"}])
+    assert "remember the mystery text" in sent_text(fake, model)
+
+
+# --- reasoning -----------------------------------------------------------------------------------------
+
+
+@ALL_APIS
+def test_reasoning_round_trips_to_the_same_model_only(client, fake, model):
+    fake.push(Reply(reasoning="Let me think.", reasoning_signature="sig-XYZ-123", text="42"))
+    with client.responses.stream(model=model, input="question", reasoning={"effort": "low", "summary": "auto"},
+                                 include=["reasoning.encrypted_content"]) as stream:
+        summary = "".join(e.delta for e in stream if e.type == "response.reasoning_summary_text.delta")
+        first = stream.get_final_response()
+    reasoning, message = first.output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text.strip() == "Let me think."
+    assert summary == reasoning.summary[0].text and message.content[0].text == "42"
+    history = [{"role": "user", "content": "question"}, *as_input(first.output), {"role": "user", "content": "more"}]
+    fake.push(Reply(text="43"))
+    client.responses.create(model=model, input=history, reasoning={"effort": "low"})
+    sent = sent_text(fake, model)
+    if model.startswith("fake-chat"):
+        assert "Let me think." in sent, "the reasoning goes back to the same model"
+    else:
+        assert reasoning.encrypted_content, "the signature travels in encrypted_content"
+        assert "sig-XYZ-123" in sent, "the signature goes back to the same model"
+    other = "fake-chat/chat-model" if model != "fake-chat/chat-model" else "fake-anthropic/claude-test"
+    fake.push(Reply(text="44"))
+    assert client.responses.create(model=other, input=history).output_text == "44"
+    sent_elsewhere = sent_text(fake, other)
+    assert "sig-XYZ-123" not in sent_elsewhere and "Let me think." not in sent_elsewhere, \
+        "reasoning made for another model is dropped"
+
+
+def test_foreign_reasoning_items_are_dropped(client, fake):
+    model = "fake-responses/gpt-test"
+    fake.push(Reply(text="ok"))
+    client.responses.create(model=model, input=[
+        {"role": "user", "content": "q"},
+        {"type": "reasoning", "id": "rs_x", "summary": [], "encrypted_content": "gAAAA-real-openai-blob"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
+        {"role": "user", "content": "q2"}])
+    assert "gAAAA-real-openai-blob" not in sent_text(fake, model)
+
+
+# --- stops and failures ---------------------------------------------------------------------------------
+
+
+@ALL_APIS
+def test_max_tokens_is_incomplete(client, proxy, fake, model):
+    fake.push(Reply(text="cut short", stop="length", usage=dict(input=7, output=3)))
+    response = client.responses.create(model=model, input="hi", max_output_tokens=3)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == "cut short"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (7, 3), "usage survives the stop"
+    fake.push(Reply(text="cut short", stop="length"))
+    events = raw_stream(proxy, {"model": model, "input": "hi", "max_output_tokens": 3})
+    assert events[-1]["type"] == "response.incomplete"
+
+
+def test_max_tokens_from_a_responses_upstream_is_length_for_chat_clients(proxy, fake):
+    fake.push(Reply(text="cut short", stop="length"))
+    chat = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
+    completion = chat.chat.completions.create(model="fake-responses/gpt-test", max_tokens=3,
+                                              messages=[{"role": "user", "content": "hi"}])
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 20
+
+
+@pytest.mark.parametrize("status, error", [(401, openai.AuthenticationError), (403, openai.PermissionDeniedError),
+                                           (404, openai.NotFoundError), (429, openai.RateLimitError),
+                                           (500, openai.InternalServerError), (503, openai.InternalServerError)])
+@ALL_APIS
+def test_upstream_errors_keep_their_status(client, fake, model, status, error):
+    fake.push(Reply(status=status, headers={"retry-after": "7"} if status == 429 else {}))
+    with pytest.raises(error) as caught:
+        client.responses.create(model=model, input="hi", stream=True)
+    assert caught.value.status_code == status
+    assert set(caught.value.body) >= {"message", "type", "code"}
+    if status == 429:
+        assert caught.value.response.headers["retry-after"] == "7"
+
+
+@ALL_APIS
+def test_truncated_upstream_is_response_failed(proxy, fake, model):
+    fake.push(Reply(text="one two three four five six seven", cut_after=5))
+    events = raw_stream(proxy, {"model": model, "input": "hi"})
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["output"][0]["content"][0]["text"], "what streamed before the cut is kept"
+    assert proxy.wait_no_bridges()
+
+
+@ALL_APIS
+def test_in_stream_error_is_response_failed(client, fake, model):
+    fake.push(Reply(text="partial answer here", stream_error="upstream exploded"))
+    with client.responses.stream(model=model, input="hi") as stream:
+        events = list(stream)
+    assert events[-1].type == "response.failed"
+    assert "upstream exploded" in events[-1].response.error.message
+
+
+def test_upstream_error_after_headers_in_non_streaming_mode_is_an_http_error(client, fake):
+    fake.push(Reply(text="partial answer here", stream_error="upstream exploded"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.responses.create(model="fake-chat/chat-model", input="hi")
+    assert "upstream exploded" in caught.value.message
+
+
+def test_secrets_never_leak(client, fake):
+    fake.push(Reply(status=401, error_body={"error": {"message": "bad key sk-resp-SECRET-cccc3333",
+                                                      "type": "invalid_request_error"}}))
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.responses.create(model="fake-responses/gpt-test", input="hi")
+    assert "SECRET" not in json.dumps(caught.value.body)
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+
+def test_previous_response_id_is_refused_as_stateless(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="fake-chat/chat-model", input="hi", previous_response_id="resp_123")
+    assert caught.value.body["param"] == "previous_response_id" and "stateless" in caught.value.message
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "hi"}, "model"),
+    ({"model": "fake-chat/chat-model"}, "input"),
+    ({"model": "fake-chat/chat-model", "input": 5}, "input"),
+    ({"model": "fake-chat/chat-model", "input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+    ({"model": "fake-chat/chat-model", "input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
+    ({"model": "fake-chat/chat-model", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"model": "fake-chat/chat-model", "input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),
+    ({"model": "fake-chat/chat-model", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "https://example.com/cat.png"}]}]}, "input[0].content[0].image_url"),
+])
+def test_bad_requests_are_400_in_openai_shape(proxy, body, param):
+    response = requests.post(f"{proxy.url}/v1/responses", json=body, timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.create(model="nope/nothing", input="hi")
+    assert caught.value.body["code"] == "model_not_found"
