@@ -1,7 +1,8 @@
 """pi-proxy: OpenAI- and Anthropic-compatible HTTP gateway over pi-ai.
 
-Clients speak OpenAI Chat Completions to this server; every request is answered by a short-lived
-`node bridge.mjs` process that calls @mariozechner/pi-ai and prints its events as JSON lines.
+Clients speak OpenAI Chat Completions, Anthropic Messages or OpenAI Responses to this server;
+every request is answered by a short-lived `node bridge.mjs` process that calls
+@mariozechner/pi-ai and prints its events as JSON lines.
 Python owns HTTP, configuration, credentials and translation; the bridge only talks to pi-ai.
 
 The file reads in the order data flows through it:
@@ -12,6 +13,7 @@ The file reads in the order data flows through it:
   4. Bridge               spawning `node bridge.mjs`, reading its events, killing and reaping it
   5. Errors               ApiError and the mapping of upstream failures to HTTP statuses
   6. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
+  8. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
   7. HTTP                 the Flask app: routes, SSE responses, client-disconnect detection
   8. Main                 command line and the gevent server
 
@@ -1910,18 +1912,18 @@ class ResponsesEvents:
             if signature:
                 item["encrypted_content"] = seal_reasoning(self.model_id, signature)
         else:
-            if not text or not _is_json_object(text):
-                if not text and arguments is not None and item["type"] == "function_call":
-                    frames.append(self.event("response.function_call_arguments.delta", **where,
-                                             delta=json.dumps(arguments)))
-                text = json.dumps(arguments if arguments is not None else {})
-            item["status"] = "completed"
+            if not text:  # a call delivered whole: its arguments still have to reach the client
+                text = json.dumps(arguments or {})
+                if item["type"] == "function_call":
+                    frames.append(self.event("response.function_call_arguments.delta", **where, delta=text))
+            # What was streamed cannot be taken back: a call cut short stays as it is, marked incomplete.
+            item["status"] = "completed" if _is_json_object(text) else "incomplete"
             if item["type"] == "function_call":
                 item["arguments"] = text
                 frames.append(self.event("response.function_call_arguments.done", **where, name=item["name"],
                                          arguments=text))
             else:
-                value = json.loads(text).get(CUSTOM_INPUT)
+                value = json.loads(text).get(CUSTOM_INPUT) if item["status"] == "completed" else None
                 item["input"] = value if isinstance(value, str) else text
                 frames += [self.event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
                            self.event("response.custom_tool_call_input.done", **where, input=item["input"])]
@@ -1994,18 +1996,29 @@ class Call:
     def opening(self) -> list:
         """The events up to the first piece of content (or the end). A failure before any
         content is raised as ApiError, so the client gets the upstream's real HTTP status rather
-        than a stream that breaks at once."""
+        than a stream that breaks at once. The call is closed whenever this raises."""
         opening = []
-        for event in self.events:
-            if event["type"] == "error":
-                self.close()
-                raise upstream_error(event, self.secrets)
-            if event["type"] == "heartbeat":
-                continue
-            opening.append(event)
-            if event["type"] != "start":
-                break
+        try:
+            for event in self.events:
+                if event["type"] == "error":
+                    raise upstream_error(event, self.secrets)
+                if event["type"] == "heartbeat":
+                    continue
+                opening.append(event)
+                if event["type"] != "start":
+                    break
+        except BaseException:
+            self.close()
+            raise
         return opening
+
+    def rest(self) -> list:
+        """All the remaining events (the last is `done` or `error`), for a client that does not
+        stream; the call is closed after."""
+        try:
+            return [event for event in self.events if event["type"] != "heartbeat"]
+        finally:
+            self.close()
 
     def close(self):
         if self._watcher is not None:
@@ -2163,17 +2176,10 @@ def create_app(proxy: Proxy) -> Flask:
         response = response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time()))
         frames = ResponsesEvents(response, canonical_id(model), tools)
         call = proxy.open_stream(bridge_request, secrets)
-        try:
-            opening = call.opening()
-        except BaseException:
-            call.close()
-            raise
+        opening = call.opening()
         if body.get("stream"):
             return sse_response(stream_responses(call, opening, frames), call)
-        try:
-            events = [*opening, *call.events]
-        finally:
-            call.close()
+        events = [*opening, *call.rest()]
         if events[-1]["type"] == "error":
             raise upstream_error(events[-1], secrets)
         last = [frame for event in events for frame in frames.translate(event)][-1]

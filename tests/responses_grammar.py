@@ -16,6 +16,8 @@ Nothing follows the terminal event, and there is no `data: [DONE]`.
 
 import json
 
+from tests.sse_grammar import parse_frames
+
 TERMINAL = {"response.completed": "completed", "response.incomplete": "incomplete", "response.failed": "failed"}
 ITEM_EVENTS = {
     "message": ["response.content_part.added", "response.output_text.delta", "response.output_text.done",
@@ -50,22 +52,6 @@ NEXT = {
 }
 
 
-def parse_events(raw: str) -> list[dict]:
-    events = []
-    for block in raw.replace("\r\n", "\n").split("\n\n"):
-        if not block.strip():
-            continue
-        lines = block.split("\n")
-        names = [line[len("event: "):] for line in lines if line.startswith("event: ")]
-        datas = [line[len("data: "):] for line in lines if line.startswith("data: ")]
-        assert len(names) == 1 and len(datas) == 1, f"a frame needs one event and one data line: {block!r}"
-        assert datas[0] != "[DONE]", "Responses streams never send [DONE]"
-        data = json.loads(datas[0])
-        assert data["type"] == names[0], f"event name {names[0]} but data type {data['type']}"
-        events.append(data)
-    return events
-
-
 def check_usage(usage: dict, where: str):
     assert isinstance(usage, dict), f"{where}: usage missing"
     for name in ("input_tokens", "output_tokens", "total_tokens"):
@@ -77,7 +63,7 @@ def check_usage(usage: dict, where: str):
 
 def check_responses_stream(raw: str) -> list[dict]:
     """Returns the events; raises AssertionError at the first violation."""
-    events = parse_events(raw)
+    events = [data for _, data in parse_frames(raw)]  # one event and one data line each, no [DONE]
     finished, seen_ids = [], set()
     item, last, text, response_id = None, None, "", None
     for position, event in enumerate(events):
@@ -131,7 +117,9 @@ def check_responses_stream(raw: str) -> list[dict]:
             if done["type"] == "message":
                 assert done["content"][0]["text"] == text and done["status"] == "completed"
             elif done["type"] == "function_call":
-                assert done["arguments"] == text and isinstance(json.loads(text), dict), f"{where}: arguments"
+                assert done["arguments"] == text, f"{where}: arguments differ from the deltas"
+                if done["status"] == "completed":
+                    assert isinstance(json.loads(text), dict), f"{where}: arguments are not a JSON object"
             elif done["type"] == "custom_tool_call":
                 assert done["input"] == text, f"{where}: custom tool input"
             elif done["summary"]:

@@ -332,3 +332,41 @@ def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.responses.create(model="nope/nothing", input="hi")
     assert caught.value.body["code"] == "model_not_found"
+
+
+# --- pure translation ------------------------------------------------------------------------------
+
+
+def test_interleaved_pi_blocks_stream_one_item_at_a_time():
+    import proxy as module
+    tools = {"apply_patch": module.ClientTool("apply_patch", custom=True),
+             "forecast": module.ClientTool("forecast", namespace="weather_ns")}
+    frames = module.ResponsesEvents(module.response_object({"model": "m", "input": "x"}, "resp_1", 0), "p/m", tools)
+    pi_events = [
+        {"type": "start"},
+        {"type": "thinking_start", "contentIndex": 0, "contentSignature": "reasoning_content"},
+        {"type": "thinking_delta", "contentIndex": 0, "delta": "hmm"},
+        {"type": "text_start", "contentIndex": 1},
+        {"type": "text_delta", "contentIndex": 1, "delta": "Hi"},
+        {"type": "toolcall_start", "contentIndex": 2, "id": "c1", "toolName": "forecast"},
+        {"type": "toolcall_delta", "contentIndex": 2, "delta": '{"days":'},
+        {"type": "text_delta", "contentIndex": 1, "delta": " again"},  # a late delta: a new item
+        {"type": "toolcall_start", "contentIndex": 3, "id": "c2", "toolName": "apply_patch"},
+        {"type": "toolcall_delta", "contentIndex": 3, "delta": '{"input": "*** Begin"}'},
+        {"type": "thinking_end", "contentIndex": 0}, {"type": "text_end", "contentIndex": 1},
+        {"type": "toolcall_end", "contentIndex": 3, "toolCall": {"arguments": {"input": "*** Begin"}}},
+        {"type": "done", "reason": "toolUse", "message": {"usage": {"input": 3, "output": 4}}},
+    ]
+    raw = "".join(module.sse_event(f["type"], f).decode() for e in pi_events for f in frames.translate(e))
+    events = check_responses_stream(raw)
+    output = events[-1]["response"]["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message", "function_call", "message",
+                                                 "custom_tool_call"]
+    assert output[1]["content"][0]["text"] == "Hi" and output[3]["content"][0]["text"] == " again"
+    assert output[2]["namespace"] == "weather_ns" and output[2]["arguments"] == '{"days":'
+    assert output[2]["status"] == "incomplete", "a call cut short by another block says so"
+    assert output[4]["input"] == "*** Begin" and output[4]["call_id"] == "c2"
+    sealed = output[0]["encrypted_content"]
+    assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}) == "reasoning_content"
+    assert module.open_reasoning(sealed, {"provider": "p", "id": "other"}) is None
+    assert module.open_reasoning("gAAAA-not-ours", {"provider": "p", "id": "m"}) is None
