@@ -19,7 +19,8 @@
 //            {"type":"toolcall_start","contentIndex":i,"id":s,"toolName":s}
 //            {"type":"toolcall_end","contentIndex":i,"toolCall":ToolCall}
 //            then exactly one of
-//            {"type":"done","reason":"stop|length|toolUse","message":AssistantMessage}
+//            {"type":"done","reason":"stop|length|toolUse","message":AssistantMessage,
+//             "stopSequence"?:s}   stopSequence: which of the request's stop_sequences ended it
 //            {"type":"error","reason":"error|aborted","message":AssistantMessage,
 //             "status"?:n,"retryAfter"?:s,"overflow"?:true}
 //            status: the upstream's HTTP status when it sent one; overflow: pi-ai recognised a
@@ -91,16 +92,34 @@ function catalog() {
 
 // The SDKs inside pi-ai throw on an HTTP error before pi-ai's onResponse runs, and pi-ai reports
 // only a message string. Watching fetch keeps the upstream's real status and retry-after.
-function watchUpstreamResponses() {
+function watchUpstreamResponses(sniffStopSequence) {
   const seen = {};
   const fetchUpstream = globalThis.fetch;
   globalThis.fetch = async (...args) => {
     const response = await fetchUpstream(...args);
     seen.status = response.status;
     seen.retryAfter = response.headers.get("retry-after") ?? undefined;
-    return response;
+    return sniffStopSequence && response.ok && response.body ? withStopSequenceSniffer(response, seen) : response;
   };
   return seen;
+}
+
+// pi-ai reports Anthropic's "stop_sequence" stop as a plain stop; only the stream says which
+// sequence matched. Used only when the request has stop sequences.
+function withStopSequenceSniffer(response, seen) {
+  const decoder = new TextDecoder();
+  let tail = "";
+  const sniffer = new TransformStream({
+    transform(chunk, controller) {
+      controller.enqueue(chunk);
+      const text = tail + decoder.decode(chunk, { stream: true });
+      const found = /"stop_sequence"\s*:\s*("(?:[^"\\]|\\.)*")/.exec(text);
+      if (found) seen.stopSequence = JSON.parse(found[1]);
+      tail = text.slice(-256);
+    },
+  });
+  const { status, statusText, headers } = response;
+  return new Response(response.body.pipeThrough(sniffer), { status, statusText, headers });
 }
 
 function mergePayload(body, payload) {
@@ -157,7 +176,7 @@ function errorEvent(reason, message, upstream, model) {
 }
 
 async function stream({ model, context, options, payload }) {
-  const upstream = watchUpstreamResponses();
+  const upstream = watchUpstreamResponses(Boolean(payload?.stop_sequences));
   const events = streamSimple(model, context, {
     ...options,
     signal: abort.signal,
@@ -171,6 +190,7 @@ async function stream({ model, context, options, payload }) {
       return;
     }
     const reduced = reduce(event);
+    if (reduced?.type === "done" && upstream.stopSequence !== undefined) reduced.stopSequence = upstream.stopSequence;
     if (reduced) emit(reduced);
   }
 }

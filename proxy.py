@@ -1202,10 +1202,13 @@ def anthropic_extras(body: dict) -> dict:
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "toolUse": "tool_use"}
 
 
-def anthropic_stop_reason(message: dict, reason: str) -> str:
-    if any(block["type"] == "toolCall" for block in message.get("content", [])):
-        return "tool_use"  # Claude Code runs tools only on tool_use
-    return STOP_REASONS.get(reason, "end_turn")
+def anthropic_stop(done: dict) -> dict:
+    """stop_reason and stop_sequence for a bridge `done` event."""
+    if any(block["type"] == "toolCall" for block in done["message"].get("content", [])):
+        return {"stop_reason": "tool_use", "stop_sequence": None}  # Claude Code runs tools only on tool_use
+    if done.get("stopSequence") is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": done["stopSequence"]}
+    return {"stop_reason": STOP_REASONS.get(done["reason"], "end_turn"), "stop_sequence": None}
 
 
 def anthropic_usage(usage: dict) -> dict:
@@ -1225,13 +1228,13 @@ def anthropic_block(block: dict) -> dict:
             "input": block.get("arguments") or {}}
 
 
-def anthropic_message(message: dict, reason: str, message_id: str, model_name: str) -> dict:
-    """The final pi-ai message -> an Anthropic `message` object."""
+def anthropic_message(done: dict, message_id: str, model_name: str) -> dict:
+    """A bridge `done` event -> an Anthropic `message` object."""
+    message = done["message"]
     return {
         "id": message_id, "type": "message", "role": "assistant", "model": model_name,
         "content": [anthropic_block(b) for b in message.get("content", [])],
-        "stop_reason": anthropic_stop_reason(message, reason), "stop_sequence": None,
-        "usage": anthropic_usage(message.get("usage", {})),
+        **anthropic_stop(done), "usage": anthropic_usage(message.get("usage", {})),
     }
 
 
@@ -1239,8 +1242,10 @@ class AnthropicEvents:
     """pi events -> Anthropic stream events, (name, data) pairs, keeping Anthropic's grammar:
     message_start, then blocks one at a time (start, deltas, stop) indexed from 0, then
     message_delta and message_stop. pi may interleave blocks (openai-completions ends all its
-    blocks only when the stream ends); a block is closed as soon as another one needs the
-    stream, and a later delta for it opens a fresh block of the same kind."""
+    blocks only when the stream ends): a block is closed as soon as another one starts, and a
+    later text or thinking delta for it opens a fresh block of the same kind. A tool call's
+    block is never reopened (its id must stay unique), so text or thinking arriving while one is
+    open is held back until it closes."""
 
     def __init__(self, message_id: str, model_name: str, input_estimate: int):
         self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
@@ -1248,6 +1253,7 @@ class AnthropicEvents:
         self.index = -1  # the Anthropic index of the last block started
         self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
         self.streamed_arguments: set[int] = set()
+        self.held: list[tuple] = []  # (contentIndex, kind, delta) held back while a tool call is open
 
     def translate(self, event: dict) -> list:
         kind, index = event["type"], event.get("contentIndex")
@@ -1264,11 +1270,13 @@ class AnthropicEvents:
         if kind == "toolcall_start":
             self.tool_calls[index] = (client_tool_id(event["id"]), event["toolName"])
             return self.start_block(index, "tool_use")
-        if kind == "text_delta":
-            return [*self.ensure_open(index, "text"), self.delta({"type": "text_delta", "text": event["delta"]})]
-        if kind == "thinking_delta":
-            return [*self.ensure_open(index, "thinking"),
-                    self.delta({"type": "thinking_delta", "thinking": event["delta"]})]
+        if kind in ("text_delta", "thinking_delta"):
+            block = kind.split("_")[0]
+            delta = {"type": kind, block: event["delta"]}
+            if self.open and self.open[1] == "tool_use":
+                self.held.append((index, block, delta))
+                return []
+            return [*self.ensure_open(index, block), self.delta(delta)]
         if kind == "toolcall_delta" and event["delta"]:
             self.streamed_arguments.add(index)
             return [*self.ensure_open(index, "tool_use"),
@@ -1284,12 +1292,9 @@ class AnthropicEvents:
         if kind.endswith("_end") and self.open and self.open[0] == index:
             return self.close()
         if kind == "done":
-            message = event["message"]
             return [*self.close(),
-                    ("message_delta", {"type": "message_delta",
-                                       "delta": {"stop_reason": anthropic_stop_reason(message, event["reason"]),
-                                                 "stop_sequence": None},
-                                       "usage": anthropic_usage(message.get("usage", {}))}),
+                    ("message_delta", {"type": "message_delta", "delta": anthropic_stop(event),
+                                       "usage": anthropic_usage(event["message"].get("usage", {}))}),
                     ("message_stop", {"type": "message_stop"})]
         return []
 
@@ -1315,10 +1320,16 @@ class AnthropicEvents:
         return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
 
     def close(self) -> list:
-        if self.open is None:
-            return []
-        self.open = None
-        return [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+        frames = []
+        if self.open is not None:
+            self.open = None
+            frames.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        if self.held:
+            held, self.held = self.held, []
+            for index, kind, delta in held:
+                frames += [*self.ensure_open(index, kind), self.delta(delta)]
+            frames += self.close()
+        return frames
 
 
 # Token estimate (count_tokens and message_start). No tokenizer for current Claude models exists
@@ -1652,7 +1663,7 @@ def create_app(proxy: Proxy) -> Flask:
             call.close()
         if final["type"] == "error":
             raise anthropic_overflow(upstream_error(final, secrets), estimate, model)
-        return anthropic_message(final["message"], final["reason"], message_id, body["model"])
+        return anthropic_message(final, message_id, body["model"])
 
     @app.post("/v1/messages/count_tokens")
     def count_tokens():

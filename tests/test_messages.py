@@ -426,3 +426,16 @@ def test_count_tokens_matches_anthropics_published_counts(client, sample):
     request = {key: value for key, value in sample["request"].items() if key != "model"}
     counted = client.messages.count_tokens(model="fake-copilot/claude-sonnet-4.5", **request).input_tokens
     assert abs(counted - sample["input_tokens"]) <= 0.15 * sample["input_tokens"], counted
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequence_stop_reason_names_the_sequence(client, fake, stream):
+    fake.push(Reply(text="counting 1 2", stop="stop_sequence"))  # the fake stops on "STOP"
+    request = dict(model="fake-anthropic/claude-test", max_tokens=100, messages=HI, stop_sequences=["HALT", "STOP"])
+    if stream:
+        with client.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**request)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "STOP")
+    assert message.content[0].text == "counting 1 2"
