@@ -1,16 +1,16 @@
 // bridge.mjs: one pi-ai call per process, for proxy.py.
 //
 // Protocol (JSON lines; proxy.py is the only client):
-//   stdin  one request line, then stdin stays open; its end means "abort".
+//   stdin  one request line; later lines answer prompts (login only); the end of stdin means "abort".
 //     {"op":"catalog"}
 //         -> {"type":"catalog","providers":[{"id","envKey","models":[Model...]}]}
 //            envKey: the environment variable pi-ai would take this provider's key from
 //            (null when none is set; "<authenticated>" for ambient cloud credentials).
 //     {"op":"stream","model":Model,"context":Context,"options":{...},"payload":{...}}
 //         options: pi-ai SimpleStreamOptions (apiKey, headers, temperature, maxTokens, reasoning,
-//         thinkingBudgets, toolChoice, sessionId, cacheRetention, metadata, timeoutMs, maxRetryDelayMs).
+//         thinkingBudgets, sessionId, cacheRetention, metadata, timeoutMs, maxRetryDelayMs).
 //         payload: fields merged into the upstream request body (pi-ai's onPayload), already in
-//         the upstream API's own vocabulary; object values merge one level deep.
+//         the upstream API's own vocabulary; object values merge one level deep, null deletes.
 //         -> pi-ai's events without `partial`:
 //            {"type":"start"}
 //            {"type":"text_start|thinking_start","contentIndex":i}
@@ -25,11 +25,22 @@
 //             "status"?:n,"retryAfter"?:s,"overflow"?:true}
 //            status: the upstream's HTTP status when it sent one; overflow: pi-ai recognised a
 //            context-window overflow in the error.
+//     {"op":"refresh","provider":id,"credentials":OAuthCredentials}
+//         -> {"type":"credentials","credentials":OAuthCredentials}   (pi-ai's refreshToken)
+//     {"op":"login","provider":id}
+//         -> {"type":"auth","url","instructions"?}, {"type":"progress","message"},
+//            {"type":"prompt","message","placeholder"?,"allowEmpty"?}  answered by a stdin line
+//            {"answer": s}, then {"type":"credentials","credentials":OAuthCredentials}
+//   Failures of any op: {"type":"error","reason":"error|aborted","message":{"errorMessage":s}}.
 //   exit   0 after the final line is flushed. SIGTERM or the end of stdin aborts the upstream call.
 //
 // Why the events are reduced: every pi-ai event carries `partial`, the whole message so far;
 // printing it per delta is quadratic in the answer's length.
+//
+// PI_PROXY_TEST_REDIRECTS (tests only): a JSON object {"https://origin": "http://127.0.0.1:port"}
+// that redirects this process's HTTP requests, so OAuth and Copilot flows can meet fake servers.
 
+import { createInterface } from "node:readline";
 import {
   findEnvKeys,
   getEnvApiKey,
@@ -38,8 +49,10 @@ import {
   isContextOverflow,
   streamSimple,
 } from "@mariozechner/pi-ai";
+import { getOAuthProvider } from "@mariozechner/pi-ai/oauth";
 
 const abort = new AbortController();
+const upstream = {}; // the last upstream HTTP response seen: status, retryAfter, stopSequence
 let pending = [];
 
 function emit(event) {
@@ -59,27 +72,14 @@ function finish(code) {
   process.stdout.write("", () => process.exit(code));
 }
 
-function readRequestLine() {
-  return new Promise((resolve, reject) => {
-    let buffered = "";
-    const onData = (chunk) => {
-      buffered += chunk;
-      const newline = buffered.indexOf("\n");
-      if (newline === -1) return;
-      process.stdin.off("data", onData);
-      process.stdin.off("end", onEnd);
-      // From now on the end of stdin is the proxy saying "abort".
-      process.stdin.on("end", () => abort.abort());
-      resolve(JSON.parse(buffered.slice(0, newline)));
-    };
-    const onEnd = () => {
-      if (buffered.trim()) resolve(JSON.parse(buffered));
-      else reject(new Error("no request on stdin"));
-    };
-    process.stdin.setEncoding("utf8");
-    process.stdin.on("data", onData);
-    process.stdin.on("end", onEnd);
-  });
+const input = createInterface({ input: process.stdin, crlfDelay: Infinity });
+const lines = input[Symbol.asyncIterator]();
+input.on("close", () => abort.abort());
+
+async function readLine() {
+  const { value, done } = await lines.next();
+  if (done) throw new Error("stdin closed");
+  return JSON.parse(value);
 }
 
 function catalog() {
@@ -92,21 +92,23 @@ function catalog() {
 
 // The SDKs inside pi-ai throw on an HTTP error before pi-ai's onResponse runs, and pi-ai reports
 // only a message string. Watching fetch keeps the upstream's real status and retry-after.
-function watchUpstreamResponses(sniffStopSequence) {
-  const seen = {};
+function watchFetch(sniffStopSequence) {
+  const redirects = Object.entries(JSON.parse(process.env.PI_PROXY_TEST_REDIRECTS || "{}"));
   const fetchUpstream = globalThis.fetch;
-  globalThis.fetch = async (...args) => {
-    const response = await fetchUpstream(...args);
-    seen.status = response.status;
-    seen.retryAfter = response.headers.get("retry-after") ?? undefined;
-    return sniffStopSequence && response.ok && response.body ? withStopSequenceSniffer(response, seen) : response;
+  globalThis.fetch = async (resource, init) => {
+    const url = String(resource instanceof Request ? resource.url : resource);
+    const redirect = redirects.find(([origin]) => url.startsWith(origin));
+    if (redirect) resource = redirect[1] + url.slice(redirect[0].length);
+    const response = await fetchUpstream(resource, init);
+    upstream.status = response.status;
+    upstream.retryAfter = response.headers.get("retry-after") ?? undefined;
+    return sniffStopSequence && response.ok && response.body ? withStopSequenceSniffer(response) : response;
   };
-  return seen;
 }
 
 // pi-ai reports Anthropic's "stop_sequence" stop as a plain stop; only the stream says which
 // sequence matched. Used only when the request has stop sequences.
-function withStopSequenceSniffer(response, seen) {
+function withStopSequenceSniffer(response) {
   const decoder = new TextDecoder();
   let tail = "";
   const sniffer = new TransformStream({
@@ -114,7 +116,7 @@ function withStopSequenceSniffer(response, seen) {
       controller.enqueue(chunk);
       const text = tail + decoder.decode(chunk, { stream: true });
       const found = /"stop_sequence"\s*:\s*("(?:[^"\\]|\\.)*")/.exec(text);
-      if (found) seen.stopSequence = JSON.parse(found[1]);
+      if (found) upstream.stopSequence = JSON.parse(found[1]);
       tail = text.slice(-256);
     },
   });
@@ -158,13 +160,15 @@ function reduce(event) {
     case "toolcall_end":
       return { type, contentIndex, toolCall: event.toolCall };
     case "done":
-      return { type, reason: event.reason, message: event.message };
+      return upstream.stopSequence === undefined
+        ? { type, reason: event.reason, message: event.message }
+        : { type, reason: event.reason, message: event.message, stopSequence: upstream.stopSequence };
     default:
       return null;
   }
 }
 
-function errorEvent(reason, message, upstream, model) {
+function errorEvent(reason, message, model) {
   const event = { type: "error", reason, message };
   if (reason !== "error") return event;
   if (upstream.status >= 400) {
@@ -176,7 +180,7 @@ function errorEvent(reason, message, upstream, model) {
 }
 
 async function stream({ model, context, options, payload }) {
-  const upstream = watchUpstreamResponses(Boolean(payload?.stop_sequences));
+  watchFetch(Boolean(payload?.stop_sequences));
   const events = streamSimple(model, context, {
     ...options,
     signal: abort.signal,
@@ -186,13 +190,39 @@ async function stream({ model, context, options, payload }) {
   });
   for await (const event of events) {
     if (event.type === "error") {
-      emit(errorEvent(event.reason, event.error, upstream, model));
+      emit(errorEvent(event.reason, event.error, model));
       return;
     }
     const reduced = reduce(event);
-    if (reduced?.type === "done" && upstream.stopSequence !== undefined) reduced.stopSequence = upstream.stopSequence;
     if (reduced) emit(reduced);
   }
+}
+
+function oauthProvider(id) {
+  const provider = getOAuthProvider(id);
+  if (!provider) throw new Error(`${id} has no OAuth login`);
+  return provider;
+}
+
+async function refresh({ provider, credentials }) {
+  watchFetch(false);
+  emit({ type: "credentials", credentials: await oauthProvider(provider).refreshToken(credentials) });
+}
+
+async function login({ provider }) {
+  watchFetch(false);
+  const ask = async (prompt) => {
+    emit({ type: "prompt", message: prompt.message, placeholder: prompt.placeholder, allowEmpty: prompt.allowEmpty });
+    return (await readLine()).answer;
+  };
+  const credentials = await oauthProvider(provider).login({
+    onAuth: ({ url, instructions }) => emit({ type: "auth", url, instructions }),
+    onPrompt: ask,
+    onManualCodeInput: () => ask({ message: "Paste the authorization code or the redirect URL" }),
+    onProgress: (message) => emit({ type: "progress", message }),
+    signal: abort.signal,
+  });
+  emit({ type: "credentials", credentials });
 }
 
 function failure(error) {
@@ -204,11 +234,11 @@ process.on("SIGTERM", () => abort.abort());
 // A second chance for a provider that ignores the abort signal: never outlive the request.
 abort.signal.addEventListener("abort", () => setTimeout(() => finish(1), 1000).unref());
 
+const ops = { catalog, stream, refresh, login };
 try {
-  const request = await readRequestLine();
-  if (request.op === "catalog") catalog();
-  else if (request.op === "stream") await stream(request);
-  else throw new Error(`unknown op: ${request.op}`);
+  const request = await readLine();
+  if (!ops[request.op]) throw new Error(`unknown op: ${request.op}`);
+  await ops[request.op](request);
   finish(0);
 } catch (error) {
   emit({ type: "error", reason: abort.signal.aborted ? "aborted" : "error", message: failure(error) });

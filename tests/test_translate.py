@@ -47,10 +47,12 @@ def test_config_value_resolution(monkeypatch):
 def test_load_config_flags_win_over_env(tmp_path):
     env = {"PI_PROXY_HOST": "0.0.0.0", "PI_PROXY_PORT": "5000", "PI_PROXY_MAX_BODY_SIZE": "10",
            "PI_PROXY_UPSTREAM_TIMEOUT_MS": "99", "PI_CODING_AGENT_DIR": str(tmp_path)}
-    config = proxy.load_config(["--port", "6000"], env)
+    config = proxy.load_config(proxy.parse_command_line(["--port", "6000"]), env)
     assert (config.host, config.port, config.max_body_size, config.upstream_timeout_ms) == ("0.0.0.0", 6000, 10, 99)
-    assert config.agent_dir == tmp_path
-    default = proxy.load_config([], {})
+    assert config.agent_dir == tmp_path and config.auth_token is None
+    assert proxy.load_config(proxy.parse_command_line(["--auth-token", "t"]), {"PI_PROXY_AUTH_TOKEN": "e"}).auth_token == "t"
+    assert proxy.parse_command_line(["login"]).provider == "github-copilot"
+    default = proxy.load_config(proxy.parse_command_line([]), {})
     assert (default.host, default.port) == ("127.0.0.1", 4141)
     assert default.agent_dir.name == "agent" and default.agent_dir.parent.name == ".pi"
 
@@ -110,7 +112,8 @@ def test_malformed_models_json_is_reported_and_builtins_survive(tmp_path):
 
 def test_credentials_order_auth_json_then_env_then_models_json(tmp_path, monkeypatch):
     auth = proxy.AuthFile(tmp_path / "auth.json")
-    credentials = proxy.Credentials(auth, {"openai": "OPENAI_API_KEY", "local": None}, {"local": "LOCAL_KEY_VAR"})
+    credentials = proxy.Credentials(auth, {"openai": "OPENAI_API_KEY", "local": None}, {"local": "LOCAL_KEY_VAR"},
+                                    refresh=None)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert credentials.for_provider("openai") is None
     monkeypatch.setenv("OPENAI_API_KEY", "env-key")
