@@ -11,7 +11,7 @@ import httpx2 as httpx
 import pytest
 import requests
 
-from tests.conftest import RunningProxy
+from tests.conftest import RESPONSES, RunningProxy
 from tests.fake_upstream import Reply
 from tests.sse_grammar import check_anthropic_stream
 from tests.test_chat_completions import MODELS, PIXEL, last_request
@@ -55,6 +55,7 @@ def client(proxy):
                               http_client=httpx.Client(transport=transport, timeout=30))
     for chunks in transport.streams:
         check_anthropic_stream(b"".join(chunks).decode())
+        RESPONSES.append(b"".join(chunks))
 
 
 def raw_stream(proxy, body: dict, **headers) -> list:
