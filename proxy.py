@@ -1704,6 +1704,16 @@ class Call:
                 break
         return opening
 
+    def final(self, opening: list) -> dict:
+        """Read the call to its last event (`done` or `error`) and close it: for whole replies."""
+        last = opening[-1]
+        try:
+            for last in self.events:  # noqa: B007 - only the last event matters
+                pass
+        finally:
+            self.close()
+        return last
+
     def close(self):
         if self._watcher is not None:
             self._watcher.kill(block=False)
@@ -1804,12 +1814,7 @@ def create_app(proxy: Proxy) -> Flask:
             include_usage = bool(body.get("stream_options", {}).get("include_usage"))
             chunks = ChatChunks(completion_id, body["model"], created, include_usage)
             return sse_response(stream_chat(call, opening, chunks), call)
-        try:
-            final = opening[-1]
-            for final in call.events:
-                pass
-        finally:
-            call.close()
+        final = call.final(opening)
         if final["type"] == "error":
             raise upstream_error(final, call.secrets)
         return chat_completion(final["message"], final["reason"], completion_id, body["model"], created)
@@ -1829,12 +1834,7 @@ def create_app(proxy: Proxy) -> Flask:
         if body.get("stream"):
             frames = AnthropicEvents(message_id, body["model"], estimate)
             return sse_response(stream_anthropic(call, opening, frames), call)
-        try:
-            final = opening[-1]
-            for final in call.events:
-                pass
-        finally:
-            call.close()
+        final = call.final(opening)
         if final["type"] == "error":
             raise anthropic_overflow(upstream_error(final, call.secrets), estimate, model)
         return anthropic_message(final, message_id, body["model"])
