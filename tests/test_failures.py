@@ -40,12 +40,11 @@ def test_upstream_status_is_kept(client, fake, model, status, error_class, error
 @ALL_APIS
 def test_rate_limit_keeps_retry_after(client, fake, model):
     fake.push(Reply(status=429, headers={"retry-after": "7"}))
-    started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model=model, messages=USER)
     assert caught.value.response.headers["retry-after"] == "7"
     assert caught.value.body["type"] == "rate_limit_error"
-    assert time.monotonic() - started < 3, "pi-ai's SDKs must not retry behind the client's back"
+    assert len(fake.requests) == 1, "pi-ai's SDKs must not retry behind the client's back"
 
 
 def test_upstream_400_message_reaches_the_client(client, fake):
