@@ -80,7 +80,7 @@ def test_first_byte_that_never_comes_is_504(client, fake, proxy):
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="fake-chat/chat-model", messages=USER)
     assert caught.value.status_code == 504
-    assert time.monotonic() - started < 7
+    assert time.monotonic() - started < 8, "gave up before the upstream's first byte (8 s)"
     assert proxy.wait_no_bridges()
 
 
