@@ -1,16 +1,16 @@
 // bridge.mjs: one pi-ai call per process, for proxy.py.
 //
 // Protocol (JSON lines; proxy.py is the only client):
-//   stdin  one request line, then stdin stays open; its end means "abort".
+//   stdin  one request line; later lines answer prompts (login only); the end of stdin means "abort".
 //     {"op":"catalog"}
 //         -> {"type":"catalog","providers":[{"id","envKey","models":[Model...]}]}
 //            envKey: the environment variable pi-ai would take this provider's key from
 //            (null when none is set; "<authenticated>" for ambient cloud credentials).
 //     {"op":"stream","model":Model,"context":Context,"options":{...},"payload":{...}}
 //         options: pi-ai SimpleStreamOptions (apiKey, headers, temperature, maxTokens, reasoning,
-//         thinkingBudgets, toolChoice, sessionId, cacheRetention, metadata, timeoutMs, maxRetryDelayMs).
+//         thinkingBudgets, sessionId, cacheRetention, metadata, timeoutMs, maxRetryDelayMs).
 //         payload: fields merged into the upstream request body (pi-ai's onPayload), already in
-//         the upstream API's own vocabulary; object values merge one level deep.
+//         the upstream API's own vocabulary; object values merge one level deep, null deletes.
 //         -> pi-ai's events without `partial`:
 //            {"type":"start"}
 //            {"type":"text_start|thinking_start","contentIndex":i,"contentSignature"?:s}
@@ -21,18 +21,30 @@
 //            {"type":"toolcall_start","contentIndex":i,"id":s,"toolName":s}
 //            {"type":"toolcall_end","contentIndex":i,"toolCall":ToolCall}
 //            then exactly one of
-//            {"type":"done","reason":"stop|length|toolUse","message":AssistantMessage}
+//            {"type":"done","reason":"stop|length|toolUse","message":AssistantMessage,
+//             "stopSequence"?:s}   stopSequence: which of the request's stop_sequences ended it
 //            {"type":"error","reason":"error|aborted","message":AssistantMessage,
 //             "status"?:n,"retryAfter"?:s,"overflow"?:true}
 //            status: the upstream's HTTP status when it sent one; overflow: pi-ai recognised a
 //            context-window overflow in the error.
 //            A Responses-API stream that ends in `response.incomplete` is reported as pi-ai reports
 //            the other APIs' max-token stops (reason "length", with usage): pi-ai 0.73.1 skips it.
+//     {"op":"refresh","provider":id,"credentials":OAuthCredentials}
+//         -> {"type":"credentials","credentials":OAuthCredentials}   (pi-ai's refreshToken)
+//     {"op":"login","provider":id}
+//         -> {"type":"auth","url","instructions"?}, {"type":"progress","message"},
+//            {"type":"prompt","message","placeholder"?,"allowEmpty"?}  answered by a stdin line
+//            {"answer": s}, then {"type":"credentials","credentials":OAuthCredentials}
+//   Failures of any op: {"type":"error","reason":"error|aborted","message":{"errorMessage":s}}.
 //   exit   0 after the final line is flushed. SIGTERM or the end of stdin aborts the upstream call.
 //
 // Why the events are reduced: every pi-ai event carries `partial`, the whole message so far;
 // printing it per delta is quadratic in the answer's length.
+//
+// PI_PROXY_TEST_REDIRECTS (tests only): a JSON object {"https://origin": "http://127.0.0.1:port"}
+// that redirects this process's HTTP requests, so OAuth and Copilot flows can meet fake servers.
 
+import { createInterface } from "node:readline";
 import {
   calculateCost,
   findEnvKeys,
@@ -42,8 +54,10 @@ import {
   isContextOverflow,
   streamSimple,
 } from "@mariozechner/pi-ai";
+import { getOAuthProvider } from "@mariozechner/pi-ai/oauth";
 
 const abort = new AbortController();
+const upstream = {}; // the last upstream HTTP response seen: status, retryAfter, stopSequence
 let pending = [];
 
 function emit(event) {
@@ -63,27 +77,14 @@ function finish(code) {
   process.stdout.write("", () => process.exit(code));
 }
 
-function readRequestLine() {
-  return new Promise((resolve, reject) => {
-    let buffered = "";
-    const onData = (chunk) => {
-      buffered += chunk;
-      const newline = buffered.indexOf("\n");
-      if (newline === -1) return;
-      process.stdin.off("data", onData);
-      process.stdin.off("end", onEnd);
-      // From now on the end of stdin is the proxy saying "abort".
-      process.stdin.on("end", () => abort.abort());
-      resolve(JSON.parse(buffered.slice(0, newline)));
-    };
-    const onEnd = () => {
-      if (buffered.trim()) resolve(JSON.parse(buffered));
-      else reject(new Error("no request on stdin"));
-    };
-    process.stdin.setEncoding("utf8");
-    process.stdin.on("data", onData);
-    process.stdin.on("end", onEnd);
-  });
+const input = createInterface({ input: process.stdin, crlfDelay: Infinity });
+const lines = input[Symbol.asyncIterator]();
+input.on("close", () => abort.abort());
+
+async function readLine() {
+  const { value, done } = await lines.next();
+  if (done) throw new Error("stdin closed");
+  return JSON.parse(value);
 }
 
 function catalog() {
@@ -95,28 +96,30 @@ function catalog() {
 }
 
 // The SDKs inside pi-ai throw on an HTTP error before pi-ai's onResponse runs, and pi-ai reports
-// only a message string. Watching fetch keeps the upstream's real status and retry-after, and, for
-// the Responses API, the `response.incomplete` event that pi-ai ignores.
-function watchUpstreamResponses(api) {
-  const seen = {};
+// only a message string. Watching fetch keeps the upstream's real status and retry-after.
+function watchFetch(sniffStopSequence, sniffIncomplete) {
+  const redirects = Object.entries(JSON.parse(process.env.PI_PROXY_TEST_REDIRECTS || "{}"));
   const fetchUpstream = globalThis.fetch;
-  globalThis.fetch = async (...args) => {
-    const response = await fetchUpstream(...args);
-    seen.status = response.status;
-    seen.retryAfter = response.headers.get("retry-after") ?? undefined;
-    const isStream = (response.headers.get("content-type") ?? "").includes("text/event-stream");
-    if (!api.endsWith("-responses") || !isStream || !response.body) return response;
-    const { status, statusText, headers } = response;
-    return new Response(response.body.pipeThrough(watchIncomplete(seen)), { status, statusText, headers });
+  globalThis.fetch = async (resource, init) => {
+    const url = String(resource instanceof Request ? resource.url : resource);
+    const redirect = redirects.find(([origin]) => url.startsWith(origin));
+    if (redirect) resource = redirect[1] + url.slice(redirect[0].length);
+    const response = await fetchUpstream(resource, init);
+    upstream.status = response.status;
+    upstream.retryAfter = response.headers.get("retry-after") ?? undefined;
+    if (!response.ok || !response.body) return response;
+    if (sniffStopSequence) return withStopSequenceSniffer(response);
+    return sniffIncomplete ? withIncompleteSniffer(response) : response;
   };
-  return seen;
 }
 
-// Passes the SSE bytes through untouched, noting the `response.incomplete` event's response.
-function watchIncomplete(seen) {
+// pi-ai 0.73.1 reads the Responses API's usage and stop reason only from `response.completed`; a
+// stream that ends in `response.incomplete` (max_output_tokens) would read as a plain stop with no
+// usage. This notes that event's response, for markIncomplete.
+function withIncompleteSniffer(response) {
   const decoder = new TextDecoder();
   let partialLine = "";
-  return new TransformStream({
+  const sniffer = new TransformStream({
     transform(chunk, controller) {
       controller.enqueue(chunk);
       const lines = (partialLine + decoder.decode(chunk, { stream: true })).split("\n");
@@ -125,19 +128,21 @@ function watchIncomplete(seen) {
         if (!line.startsWith("data: ") || !line.includes('"response.incomplete"')) continue;
         try {
           const event = JSON.parse(line.slice(6));
-          if (event.type === "response.incomplete") seen.incomplete = event.response ?? {};
+          if (event.type === "response.incomplete") upstream.incomplete = event.response ?? {};
         } catch {
           // not an event of ours; pi-ai reports unparsable streams itself
         }
       }
     },
   });
+  const { status, statusText, headers } = response;
+  return new Response(response.body.pipeThrough(sniffer), { status, statusText, headers });
 }
 
 // What pi-ai does on `response.completed`, for a stream that ended in `response.incomplete`.
-function markIncomplete(event, incomplete, model) {
+function markIncomplete(event, model) {
   const { message } = event;
-  const usage = incomplete.usage;
+  const usage = upstream.incomplete.usage;
   if (usage) {
     const cached = usage.input_tokens_details?.cached_tokens || 0;
     message.usage = {
@@ -152,6 +157,24 @@ function markIncomplete(event, incomplete, model) {
   }
   message.stopReason = "length";
   return { ...event, reason: "length" };
+}
+
+// pi-ai reports Anthropic's "stop_sequence" stop as a plain stop; only the stream says which
+// sequence matched. Used only when the request has stop sequences.
+function withStopSequenceSniffer(response) {
+  const decoder = new TextDecoder();
+  let tail = "";
+  const sniffer = new TransformStream({
+    transform(chunk, controller) {
+      controller.enqueue(chunk);
+      const text = tail + decoder.decode(chunk, { stream: true });
+      const found = /"stop_sequence"\s*:\s*("(?:[^"\\]|\\.)*")/.exec(text);
+      if (found) upstream.stopSequence = JSON.parse(found[1]);
+      tail = text.slice(-256);
+    },
+  });
+  const { status, statusText, headers } = response;
+  return new Response(response.body.pipeThrough(sniffer), { status, statusText, headers });
 }
 
 function mergePayload(body, payload) {
@@ -193,13 +216,15 @@ function reduce(event) {
     case "toolcall_end":
       return { type, contentIndex, toolCall: event.toolCall };
     case "done":
-      return { type, reason: event.reason, message: event.message };
+      return upstream.stopSequence === undefined
+        ? { type, reason: event.reason, message: event.message }
+        : { type, reason: event.reason, message: event.message, stopSequence: upstream.stopSequence };
     default:
       return null;
   }
 }
 
-function errorEvent(reason, message, upstream, model) {
+function errorEvent(reason, message, model) {
   const event = { type: "error", reason, message };
   if (reason !== "error") return event;
   if (upstream.status >= 400) {
@@ -211,7 +236,7 @@ function errorEvent(reason, message, upstream, model) {
 }
 
 async function stream({ model, context, options, payload }) {
-  const upstream = watchUpstreamResponses(model.api);
+  watchFetch(Boolean(payload?.stop_sequences), model.api.endsWith("-responses"));
   const events = streamSimple(model, context, {
     ...options,
     signal: abort.signal,
@@ -221,14 +246,39 @@ async function stream({ model, context, options, payload }) {
   });
   for await (const event of events) {
     if (event.type === "error") {
-      emit(errorEvent(event.reason, event.error, upstream, model));
+      emit(errorEvent(event.reason, event.error, model));
       return;
     }
-    const reduced = reduce(event.type === "done" && upstream.incomplete
-      ? markIncomplete(event, upstream.incomplete, model)
-      : event);
+    const reduced = reduce(event.type === "done" && upstream.incomplete ? markIncomplete(event, model) : event);
     if (reduced) emit(reduced);
   }
+}
+
+function oauthProvider(id) {
+  const provider = getOAuthProvider(id);
+  if (!provider) throw new Error(`${id} has no OAuth login`);
+  return provider;
+}
+
+async function refresh({ provider, credentials }) {
+  watchFetch(false);
+  emit({ type: "credentials", credentials: await oauthProvider(provider).refreshToken(credentials) });
+}
+
+async function login({ provider }) {
+  watchFetch(false);
+  const ask = async (prompt) => {
+    emit({ type: "prompt", message: prompt.message, placeholder: prompt.placeholder, allowEmpty: prompt.allowEmpty });
+    return (await readLine()).answer;
+  };
+  const credentials = await oauthProvider(provider).login({
+    onAuth: ({ url, instructions }) => emit({ type: "auth", url, instructions }),
+    onPrompt: ask,
+    onManualCodeInput: () => ask({ message: "Paste the authorization code or the redirect URL" }),
+    onProgress: (message) => emit({ type: "progress", message }),
+    signal: abort.signal,
+  });
+  emit({ type: "credentials", credentials });
 }
 
 function failure(error) {
@@ -240,11 +290,11 @@ process.on("SIGTERM", () => abort.abort());
 // A second chance for a provider that ignores the abort signal: never outlive the request.
 abort.signal.addEventListener("abort", () => setTimeout(() => finish(1), 1000).unref());
 
+const ops = { catalog, stream, refresh, login };
 try {
-  const request = await readRequestLine();
-  if (request.op === "catalog") catalog();
-  else if (request.op === "stream") await stream(request);
-  else throw new Error(`unknown op: ${request.op}`);
+  const request = await readLine();
+  if (!ops[request.op]) throw new Error(`unknown op: ${request.op}`);
+  await ops[request.op](request);
   finish(0);
 } catch (error) {
   emit({ type: "error", reason: abort.signal.aborted ? "aborted" : "error", message: failure(error) });

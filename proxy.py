@@ -29,6 +29,8 @@ import argparse
 import base64
 import binascii
 import collections
+import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -39,8 +41,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,21 +75,35 @@ class Config:
     max_body_size: int = 52_428_800
     upstream_timeout_ms: int = 120_000
     agent_dir: Path = Path("~/.pi/agent").expanduser()
+    auth_token: str | None = None  # clients must present it; None: no proxy authentication
 
 
-def load_config(argv=None, environ=os.environ) -> Config:
-    """Flags win over PI_PROXY_* environment variables, which win over the defaults."""
+def parse_command_line(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="proxy.py", description="OpenAI/Anthropic gateway over pi-ai")
     parser.add_argument("--host", help="address to bind (env PI_PROXY_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (env PI_PROXY_PORT, default 4141)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--auth-token", help="token clients must send (env PI_PROXY_AUTH_TOKEN)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="run the proxy (the default)")
+    login = commands.add_parser("login", help="log in to an OAuth provider; credentials go to auth.json")
+    login.add_argument("provider", nargs="?", default="github-copilot",
+                       help="github-copilot (default), anthropic or openai-codex")
+    logout = commands.add_parser("logout", help="remove a provider's credentials from auth.json")
+    logout.add_argument("provider")
+    commands.add_parser("models", help="list the available models and where their credentials come from")
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
+    """Flags win over PI_PROXY_* environment variables, which win over the defaults."""
     defaults = Config()
     return Config(
         host=args.host or environ.get("PI_PROXY_HOST", defaults.host),
         port=args.port if args.port is not None else int(environ.get("PI_PROXY_PORT", defaults.port)),
         max_body_size=int(environ.get("PI_PROXY_MAX_BODY_SIZE", defaults.max_body_size)),
         upstream_timeout_ms=int(environ.get("PI_PROXY_UPSTREAM_TIMEOUT_MS", defaults.upstream_timeout_ms)),
-        agent_dir=Path(environ.get("PI_CODING_AGENT_DIR", "~/.pi/agent")).expanduser(),
+        agent_dir=Path(environ.get("PI_CODING_AGENT_DIR") or "~/.pi/agent").expanduser(),
+        auth_token=args.auth_token or environ.get("PI_PROXY_AUTH_TOKEN") or None,
     )
 
 
@@ -125,8 +144,11 @@ def resolve_config_value(value: str, cached: bool = True) -> str | None:
 
 
 class AuthFile:
-    """auth.json: provider id -> {"type":"api_key","key"} | {"type":"oauth","access","refresh","expires"}.
-    Re-read only when the file changes, since `pi` may log in or refresh while we run."""
+    """auth.json: provider id -> {"type":"api_key","key"} | {"type":"oauth","access","refresh","expires",
+    "enterpriseUrl"?}. Shared with `pi` and other proxy processes: it is re-read when it changes on
+    disk, and changed only under pi's lock, re-read under it, written whole and atomically."""
+
+    LOCK_STALE_SECONDS = 30  # pi's (proper-lockfile's) rule: an older lock's holder is gone
 
     def __init__(self, path: Path):
         self.path = path
@@ -139,7 +161,7 @@ class AuthFile:
         except FileNotFoundError:
             self._stamp, self._entries = None, {}
             return self._entries
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if stamp != self._stamp:
             try:
                 self._entries = json.loads(self.path.read_text())
@@ -149,39 +171,144 @@ class AuthFile:
             self._stamp = stamp
         return self._entries
 
+    @contextmanager
+    def locked(self, timeout: float = 15.0):
+        """pi's lock: a directory `auth.json.lock` made with mkdir, stale after 30 s."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = Path(os.path.realpath(self.path) + ".lock")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                lock.mkdir()
+                break
+            except FileExistsError:
+                try:
+                    if time.time() - lock.stat().st_mtime > self.LOCK_STALE_SECONDS:
+                        lock.rmdir()
+                        continue
+                except FileNotFoundError:
+                    continue
+                if time.monotonic() > deadline:
+                    raise ApiError(503, f"{self.path} stays locked by another process", "api_error") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            lock.rmdir()
+
+    def update(self, provider: str, entry: dict | None):
+        """Set (or with None, remove) one provider's entry, keeping the others. Call under locked()."""
+        self._stamp = None
+        entries = dict(self.entries())
+        if entry is None:
+            entries.pop(provider, None)
+        else:
+            entries[provider] = entry
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(entries, file, indent=2)
+        os.replace(temporary, self.path)
+
+
+COPILOT = "github-copilot"
+
+
+def copilot_base_url(access: str, enterprise: str | None) -> str:
+    """pi-ai's rule: the Copilot token's proxy-ep (proxy. -> api.), else the enterprise domain."""
+    found = re.search(r"proxy-ep=([^;]+)", access)
+    if found:
+        return "https://" + re.sub(r"^proxy\.", "api.", found.group(1))
+    if enterprise:
+        host = urllib.parse.urlsplit(enterprise if "://" in enterprise else f"https://{enterprise}").hostname
+        return f"https://copilot-api.{host}"
+    return "https://api.individual.githubcopilot.com"
+
+
+def expired(credentials: dict) -> bool:
+    return time.time() * 1000 >= credentials.get("expires", 0)
+
 
 @dataclass
 class Credential:
     key: str
     source: str  # where the key came from, safe to show: "auth.json", "env:NAME", "models.json"
+    base_url: str | None = None  # Copilot: the API host its token names
+    refreshable: bool = False  # an OAuth or exchanged token: a 401 may be cured by a refresh
 
 
 class Credentials:
-    """A provider's key in pi's order: auth.json, then the environment, then models.json's apiKey."""
+    """A provider's key in pi's order: auth.json, then the environment, then models.json's apiKey.
 
-    def __init__(self, auth_file: AuthFile, env_keys: dict, config_keys: dict):
+    OAuth access tokens are refreshed when expired (or found bad), through `refresh(provider,
+    credentials) -> credentials` (pi-ai, via the bridge): one refresh at a time per provider in this
+    process, and across processes under auth.json's lock, re-reading the file first so a token
+    another process refreshed is used as is. A GitHub token from the environment is exchanged for
+    a Copilot token, kept in memory until it expires."""
+
+    def __init__(self, auth_file: AuthFile, env_keys: dict, config_keys: dict, refresh):
         self.auth_file = auth_file
         self.env_keys = env_keys  # provider -> name of the environment variable pi-ai reads
         self.config_keys = config_keys  # provider -> models.json apiKey (unresolved)
+        self.refresh = refresh
+        self._locks = collections.defaultdict(threading.Lock)
+        self._exchanged: dict[str, dict] = {}  # GitHub token -> Copilot credentials
 
-    def for_provider(self, provider: str) -> Credential | None:
+    def source(self, provider: str) -> str | None:
+        """Where the provider's key would come from, without refreshing or running anything."""
+        entry = self.auth_file.entries().get(provider)
+        if isinstance(entry, dict) and entry.get("type") in ("api_key", "oauth"):
+            return "auth.json" if entry["type"] == "api_key" else "auth.json (oauth)"
+        env_name = self.env_keys.get(provider)
+        if env_name == "<authenticated>":
+            return "ambient cloud credentials"
+        if env_name and os.environ.get(env_name):
+            return f"env:{env_name}"
+        return "models.json" if self.config_keys.get(provider) else None
+
+    def for_provider(self, provider: str, bad_key: str | None = None) -> Credential | None:
+        """The provider's credential; `bad_key` is one the upstream refused (401): refresh it."""
         entry = self.auth_file.entries().get(provider)
         if isinstance(entry, dict) and entry.get("type") == "api_key" and entry.get("key"):
             key = resolve_config_value(entry["key"])
             if key:
                 return Credential(key, "auth.json")
-        elif isinstance(entry, dict) and entry.get("type") == "oauth" and entry.get("access"):
-            return Credential(entry["access"], "auth.json (oauth)")
+        elif isinstance(entry, dict) and entry.get("type") == "oauth":
+            if expired(entry) or entry.get("access") == bad_key:
+                entry = self._refresh_stored(provider, entry)
+            base_url = copilot_base_url(entry["access"], entry.get("enterpriseUrl")) if provider == COPILOT else None
+            return Credential(entry["access"], "auth.json (oauth)", base_url, refreshable=True)
         env_name = self.env_keys.get(provider)
         if env_name == "<authenticated>":
             return Credential("", "ambient cloud credentials")
         if env_name and os.environ.get(env_name):
+            if provider == COPILOT:  # a GitHub token: pi-ai would send it as is, Copilot wants its own
+                return self._exchange(os.environ[env_name], f"env:{env_name}", bad_key)
             return Credential(os.environ[env_name], f"env:{env_name}")
         if self.config_keys.get(provider):
             key = resolve_config_value(self.config_keys[provider], cached=False)
             if key:
                 return Credential(key, "models.json")
         return None
+
+    def _refresh_stored(self, provider: str, seen: dict) -> dict:
+        with self._locks[provider], self.auth_file.locked():
+            self.auth_file._stamp = None  # re-read under the lock
+            current = self.auth_file.entries().get(provider) or seen
+            if current.get("access") != seen.get("access") and not expired(current):
+                return current  # refreshed meanwhile, by another request or process
+            log.info("refreshing the %s OAuth token", provider)
+            refreshed = {"type": "oauth", **self.refresh(provider, current)}
+            self.auth_file.update(provider, refreshed)
+            return refreshed
+
+    def _exchange(self, github_token: str, source: str, bad_key: str | None) -> Credential:
+        with self._locks[COPILOT]:
+            copilot = self._exchanged.get(github_token)
+            if copilot is None or expired(copilot) or copilot["access"] == bad_key:
+                copilot = self._exchanged[github_token] = self.refresh(
+                    COPILOT, {"refresh": github_token, "access": "", "expires": 0})
+        return Credential(copilot["access"], source, copilot_base_url(copilot["access"], None), refreshable=True)
 
 
 # ==================================================================================================
@@ -403,7 +530,7 @@ class Bridge:
                        "message": {"errorMessage": "bridge printed something that is not JSON"}}
                 return
             yield event
-            if event.get("type") in ("done", "error"):
+            if event.get("type") in ("done", "error", "credentials"):
                 return
 
     def _exit_reason(self) -> str:
@@ -427,6 +554,20 @@ class Bridge:
                 pipe.close()
             except OSError:
                 pass
+
+
+def refresh_oauth(node: str, provider: str, credentials: dict) -> dict:
+    """Fresh OAuth credentials from pi-ai's refreshToken (for Copilot: a GitHub token -> a Copilot token)."""
+    bridge = Bridge(node, {"op": "refresh", "provider": provider, "credentials": credentials})
+    try:
+        *_, final = bridge.events(60)
+    finally:
+        bridge.close()
+    if final["type"] != "credentials":
+        secrets = [credentials.get("refresh"), credentials.get("access")]
+        reason = redact(final["message"]["errorMessage"], secrets)
+        raise ApiError(401, f"Refreshing the {provider} credentials failed: {reason}", "authentication_error")
+    return final["credentials"]
 
 
 def load_catalog(node: str) -> list:
@@ -1139,9 +1280,13 @@ def anthropic_to_context(body: dict, model: dict) -> dict:
                 messages.append({"role": "toolResult", "toolCallId": call_id,
                                  "toolName": tool_names.get(call_id, ""), "content": result,
                                  "isError": bool(block.get("is_error")), "timestamp": 0})
-            rest = [b for b in blocks if b["type"] != "tool_result"]
-            if rest or not results:
-                messages.append({"role": "user", "content": anthropic_user_content(rest, param), "timestamp": 0})
+            rest = anthropic_user_content([b for b in blocks if b["type"] != "tool_result"], param)
+            if results and rest and model["provider"] == COPILOT:
+                # Copilot bills a turn as the user's (X-Initiator) unless it ends in tool results;
+                # Claude Code's reminders after tool results must not make it one.
+                messages[-1]["content"] = messages[-1]["content"] + rest
+            elif rest or not results:
+                messages.append({"role": "user", "content": rest, "timestamp": 0})
     if any(b["type"] == "image" for m in messages if m["role"] != "assistant" for b in m["content"]) \
             and "image" not in model.get("input", []):
         raise ApiError(400, f"The model {canonical_id(model)!r} does not accept images", param="messages")
@@ -1205,10 +1350,13 @@ def anthropic_extras(body: dict) -> dict:
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "toolUse": "tool_use"}
 
 
-def anthropic_stop_reason(message: dict, reason: str) -> str:
-    if any(block["type"] == "toolCall" for block in message.get("content", [])):
-        return "tool_use"  # Claude Code runs tools only on tool_use
-    return STOP_REASONS.get(reason, "end_turn")
+def anthropic_stop(done: dict) -> dict:
+    """stop_reason and stop_sequence for a bridge `done` event."""
+    if any(block["type"] == "toolCall" for block in done["message"].get("content", [])):
+        return {"stop_reason": "tool_use", "stop_sequence": None}  # Claude Code runs tools only on tool_use
+    if done.get("stopSequence") is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": done["stopSequence"]}
+    return {"stop_reason": STOP_REASONS.get(done["reason"], "end_turn"), "stop_sequence": None}
 
 
 def anthropic_usage(usage: dict) -> dict:
@@ -1228,13 +1376,13 @@ def anthropic_block(block: dict) -> dict:
             "input": block.get("arguments") or {}}
 
 
-def anthropic_message(message: dict, reason: str, message_id: str, model_name: str) -> dict:
-    """The final pi-ai message -> an Anthropic `message` object."""
+def anthropic_message(done: dict, message_id: str, model_name: str) -> dict:
+    """A bridge `done` event -> an Anthropic `message` object."""
+    message = done["message"]
     return {
         "id": message_id, "type": "message", "role": "assistant", "model": model_name,
         "content": [anthropic_block(b) for b in message.get("content", [])],
-        "stop_reason": anthropic_stop_reason(message, reason), "stop_sequence": None,
-        "usage": anthropic_usage(message.get("usage", {})),
+        **anthropic_stop(done), "usage": anthropic_usage(message.get("usage", {})),
     }
 
 
@@ -1242,8 +1390,10 @@ class AnthropicEvents:
     """pi events -> Anthropic stream events, (name, data) pairs, keeping Anthropic's grammar:
     message_start, then blocks one at a time (start, deltas, stop) indexed from 0, then
     message_delta and message_stop. pi may interleave blocks (openai-completions ends all its
-    blocks only when the stream ends); a block is closed as soon as another one needs the
-    stream, and a later delta for it opens a fresh block of the same kind."""
+    blocks only when the stream ends): a block is closed as soon as another one starts, and a
+    later text or thinking delta for it opens a fresh block of the same kind. A tool call's
+    block is never reopened (its id must stay unique), so text or thinking arriving while one is
+    open is held back until it closes."""
 
     def __init__(self, message_id: str, model_name: str, input_estimate: int):
         self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
@@ -1251,6 +1401,7 @@ class AnthropicEvents:
         self.index = -1  # the Anthropic index of the last block started
         self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
         self.streamed_arguments: set[int] = set()
+        self.held: list[tuple] = []  # (contentIndex, kind, delta) held back while a tool call is open
 
     def translate(self, event: dict) -> list:
         kind, index = event["type"], event.get("contentIndex")
@@ -1267,11 +1418,13 @@ class AnthropicEvents:
         if kind == "toolcall_start":
             self.tool_calls[index] = (client_tool_id(event["id"]), event["toolName"])
             return self.start_block(index, "tool_use")
-        if kind == "text_delta":
-            return [*self.ensure_open(index, "text"), self.delta({"type": "text_delta", "text": event["delta"]})]
-        if kind == "thinking_delta":
-            return [*self.ensure_open(index, "thinking"),
-                    self.delta({"type": "thinking_delta", "thinking": event["delta"]})]
+        if kind in ("text_delta", "thinking_delta"):
+            block = kind.split("_")[0]
+            delta = {"type": kind, block: event["delta"]}
+            if self.open and self.open[1] == "tool_use":
+                self.held.append((index, block, delta))
+                return []
+            return [*self.ensure_open(index, block), self.delta(delta)]
         if kind == "toolcall_delta" and event["delta"]:
             self.streamed_arguments.add(index)
             return [*self.ensure_open(index, "tool_use"),
@@ -1287,12 +1440,9 @@ class AnthropicEvents:
         if kind.endswith("_end") and self.open and self.open[0] == index:
             return self.close()
         if kind == "done":
-            message = event["message"]
             return [*self.close(),
-                    ("message_delta", {"type": "message_delta",
-                                       "delta": {"stop_reason": anthropic_stop_reason(message, event["reason"]),
-                                                 "stop_sequence": None},
-                                       "usage": anthropic_usage(message.get("usage", {}))}),
+                    ("message_delta", {"type": "message_delta", "delta": anthropic_stop(event),
+                                       "usage": anthropic_usage(event["message"].get("usage", {}))}),
                     ("message_stop", {"type": "message_stop"})]
         return []
 
@@ -1318,10 +1468,16 @@ class AnthropicEvents:
         return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
 
     def close(self) -> list:
-        if self.open is None:
-            return []
-        self.open = None
-        return [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+        frames = []
+        if self.open is not None:
+            self.open = None
+            frames.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        if self.held:
+            held, self.held = self.held, []
+            for index, kind, delta in held:
+                frames += [*self.ensure_open(index, kind), self.delta(delta)]
+            frames += self.close()
+        return frames
 
 
 # Token estimate (count_tokens and message_start). No tokenizer for current Claude models exists
@@ -1768,6 +1924,23 @@ def failure_code(error: ApiError) -> str:
     return error.code or ("server_error" if error.status >= 500 else error.type)
 
 
+def replay_message(message: dict):
+    """A final pi message as the events that would have streamed it (for whole replies)."""
+    for index, block in enumerate(message.get("content", [])):
+        if block["type"] == "text":
+            yield from ({"type": "text_start", "contentIndex": index},
+                        {"type": "text_delta", "contentIndex": index, "delta": block["text"]},
+                        {"type": "text_end", "contentIndex": index})
+        elif block["type"] == "thinking":
+            yield from ({"type": "thinking_start", "contentIndex": index},
+                        {"type": "thinking_delta", "contentIndex": index, "delta": block["thinking"]},
+                        {"type": "thinking_end", "contentIndex": index,
+                         "contentSignature": block.get("thinkingSignature")})
+        elif block["type"] == "toolCall":
+            yield from ({"type": "toolcall_start", "contentIndex": index, "id": block["id"], "toolName": block["name"]},
+                        {"type": "toolcall_end", "contentIndex": index, "toolCall": block})
+
+
 ITEM_OF_BLOCK = {"text": "message", "thinking": "reasoning", "toolcall": "tool"}
 
 
@@ -1806,7 +1979,7 @@ class ResponsesEvents:
             return self.start_item(index, ITEM_OF_BLOCK[kind.split("_")[0]])
         if kind == "text_delta":
             return [*self.ensure_open(index, "message"), self.delta("response.output_text.delta", event["delta"])]
-        if kind == "thinking_delta":
+        if kind == "thinking_delta" and event["delta"]:
             return [*self.ensure_open(index, "reasoning"), *self.summary_delta(event["delta"])]
         if kind == "toolcall_delta" and event["delta"]:
             frames = self.ensure_open(index, "tool")
@@ -1957,14 +2130,39 @@ class Proxy:
         self.started = int(time.time())
 
     def is_available(self, provider: str) -> bool:
-        return self.credentials.for_provider(provider) is not None
+        return self.credentials.source(provider) is not None
 
     def available_models(self) -> list:
         return [m for m in self.registry.models.values() if self.is_available(m["provider"])]
 
-    def stream_request(self, model: dict, context: dict, options: dict, payload: dict) -> tuple[dict, list]:
+    def model_availability(self):
+        """Which providers a request may use: all of them when it brings its own upstream key."""
+        return (lambda provider: True) if request.headers.get(UPSTREAM_KEY_HEADER) else self.is_available
+
+    def start(self, model: dict, context: dict, options: dict, payload: dict,
+              heartbeat: float | None = None) -> tuple["Call", list]:
+        """Start the upstream call and read it up to its first content (Call.opening). If the
+        upstream refuses a refreshable token (401), it is refreshed and the call made once more:
+        nothing has reached the client yet."""
+        override = request.headers.get(UPSTREAM_KEY_HEADER)
+        credential = Credential(override, "request header") if override else \
+            self.credentials.for_provider(model["provider"])
+        if credential is None:
+            raise ApiError(401, f"No credentials for provider {model['provider']!r}", "authentication_error")
+        while True:
+            call = self.open_stream(*self.stream_request(model, context, options, payload, credential), heartbeat)
+            try:
+                return call, call.opening()
+            except ApiError as error:
+                if error.status != 401 or not credential.refreshable:
+                    raise
+            log.info("the upstream refused the %s token; refreshing it and retrying once", model["provider"])
+            credential = self.credentials.for_provider(model["provider"], bad_key=credential.key)
+            credential.refreshable = False
+
+    def stream_request(self, model: dict, context: dict, options: dict, payload: dict,
+                       credential: Credential) -> tuple[dict, list]:
         """The bridge request for one call, and the secrets that must never reach the client."""
-        credential = self.credentials.for_provider(model["provider"])
         settings = self.registry.settings.get(model["provider"], ProviderSettings())
         # pi-ai sends the model's own headers; models.json's provider headers, then its model
         # headers, go over them (resolved like keys), then authHeader's Authorization.
@@ -1972,6 +2170,8 @@ class Proxy:
         headers = {name: resolve_config_value(value, cached=False) or "" for name, value in layered.items()}
         if settings.auth_header and credential.key:
             headers["Authorization"] = f"Bearer {credential.key}"
+        if credential.base_url:
+            model = {**model, "baseUrl": credential.base_url}
         options = {**options, "apiKey": credential.key or None, "headers": headers,
                    "timeoutMs": self.config.upstream_timeout_ms}
         return ({"op": "stream", "model": model, "context": context, "options": options, "payload": payload},
@@ -1980,6 +2180,9 @@ class Proxy:
     def open_stream(self, bridge_request: dict, secrets: list, heartbeat: float | None = None) -> "Call":
         bridge = Bridge(self.node, bridge_request)
         return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets)
+
+
+UPSTREAM_KEY_HEADER = "X-Pi-Upstream-Api-Key"  # a client's own upstream key, for this request only
 
 
 class Call:
@@ -1996,29 +2199,28 @@ class Call:
     def opening(self) -> list:
         """The events up to the first piece of content (or the end). A failure before any
         content is raised as ApiError, so the client gets the upstream's real HTTP status rather
-        than a stream that breaks at once. The call is closed whenever this raises."""
+        than a stream that breaks at once."""
         opening = []
-        try:
-            for event in self.events:
-                if event["type"] == "error":
-                    raise upstream_error(event, self.secrets)
-                if event["type"] == "heartbeat":
-                    continue
-                opening.append(event)
-                if event["type"] != "start":
-                    break
-        except BaseException:
-            self.close()
-            raise
+        for event in self.events:
+            if event["type"] == "error":
+                self.close()
+                raise upstream_error(event, self.secrets)
+            if event["type"] == "heartbeat":
+                continue
+            opening.append(event)
+            if event["type"] != "start":
+                break
         return opening
 
-    def rest(self) -> list:
-        """All the remaining events (the last is `done` or `error`), for a client that does not
-        stream; the call is closed after."""
+    def final(self, opening: list) -> dict:
+        """Read the call to its last event (`done` or `error`) and close it: for whole replies."""
+        last = opening[-1]
         try:
-            return [event for event in self.events if event["type"] != "heartbeat"]
+            for last in self.events:  # noqa: B007 - only the last event matters
+                pass
         finally:
             self.close()
+        return last
 
     def close(self):
         if self._watcher is not None:
@@ -2081,6 +2283,16 @@ def create_app(proxy: Proxy) -> Flask:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "Internal proxy error", "api_error"))
 
+    @app.before_request
+    def authenticate():
+        if proxy.config.auth_token is None or request.path == "/healthz":
+            return
+        bearer = request.headers.get("Authorization", "")
+        supplied = request.headers.get("x-api-key") or (bearer[7:] if bearer[:7].lower() == "bearer " else "")
+        if not hmac.compare_digest(supplied.encode(), proxy.config.auth_token.encode()):
+            raise ApiError(401, "This proxy needs its token: send `Authorization: Bearer <token>` or "
+                                "`x-api-key: <token>`", "authentication_error", code="invalid_proxy_token")
+
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
@@ -2102,88 +2314,64 @@ def create_app(proxy: Proxy) -> Flask:
     def chat_completions():
         body = validate(read_json_body(proxy.config.max_body_size), CHAT_VALIDATOR)
         reject_unsupported(body)
-        model = resolve_model(body["model"], proxy.registry.models, proxy.is_available)
+        model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
         context = chat_to_context(body, model)
-        bridge_request, secrets = proxy.stream_request(model, context, chat_options(body),
-                                                      upstream_payload(chat_extras(body), model["api"]))
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        call = proxy.open_stream(bridge_request, secrets)
-        try:
-            opening = call.opening()
-        except BaseException:
-            call.close()
-            raise
+        call, opening = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
         if body.get("stream"):
             include_usage = bool(body.get("stream_options", {}).get("include_usage"))
             chunks = ChatChunks(completion_id, body["model"], created, include_usage)
             return sse_response(stream_chat(call, opening, chunks), call)
-        try:
-            final = opening[-1]
-            for final in call.events:
-                pass
-        finally:
-            call.close()
+        final = call.final(opening)
         if final["type"] == "error":
-            raise upstream_error(final, secrets)
+            raise upstream_error(final, call.secrets)
         return chat_completion(final["message"], final["reason"], completion_id, body["model"], created)
 
     @app.post("/v1/messages")
     def messages():
         body = validate(read_json_body(proxy.config.max_body_size), MESSAGES_VALIDATOR)
-        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.is_available)
+        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
         context = anthropic_to_context(body, model)
         estimate = count_request_tokens(context, model)
-        bridge_request, secrets = proxy.stream_request(model, context, anthropic_options(body),
-                                                      upstream_payload(anthropic_extras(body), model["api"]))
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
-        call = proxy.open_stream(bridge_request, secrets, heartbeat=PING_INTERVAL)
         try:
-            opening = call.opening()
+            call, opening = proxy.start(model, context, anthropic_options(body),
+                                        upstream_payload(anthropic_extras(body), model["api"]), PING_INTERVAL)
         except ApiError as error:
             raise anthropic_overflow(error, estimate, model) from None
-        except BaseException:
-            call.close()
-            raise
         if body.get("stream"):
             frames = AnthropicEvents(message_id, body["model"], estimate)
             return sse_response(stream_anthropic(call, opening, frames), call)
-        try:
-            final = opening[-1]
-            for final in call.events:
-                pass
-        finally:
-            call.close()
+        final = call.final(opening)
         if final["type"] == "error":
-            raise anthropic_overflow(upstream_error(final, secrets), estimate, model)
-        return anthropic_message(final["message"], final["reason"], message_id, body["model"])
+            raise anthropic_overflow(upstream_error(final, call.secrets), estimate, model)
+        return anthropic_message(final, message_id, body["model"])
 
     @app.post("/v1/messages/count_tokens")
     def count_tokens():
         body = validate(read_json_body(proxy.config.max_body_size), COUNT_TOKENS_VALIDATOR)
-        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.is_available)
+        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
         return {"input_tokens": count_request_tokens(anthropic_to_context(body, model), model)}
 
     @app.post("/v1/responses")
     def responses():
         body = validate(read_json_body(proxy.config.max_body_size), RESPONSES_VALIDATOR)
         reject_stateful(body)
-        model = resolve_model(body["model"], proxy.registry.models, proxy.is_available)
+        model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
         pi_tools, tools = responses_tools(body.get("tools", []))
         context = responses_to_context(body, model, pi_tools, tools)
         chat = responses_as_chat(body, tools)
-        bridge_request, secrets = proxy.stream_request(model, context, responses_options(body, chat),
-                                                      upstream_payload(chat_extras(chat), model["api"]))
-        response = response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time()))
-        frames = ResponsesEvents(response, canonical_id(model), tools)
-        call = proxy.open_stream(bridge_request, secrets)
-        opening = call.opening()
+        frames = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
+                                 canonical_id(model), tools)
+        call, opening = proxy.start(model, context, responses_options(body, chat),
+                                    upstream_payload(chat_extras(chat), model["api"]))
         if body.get("stream"):
             return sse_response(stream_responses(call, opening, frames), call)
-        events = [*opening, *call.rest()]
-        if events[-1]["type"] == "error":
-            raise upstream_error(events[-1], secrets)
-        last = [frame for event in events for frame in frames.translate(event)][-1]
-        return last["response"]
+        final = call.final(opening)
+        if final["type"] == "error":
+            raise upstream_error(final, call.secrets)
+        events = [{"type": "start"}, *replay_message(final["message"]), final]
+        return [frame for event in events for frame in frames.translate(event)][-1]["response"]
 
     @app.route("/", methods=["GET", "HEAD"])
     def root():
@@ -2301,10 +2489,15 @@ class Handler(WSGIHandler):
         return environ
 
 
-def build_proxy(config: Config) -> Proxy:
+def find_node() -> str:
     node = shutil.which("node")
     if node is None:
         raise SystemExit("pi-proxy: `node` was not found on PATH; install Node.js 20 or newer")
+    return node
+
+
+def build_proxy(config: Config) -> Proxy:
+    node = find_node()
     catalog = load_catalog(node)
     models_json, problem = read_models_json(config.agent_dir, {p["id"] for p in catalog})
     if problem:
@@ -2312,14 +2505,12 @@ def build_proxy(config: Config) -> Proxy:
     registry = build_registry(catalog, models_json)
     env_keys = {p["id"]: p["envKey"] for p in catalog}
     config_keys = {name: s.api_key for name, s in registry.settings.items() if s.api_key}
-    credentials = Credentials(AuthFile(config.agent_dir / "auth.json"), env_keys, config_keys)
+    credentials = Credentials(AuthFile(config.agent_dir / "auth.json"), env_keys, config_keys,
+                              lambda provider, old: refresh_oauth(node, provider, old))
     return Proxy(config, node, registry, credentials)
 
 
-def main(argv=None):
-    logging.basicConfig(level=os.environ.get("PI_PROXY_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(argv)
+def serve(config: Config):
     proxy = build_proxy(config)
     server = WSGIServer((config.host, config.port), create_app(proxy), handler_class=Handler, log=None,
                         error_log=log)
@@ -2330,13 +2521,92 @@ def main(argv=None):
     print(f"pi-proxy listening on {url} with {len(available)} models available"
           + (f" ({', '.join(providers)})" if providers else ""), flush=True)
     if not available:
-        print(f"hint: no provider has credentials. Set a provider's key (e.g. OPENAI_API_KEY, ANTHROPIC_API_KEY), "
-              f"add it to {config.agent_dir / 'auth.json'}, or declare providers in "
-              f"{config.agent_dir / 'models.json'}", flush=True)
+        print("hint: no provider has credentials. Run `python proxy.py login` for GitHub Copilot, set a "
+              f"provider's key (e.g. OPENAI_API_KEY), add it to {config.agent_dir / 'auth.json'}, or declare "
+              f"providers in {config.agent_dir / 'models.json'}", flush=True)
+    if config.auth_token is None and not is_loopback(config.host):
+        print(f"warning: listening on {config.host} without a token: anyone who can reach it spends your "
+              "credentials. Set PI_PROXY_AUTH_TOKEN (or --auth-token).", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def login(config: Config, provider: str) -> int:
+    """pi-ai's OAuth login through the bridge; its prompts are asked here, on the terminal."""
+    process = subprocess.Popen([find_node(), str(BRIDGE_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, cwd=HERE)
+
+    def send(message: dict):
+        process.stdin.write(json.dumps(message) + "\n")
+        process.stdin.flush()
+
+    send({"op": "login", "provider": provider})
+    try:
+        for line in process.stdout:
+            event = json.loads(line)
+            if event["type"] == "auth":
+                print(f"Open {event['url']}" + (f"\n{event['instructions']}" if event.get("instructions") else ""),
+                      flush=True)
+            elif event["type"] == "progress":
+                print(event["message"], flush=True)
+            elif event["type"] == "prompt":
+                send({"answer": input(f"{event['message']}: ")})
+            elif event["type"] == "credentials":
+                auth_file = AuthFile(config.agent_dir / "auth.json")
+                with auth_file.locked():
+                    auth_file.update(provider, {"type": "oauth", **event["credentials"]})
+                print(f"Logged in to {provider}; credentials saved in {auth_file.path}")
+                return 0
+            else:
+                print(f"Login failed: {event['message']['errorMessage']}", file=sys.stderr)
+                return 1
+    finally:
+        process.stdin.close()
+        process.wait()
+    return 1
+
+
+def logout(config: Config, provider: str) -> int:
+    auth_file = AuthFile(config.agent_dir / "auth.json")
+    if provider not in auth_file.entries():
+        print(f"{provider} has no entry in {auth_file.path}")
+        return 1
+    with auth_file.locked():
+        auth_file.update(provider, None)
+    print(f"Removed {provider} from {auth_file.path}")
+    return 0
+
+
+def list_models(config: Config) -> int:
+    proxy = build_proxy(config)
+    available = proxy.available_models()
+    for model in available:
+        print(f"{canonical_id(model):60} {proxy.credentials.source(model['provider'])}")
+    print(f"{len(available)} models available")
+    return 0
+
+
+def main(argv=None):
+    logging.basicConfig(level=os.environ.get("PI_PROXY_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_command_line(argv)
+    config = load_config(args)
+    if args.command == "login":
+        sys.exit(login(config, args.provider))
+    if args.command == "logout":
+        sys.exit(logout(config, args.provider))
+    if args.command == "models":
+        sys.exit(list_models(config))
+    serve(config)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx2 as httpx
 import openai
 import pytest
 import requests
@@ -45,8 +46,32 @@ def models_json(fake_url: str) -> dict:
                              "models": [{"id": "claude-sonnet-4.5", **rich}, {"id": "claude-opus-4.6", **rich},
                                         {"id": "claude-haiku-4.5"}]},
             "openai": {"baseUrl": f"{fake_url}/v1"},
+            "groq": {"baseUrl": f"{fake_url}/v1"},  # built-in, no key: usable only with a client's own key
         }
     }
+
+
+# Every secret the tests use, and every log and response body seen: at the end of the run none of
+# the secrets may appear in any of them.
+LEAK_WATCH = set(SECRETS.values())
+LOGS: list[Path] = []
+RESPONSES: list[bytes] = []
+
+
+def record_response(response):
+    """An httpx2 response hook: keep what the client received (headers and body)."""
+    response.read()
+    RESPONSES.append(str(response.headers).encode() + response.content)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_leaks():
+    yield
+    seen = [(str(path), path.read_bytes()) for path in LOGS if path.exists()]
+    seen += [(f"response {i}", body) for i, body in enumerate(RESPONSES)]
+    leaks = [(where, secret) for where, text in seen for secret in LEAK_WATCH if secret.encode() in text]
+    assert not leaks, f"secrets leaked: {leaks[:5]}"
+    assert len(seen) > len(LOGS), "responses were recorded"
 
 
 def free_port() -> int:
@@ -73,6 +98,7 @@ class RunningProxy:
             **(extra_env or {}),
         }
         self.log = open(log_path, "ab")
+        LOGS.append(log_path)
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "proxy.py")], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -153,4 +179,5 @@ def fresh_fake(request):
 
 @pytest.fixture
 def client(proxy):
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    http = httpx.Client(timeout=30, event_hooks={"response": [record_response]})
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, http_client=http)

@@ -524,7 +524,9 @@ class _Plan:
         return self._resp_obj(status, self._resp_items(status), self._resp_usage())
 
 
-_APIS = {CHAT_PATH: "chat", MESSAGES_PATH: "anthropic", RESPONSES_PATH: "responses"}
+# GitHub Copilot serves the OpenAI APIs without the /v1 prefix.
+_APIS = {CHAT_PATH: "chat", MESSAGES_PATH: "anthropic", RESPONSES_PATH: "responses",
+         "/chat/completions": "chat", "/responses": "responses"}
 
 _OPENAI_ERRORS = {
     400: ("invalid_request_error", "invalid_request", "Invalid request (fake upstream)."),

@@ -40,12 +40,11 @@ def test_upstream_status_is_kept(client, fake, model, status, error_class, error
 @ALL_APIS
 def test_rate_limit_keeps_retry_after(client, fake, model):
     fake.push(Reply(status=429, headers={"retry-after": "7"}))
-    started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model=model, messages=USER)
     assert caught.value.response.headers["retry-after"] == "7"
     assert caught.value.body["type"] == "rate_limit_error"
-    assert time.monotonic() - started < 3, "pi-ai's SDKs must not retry behind the client's back"
+    assert len(fake.requests) == 1, "pi-ai's SDKs must not retry behind the client's back"
 
 
 def test_upstream_400_message_reaches_the_client(client, fake):
@@ -81,7 +80,7 @@ def test_first_byte_that_never_comes_is_504(client, fake, proxy):
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="fake-chat/chat-model", messages=USER)
     assert caught.value.status_code == 504
-    assert time.monotonic() - started < 7
+    assert time.monotonic() - started < 8, "gave up before the upstream's first byte (8 s)"
     assert proxy.wait_no_bridges()
 
 
@@ -198,16 +197,18 @@ def test_server_keeps_serving_after_disconnects(client, fake):
 
 
 def test_concurrent_requests_are_served_in_parallel(client, fake):
-    fake.default = Reply(text="parallel", delay=0.3)
-    results, started = [], time.monotonic()
+    fake.default = Reply(text="parallel answer", delay=0.5)
+    results, finished = [], []
 
     def ask():
         reply = client.chat.completions.create(model="fake-chat/chat-model", messages=USER)
+        finished.append(time.monotonic())
         results.append(reply.choices[0].message.content)
     threads = [threading.Thread(target=ask) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == ["parallel"] * 4
-    assert time.monotonic() - started < 4, "four slow requests overlap instead of queueing"
+    assert results == ["parallel answer"] * 4
+    arrivals = [r.time for r in fake.requests]
+    assert len(arrivals) == 4 and max(arrivals) < min(finished), "all four were upstream at once, none queued"

@@ -11,7 +11,7 @@ import httpx2 as httpx
 import pytest
 import requests
 
-from tests.conftest import RunningProxy
+from tests.conftest import RESPONSES, RunningProxy
 from tests.fake_upstream import Reply
 from tests.sse_grammar import check_anthropic_stream
 from tests.test_chat_completions import MODELS, PIXEL, last_request
@@ -55,6 +55,7 @@ def client(proxy):
                               http_client=httpx.Client(transport=transport, timeout=30))
     for chunks in transport.streams:
         check_anthropic_stream(b"".join(chunks).decode())
+        RESPONSES.append(b"".join(chunks))
 
 
 def raw_stream(proxy, body: dict, **headers) -> list:
@@ -426,3 +427,16 @@ def test_count_tokens_matches_anthropics_published_counts(client, sample):
     request = {key: value for key, value in sample["request"].items() if key != "model"}
     counted = client.messages.count_tokens(model="fake-copilot/claude-sonnet-4.5", **request).input_tokens
     assert abs(counted - sample["input_tokens"]) <= 0.15 * sample["input_tokens"], counted
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequence_stop_reason_names_the_sequence(client, fake, stream):
+    fake.push(Reply(text="counting 1 2", stop="stop_sequence"))  # the fake stops on "STOP"
+    request = dict(model="fake-anthropic/claude-test", max_tokens=100, messages=HI, stop_sequences=["HALT", "STOP"])
+    if stream:
+        with client.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**request)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "STOP")
+    assert message.content[0].text == "counting 1 2"

@@ -8,6 +8,7 @@ import openai
 import pytest
 import requests
 
+from tests.conftest import record_response
 from tests.fake_upstream import Reply
 from tests.responses_grammar import check_responses_stream
 from tests.test_chat_completions import MODELS, PIXEL, last_request
@@ -25,7 +26,8 @@ APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit fil
 def client(proxy):
     transport = RecordingTransport()
     yield openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0,
-                        http_client=httpx.Client(transport=transport, timeout=30))
+                        http_client=httpx.Client(transport=transport, timeout=30,
+                                                 event_hooks={"response": [record_response]}))
     for chunks in transport.streams:
         check_responses_stream(b"".join(chunks).decode())
 

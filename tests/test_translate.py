@@ -47,10 +47,12 @@ def test_config_value_resolution(monkeypatch):
 def test_load_config_flags_win_over_env(tmp_path):
     env = {"PI_PROXY_HOST": "0.0.0.0", "PI_PROXY_PORT": "5000", "PI_PROXY_MAX_BODY_SIZE": "10",
            "PI_PROXY_UPSTREAM_TIMEOUT_MS": "99", "PI_CODING_AGENT_DIR": str(tmp_path)}
-    config = proxy.load_config(["--port", "6000"], env)
+    config = proxy.load_config(proxy.parse_command_line(["--port", "6000"]), env)
     assert (config.host, config.port, config.max_body_size, config.upstream_timeout_ms) == ("0.0.0.0", 6000, 10, 99)
-    assert config.agent_dir == tmp_path
-    default = proxy.load_config([], {})
+    assert config.agent_dir == tmp_path and config.auth_token is None
+    assert proxy.load_config(proxy.parse_command_line(["--auth-token", "t"]), {"PI_PROXY_AUTH_TOKEN": "e"}).auth_token == "t"
+    assert proxy.parse_command_line(["login"]).provider == "github-copilot"
+    default = proxy.load_config(proxy.parse_command_line([]), {})
     assert (default.host, default.port) == ("127.0.0.1", 4141)
     assert default.agent_dir.name == "agent" and default.agent_dir.parent.name == ".pi"
 
@@ -110,7 +112,8 @@ def test_malformed_models_json_is_reported_and_builtins_survive(tmp_path):
 
 def test_credentials_order_auth_json_then_env_then_models_json(tmp_path, monkeypatch):
     auth = proxy.AuthFile(tmp_path / "auth.json")
-    credentials = proxy.Credentials(auth, {"openai": "OPENAI_API_KEY", "local": None}, {"local": "LOCAL_KEY_VAR"})
+    credentials = proxy.Credentials(auth, {"openai": "OPENAI_API_KEY", "local": None}, {"local": "LOCAL_KEY_VAR"},
+                                    refresh=None)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert credentials.for_provider("openai") is None
     monkeypatch.setenv("OPENAI_API_KEY", "env-key")
@@ -328,3 +331,122 @@ def test_image_estimate_reads_the_size_from_the_header():
     png = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + (1000).to_bytes(4, "big") + (1000).to_bytes(4, "big")
     assert proxy.estimate_image_tokens(base64.b64encode(png + b"\0" * 20).decode()) == 1334  # 1000*1000/750
     assert proxy.estimate_image_tokens("not an image") == proxy.IMAGE_FALLBACK_TOKENS
+
+
+# --- Anthropic ----------------------------------------------------------------------------------------
+
+from tests.sse_grammar import check_anthropic_stream  # noqa: E402
+
+
+def frames_text(frames) -> str:
+    return "".join(proxy.sse_event(name, data).decode() for name, data in frames)
+
+
+def test_interleaved_pi_blocks_become_one_open_block_at_a_time():
+    """openai-completions keeps blocks open together and ends them all at the end."""
+    events = proxy.AnthropicEvents("msg_1", "m", 42)
+    message = {"content": [{"type": "text", "text": "ab"}, {"type": "toolCall", "id": "call|x", "name": "f",
+                                                            "arguments": {"q": 1}}], "usage": USAGE}
+    pi_events = [
+        {"type": "start"},
+        {"type": "thinking_start", "contentIndex": 0}, {"type": "thinking_delta", "contentIndex": 0, "delta": "t"},
+        {"type": "text_start", "contentIndex": 1}, {"type": "text_delta", "contentIndex": 1, "delta": "a"},
+        {"type": "toolcall_start", "contentIndex": 2, "id": "call|x", "toolName": "f"},
+        {"type": "heartbeat"},
+        {"type": "text_delta", "contentIndex": 1, "delta": "b"},
+        {"type": "toolcall_delta", "contentIndex": 2, "delta": '{"q": 1}'},
+        {"type": "thinking_end", "contentIndex": 0, "contentSignature": "reasoning_content"},
+        {"type": "text_end", "contentIndex": 1},
+        {"type": "toolcall_end", "contentIndex": 2, "toolCall": message["content"][1]},
+        {"type": "done", "reason": "stop", "message": message},
+    ]
+    frames = check_anthropic_stream(frames_text(f for e in pi_events for f in events.translate(e)))
+    starts = [d["content_block"] for n, d in frames if n == "content_block_start"]
+    assert [b["type"] for b in starts] == ["thinking", "text", "tool_use", "text"], \
+        "text arriving during a tool call is held back, never splitting the call"
+    assert proxy.pi_tool_id(starts[2]["id"]) == "call|x"
+    deltas = [d["delta"] for n, d in frames if n == "content_block_delta"]
+    assert [d.get("text") for d in deltas if d["type"] == "text_delta"] == ["a", "b"]
+    message_delta = next(d for n, d in frames if n == "message_delta")
+    assert message_delta["delta"]["stop_reason"] == "tool_use"
+    assert message_delta["usage"] == {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 3,
+                                      "cache_creation_input_tokens": 0}
+    assert ("ping", {"type": "ping"}) in frames
+
+
+def test_signature_and_whole_tool_arguments_are_sent_before_block_stop():
+    events = proxy.AnthropicEvents("msg_2", "m", 1)
+    pi_events = [
+        {"type": "start"},
+        {"type": "thinking_start", "contentIndex": 0}, {"type": "thinking_delta", "contentIndex": 0, "delta": "t"},
+        {"type": "thinking_end", "contentIndex": 0, "contentSignature": "sig"},
+        {"type": "toolcall_start", "contentIndex": 1, "id": "toolu_1", "toolName": "g"},
+        {"type": "toolcall_end", "contentIndex": 1, "toolCall": {"arguments": {}}},
+        {"type": "done", "reason": "length", "message": {"content": [], "usage": USAGE}},
+    ]
+    frames = check_anthropic_stream(frames_text(f for e in pi_events for f in events.translate(e)))
+    deltas = [d["delta"] for n, d in frames if n == "content_block_delta"]
+    assert deltas[1] == {"type": "signature_delta", "signature": "sig"}
+    assert deltas[2] == {"type": "input_json_delta", "partial_json": "{}"}
+    assert next(d for n, d in frames if n == "message_delta")["delta"]["stop_reason"] == "max_tokens"
+
+
+@pytest.mark.parametrize("pi_id", ["toolu_01ABC", "call_1|fc_2", "weird id/with:chars", "toolu_pi_looks_wrapped"])
+def test_tool_ids_are_safe_and_reversible(pi_id):
+    client_id = proxy.client_tool_id(pi_id)
+    assert proxy._SAFE_TOOL_ID.match(client_id)
+    assert proxy.pi_tool_id(client_id) == pi_id
+
+
+def test_anthropic_to_context():
+    body = {"system": [{"type": "text", "text": "S"}], "tools": [
+        {"name": "f", "input_schema": {"type": "object"}}, {"type": "web_search_20250305", "name": "web_search"}],
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "s1"},
+                {"type": "redacted_thinking", "data": "opaque"},
+                {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "boom"},
+                {"type": "text", "text": "reminder"}]},
+            {"role": "system", "content": "late"}]}
+    context = proxy.anthropic_to_context(body, MODEL)
+    assert context["systemPrompt"] == "S\n\nlate"
+    assert [t["name"] for t in context["tools"]] == ["f"], "server tools are dropped"
+    user, assistant, result, reminder = context["messages"]
+    assert assistant["content"][0] == {"type": "thinking", "thinking": "hm", "thinkingSignature": "s1"}
+    assert assistant["content"][1]["redacted"] is True
+    assert assistant["provider"] == "p" and assistant["stopReason"] == "toolUse"
+    assert (result["role"], result["toolName"], result["isError"]) == ("toolResult", "f", True)
+    assert reminder == {"role": "user", "content": [{"type": "text", "text": "reminder"}], "timestamp": 0}
+
+
+@pytest.mark.parametrize("budget,level", [(1024, "minimal"), (1500, "low"), (8192, "medium"), (30000, "high")])
+def test_thinking_budget_maps_to_level_and_is_honoured(budget, level):
+    options = proxy.anthropic_options({"max_tokens": 100, "thinking": {"type": "enabled", "budget_tokens": budget}})
+    assert options["reasoning"] == level and options["thinkingBudgets"] == {level: budget}
+    adaptive = proxy.anthropic_options({"max_tokens": 1, "thinking": {"type": "adaptive"},
+                                        "output_config": {"effort": "max"}})
+    assert adaptive["reasoning"] == "xhigh"
+
+
+def test_claude_names():
+    assert proxy.claude_key("claude-sonnet-4-5-20250929") == proxy.claude_key("claude-sonnet-4.5") \
+        == proxy.claude_key("claude-sonnet-4-5[1m]") == "claude-sonnet-4-5"
+    assert proxy.claude_key("claude-3-5-haiku-latest") == "claude-3-5-haiku"
+    models = {"c/claude-sonnet-4.5": {"id": "claude-sonnet-4.5", "provider": "c"},
+              "c/claude-sonnet-4": {"id": "claude-sonnet-4", "provider": "c"}}
+    assert proxy.resolve_claude_model("claude-sonnet-4-20250514", models, lambda p: True)["id"] == "claude-sonnet-4"
+    with pytest.raises(ApiError) as caught:
+        proxy.resolve_claude_model("claude-sonnet-4-6", models, lambda p: True)
+    assert caught.value.status == 404 and "c/claude-sonnet-4.5" in caught.value.message
+
+
+def test_overflow_message_uses_anthropic_wording():
+    error = ApiError(400, "prompt token count of 12345 exceeds the limit of 9999", code="context_length_exceeded")
+    assert proxy.anthropic_overflow(error, 1, {"contextWindow": 5}).message == \
+        "prompt is too long: 12345 tokens > 9999 maximum"
+    vague = ApiError(400, "context_length_exceeded", code="context_length_exceeded")
+    assert proxy.anthropic_overflow(vague, 777, {"contextWindow": 500}).message == \
+        "prompt is too long: 777 tokens > 500 maximum"

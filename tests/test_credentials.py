@@ -1,0 +1,306 @@
+"""Credentials: Copilot login and token refresh through pi-ai, auth.json shared with pi, the GitHub
+token exchange, X-Initiator, proxy authentication and per-request upstream keys."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import anthropic
+import openai
+import pytest
+import requests
+
+from tests.conftest import LEAK_WATCH, ROOT, RunningProxy
+from tests.fake_github import COPILOT_HOST, GITHUB_TOKEN, FakeGitHub, copilot_token
+from tests.fake_upstream import Reply
+
+COPILOT_CLAUDE = "github-copilot/claude-sonnet-4.5"
+PROXY_TOKEN = "proxy-SECRET-token-9999"
+ENV_GITHUB_TOKEN = "ghp_envSECRET000111222"
+LEAK_WATCH.update({GITHUB_TOKEN, PROXY_TOKEN, ENV_GITHUB_TOKEN, "tid=stored-", "tid=copilot-"})
+
+
+@pytest.fixture(scope="module")
+def github():
+    server = FakeGitHub()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_github(github):
+    github.exchanges.clear()
+    github.exchange_delay, github.refuse_exchange, github.pending_polls = 0.0, False, 1
+
+
+def redirect_env(fake, github) -> dict:
+    return {"PI_PROXY_TEST_REDIRECTS": json.dumps({"https://github.com": github.url,
+                                                   "https://api.github.com": github.url,
+                                                   f"https://api.{COPILOT_HOST}": fake.base_url})}
+
+
+def agent_with_auth(tmp_path, entries: dict):
+    agent = tmp_path / "agent"
+    agent.mkdir(mode=0o700)
+    (agent / "auth.json").write_text(json.dumps(entries))
+    os.chmod(agent / "auth.json", 0o600)
+    return agent
+
+
+def stored_copilot(expires_in: float, serial: str = "1") -> dict:
+    access, expires = copilot_token(serial, expires_in)
+    return {"type": "oauth", "refresh": GITHUB_TOKEN, "access": access, "expires": expires}
+
+
+def upstream_token(request) -> str:
+    return request.headers.get("authorization") or request.headers.get("x-api-key") or ""
+
+
+def ask_claude(proxy, text="hi") -> anthropic.types.Message:
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0)
+    return client.messages.create(model=COPILOT_CLAUDE, max_tokens=50, messages=[{"role": "user", "content": text}])
+
+
+@pytest.fixture
+def start(tmp_path, fake, github):
+    running = []
+
+    def start_proxy(agent, name="proxy", **env):
+        proxy = RunningProxy(agent, tmp_path / f"{name}.log", {**redirect_env(fake, github), **env})
+        running.append(proxy)
+        return proxy
+    yield start_proxy
+    for proxy in running:
+        proxy.stop()
+
+
+# --- login, logout, models --------------------------------------------------------------------------
+
+
+def run_cli(agent, fake, github, *args, stdin=""):
+    env = {"PATH": os.environ["PATH"], "HOME": str(agent.parent), "PI_CODING_AGENT_DIR": str(agent),
+           **redirect_env(fake, github)}
+    return subprocess.run([sys.executable, str(ROOT / "proxy.py"), *args], input=stdin, capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=60)
+
+
+def test_login_runs_the_device_flow_and_stores_pi_credentials(tmp_path, fake, github):
+    agent = tmp_path / "new" / "agent"
+    result = run_cli(agent, fake, github, "login", stdin="\n")  # blank: github.com, not Enterprise
+    assert result.returncode == 0, result.stderr
+    assert "https://github.com/login/device" in result.stdout and "ABCD-1234" in result.stdout
+    entry = json.loads((agent / "auth.json").read_text())["github-copilot"]
+    assert entry["type"] == "oauth" and entry["refresh"] == GITHUB_TOKEN
+    assert entry["access"].startswith("tid=copilot-") and entry["expires"] > time.time() * 1000
+    assert stat.S_IMODE((agent / "auth.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(agent.stat().st_mode) == 0o700
+    assert github.exchanges == [GITHUB_TOKEN]
+    assert GITHUB_TOKEN not in result.stdout + result.stderr
+
+
+def test_login_to_an_enterprise_domain(tmp_path, fake, github):
+    agent = tmp_path / "agent"
+    result = run_cli(agent, fake, github, "login", "github-copilot", stdin="https://github.com\n")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((agent / "auth.json").read_text())["github-copilot"]["enterpriseUrl"] == "github.com"
+
+
+def test_logout_removes_only_that_provider(tmp_path, fake, github):
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(600), "openai": {"type": "api_key", "key": "k"}})
+    assert run_cli(agent, fake, github, "logout", "github-copilot").returncode == 0
+    assert json.loads((agent / "auth.json").read_text()) == {"openai": {"type": "api_key", "key": "k"}}
+    assert run_cli(agent, fake, github, "logout", "github-copilot").returncode == 1
+
+
+def test_models_command_names_sources_never_secrets(tmp_path, fake, github):
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(600)})
+    result = run_cli(agent, fake, github, "models")
+    assert result.returncode == 0
+    line = next(line for line in result.stdout.splitlines() if line.startswith(COPILOT_CLAUDE))
+    assert line.split()[-1] == "(oauth)" and "auth.json" in line
+    assert "tid=" not in result.stdout and GITHUB_TOKEN not in result.stdout
+
+
+# --- refresh ------------------------------------------------------------------------------------------
+
+
+def test_expired_token_is_refreshed_and_saved_keeping_other_entries(tmp_path, start, fake, github):
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60), "openai": {"type": "api_key", "key": "kept"}})
+    fake.push(Reply(text="fresh"))
+    assert ask_claude(start(agent)).content[0].text == "fresh"
+    assert github.exchanges == [GITHUB_TOKEN]
+    saved = json.loads((agent / "auth.json").read_text())
+    assert saved["openai"] == {"type": "api_key", "key": "kept"}
+    assert saved["github-copilot"]["access"].startswith("tid=copilot-")
+    assert saved["github-copilot"]["expires"] > time.time() * 1000
+    assert saved["github-copilot"]["access"] in upstream_token(fake.requests[-1])
+    assert stat.S_IMODE((agent / "auth.json").stat().st_mode) == 0o600
+    assert not (agent / "auth.json.lock").exists()
+
+
+def test_fifty_concurrent_requests_across_two_processes_refresh_once(tmp_path, start, fake, github):
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60), "openai": {"type": "api_key", "key": "kept"}})
+    # 50 bridges booting at once on two cores: allow the upstream more than the suite's usual 4 s
+    proxies = [start(agent, "one", PI_PROXY_UPSTREAM_TIMEOUT_MS="60000"),
+               start(agent, "two", PI_PROXY_UPSTREAM_TIMEOUT_MS="60000")]
+    github.exchange_delay = 0.5  # a slow refresh, so the requests pile up behind it
+    fake.default = Reply(text="ok")
+    results = []
+
+    def ask(proxy):
+        try:
+            results.append(ask_claude(proxy).content[0].text)
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            results.append(repr(error))
+    threads = [threading.Thread(target=ask, args=(proxies[i % 2],)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == ["ok"] * 50
+    assert len(github.exchanges) == 1, "exactly one refresh for 50 requests in two processes"
+    saved = json.loads((agent / "auth.json").read_text())
+    assert saved["openai"] == {"type": "api_key", "key": "kept"}
+    assert {upstream_token(r) for r in fake.requests} == {f"Bearer {saved['github-copilot']['access']}"} \
+        or all(saved["github-copilot"]["access"] in upstream_token(r) for r in fake.requests)
+
+
+def test_upstream_401_refreshes_and_retries_once(tmp_path, start, fake, github):
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(600)})
+    old = json.loads((agent / "auth.json").read_text())["github-copilot"]["access"]
+    fake.push(Reply(status=401), Reply(text="after refresh"))
+    assert ask_claude(start(agent)).content[0].text == "after refresh"
+    assert github.exchanges == [GITHUB_TOKEN]
+    first, second = fake.requests[-2:]
+    assert old in upstream_token(first) and old not in upstream_token(second)
+
+
+def test_a_second_401_is_passed_on(tmp_path, start, fake, github):
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(600)})
+    fake.push(Reply(status=401), Reply(status=401))
+    with pytest.raises(anthropic.AuthenticationError):
+        ask_claude(start(agent))
+    assert len(github.exchanges) == 1
+
+
+def test_failed_refresh_is_a_clear_401(tmp_path, start, fake, github):
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60)})
+    github.refuse_exchange = True
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        ask_claude(start(agent))
+    assert "Refreshing the github-copilot credentials failed" in caught.value.body["error"]["message"]
+    assert GITHUB_TOKEN not in caught.value.response.text
+
+
+# --- GitHub token from the environment, X-Initiator --------------------------------------------------
+
+
+def test_env_github_token_is_exchanged_once_and_sets_the_base_url(tmp_path, start, fake, github):
+    agent = agent_with_auth(tmp_path, {})
+    proxy = start(agent, GH_TOKEN=ENV_GITHUB_TOKEN)
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
+    fake.push(Reply(text="one"), Reply(text="two"))
+    for expected in ("one", "two"):
+        reply = client.chat.completions.create(model="github-copilot/gpt-4.1", messages=[{"role": "user", "content": "x"}])
+        assert reply.choices[0].message.content == expected
+    assert github.exchanges == [ENV_GITHUB_TOKEN], "exchanged once, then cached"
+    assert fake.requests[-1].path == "/chat/completions", "the base URL came from the token's proxy-ep"
+    assert upstream_token(fake.requests[-1]).startswith("Bearer tid=copilot-")
+
+
+def initiator_after(proxy, fake, messages) -> dict:
+    fake.push(Reply(text="ok"))
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0)
+    client.messages.create(model=COPILOT_CLAUDE, max_tokens=50, messages=messages, tools=[
+        {"name": "read", "input_schema": {"type": "object"}}])
+    return fake.requests[-1]
+
+
+def test_x_initiator(tmp_path, start, fake, github):
+    proxy = start(agent_with_auth(tmp_path, {}), GH_TOKEN=ENV_GITHUB_TOKEN)
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}]}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "file contents"}
+    user_turn = initiator_after(proxy, fake, [{"role": "user", "content": "read it"}])
+    assert user_turn.headers["x-initiator"] == "user"
+    tools_turn = initiator_after(proxy, fake, [{"role": "user", "content": "read it"}, call,
+                                               {"role": "user", "content": [result]}])
+    assert tools_turn.headers["x-initiator"] == "agent"
+    reminder = {"type": "text", "text": "<system-reminder>keep going</system-reminder>"}
+    mixed = initiator_after(proxy, fake, [{"role": "user", "content": "read it"}, call,
+                                          {"role": "user", "content": [result, reminder]}])
+    assert mixed.headers["x-initiator"] == "agent", "reminder text after tool results is not a user turn"
+    last = mixed.body["messages"][-1]["content"]
+    assert [block["type"] for block in last] == ["tool_result"]
+    assert "keep going" in json.dumps(last[0]["content"]), "the reminder is merged into the tool result"
+
+
+# --- proxy authentication and the client's own upstream key ---------------------------------------
+
+ENDPOINTS = [("GET", "/v1/models", None, "openai"), ("GET", "/v1/models/fake-chat/chat-model", None, "openai"),
+             ("POST", "/v1/chat/completions", {"model": "fake-chat/chat-model",
+                                               "messages": [{"role": "user", "content": "x"}]}, "openai"),
+             ("POST", "/v1/messages", {"model": "fake-anthropic/claude-test", "max_tokens": 5,
+                                       "messages": [{"role": "user", "content": "x"}]}, "anthropic"),
+             ("POST", "/v1/messages/count_tokens", {"model": "fake-anthropic/claude-test",
+                                                    "messages": [{"role": "user", "content": "x"}]}, "anthropic"),
+             ("GET", "/", None, "openai"), ("POST", "/api/event_logging/batch", {}, "openai")]
+
+
+@pytest.fixture(scope="module")
+def guarded_proxy(agent_dir, tmp_path_factory):
+    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "guarded.log",
+                           {"PI_PROXY_AUTH_TOKEN": PROXY_TOKEN})
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("method,path,body,family", ENDPOINTS)
+def test_proxy_token_is_required_on_every_endpoint(guarded_proxy, fake, method, path, body, family):
+    url = guarded_proxy.url + path
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}, {"Authorization": PROXY_TOKEN}):
+        refused = requests.request(method, url, json=body, headers=headers)
+        assert refused.status_code == 401
+        error = refused.json()
+        assert (error["error"]["type"] == "authentication_error") and (error.get("type") == "error") == (family == "anthropic")
+    fake.default = Reply(text="ok")
+    for headers in ({"Authorization": f"Bearer {PROXY_TOKEN}"}, {"x-api-key": PROXY_TOKEN}):
+        accepted = requests.request(method, url, json=body, headers=headers)
+        assert accepted.status_code == 200, accepted.text
+    for seen in fake.requests:
+        assert PROXY_TOKEN not in json.dumps(seen.headers), "the client's credential is never forwarded"
+
+
+def test_healthz_needs_no_token(guarded_proxy):
+    assert requests.get(f"{guarded_proxy.url}/healthz").status_code == 200
+
+
+def test_warning_when_exposed_without_a_token(agent_dir, tmp_path):
+    RunningProxy(agent_dir, tmp_path / "exposed.log", {"PI_PROXY_HOST": "0.0.0.0"}).stop()
+    assert "warning: listening on 0.0.0.0 without a token" in (tmp_path / "exposed.log").read_text()
+
+
+def test_client_upstream_key_replaces_the_configured_one(client, fake):
+    fake.push(Reply(text="own key"))
+    reply = client.chat.completions.create(model="fake-chat/chat-model", messages=[{"role": "user", "content": "x"}],
+                                           extra_headers={"X-Pi-Upstream-Api-Key": "sk-client-own-SECRET-77"})
+    assert reply.choices[0].message.content == "own key"
+    assert fake.requests[-1].headers["authorization"] == "Bearer sk-client-own-SECRET-77"
+
+
+def test_client_upstream_key_unlocks_a_provider_without_credentials(client, fake):
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.chat.completions.create(model="groq/llama-3.3-70b-versatile", messages=[{"role": "user", "content": "x"}])
+    assert "No credentials for provider 'groq'" in refused.value.body["message"]
+    fake.push(Reply(text="via groq", status=401))
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.chat.completions.create(model="groq/llama-3.3-70b-versatile", messages=[{"role": "user", "content": "x"}],
+                                       extra_headers={"X-Pi-Upstream-Api-Key": "gsk-client-SECRET-88"})
+    assert "gsk-client-SECRET-88" not in caught.value.response.text
+    assert fake.requests[-1].headers["authorization"] == "Bearer gsk-client-SECRET-88"
+
+
+LEAK_WATCH.update({"sk-client-own-SECRET-77", "gsk-client-SECRET-88"})
