@@ -450,7 +450,7 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
     if name in models:
         model = models[name]
         if not is_available(model["provider"]):
-            raise ApiError(401, f"No credentials for provider {model['provider']!r} (model {name!r})",
+            raise ApiError(401, f"No credentials for provider {model['provider']!r} (model {shown(name)})",
                            "authentication_error")
         return model
     matches = [m for m in models.values() if m["id"] == name and is_available(m["provider"])]
@@ -458,9 +458,9 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
         return matches[0]
     if len(matches) > 1:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
-        raise ApiError(400, f"Model {name!r} is offered by several providers; use one of: {candidates}",
+        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
                        "invalid_request_error", param="model", code="ambiguous_model")
-    raise ApiError(404, f"The model {name!r} does not exist or has no credentials configured",
+    raise ApiError(404, f"The model {shown(name)} does not exist or has no credentials configured",
                    "not_found_error", param="model", code="model_not_found")
 
 
@@ -651,6 +651,11 @@ def upstream_error(event: dict, secrets=()) -> ApiError:
     return ApiError(status, message, ERROR_TYPES.get(status, "api_error"), retry_after=event.get("retryAfter"))
 
 
+def shown(value: str, limit: int = 100) -> str:
+    """A client's value quoted in an error message, cut short: errors never echo huge input."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 def redact(text: str, secrets) -> str:
     for secret in secrets:
         if secret and len(secret) >= 8:
@@ -802,14 +807,18 @@ def validate(body, validator: Draft202012Validator) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object")
     body = {key: value for key, value in body.items() if value is not None}
-    error = best_match(validator.iter_errors(body))
+    try:
+        error = best_match(validator.iter_errors(body))
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
     if error is not None:
         path = list(error.absolute_path)
         if error.validator == "required":  # name the missing field, not its parent
             path.append(next(name for name in error.validator_value if name not in error.instance))
         param = json_path(path) or None
         where = f" at {param}" if param else ""
-        raise ApiError(400, f"Invalid request{where}: {error.message}", param=param, code="invalid_value")
+        message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
+        raise ApiError(400, f"Invalid request{where}: {message}", param=param, code="invalid_value")
     return body
 
 
@@ -1597,10 +1606,10 @@ def resolve_claude_model(name: str, models: dict, is_available) -> dict:
         return matches[0]
     if len(matches) > 1:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
-        raise ApiError(400, f"Model {name!r} is offered by several providers; use one of: {candidates}")
+        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}")
     claudes = sorted(canonical_id(m) for m in models.values()
                      if is_available(m["provider"]) and "claude" in m["id"])
-    raise ApiError(404, f"model: {name} is not available. Available Claude models: "
+    raise ApiError(404, f"model: {shown(name)} is not available. Available Claude models: "
                         + (", ".join(claudes) if claudes else "none"), "not_found_error")
 
 
@@ -1757,6 +1766,8 @@ def read_json_body(limit: int):
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
 
 
 def create_app(proxy: Proxy) -> Flask:
@@ -1799,7 +1810,7 @@ def create_app(proxy: Proxy) -> Flask:
         for model in proxy.available_models():
             if canonical_id(model) == model_id:
                 return model_entry(model, proxy.started)
-        raise ApiError(404, f"The model {model_id!r} does not exist", "not_found_error", param="model",
+        raise ApiError(404, f"The model {shown(model_id)} does not exist", "not_found_error", param="model",
                        code="model_not_found")
 
     @app.post("/v1/chat/completions")
