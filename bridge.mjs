@@ -17,7 +17,9 @@
 //            (a thinking block's signature on its start when pi-ai knows it then: openai-completions,
 //            which ends its blocks only when the stream ends)
 //            {"type":"text_delta|thinking_delta|toolcall_delta","contentIndex":i,"delta":s}
-//            {"type":"text_end|thinking_end","contentIndex":i,"contentSignature"?:s}
+//            {"type":"text_end|thinking_end","contentIndex":i,"content":s,"contentSignature"?:s}
+//            content: the block's final text, which pi-ai may make differ from its deltas
+//            (openai-responses streams "\n\n" after each reasoning summary part, then drops the last).
 //            {"type":"toolcall_start","contentIndex":i,"id":s,"toolName":s}
 //            {"type":"toolcall_end","contentIndex":i,"toolCall":ToolCall}
 //            then exactly one of
@@ -207,7 +209,8 @@ function reduce(event) {
     case "thinking_end": {
       const block = event.partial.content[contentIndex];
       const contentSignature = block?.textSignature ?? block?.thinkingSignature;
-      return contentSignature ? { type, contentIndex, contentSignature } : { type, contentIndex };
+      const reduced = { type, contentIndex, content: event.content };
+      return contentSignature ? { ...reduced, contentSignature } : reduced;
     }
     case "toolcall_start": {
       const block = event.partial.content[contentIndex];

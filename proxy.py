@@ -31,6 +31,7 @@ import binascii
 import collections
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -452,7 +453,7 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
     if name in models:
         model = models[name]
         if not is_available(model["provider"]):
-            raise ApiError(401, f"No credentials for provider {model['provider']!r} (model {name!r})",
+            raise ApiError(401, f"No credentials for provider {model['provider']!r} (model {shown(name)})",
                            "authentication_error")
         return model
     matches = [m for m in models.values() if m["id"] == name and is_available(m["provider"])]
@@ -460,9 +461,9 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
         return matches[0]
     if len(matches) > 1:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
-        raise ApiError(400, f"Model {name!r} is offered by several providers; use one of: {candidates}",
+        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
                        "invalid_request_error", param="model", code="ambiguous_model")
-    raise ApiError(404, f"The model {name!r} does not exist or has no credentials configured",
+    raise ApiError(404, f"The model {shown(name)} does not exist or has no credentials configured",
                    "not_found_error", param="model", code="model_not_found")
 
 
@@ -591,10 +592,11 @@ class ApiError(Exception):
     """An error answered to the client in its API's own shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None,
-                 code=None, retry_after: str | None = None):
+                 code=None, retry_after: str | None = None, upstream_event: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type_
         self.param, self.code, self.retry_after = param, code, retry_after
+        self.upstream_event = upstream_event  # the bridge's error event (redacted), when upstream failed
 
     def openai_body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -602,6 +604,9 @@ class ApiError(Exception):
     def anthropic_body(self) -> dict:
         type_ = self.type if self.type in ANTHROPIC_ERROR_TYPES else "api_error"
         return {"type": "error", "error": {"type": type_, "message": self.message}}
+
+    def pi_body(self) -> dict:
+        return {"error": self.message}  # pi-agent-core's streamProxy reads only this string
 
 
 ERROR_TYPES = {
@@ -636,21 +641,28 @@ def parse_upstream_message(text: str) -> tuple[int | None, str]:
 def upstream_error(event: dict, secrets=()) -> ApiError:
     """A bridge `error` event -> the ApiError a client should see. The status the upstream sent
     is kept (the bridge observes it; pi-ai's message carries it too); transport failures become
-    502 and silence 504."""
-    raw = (event.get("message") or {}).get("errorMessage") or "upstream error"
-    parsed_status, message = parse_upstream_message(redact(raw, secrets))
+    502 and silence 504. The (redacted) event stays attached for clients that want pi's own form."""
+    raw = redact((event.get("message") or {}).get("errorMessage") or "upstream error", secrets)
+    redacted = {**event, "message": {**(event.get("message") or {}), "errorMessage": raw}}
+    parsed_status, message = parse_upstream_message(raw)
     status = event.get("status") or parsed_status
     if event.get("timeout") or (status is None and re.search(r"timed? ?out", message, re.I)):
-        return ApiError(504, f"Upstream timed out: {message}", "timeout_error")
-    if status is None:
-        return ApiError(502, f"Upstream request failed: {message}", "api_error")
-    if event.get("overflow"):
-        return ApiError(400, message, "invalid_request_error", code="context_length_exceeded")
-    if status == 408:
-        return ApiError(504, message, "timeout_error")
-    if status < 400:
-        status = 502
-    return ApiError(status, message, ERROR_TYPES.get(status, "api_error"), retry_after=event.get("retryAfter"))
+        status, message, type_ = 504, f"Upstream timed out: {message}", "timeout_error"
+    elif status is None:
+        status, message, type_ = 502, f"Upstream request failed: {message}", "api_error"
+    elif event.get("overflow"):
+        return ApiError(400, message, code="context_length_exceeded", upstream_event=redacted)
+    elif status == 408:
+        status, type_ = 504, "timeout_error"
+    else:
+        status = status if status >= 400 else 502
+        type_ = ERROR_TYPES.get(status, "api_error")
+    return ApiError(status, message, type_, retry_after=event.get("retryAfter"), upstream_event=redacted)
+
+
+def shown(value: str, limit: int = 100) -> str:
+    """A client's value quoted in an error message, cut short: errors never echo huge input."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 def redact(text: str, secrets) -> str:
@@ -804,14 +816,18 @@ def validate(body, validator: Draft202012Validator) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object")
     body = {key: value for key, value in body.items() if value is not None}
-    error = best_match(validator.iter_errors(body))
+    try:
+        error = best_match(validator.iter_errors(body))
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
     if error is not None:
         path = list(error.absolute_path)
         if error.validator == "required":  # name the missing field, not its parent
             path.append(next(name for name in error.validator_value if name not in error.instance))
         param = json_path(path) or None
         where = f" at {param}" if param else ""
-        raise ApiError(400, f"Invalid request{where}: {error.message}", param=param, code="invalid_value")
+        message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
+        raise ApiError(400, f"Invalid request{where}: {message}", param=param, code="invalid_value")
     return body
 
 
@@ -863,6 +879,10 @@ def text_of(blocks: list) -> str:
     return "".join(block["text"] for block in blocks if block["type"] == "text")
 
 
+ZERO_USAGE = {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "totalTokens": 0,
+              "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "total": 0}}
+
+
 def assistant_message(model: dict, content: list, has_tool_calls: bool) -> dict:
     """History rebuilt from a client is stamped with the target model, so pi-ai treats it as that
     model's own output."""
@@ -872,8 +892,7 @@ def assistant_message(model: dict, content: list, has_tool_calls: bool) -> dict:
         "api": model["api"],
         "provider": model["provider"],
         "model": model["id"],
-        "usage": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "totalTokens": 0,
-                  "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "total": 0}},
+        "usage": ZERO_USAGE,
         "stopReason": "toolUse" if has_tool_calls else "stop",
         "timestamp": 0,
     }
@@ -1599,11 +1618,167 @@ def resolve_claude_model(name: str, models: dict, is_available) -> dict:
         return matches[0]
     if len(matches) > 1:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
-        raise ApiError(400, f"Model {name!r} is offered by several providers; use one of: {candidates}")
+        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}")
     claudes = sorted(canonical_id(m) for m in models.values()
                      if is_available(m["provider"]) and "claude" in m["id"])
-    raise ApiError(404, f"model: {name} is not available. Available Claude models: "
+    raise ApiError(404, f"model: {shown(name)} is not available. Available Claude models: "
                         + (", ".join(claudes) if claudes else "none"), "not_found_error")
+
+
+# ==================================================================================================
+# 8. pi streamProxy
+# ==================================================================================================
+# pi-agent-core's streamProxy(model, context, {proxyUrl, authToken}) posts {model, context,
+# options} to /api/stream and rebuilds the message from pi's own events, reduced (no `partial`).
+# The client's model object only names the model: connection fields (baseUrl, headers, api)
+# come from this proxy's registry, or a client could send the server's keys anywhere.
+
+_PI_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
+_PI_IMAGE = {"required": ["data", "mimeType"],
+             "properties": {"data": {"type": "string"}, "mimeType": {"type": "string"}}}
+_PI_THINKING = {"required": ["thinking"], "properties": {"thinking": {"type": "string"}}}
+_PI_TOOL_CALL = {"required": ["id", "name", "arguments"],
+                 "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                "arguments": {"type": "object"}}}
+_PI_BLOCK_RULES = {"text": _PI_TEXT, "image": _PI_IMAGE, "thinking": _PI_THINKING, "toolCall": _PI_TOOL_CALL}
+
+
+def _pi_blocks(allowed: list) -> dict:
+    return {"type": "array", "items": {
+        "type": "object", "required": ["type"], "properties": {"type": {"enum": allowed}},
+        "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": _PI_BLOCK_RULES[kind]}
+                  for kind in allowed]}}
+
+
+_PI_MESSAGE_RULES = {
+    "user": {"required": ["content"],
+             "properties": {"content": {"anyOf": [{"type": "string"}, _pi_blocks(["text", "image"])]}}},
+    "assistant": {"required": ["content"],
+                  "properties": {"content": _pi_blocks(["text", "thinking", "toolCall"]),
+                                 "api": {"type": "string"}, "provider": {"type": "string"},
+                                 "model": {"type": "string"}, "stopReason": {"type": "string"}}},
+    "toolResult": {"required": ["toolCallId", "content"],
+                   "properties": {"toolCallId": {"type": "string"}, "toolName": {"type": "string"},
+                                  "content": _pi_blocks(["text", "image"]), "isError": {"type": "boolean"}}},
+}
+PI_STREAM_VALIDATOR = Draft202012Validator({
+    "type": "object",
+    "required": ["model", "context"],
+    "properties": {
+        "model": {"type": "object", "required": ["provider", "id"],
+                  "properties": {"provider": {"type": "string", "minLength": 1},
+                                 "id": {"type": "string", "minLength": 1}}},
+        "context": {"type": "object", "required": ["messages"], "properties": {
+            "systemPrompt": {"type": "string"},
+            "messages": {"type": "array", "items": {
+                "type": "object", "required": ["role"],
+                "properties": {"role": {"enum": list(_PI_MESSAGE_RULES)}},
+                "allOf": [{"if": {"properties": {"role": {"const": role}}}, "then": rule}
+                          for role, rule in _PI_MESSAGE_RULES.items()]}},
+            "tools": {"type": "array", "items": {
+                "type": "object", "required": ["name", "parameters"],
+                "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+                               "parameters": {"type": "object"}}}},
+        }},
+        "options": {"type": "object", "properties": {
+            "temperature": {"type": "number", "minimum": 0},
+            "maxTokens": {"type": "integer", "minimum": 1},
+            "reasoning": {"enum": ["minimal", "low", "medium", "high", "xhigh"]},
+            "thinkingBudgets": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}},
+            "cacheRetention": {"enum": ["none", "short", "long"]},
+            "sessionId": {"type": "string"},
+            "metadata": {"type": "object"},
+            "maxRetryDelayMs": {"type": "integer", "minimum": 0},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        }},
+    },
+})
+PI_STREAM_OPTIONS = ("temperature", "maxTokens", "reasoning", "thinkingBudgets", "cacheRetention", "sessionId",
+                     "metadata", "maxRetryDelayMs")
+# Headers that carry credentials in some provider's requests: a client may never set them.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+                                "cf-aig-authorization", "chatgpt-account-id", "cookie"})
+
+
+def pi_stream_body(body) -> dict:
+    """The validated request; `null` options mean "not set", as everywhere."""
+    if isinstance(body, dict) and isinstance(body.get("options"), dict):
+        body = {**body, "options": {k: v for k, v in body["options"].items() if v is not None}}
+    return validate(body, PI_STREAM_VALIDATOR)
+
+
+def pi_stream_options(options: dict) -> dict:
+    """The options pi-ai is given; the rest (transport, anything connection-related) is ignored."""
+    ignored = sorted(set(options) - set(PI_STREAM_OPTIONS) - {"headers"})
+    if ignored:
+        log.debug("ignoring streamProxy options: %s", ", ".join(ignored))
+    return {name: options[name] for name in PI_STREAM_OPTIONS if name in options}
+
+
+def addable_headers(requested: dict, server_headers) -> dict:
+    """A client's extra headers, minus those that would replace a credential or a header the server
+    sets (names compare case-insensitively). Values stay literal: unlike models.json values they
+    are never resolved as environment variable names or `!commands`."""
+    taken = CREDENTIAL_HEADERS | {name.lower() for name in server_headers}
+    dropped = sorted(name for name in requested if name.lower() in taken)
+    if dropped:
+        log.info("a client may not set these headers; dropped: %s", ", ".join(dropped))
+    return {name: value for name, value in requested.items() if name.lower() not in taken}
+
+
+def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
+    """The registry's model named by the client's (provider, id); no other field of it is used."""
+    name = f"{model['provider']}/{model['id']}"
+    if name not in models:
+        raise ApiError(404, f"The model {name!r} does not exist on this proxy", "not_found_error",
+                       param="model", code="model_not_found")
+    return resolve_model(name, models, is_available)
+
+
+class PiStreamEvents:
+    """Bridge events -> streamProxy events. The bridge already prints pi's reduced events; what
+    changes is the end (usage instead of the whole message), and what streamProxy rebuilds only
+    from deltas: a tool call delivered whole gets its arguments as one delta, and a text or
+    thinking block whose final text pi-ai trimmed (openai-responses reasoning) must not keep the
+    trailing whitespace it streamed, so that whitespace waits for the next delta or the block's end."""
+
+    def __init__(self, secrets: list):
+        self.secrets = secrets
+        self.streamed_arguments: set[int] = set()
+        self.sent_length: dict[int, int] = {}  # contentIndex -> characters of text sent
+        self.held: dict[int, str] = {}  # contentIndex -> trailing whitespace not sent yet
+
+    def translate(self, event: dict) -> list:
+        kind = event["type"]
+        if kind in ("text_delta", "thinking_delta"):
+            index = event["contentIndex"]
+            text = self.held.pop(index, "") + event["delta"]
+            sent = text.rstrip()
+            self.held[index] = text[len(sent):]
+            self.sent_length[index] = self.sent_length.get(index, 0) + len(sent)
+            return [{**event, "delta": sent}] if sent else []
+        if kind in ("text_end", "thinking_end"):
+            index = event["contentIndex"]
+            rest = event["content"][self.sent_length.pop(index, 0):]
+            self.held.pop(index, None)
+            end = {name: value for name, value in event.items() if name != "content"}
+            return [{"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}, end] if rest else [end]
+        if kind == "toolcall_delta" and event["delta"]:
+            self.streamed_arguments.add(event["contentIndex"])
+        if kind == "toolcall_end":
+            index = event["contentIndex"]
+            whole = [] if index in self.streamed_arguments else [
+                {"type": "toolcall_delta", "contentIndex": index,
+                 "delta": json.dumps(event["toolCall"].get("arguments") or {})}]
+            return [*whole, {"type": kind, "contentIndex": index}]
+        if kind == "done":
+            return [{"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}]
+        if kind == "error":
+            message = event.get("message") or {}
+            return [{"type": kind, "reason": event["reason"],
+                     "errorMessage": redact(message.get("errorMessage") or "upstream error", self.secrets),
+                     "usage": message.get("usage") or ZERO_USAGE}]
+        return [event]
 
 
 # ==================================================================================================
@@ -2139,8 +2314,8 @@ class Proxy:
         """Which providers a request may use: all of them when it brings its own upstream key."""
         return (lambda provider: True) if request.headers.get(UPSTREAM_KEY_HEADER) else self.is_available
 
-    def start(self, model: dict, context: dict, options: dict, payload: dict,
-              heartbeat: float | None = None) -> tuple["Call", list]:
+    def start(self, model: dict, context: dict, options: dict, payload: dict, heartbeat: float | None = None,
+              client_headers: dict | None = None) -> tuple["Call", list]:
         """Start the upstream call and read it up to its first content (Call.opening). If the
         upstream refuses a refreshable token (401), it is refreshed and the call made once more:
         nothing has reached the client yet."""
@@ -2150,7 +2325,8 @@ class Proxy:
         if credential is None:
             raise ApiError(401, f"No credentials for provider {model['provider']!r}", "authentication_error")
         while True:
-            call = self.open_stream(*self.stream_request(model, context, options, payload, credential), heartbeat)
+            bridge_request, secrets = self.stream_request(model, context, options, payload, credential, client_headers)
+            call = self.open_stream(bridge_request, secrets, heartbeat)
             try:
                 return call, call.opening()
             except ApiError as error:
@@ -2160,9 +2336,10 @@ class Proxy:
             credential = self.credentials.for_provider(model["provider"], bad_key=credential.key)
             credential.refreshable = False
 
-    def stream_request(self, model: dict, context: dict, options: dict, payload: dict,
-                       credential: Credential) -> tuple[dict, list]:
-        """The bridge request for one call, and the secrets that must never reach the client."""
+    def stream_request(self, model: dict, context: dict, options: dict, payload: dict, credential: Credential,
+                       client_headers: dict | None = None) -> tuple[dict, list]:
+        """The bridge request for one call, and the secrets that must never reach the client.
+        `client_headers` are a client's own additions (see addable_headers)."""
         settings = self.registry.settings.get(model["provider"], ProviderSettings())
         # pi-ai sends the model's own headers; models.json's provider headers, then its model
         # headers, go over them (resolved like keys), then authHeader's Authorization.
@@ -2170,12 +2347,15 @@ class Proxy:
         headers = {name: resolve_config_value(value, cached=False) or "" for name, value in layered.items()}
         if settings.auth_header and credential.key:
             headers["Authorization"] = f"Bearer {credential.key}"
+        secrets = [credential.key, *headers.values()]
+        if client_headers:
+            headers = {**addable_headers(client_headers, [*headers, *(model.get("headers") or {})]), **headers}
         if credential.base_url:
             model = {**model, "baseUrl": credential.base_url}
         options = {**options, "apiKey": credential.key or None, "headers": headers,
                    "timeoutMs": self.config.upstream_timeout_ms}
         return ({"op": "stream", "model": model, "context": context, "options": options, "payload": payload},
-                [credential.key, *headers.values()])
+                secrets)
 
     def open_stream(self, bridge_request: dict, secrets: list, heartbeat: float | None = None) -> "Call":
         bridge = Bridge(self.node, bridge_request)
@@ -2242,11 +2422,14 @@ def watch_client(client: socket.socket, on_gone):
 
 
 def api_family(path: str) -> str:
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "pi" if path == "/api/stream" else "openai"
 
 
 def error_response(error: ApiError) -> Response:
-    body = error.anthropic_body() if api_family(request.path) == "anthropic" else error.openai_body()
+    bodies = {"anthropic": error.anthropic_body, "pi": error.pi_body, "openai": error.openai_body}
+    body = bodies[api_family(request.path)]()
     response = Response(json.dumps(body), status=error.status, mimetype="application/json")
     if error.retry_after:
         response.headers["Retry-After"] = error.retry_after
@@ -2265,6 +2448,8 @@ def read_json_body(limit: int):
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
 
 
 def create_app(proxy: Proxy) -> Flask:
@@ -2307,7 +2492,7 @@ def create_app(proxy: Proxy) -> Flask:
         for model in proxy.available_models():
             if canonical_id(model) == model_id:
                 return model_entry(model, proxy.started)
-        raise ApiError(404, f"The model {model_id!r} does not exist", "not_found_error", param="model",
+        raise ApiError(404, f"The model {shown(model_id)} does not exist", "not_found_error", param="model",
                        code="model_not_found")
 
     @app.post("/v1/chat/completions")
@@ -2352,6 +2537,22 @@ def create_app(proxy: Proxy) -> Flask:
         body = validate(read_json_body(proxy.config.max_body_size), COUNT_TOKENS_VALIDATOR)
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
         return {"input_tokens": count_request_tokens(anthropic_to_context(body, model), model)}
+
+    @app.post("/api/stream")
+    def pi_stream():
+        body = pi_stream_body(read_json_body(proxy.config.max_body_size))
+        model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
+        options = body.get("options", {})
+        try:
+            call, opening = proxy.start(model, body["context"], pi_stream_options(options), {},
+                                        client_headers=options.get("headers"))
+        except ApiError as error:
+            if error.upstream_event is None:
+                raise
+            # As pi-ai itself reports it: the stream's error event, whatever the upstream's status.
+            frames = [sse_data(frame) for frame in PiStreamEvents([]).translate(error.upstream_event)]
+            return Response(frames, mimetype="text/event-stream")
+        return sse_response(stream_pi(call, opening, PiStreamEvents(call.secrets)), call)
 
     @app.post("/v1/responses")
     def responses():
@@ -2445,6 +2646,18 @@ def stream_chat(call: Call, opening: list, chunks: ChatChunks):
             for frame in chunks.translate(event):
                 yield sse_data(frame)
         yield b"data: [DONE]\n\n"
+    finally:
+        call.close()
+
+
+def stream_pi(call: Call, opening: list, events: PiStreamEvents):
+    """SSE frames for a streamProxy client. Upstream failures, also before any content, are the
+    stream's final `error` event, with pi-ai's own message (as calling pi-ai directly would
+    give); never `data: [DONE]`, which the client cannot parse and turns into an error."""
+    try:
+        for event in itertools.chain(opening, call.events):
+            for frame in events.translate(event):
+                yield sse_data(frame)
     finally:
         call.close()
 

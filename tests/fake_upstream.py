@@ -47,6 +47,9 @@ Reply fields (all optional):
     tool_calls          [(id, name, arguments_json_str_or_dict)], arguments streamed in ~3 fragments.
                         chat: tool_calls[].id; anthropic: tool_use.id; responses: call_id
                         (pi-ai then reports the id as "<call_id>|fc_<...>").
+    whole_tool_calls    bool, responses only: a call's arguments arrive only whole, in
+                        ``response.output_item.done`` (no argument delta/done events), as some
+                        servers send them; pi-ai then emits no ``toolcall_delta`` for the call.
     stop                "stop" | "length" | "tool_calls" | "stop_sequence";
                         default "tool_calls" if tool_calls else "stop". Mapping:
                           chat:      stop / length / tool_calls / stop
@@ -151,6 +154,7 @@ class Reply:
     json_response: bool = False
     chunks: int | None = None
     model: str | None = None
+    whole_tool_calls: bool = False
 
 
 @dataclass
@@ -504,12 +508,13 @@ class _Plan:
                 yield ev({"type": "response.output_item.added", "output_index": oi,
                           "item": {"id": iid, "type": "function_call", "status": "in_progress", "arguments": "",
                                    "call_id": item["call_id"], "name": item["name"]}})
-                for frag in _split_args(item["arguments"]):
+                for frag in [] if self.r.whole_tool_calls else _split_args(item["arguments"]):
                     if frag:
                         yield ev({"type": "response.function_call_arguments.delta", "item_id": iid,
                                   "output_index": oi, "delta": frag})
-                yield ev({"type": "response.function_call_arguments.done", "item_id": iid, "output_index": oi,
-                          "name": item["name"], "arguments": item["arguments"]})
+                if not self.r.whole_tool_calls:
+                    yield ev({"type": "response.function_call_arguments.done", "item_id": iid,
+                              "output_index": oi, "name": item["name"], "arguments": item["arguments"]})
                 yield ev({"type": "response.output_item.done", "output_index": oi, "item": item})
         if self.r.stream_error is not None:
             resp = self._resp_obj("failed", items, None)

@@ -247,7 +247,9 @@ ENDPOINTS = [("GET", "/v1/models", None, "openai"), ("GET", "/v1/models/fake-cha
                                        "messages": [{"role": "user", "content": "x"}]}, "anthropic"),
              ("POST", "/v1/messages/count_tokens", {"model": "fake-anthropic/claude-test",
                                                     "messages": [{"role": "user", "content": "x"}]}, "anthropic"),
-             ("GET", "/", None, "openai"), ("POST", "/api/event_logging/batch", {}, "openai")]
+             ("GET", "/", None, "openai"), ("POST", "/api/event_logging/batch", {}, "openai"),
+             ("POST", "/api/stream", {"model": {"provider": "fake-chat", "id": "chat-model"}, "context": {
+                 "messages": [{"role": "user", "content": "x", "timestamp": 0}]}, "options": {}}, "pi")]
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +267,11 @@ def test_proxy_token_is_required_on_every_endpoint(guarded_proxy, fake, method, 
         refused = requests.request(method, url, json=body, headers=headers)
         assert refused.status_code == 401
         error = refused.json()
-        assert (error["error"]["type"] == "authentication_error") and (error.get("type") == "error") == (family == "anthropic")
+        if family == "pi":
+            assert "token" in error["error"]
+        else:
+            assert error["error"]["type"] == "authentication_error"
+            assert (error.get("type") == "error") == (family == "anthropic")
     fake.default = Reply(text="ok")
     for headers in ({"Authorization": f"Bearer {PROXY_TOKEN}"}, {"x-api-key": PROXY_TOKEN}):
         accepted = requests.request(method, url, json=body, headers=headers)
