@@ -140,9 +140,20 @@ def test_tool_call_delivered_whole_gets_its_arguments_as_one_delta(proxy, fake, 
     assert rebuilt["content"][0]["arguments"] == {"city": "Oslo"}
 
 
-@ALL_APIS
+@pytest.mark.parametrize("model", ["fake-chat/chat-model", "fake-anthropic/claude-test"])
 def test_length_stop(proxy, fake, decoy, model):
     assert_same_as_direct(proxy, fake, decoy, model, Reply(text="cut short", stop="length"))
+
+
+def test_length_stop_from_the_responses_api_is_reported_though_pi_ai_misses_it(proxy, fake, decoy):
+    """pi-ai 0.73.1 ignores `response.incomplete`; the bridge reports it as pi-ai reports the
+    other APIs' max-token stops (see bridge.mjs), so here the proxy is right where pi-ai is not."""
+    model, reply = "fake-responses/gpt-test", Reply(text="cut short", stop="length", usage=dict(input=5, output=2))
+    _, rebuilt = via_proxy(proxy, fake, decoy, model, reply)
+    _, expected = direct(fake, model, reply)
+    assert expected["stopReason"] == "stop", "pi-ai now handles response.incomplete: drop the bridge's fix"
+    assert rebuilt["stopReason"] == "length" and (rebuilt["usage"]["input"], rebuilt["usage"]["output"]) == (5, 2)
+    assert comparable(rebuilt)["content"] == comparable(expected)["content"]
 
 
 @pytest.mark.parametrize("model,reply", [
