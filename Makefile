@@ -1,13 +1,14 @@
 # make run   installs what the proxy needs and runs it
 # make test  installs what the tests need too (test clients, Codex CLI) and runs them
+# make bench installs what the proxy needs and runs the benchmark (bench/results.json, a table)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 
-.PHONY: install install-test run test
-install: $(VENV)/.installed node_modules/.installed
-install-test: $(VENV)/.installed node_modules/.installed-dev
+.PHONY: install install-test run test bench
+install: $(VENV)/.installed node_modules/.installed build/bridge.mjs
+install-test: $(VENV)/.installed node_modules/.installed-dev build/bridge.mjs
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +24,17 @@ node_modules/.installed-dev: package.json package-lock.json
 	$(NPM_CI)
 	touch node_modules/.installed $@
 
+# bridge.mjs with pi-ai in one build (esbuild, a pinned dependency); providers stay separate
+# chunks, loaded when used.
+build/bridge.mjs: bridge.mjs node_modules/.installed
+	rm -rf build
+	npm run --silent build
+
 run: install
 	$(PY) proxy.py
 
 test: install-test
 	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench.py

@@ -1,6 +1,9 @@
 // bridge.mjs: one pi-ai call per process, for proxy.py.
 //
 // Protocol (JSON lines; proxy.py is the only client):
+//   argv   the pi-ai APIs whose provider modules to load before reading the request
+//          (pi-ai loads them lazily on first use; a pooled bridge is loaded before its request comes).
+//          proxy.py runs the bundle `make install` builds, build/bridge.mjs: it loads 4x faster.
 //   stdin  one request line; later lines answer prompts (login only); the end of stdin means "abort".
 //     {"op":"catalog"}
 //         -> {"type":"catalog","providers":[{"id","envKey","models":[Model...]}]}
@@ -38,7 +41,8 @@
 //            {"type":"prompt","message","placeholder"?,"allowEmpty"?}  answered by a stdin line
 //            {"answer": s}, then {"type":"credentials","credentials":OAuthCredentials}
 //   Failures of any op: {"type":"error","reason":"error|aborted","message":{"errorMessage":s}}.
-//   exit   0 after the final line is flushed. SIGTERM or the end of stdin aborts the upstream call.
+//   exit   0 after the final line is flushed. SIGTERM or the end of stdin aborts the upstream call;
+//          either one before the request arrives (an idle pooled bridge) ends the process at once.
 //
 // Why the events are reduced: every pi-ai event carries `partial`, the whole message so far;
 // printing it per delta is quadratic in the answer's length.
@@ -57,6 +61,18 @@ import {
   streamSimple,
 } from "@mariozechner/pi-ai";
 import { getOAuthProvider } from "@mariozechner/pi-ai/oauth";
+
+// Each API's provider module, as register-builtins imports it on first use (same module instance).
+const PROVIDER_MODULES = {
+  "anthropic-messages": () => import("@mariozechner/pi-ai/anthropic"),
+  "azure-openai-responses": () => import("@mariozechner/pi-ai/azure-openai-responses"),
+  "google-generative-ai": () => import("@mariozechner/pi-ai/google"),
+  "google-vertex": () => import("@mariozechner/pi-ai/google-vertex"),
+  "mistral-conversations": () => import("@mariozechner/pi-ai/mistral"),
+  "openai-codex-responses": () => import("@mariozechner/pi-ai/openai-codex-responses"),
+  "openai-completions": () => import("@mariozechner/pi-ai/openai-completions"),
+  "openai-responses": () => import("@mariozechner/pi-ai/openai-responses"),
+};
 
 const abort = new AbortController();
 const upstream = {}; // the last upstream HTTP response seen: status, retryAfter, stopSequence
@@ -295,7 +311,16 @@ abort.signal.addEventListener("abort", () => setTimeout(() => finish(1), 1000).u
 
 const ops = { catalog, stream, refresh, login };
 try {
-  const request = await readLine();
+  await Promise.all(process.argv.slice(2).map((api) => PROVIDER_MODULES[api]?.()));
+  // Node loads its HTTP client on the first fetch: about 40 ms better spent before the request.
+  await fetch("data:,").then((response) => response.text());
+  const stopped = new Promise((_, reject) => {
+    const stop = () => reject(new Error("stopped before a request came"));
+    if (abort.signal.aborted) stop();
+    else abort.signal.addEventListener("abort", stop);
+  });
+  const request = await Promise.race([readLine(), stopped]);
+  process.title = "pi-proxy bridge: serving"; // what `ps` shows; an idle pooled bridge keeps its command line
   if (!ops[request.op]) throw new Error(`unknown op: ${request.op}`);
   await ops[request.op](request);
   finish(0);

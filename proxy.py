@@ -14,6 +14,7 @@ The file reads in the order data flows through it:
   5. Errors               ApiError and the mapping of upstream failures to HTTP statuses
   6. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
   8. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
+  8. Bridge pool          bridges started ahead of need; replaced, drained on shutdown
   7. HTTP                 the Flask app: routes, SSE responses, client-disconnect detection
   8. Main                 command line and the gevent server
 
@@ -38,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gevent
+import gevent.lock
 import gevent.queue
 import gevent.subprocess
 from flask import Flask, Response, request
@@ -62,6 +65,7 @@ from werkzeug.exceptions import HTTPException
 log = logging.getLogger("pi-proxy")
 HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
+BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
 
 
 # ==================================================================================================
@@ -77,6 +81,7 @@ class Config:
     upstream_timeout_ms: int = 120_000
     agent_dir: Path = Path("~/.pi/agent").expanduser()
     auth_token: str | None = None  # clients must present it; None: no proxy authentication
+    bridge_pool: int = 2
 
 
 def parse_command_line(argv=None) -> argparse.Namespace:
@@ -105,6 +110,7 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         upstream_timeout_ms=int(environ.get("PI_PROXY_UPSTREAM_TIMEOUT_MS", defaults.upstream_timeout_ms)),
         agent_dir=Path(environ.get("PI_CODING_AGENT_DIR") or "~/.pi/agent").expanduser(),
         auth_token=args.auth_token or environ.get("PI_PROXY_AUTH_TOKEN") or None,
+        bridge_pool=int(environ.get("PI_PROXY_BRIDGE_POOL", defaults.bridge_pool)),
     )
 
 
@@ -472,13 +478,25 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
 # ==================================================================================================
 
 
-class Bridge:
-    """One `node bridge.mjs` process answering one request. Every path ends in close(), which
-    kills the process if it still runs and always reaps it."""
+def bridge_script() -> Path:
+    """The bundle loads about four times faster than bridge.mjs with pi-ai's hundreds of files; a
+    bundle older than bridge.mjs would run stale code, so then the source runs."""
+    try:
+        if BRIDGE_BUNDLE.stat().st_mtime >= BRIDGE_SCRIPT.stat().st_mtime:
+            return BRIDGE_BUNDLE
+    except OSError:
+        pass
+    log.warning("%s is missing or older than bridge.mjs (run `make install`); running bridge.mjs", BRIDGE_BUNDLE)
+    return BRIDGE_SCRIPT
 
-    def __init__(self, node: str, request: dict):
+
+class Bridge:
+    """One `node bridge.mjs` process answering one request, given by send(). Every path ends in
+    close(), which kills the process if it still runs and always reaps it."""
+
+    def __init__(self, command: list):
         self.proc = gevent.subprocess.Popen(
-            [node, str(BRIDGE_SCRIPT)],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -487,6 +505,8 @@ class Bridge:
         self.stderr_tail = b""
         self.lines = gevent.queue.Queue()
         self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
+
+    def send(self, request: dict):
         try:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
@@ -559,7 +579,8 @@ class Bridge:
 
 def refresh_oauth(node: str, provider: str, credentials: dict) -> dict:
     """Fresh OAuth credentials from pi-ai's refreshToken (for Copilot: a GitHub token -> a Copilot token)."""
-    bridge = Bridge(node, {"op": "refresh", "provider": provider, "credentials": credentials})
+    bridge = Bridge([node, str(bridge_script())])
+    bridge.send({"op": "refresh", "provider": provider, "credentials": credentials})
     try:
         *_, final = bridge.events(60)
     finally:
@@ -571,10 +592,9 @@ def refresh_oauth(node: str, provider: str, credentials: dict) -> dict:
     return final["credentials"]
 
 
-def load_catalog(node: str) -> list:
+def load_catalog(command: list) -> list:
     """pi-ai's built-in providers and models, once at startup."""
-    result = subprocess.run([node, str(BRIDGE_SCRIPT)], input=b'{"op":"catalog"}\n', capture_output=True,
-                            cwd=HERE, timeout=60)
+    result = subprocess.run(command, input=b'{"op":"catalog"}\n', capture_output=True, cwd=HERE, timeout=60)
     for line in result.stdout.splitlines():
         event = json.loads(line)
         if event.get("type") == "catalog":
@@ -2288,6 +2308,73 @@ def _is_json_object(text: str) -> bool:
 
 
 # ==================================================================================================
+# 8. Bridge pool
+# ==================================================================================================
+
+
+class BridgePool:
+    """Bridges started ahead of need, so a request does not wait for node to boot and load pi-ai.
+
+    Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
+    the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
+    bridge that dies is replaced a second later (a bridge that cannot start must not spin);
+    drain() kills and reaps every bridge, idle or serving. With size 0 take() spawns on demand."""
+
+    RESPAWN_DELAY = 1.0
+
+    def __init__(self, command, size: int):
+        self.command, self.size = command, size  # command() -> argv, read at each spawn
+        self.idle: list[Bridge] = []
+        self.live: set[Bridge] = set()
+        self.draining = False
+        self._refilling = gevent.lock.Semaphore()
+        self.refill()
+
+    def take(self) -> Bridge:
+        """The oldest idle bridge still running, else a new one; the pool refills meanwhile."""
+        while self.idle:
+            bridge = self.idle.pop(0)
+            if bridge.proc.poll() is None:
+                break
+            bridge.close()
+        else:
+            bridge = self._spawn()
+        gevent.spawn(self.refill)
+        return bridge
+
+    def refill(self):
+        with self._refilling:  # spawning yields; one refill at a time keeps the count right
+            while not self.draining and len(self.idle) < self.size:
+                self.idle.append(self._spawn())
+
+    def _spawn(self) -> Bridge:
+        bridge = Bridge(self.command())
+        self.live.add(bridge)
+        gevent.spawn(self._watch, bridge)
+        return bridge
+
+    def _watch(self, bridge: Bridge):
+        bridge.proc.wait()
+        self.live.discard(bridge)
+        if bridge in self.idle:
+            self.idle.remove(bridge)
+            bridge.close()
+            log.warning("an idle bridge exited (status %s): %s", bridge.proc.returncode,
+                        bridge.stderr_tail.decode(errors="replace").strip()[-300:] or "no message")
+            gevent.spawn_later(self.RESPAWN_DELAY, self.refill)
+
+    def drain(self):
+        self.draining = True
+        self.idle.clear()
+        bridges = list(self.live)
+        for bridge in bridges:
+            if bridge.proc.poll() is None:
+                bridge.proc.terminate()
+        for bridge in bridges:
+            bridge.close()
+
+
+# ==================================================================================================
 # 8. HTTP
 # ==================================================================================================
 
@@ -2303,6 +2390,10 @@ class Proxy:
         self.config, self.node = config, node
         self.registry, self.credentials = registry, credentials
         self.started = int(time.time())
+        self.apis_by_provider = {}
+        for model in registry.models.values():
+            self.apis_by_provider.setdefault(model["provider"], set()).add(model["api"])
+        self.bridges = BridgePool(self.bridge_command, config.bridge_pool)
 
     def is_available(self, provider: str) -> bool:
         return self.credentials.source(provider) is not None
@@ -2357,8 +2448,15 @@ class Proxy:
         return ({"op": "stream", "model": model, "context": context, "options": options, "payload": payload},
                 secrets)
 
+    def bridge_command(self) -> list:
+        """node, the bridge, and the APIs of the available models: their provider modules are
+        loaded before the request comes."""
+        apis = {api for provider, apis in self.apis_by_provider.items() if self.is_available(provider) for api in apis}
+        return [self.node, str(bridge_script()), *sorted(apis)]
+
     def open_stream(self, bridge_request: dict, secrets: list, heartbeat: float | None = None) -> "Call":
-        bridge = Bridge(self.node, bridge_request)
+        bridge = self.bridges.take()
+        bridge.send(bridge_request)
         return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets)
 
 
@@ -2711,7 +2809,7 @@ def find_node() -> str:
 
 def build_proxy(config: Config) -> Proxy:
     node = find_node()
-    catalog = load_catalog(node)
+    catalog = load_catalog([node, str(bridge_script())])
     models_json, problem = read_models_json(config.agent_dir, {p["id"] for p in catalog})
     if problem:
         log.error(problem)
@@ -2740,10 +2838,16 @@ def serve(config: Config):
     if config.auth_token is None and not is_loopback(config.host):
         print(f"warning: listening on {config.host} without a token: anyone who can reach it spends your "
               "credentials. Set PI_PROXY_AUTH_TOKEN (or --auth-token).", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    def shut_down():
+        # Killing the bridges first ends every open stream with its error event, so the
+        # handlers finish; then the server stops.
+        proxy.bridges.drain()
+        server.stop(timeout=2)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, gevent.spawn, shut_down)
+    server.serve_forever()
+    proxy.bridges.drain()
 
 
 def is_loopback(host: str) -> bool:

@@ -111,8 +111,10 @@ class RunningProxy:
                 time.sleep(0.1)
         raise RuntimeError("proxy did not become healthy")
 
-    def bridges(self) -> list[int]:
-        """PIDs of bridge processes that are children of this proxy."""
+    def bridges(self, serving: bool = True) -> list[int]:
+        """PIDs of this proxy's bridge processes serving a request (a bridge retitles itself
+        `pi-proxy bridge: serving` when its request arrives), or with serving=False its idle
+        pooled ones."""
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -123,7 +125,8 @@ class RunningProxy:
             except OSError:
                 continue
             parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == self.proc.pid and b"bridge.mjs" in cmdline:
+            if parent == self.proc.pid and cmdline.startswith(b"pi-proxy bridge") == serving and (
+                    serving or b"bridge.mjs" in cmdline):
                 found.append(int(entry.name))
         return found
 
