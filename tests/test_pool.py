@@ -1,0 +1,112 @@
+"""The warm bridge pool: requests are served by bridges started before them, the pool refills,
+an idle bridge that dies is replaced, and nothing outlives the proxy."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import RunningProxy
+from tests.fake_upstream import Reply
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def wait_for(condition, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    return condition()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def pooled(agent_dir, tmp_path):
+    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "2"})
+    yield running
+    running.stop()
+
+
+def chat(proxy, text: str = "pooled", **reply) -> requests.Response:
+    return requests.post(f"{proxy.url}/v1/chat/completions", timeout=30,
+                         json={"model": "fake-chat/chat-model", "messages": USER}, **reply)
+
+
+def test_a_request_is_served_by_a_bridge_started_before_it(pooled, fake):
+    idle = wait_for(lambda: len(pooled.bridges(serving=False)) == 2 and pooled.bridges(serving=False))
+    assert len(idle) == 2, "the pool holds two idle bridges"
+    fake.push(Reply(text="one two three four five six", delay=0.3))
+    response = requests.post(f"{pooled.url}/v1/chat/completions", stream=True, timeout=30,
+                             json={"model": "fake-chat/chat-model", "messages": USER, "stream": True})
+    serving = wait_for(pooled.bridges)
+    assert len(serving) == 1 and serving[0] in idle, "the serving bridge was one of the idle ones"
+    assert b'"six"' in b"".join(response.iter_content(None))
+
+
+def test_the_pool_refills_after_use(pooled, fake):
+    before = set(wait_for(lambda: len(pooled.bridges(serving=False)) == 2 and pooled.bridges(serving=False)))
+    for text in ("first", "second", "third"):
+        fake.push(Reply(text=text))
+        assert chat(pooled).json()["choices"][0]["message"]["content"] == text
+    after = wait_for(lambda: len(pooled.bridges(serving=False)) == 2 and pooled.bridges(serving=False))
+    assert len(after) == 2 and not before & set(after), "used bridges are gone, fresh ones wait"
+    assert pooled.wait_no_bridges()
+
+
+def test_an_idle_bridge_that_dies_is_replaced(pooled, fake):
+    idle = wait_for(lambda: len(pooled.bridges(serving=False)) == 2 and pooled.bridges(serving=False))
+    os.kill(idle[0], signal.SIGKILL)
+    replaced = wait_for(lambda: len(pooled.bridges(serving=False)) == 2 and idle[0] not in pooled.bridges(serving=False)
+                        and pooled.bridges(serving=False))
+    assert replaced and idle[0] not in replaced
+    fake.push(Reply(text="after a death"))
+    assert chat(pooled).json()["choices"][0]["message"]["content"] == "after a death"
+
+
+def test_sigterm_leaves_no_bridge_behind(pooled, fake):
+    idle = wait_for(lambda: len(pooled.bridges(serving=False)) == 2 and pooled.bridges(serving=False))
+    fake.push(Reply(text="one two three", hang_after=3))  # then silent, within the 4 s timeout
+    response = requests.post(f"{pooled.url}/v1/chat/completions", stream=True, timeout=30,
+                             json={"model": "fake-chat/chat-model", "messages": USER, "stream": True})
+    serving = wait_for(pooled.bridges)
+    assert serving
+    bridges = set(idle) | set(serving) | set(pooled.bridges(serving=False))
+    pooled.proc.send_signal(signal.SIGTERM)
+    assert pooled.proc.wait(timeout=10) == 0
+    assert not [pid for pid in bridges if alive(pid)], "every bridge was killed and reaped"
+    body = b"".join(response.iter_content(None))
+    assert body.rstrip().endswith(b"data: [DONE]"), "the open stream still got its end"
+    assert fake.wait_for_disconnect(timeout=2)
+
+
+def test_idle_bridges_exit_when_the_proxy_dies_without_cleanup(pooled):
+    idle = wait_for(lambda: len(pooled.bridges(serving=False)) == 2 and pooled.bridges(serving=False))
+    pooled.proc.kill()
+    pooled.proc.wait()
+    assert wait_for(lambda: not [pid for pid in idle if alive(pid)], timeout=5), \
+        "an idle bridge notices the end of its stdin and exits"
+
+
+def test_pool_size_zero_spawns_on_demand(agent_dir, tmp_path, fake):
+    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "0"})
+    try:
+        time.sleep(0.5)
+        assert running.bridges(serving=False) == []
+        fake.push(Reply(text="on demand"))
+        assert chat(running).json()["choices"][0]["message"]["content"] == "on demand"
+        assert running.wait_no_bridges() and running.bridges(serving=False) == []
+    finally:
+        running.stop()
