@@ -505,6 +505,7 @@ class Bridge:
         self.stderr_tail = b""
         self.lines = gevent.queue.Queue()
         self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
+        self._reaper = None
 
     def send(self, request: dict):
         try:
@@ -531,7 +532,8 @@ class Bridge:
         while True:
             wait = idle_timeout - silent if heartbeat is None else min(heartbeat, idle_timeout - silent)
             try:
-                line = self.lines.get(timeout=wait)
+                # A line already queued needs no timer (most of a fast stream's lines).
+                line = self.lines.get_nowait() if self.lines.qsize() else self.lines.get(timeout=wait)
             except gevent.queue.Empty:
                 silent += wait
                 if silent < idle_timeout:
@@ -561,13 +563,20 @@ class Bridge:
         detail = f": {tail[-1]}" if tail else ""
         return f"bridge exited unexpectedly (status {code}){detail}"
 
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=1)
-            except gevent.subprocess.TimeoutExpired:
-                self.proc.kill()
+    def close(self) -> gevent.Greenlet:
+        """Stop the process if it still runs and reap it in the background (a SIGTERM may take
+        up to a second to work), so a response ends on the bridge's final event, not its exit."""
+        if self._reaper is None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            self._reaper = gevent.spawn(self._reap)
+        return self._reaper
+
+    def _reap(self):
+        try:
+            self.proc.wait(timeout=1)
+        except gevent.subprocess.TimeoutExpired:
+            self.proc.kill()
         self.proc.wait()
         gevent.killall(self._readers, block=False)
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
@@ -2366,12 +2375,7 @@ class BridgePool:
     def drain(self):
         self.draining = True
         self.idle.clear()
-        bridges = list(self.live)
-        for bridge in bridges:
-            if bridge.proc.poll() is None:
-                bridge.proc.terminate()
-        for bridge in bridges:
-            bridge.close()
+        gevent.joinall([bridge.close() for bridge in list(self.live)])
 
 
 # ==================================================================================================
@@ -2701,11 +2705,24 @@ def model_entry(model: dict, created: int) -> dict:
 
 
 def sse_response(frames, call: Call) -> Response:
-    response = Response(frames, mimetype="text/event-stream",
+    response = Response(coalesce(frames, call.bridge), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     # Runs even if the client vanished before the first frame (a generator's finally would not).
     response.call_on_close(call.close)
     return response
+
+
+def coalesce(frames, bridge: Bridge):
+    """One socket write for all the frames of the events the bridge has already printed (it
+    prints a tick's events at once), instead of one write per frame; nothing waits for more."""
+    batch = []
+    for frame in frames:
+        batch.append(frame)
+        if not bridge.lines.qsize():
+            yield b"".join(batch)
+            batch = []
+    if batch:
+        yield b"".join(batch)
 
 
 def sse_event(name: str, payload) -> bytes:
