@@ -1,0 +1,229 @@
+"""`make bench`: the proxy measured against the fake upstream called directly, in the same run.
+
+Starts tests/fake_upstream.py in this process and a real proxy (proxy.py, its bridge pool, pi-ai)
+configured to reach it, then measures:
+  1. time to first token and total time of a stream, 20 and 2,000 tokens, p50/p90, proxy vs direct
+     (requests 0.3 s apart, so the pool is warm: its bridges have loaded);
+  2. CPU-seconds per request of the bridge processes (the proxy's reaped children) and of proxy.py;
+  3. sustained requests/second, short non-streaming requests, 4 and 16 concurrent clients;
+  4. peak RSS of one in-flight bridge, and of proxy.py holding 100 concurrent slow streams;
+  5. a 16,000-token stream: CPU of proxy + bridge per 1,000 tokens (and the 2,000-token one's).
+Writes bench/results.json and prints a table. Not a test: nothing here runs under `make test`."""
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.conftest import RunningProxy  # noqa: E402
+from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+MODEL = "bench/m"
+USER = [{"role": "user", "content": "hi"}]
+
+
+def proc_stat(pid: int) -> list:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(own CPU-seconds, CPU-seconds of its reaped children)."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / TICK, (int(fields[13]) + int(fields[14])) / TICK
+
+
+def memory_mb(pid: int, field: str) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def percentile(values: list, p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def stream_timing(session: requests.Session, url: str, body: dict) -> tuple[float, float]:
+    """(seconds to the first content delta, seconds to the end of the stream)."""
+    started = time.perf_counter()
+    first = None
+    with session.post(url, json=body, stream=True, timeout=60) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if first is None and b'"content":"' in line:
+                first = time.perf_counter()
+    return first - started, time.perf_counter() - started
+
+
+def latency(fake, proxy, tokens: int, runs: int) -> dict:
+    fake.default = Reply(text="tok " * tokens, chunks=tokens)
+    body = {"model": "m", "messages": USER, "stream": True}
+    session = requests.Session()
+    result = {}
+    for name, url, model in (("direct", f"{fake.base_url}/v1/chat/completions", "m"),
+                             ("proxy", f"{proxy.url}/v1/chat/completions", MODEL)):
+        timings = []
+        for _ in range(runs):
+            time.sleep(0.3)
+            timings.append(stream_timing(session, url, {**body, "model": model}))
+        ttft, total = [t[0] * 1000 for t in timings], [t[1] * 1000 for t in timings]
+        result[name] = {"ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p90": percentile(ttft, 90),
+                        "total_ms_p50": percentile(total, 50), "total_ms_p90": percentile(total, 90)}
+    return result
+
+
+def cpu_per_request(fake, proxy, tokens: int, runs: int) -> dict:
+    """CPU of proxy.py and of its bridges over `runs` sequential streams. Bridges are counted
+    when reaped; the pool holds as many idle bridges after as before, so the sum is per request."""
+    fake.default = Reply(text="tok " * tokens, chunks=tokens)
+    session = requests.Session()
+    time.sleep(1.0)
+    own_before, children_before = cpu_split(proxy.proc.pid)
+    for _ in range(runs):
+        stream_timing(session, f"{proxy.url}/v1/chat/completions", {"model": MODEL, "messages": USER, "stream": True})
+        time.sleep(0.3)
+    time.sleep(1.0)
+    own_after, children_after = cpu_split(proxy.proc.pid)
+    return {"proxy_cpu_s": (own_after - own_before) / runs, "bridge_cpu_s": (children_after - children_before) / runs}
+
+
+def throughput(fake, proxy, clients: int, seconds: float) -> dict:
+    fake.default = Reply(text="short answer")
+    result = {}
+    for name, url, model in (("direct", f"{fake.base_url}/v1/chat/completions", "m"),
+                             ("proxy", f"{proxy.url}/v1/chat/completions", MODEL)):
+        done, errors = [0], [0]
+        deadline = time.perf_counter() + seconds
+
+        def client():
+            session = requests.Session()
+            while time.perf_counter() < deadline:
+                response = session.post(url, json={"model": model, "messages": USER}, timeout=60)
+                if response.status_code == 200:
+                    done[0] += 1
+                else:
+                    errors[0] += 1
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        result[name] = {"requests_per_s": done[0] / (time.perf_counter() - started), "errors": errors[0]}
+        time.sleep(1.0)
+    return result
+
+
+def concurrent_slow_streams(fake, proxy, streams: int) -> dict:
+    """`streams` clients each holding a 40-token stream that lasts about 4 s."""
+    fake.default = Reply(text="tok " * 40, chunks=40, delay=0.1)
+    peak = {"proxy_rss_mb": 0.0, "bridge_rss_mb": 0.0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak["proxy_rss_mb"] = max(peak["proxy_rss_mb"], memory_mb(proxy.proc.pid, "VmRSS"))
+            for pid in proxy.bridges():
+                peak["bridge_rss_mb"] = max(peak["bridge_rss_mb"], memory_mb(pid, "VmHWM"))
+            time.sleep(0.2)
+
+    def one(_):
+        try:
+            with requests.post(f"{proxy.url}/v1/chat/completions", stream=True, timeout=120,
+                               json={"model": MODEL, "messages": USER, "stream": True}) as response:
+                lines = [line for line in response.iter_lines() if line.startswith(b"data: ")]
+            return response.status_code == 200 and lines[-1] == b"data: [DONE]" and b'"error"' not in lines[-2]
+        except requests.RequestException:
+            return False
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        ok = sum(pool.map(one, range(streams)))
+    elapsed = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    return {"streams": streams, "completed": ok, "errors": streams - ok, "seconds": elapsed, **peak}
+
+
+def long_stream_cpu(fake, proxy, tokens: int, runs: int) -> dict:
+    cpu = cpu_per_request(fake, proxy, tokens, runs)
+    per_k = (cpu["proxy_cpu_s"] + cpu["bridge_cpu_s"]) / tokens * 1000
+    return {**cpu, "tokens": tokens, "cpu_s_per_1k_tokens": per_k}
+
+
+def models_json(fake_url: str) -> dict:
+    return {"providers": {"bench": {"baseUrl": f"{fake_url}/v1", "api": "openai-completions", "apiKey": "sk-bench",
+                                    "models": [{"id": "m", "maxTokens": 32000}]}}}
+
+
+def table(results: dict) -> str:
+    lat, cpu, tp, slow, long = (results[k] for k in ("latency", "cpu_per_request", "throughput", "slow_streams",
+                                                     "long_stream"))
+    rows = ["| figure | proxy | direct | proxy − direct |", "|---|---|---|---|"]
+    for tokens, figures in lat.items():
+        for key, label in (("ttft", "time to first token"), ("total", "total time")):
+            for p in ("p50", "p90"):
+                proxy_ms, direct_ms = figures["proxy"][f"{key}_ms_{p}"], figures["direct"][f"{key}_ms_{p}"]
+                rows.append(f"| {label}, {tokens} tokens, {p} | {proxy_ms:.1f} ms | {direct_ms:.1f} ms | "
+                            f"{proxy_ms - direct_ms:+.1f} ms |")
+    rows.append(f"| CPU per 20-token stream: bridge | {cpu['bridge_cpu_s'] * 1000:.0f} ms | | |")
+    rows.append(f"| CPU per 20-token stream: proxy.py | {cpu['proxy_cpu_s'] * 1000:.1f} ms | | |")
+    for clients, figures in tp.items():
+        rows.append(f"| short requests/s, {clients} clients | {figures['proxy']['requests_per_s']:.1f} "
+                    f"({figures['proxy']['errors']} errors) | {figures['direct']['requests_per_s']:.0f} | |")
+    rows.append(f"| peak RSS, one in-flight bridge | {slow['bridge_rss_mb']:.1f} MB | | |")
+    rows.append(f"| peak RSS, proxy.py with {slow['streams']} concurrent slow streams | {slow['proxy_rss_mb']:.1f} MB "
+                f"({slow['completed']} completed, {slow['errors']} errors, {slow['seconds']:.1f} s) | | |")
+    for tokens, figures in long.items():
+        rows.append(f"| CPU per 1,000 tokens, {tokens}-token stream (proxy + bridge) | "
+                    f"{figures['cpu_s_per_1k_tokens'] * 1000:.1f} ms (proxy {figures['proxy_cpu_s'] * 1000:.0f} ms, "
+                    f"bridge {figures['bridge_cpu_s'] * 1000:.0f} ms per stream) | | |")
+    return "\n".join(rows)
+
+
+def main():
+    with FakeUpstream() as fake, tempfile.TemporaryDirectory() as home:
+        agent_dir = Path(home) / "agent"
+        agent_dir.mkdir()
+        (agent_dir / "models.json").write_text(json.dumps(models_json(fake.base_url)))
+        proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {"PI_PROXY_LOG_LEVEL": "WARNING",
+                                                                      "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000"})
+        try:
+            time.sleep(1.0)
+            results = {"pool_size": int(os.environ.get("PI_PROXY_BRIDGE_POOL", "2"))}
+            print("latency ...", flush=True)
+            results["latency"] = {20: latency(fake, proxy, 20, 30), 2000: latency(fake, proxy, 2000, 15)}
+            print("CPU per request ...", flush=True)
+            results["cpu_per_request"] = cpu_per_request(fake, proxy, 20, 20)
+            print("throughput ...", flush=True)
+            results["throughput"] = {clients: throughput(fake, proxy, clients, 8.0) for clients in (4, 16)}
+            print("100 slow streams ...", flush=True)
+            results["slow_streams"] = concurrent_slow_streams(fake, proxy, 100)
+            print("long streams ...", flush=True)
+            results["long_stream"] = {2000: long_stream_cpu(fake, proxy, 2000, 5),
+                                      16000: long_stream_cpu(fake, proxy, 16000, 3)}
+        finally:
+            proxy.stop()
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
