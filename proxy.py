@@ -601,9 +601,10 @@ def refresh_oauth(node: str, provider: str, credentials: dict) -> dict:
     return final["credentials"]
 
 
-def load_catalog(command: list) -> list:
+def load_catalog(node: str) -> list:
     """pi-ai's built-in providers and models, once at startup."""
-    result = subprocess.run(command, input=b'{"op":"catalog"}\n', capture_output=True, cwd=HERE, timeout=60)
+    result = subprocess.run([node, str(bridge_script())], input=b'{"op":"catalog"}\n', capture_output=True,
+                            cwd=HERE, timeout=60)
     for line in result.stdout.splitlines():
         event = json.loads(line)
         if event.get("type") == "catalog":
@@ -2826,7 +2827,7 @@ def find_node() -> str:
 
 def build_proxy(config: Config) -> Proxy:
     node = find_node()
-    catalog = load_catalog([node, str(bridge_script())])
+    catalog = load_catalog(node)
     models_json, problem = read_models_json(config.agent_dir, {p["id"] for p in catalog})
     if problem:
         log.error(problem)
