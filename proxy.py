@@ -7,18 +7,20 @@ Python owns HTTP, configuration, credentials and translation; the bridge only ta
 
 The file reads in the order data flows through it:
 
-  1. Configuration        flags and PI_PROXY_* environment variables
-  2. pi's config files    models.json (JSON with comments), auth.json, resolving keys
-  3. Model registry       pi-ai's catalogue merged with models.json; availability; name -> model
-  4. Bridge               spawning `node bridge.mjs`, reading its events, killing and reaping it
-  5. Errors               ApiError and the mapping of upstream failures to HTTP statuses
-  6. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
-  8. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
-  8. Bridge pool          bridges started ahead of need; replaced, drained on shutdown
-  7. HTTP                 the Flask app: routes, SSE responses, client-disconnect detection
-  8. Main                 command line and the gevent server
+   1. Configuration        flags and PI_PROXY_* environment variables
+   2. pi's config files    models.json (JSON with comments), auth.json and its lock, resolving keys
+   3. Model registry       pi-ai's catalogue merged with models.json; availability; name -> model
+   4. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
+   5. Bridge pool          bridges started ahead of need; replaced, drained on shutdown
+   6. Errors               ApiError and the mapping of upstream failures to HTTP statuses
+   7. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
+   8. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
+   9. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
+  10. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
+  11. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
+  12. Main                 command line (serve, login, logout, models) and the gevent server
 
-Translation functions in sections 5-6 are pure: tests call them without HTTP or node.
+Translation functions in sections 6-10 are pure: tests call them without HTTP or node.
 """
 
 if __name__ == "__main__":
@@ -614,7 +616,69 @@ def load_catalog(node: str) -> list:
 
 
 # ==================================================================================================
-# 5. Errors
+# 5. Bridge pool
+# ==================================================================================================
+
+
+class BridgePool:
+    """Bridges started ahead of need, so a request does not wait for node to boot and load pi-ai.
+
+    Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
+    the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
+    bridge that dies is replaced a second later (a bridge that cannot start must not spin);
+    drain() kills and reaps every bridge, idle or serving. With size 0 take() spawns on demand."""
+
+    RESPAWN_DELAY = 1.0
+
+    def __init__(self, command, size: int):
+        self.command, self.size = command, size  # command() -> argv, read at each spawn
+        self.idle: list[Bridge] = []
+        self.live: set[Bridge] = set()
+        self.draining = False
+        self._refilling = gevent.lock.Semaphore()
+        self.refill()
+
+    def take(self) -> Bridge:
+        """The oldest idle bridge still running, else a new one; the pool refills meanwhile."""
+        while self.idle:
+            bridge = self.idle.pop(0)
+            if bridge.proc.poll() is None:
+                break
+            bridge.close()
+        else:
+            bridge = self._spawn()
+        gevent.spawn(self.refill)
+        return bridge
+
+    def refill(self):
+        with self._refilling:  # spawning yields; one refill at a time keeps the count right
+            while not self.draining and len(self.idle) < self.size:
+                self.idle.append(self._spawn())
+
+    def _spawn(self) -> Bridge:
+        bridge = Bridge(self.command())
+        self.live.add(bridge)
+        gevent.spawn(self._watch, bridge)
+        return bridge
+
+    def _watch(self, bridge: Bridge):
+        bridge.proc.wait()
+        self.live.discard(bridge)
+        if bridge in self.idle:
+            self.idle.remove(bridge)
+            bridge.close()
+            log.warning("an idle bridge exited (status %s): %s", bridge.proc.returncode,
+                        bridge.stderr_tail.decode(errors="replace").strip()[-300:] or "no message")
+            gevent.spawn_later(self.RESPAWN_DELAY, self.refill)
+
+    def drain(self):
+        self.draining = True
+        self.idle.clear()
+        gevent.joinall([bridge.close() for bridge in list(self.live)])
+
+
+# ==================================================================================================
+# 6. Errors
 # ==================================================================================================
 
 
@@ -703,7 +767,7 @@ def redact(text: str, secrets) -> str:
 
 
 # ==================================================================================================
-# 6. OpenAI chat completions
+# 7. OpenAI chat completions
 # ==================================================================================================
 
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
@@ -1160,7 +1224,7 @@ class ChatChunks:
 
 
 # ==================================================================================================
-# 7. Anthropic messages
+# 8. Anthropic messages
 # ==================================================================================================
 
 _A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
@@ -1656,163 +1720,7 @@ def resolve_claude_model(name: str, models: dict, is_available) -> dict:
 
 
 # ==================================================================================================
-# 8. pi streamProxy
-# ==================================================================================================
-# pi-agent-core's streamProxy(model, context, {proxyUrl, authToken}) posts {model, context,
-# options} to /api/stream and rebuilds the message from pi's own events, reduced (no `partial`).
-# The client's model object only names the model: connection fields (baseUrl, headers, api)
-# come from this proxy's registry, or a client could send the server's keys anywhere.
-
-_PI_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
-_PI_IMAGE = {"required": ["data", "mimeType"],
-             "properties": {"data": {"type": "string"}, "mimeType": {"type": "string"}}}
-_PI_THINKING = {"required": ["thinking"], "properties": {"thinking": {"type": "string"}}}
-_PI_TOOL_CALL = {"required": ["id", "name", "arguments"],
-                 "properties": {"id": {"type": "string"}, "name": {"type": "string"},
-                                "arguments": {"type": "object"}}}
-_PI_BLOCK_RULES = {"text": _PI_TEXT, "image": _PI_IMAGE, "thinking": _PI_THINKING, "toolCall": _PI_TOOL_CALL}
-
-
-def _pi_blocks(allowed: list) -> dict:
-    return {"type": "array", "items": {
-        "type": "object", "required": ["type"], "properties": {"type": {"enum": allowed}},
-        "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": _PI_BLOCK_RULES[kind]}
-                  for kind in allowed]}}
-
-
-_PI_MESSAGE_RULES = {
-    "user": {"required": ["content"],
-             "properties": {"content": {"anyOf": [{"type": "string"}, _pi_blocks(["text", "image"])]}}},
-    "assistant": {"required": ["content"],
-                  "properties": {"content": _pi_blocks(["text", "thinking", "toolCall"]),
-                                 "api": {"type": "string"}, "provider": {"type": "string"},
-                                 "model": {"type": "string"}, "stopReason": {"type": "string"}}},
-    "toolResult": {"required": ["toolCallId", "content"],
-                   "properties": {"toolCallId": {"type": "string"}, "toolName": {"type": "string"},
-                                  "content": _pi_blocks(["text", "image"]), "isError": {"type": "boolean"}}},
-}
-PI_STREAM_VALIDATOR = Draft202012Validator({
-    "type": "object",
-    "required": ["model", "context"],
-    "properties": {
-        "model": {"type": "object", "required": ["provider", "id"],
-                  "properties": {"provider": {"type": "string", "minLength": 1},
-                                 "id": {"type": "string", "minLength": 1}}},
-        "context": {"type": "object", "required": ["messages"], "properties": {
-            "systemPrompt": {"type": "string"},
-            "messages": {"type": "array", "items": {
-                "type": "object", "required": ["role"],
-                "properties": {"role": {"enum": list(_PI_MESSAGE_RULES)}},
-                "allOf": [{"if": {"properties": {"role": {"const": role}}}, "then": rule}
-                          for role, rule in _PI_MESSAGE_RULES.items()]}},
-            "tools": {"type": "array", "items": {
-                "type": "object", "required": ["name", "parameters"],
-                "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-                               "parameters": {"type": "object"}}}},
-        }},
-        "options": {"type": "object", "properties": {
-            "temperature": {"type": "number", "minimum": 0},
-            "maxTokens": {"type": "integer", "minimum": 1},
-            "reasoning": {"enum": ["minimal", "low", "medium", "high", "xhigh"]},
-            "thinkingBudgets": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}},
-            "cacheRetention": {"enum": ["none", "short", "long"]},
-            "sessionId": {"type": "string"},
-            "metadata": {"type": "object"},
-            "maxRetryDelayMs": {"type": "integer", "minimum": 0},
-            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-        }},
-    },
-})
-PI_STREAM_OPTIONS = ("temperature", "maxTokens", "reasoning", "thinkingBudgets", "cacheRetention", "sessionId",
-                     "metadata", "maxRetryDelayMs")
-# Headers that carry credentials in some provider's requests: a client may never set them.
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
-                                "cf-aig-authorization", "chatgpt-account-id", "cookie"})
-
-
-def pi_stream_body(body) -> dict:
-    """The validated request; `null` options mean "not set", as everywhere."""
-    if isinstance(body, dict) and isinstance(body.get("options"), dict):
-        body = {**body, "options": {k: v for k, v in body["options"].items() if v is not None}}
-    return validate(body, PI_STREAM_VALIDATOR)
-
-
-def pi_stream_options(options: dict) -> dict:
-    """The options pi-ai is given; the rest (transport, anything connection-related) is ignored."""
-    ignored = sorted(set(options) - set(PI_STREAM_OPTIONS) - {"headers"})
-    if ignored:
-        log.debug("ignoring streamProxy options: %s", ", ".join(ignored))
-    return {name: options[name] for name in PI_STREAM_OPTIONS if name in options}
-
-
-def addable_headers(requested: dict, server_headers) -> dict:
-    """A client's extra headers, minus those that would replace a credential or a header the server
-    sets (names compare case-insensitively). Values stay literal: unlike models.json values they
-    are never resolved as environment variable names or `!commands`."""
-    taken = CREDENTIAL_HEADERS | {name.lower() for name in server_headers}
-    dropped = sorted(name for name in requested if name.lower() in taken)
-    if dropped:
-        log.info("a client may not set these headers; dropped: %s", ", ".join(dropped))
-    return {name: value for name, value in requested.items() if name.lower() not in taken}
-
-
-def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
-    """The registry's model named by the client's (provider, id); no other field of it is used."""
-    name = f"{model['provider']}/{model['id']}"
-    if name not in models:
-        raise ApiError(404, f"The model {name!r} does not exist on this proxy", "not_found_error",
-                       param="model", code="model_not_found")
-    return resolve_model(name, models, is_available)
-
-
-class PiStreamEvents:
-    """Bridge events -> streamProxy events. The bridge already prints pi's reduced events; what
-    changes is the end (usage instead of the whole message), and what streamProxy rebuilds only
-    from deltas: a tool call delivered whole gets its arguments as one delta, and a text or
-    thinking block whose final text pi-ai trimmed (openai-responses reasoning) must not keep the
-    trailing whitespace it streamed, so that whitespace waits for the next delta or the block's end."""
-
-    def __init__(self, secrets: list):
-        self.secrets = secrets
-        self.streamed_arguments: set[int] = set()
-        self.sent_length: dict[int, int] = {}  # contentIndex -> characters of text sent
-        self.held: dict[int, str] = {}  # contentIndex -> trailing whitespace not sent yet
-
-    def translate(self, event: dict) -> list:
-        kind = event["type"]
-        if kind in ("text_delta", "thinking_delta"):
-            index = event["contentIndex"]
-            text = self.held.pop(index, "") + event["delta"]
-            sent = text.rstrip()
-            self.held[index] = text[len(sent):]
-            self.sent_length[index] = self.sent_length.get(index, 0) + len(sent)
-            return [{**event, "delta": sent}] if sent else []
-        if kind in ("text_end", "thinking_end"):
-            index = event["contentIndex"]
-            rest = event["content"][self.sent_length.pop(index, 0):]
-            self.held.pop(index, None)
-            end = {name: value for name, value in event.items() if name != "content"}
-            return [{"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}, end] if rest else [end]
-        if kind == "toolcall_delta" and event["delta"]:
-            self.streamed_arguments.add(event["contentIndex"])
-        if kind == "toolcall_end":
-            index = event["contentIndex"]
-            whole = [] if index in self.streamed_arguments else [
-                {"type": "toolcall_delta", "contentIndex": index,
-                 "delta": json.dumps(event["toolCall"].get("arguments") or {})}]
-            return [*whole, {"type": kind, "contentIndex": index}]
-        if kind == "done":
-            return [{"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}]
-        if kind == "error":
-            message = event.get("message") or {}
-            return [{"type": kind, "reason": event["reason"],
-                     "errorMessage": redact(message.get("errorMessage") or "upstream error", self.secrets),
-                     "usage": message.get("usage") or ZERO_USAGE}]
-        return [event]
-
-
-# ==================================================================================================
-# 8. OpenAI responses
+# 9. OpenAI responses
 # ==================================================================================================
 
 _R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"],
@@ -2318,69 +2226,163 @@ def _is_json_object(text: str) -> bool:
 
 
 # ==================================================================================================
-# 8. Bridge pool
+# 10. pi streamProxy
 # ==================================================================================================
+# pi-agent-core's streamProxy(model, context, {proxyUrl, authToken}) posts {model, context,
+# options} to /api/stream and rebuilds the message from pi's own events, reduced (no `partial`).
+# The client's model object only names the model: connection fields (baseUrl, headers, api)
+# come from this proxy's registry, or a client could send the server's keys anywhere.
+
+_PI_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
+_PI_IMAGE = {"required": ["data", "mimeType"],
+             "properties": {"data": {"type": "string"}, "mimeType": {"type": "string"}}}
+_PI_THINKING = {"required": ["thinking"], "properties": {"thinking": {"type": "string"}}}
+_PI_TOOL_CALL = {"required": ["id", "name", "arguments"],
+                 "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                "arguments": {"type": "object"}}}
+_PI_BLOCK_RULES = {"text": _PI_TEXT, "image": _PI_IMAGE, "thinking": _PI_THINKING, "toolCall": _PI_TOOL_CALL}
 
 
-class BridgePool:
-    """Bridges started ahead of need, so a request does not wait for node to boot and load pi-ai.
+def _pi_blocks(allowed: list) -> dict:
+    return {"type": "array", "items": {
+        "type": "object", "required": ["type"], "properties": {"type": {"enum": allowed}},
+        "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": _PI_BLOCK_RULES[kind]}
+                  for kind in allowed]}}
 
-    Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
-    the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
-    bridge that dies is replaced a second later (a bridge that cannot start must not spin);
-    drain() kills and reaps every bridge, idle or serving. With size 0 take() spawns on demand."""
 
-    RESPAWN_DELAY = 1.0
+_PI_MESSAGE_RULES = {
+    "user": {"required": ["content"],
+             "properties": {"content": {"anyOf": [{"type": "string"}, _pi_blocks(["text", "image"])]}}},
+    "assistant": {"required": ["content"],
+                  "properties": {"content": _pi_blocks(["text", "thinking", "toolCall"]),
+                                 "api": {"type": "string"}, "provider": {"type": "string"},
+                                 "model": {"type": "string"}, "stopReason": {"type": "string"}}},
+    "toolResult": {"required": ["toolCallId", "content"],
+                   "properties": {"toolCallId": {"type": "string"}, "toolName": {"type": "string"},
+                                  "content": _pi_blocks(["text", "image"]), "isError": {"type": "boolean"}}},
+}
+PI_STREAM_VALIDATOR = Draft202012Validator({
+    "type": "object",
+    "required": ["model", "context"],
+    "properties": {
+        "model": {"type": "object", "required": ["provider", "id"],
+                  "properties": {"provider": {"type": "string", "minLength": 1},
+                                 "id": {"type": "string", "minLength": 1}}},
+        "context": {"type": "object", "required": ["messages"], "properties": {
+            "systemPrompt": {"type": "string"},
+            "messages": {"type": "array", "items": {
+                "type": "object", "required": ["role"],
+                "properties": {"role": {"enum": list(_PI_MESSAGE_RULES)}},
+                "allOf": [{"if": {"properties": {"role": {"const": role}}}, "then": rule}
+                          for role, rule in _PI_MESSAGE_RULES.items()]}},
+            "tools": {"type": "array", "items": {
+                "type": "object", "required": ["name", "parameters"],
+                "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+                               "parameters": {"type": "object"}}}},
+        }},
+        "options": {"type": "object", "properties": {
+            "temperature": {"type": "number", "minimum": 0},
+            "maxTokens": {"type": "integer", "minimum": 1},
+            "reasoning": {"enum": ["minimal", "low", "medium", "high", "xhigh"]},
+            "thinkingBudgets": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}},
+            "cacheRetention": {"enum": ["none", "short", "long"]},
+            "sessionId": {"type": "string"},
+            "metadata": {"type": "object"},
+            "maxRetryDelayMs": {"type": "integer", "minimum": 0},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        }},
+    },
+})
+PI_STREAM_OPTIONS = ("temperature", "maxTokens", "reasoning", "thinkingBudgets", "cacheRetention", "sessionId",
+                     "metadata", "maxRetryDelayMs")
+# Headers that carry credentials in some provider's requests: a client may never set them.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+                                "cf-aig-authorization", "chatgpt-account-id", "cookie"})
 
-    def __init__(self, command, size: int):
-        self.command, self.size = command, size  # command() -> argv, read at each spawn
-        self.idle: list[Bridge] = []
-        self.live: set[Bridge] = set()
-        self.draining = False
-        self._refilling = gevent.lock.Semaphore()
-        self.refill()
 
-    def take(self) -> Bridge:
-        """The oldest idle bridge still running, else a new one; the pool refills meanwhile."""
-        while self.idle:
-            bridge = self.idle.pop(0)
-            if bridge.proc.poll() is None:
-                break
-            bridge.close()
-        else:
-            bridge = self._spawn()
-        gevent.spawn(self.refill)
-        return bridge
+def pi_stream_body(body) -> dict:
+    """The validated request; `null` options mean "not set", as everywhere."""
+    if isinstance(body, dict) and isinstance(body.get("options"), dict):
+        body = {**body, "options": {k: v for k, v in body["options"].items() if v is not None}}
+    return validate(body, PI_STREAM_VALIDATOR)
 
-    def refill(self):
-        with self._refilling:  # spawning yields; one refill at a time keeps the count right
-            while not self.draining and len(self.idle) < self.size:
-                self.idle.append(self._spawn())
 
-    def _spawn(self) -> Bridge:
-        bridge = Bridge(self.command())
-        self.live.add(bridge)
-        gevent.spawn(self._watch, bridge)
-        return bridge
+def pi_stream_options(options: dict) -> dict:
+    """The options pi-ai is given; the rest (transport, anything connection-related) is ignored."""
+    ignored = sorted(set(options) - set(PI_STREAM_OPTIONS) - {"headers"})
+    if ignored:
+        log.debug("ignoring streamProxy options: %s", ", ".join(ignored))
+    return {name: options[name] for name in PI_STREAM_OPTIONS if name in options}
 
-    def _watch(self, bridge: Bridge):
-        bridge.proc.wait()
-        self.live.discard(bridge)
-        if bridge in self.idle:
-            self.idle.remove(bridge)
-            bridge.close()
-            log.warning("an idle bridge exited (status %s): %s", bridge.proc.returncode,
-                        bridge.stderr_tail.decode(errors="replace").strip()[-300:] or "no message")
-            gevent.spawn_later(self.RESPAWN_DELAY, self.refill)
 
-    def drain(self):
-        self.draining = True
-        self.idle.clear()
-        gevent.joinall([bridge.close() for bridge in list(self.live)])
+def addable_headers(requested: dict, server_headers) -> dict:
+    """A client's extra headers, minus those that would replace a credential or a header the server
+    sets (names compare case-insensitively). Values stay literal: unlike models.json values they
+    are never resolved as environment variable names or `!commands`."""
+    taken = CREDENTIAL_HEADERS | {name.lower() for name in server_headers}
+    dropped = sorted(name for name in requested if name.lower() in taken)
+    if dropped:
+        log.info("a client may not set these headers; dropped: %s", ", ".join(dropped))
+    return {name: value for name, value in requested.items() if name.lower() not in taken}
+
+
+def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
+    """The registry's model named by the client's (provider, id); no other field of it is used."""
+    name = f"{model['provider']}/{model['id']}"
+    if name not in models:
+        raise ApiError(404, f"The model {name!r} does not exist on this proxy", "not_found_error",
+                       param="model", code="model_not_found")
+    return resolve_model(name, models, is_available)
+
+
+class PiStreamEvents:
+    """Bridge events -> streamProxy events. The bridge already prints pi's reduced events; what
+    changes is the end (usage instead of the whole message), and what streamProxy rebuilds only
+    from deltas: a tool call delivered whole gets its arguments as one delta, and a text or
+    thinking block whose final text pi-ai trimmed (openai-responses reasoning) must not keep the
+    trailing whitespace it streamed, so that whitespace waits for the next delta or the block's end."""
+
+    def __init__(self, secrets: list):
+        self.secrets = secrets
+        self.streamed_arguments: set[int] = set()
+        self.sent_length: dict[int, int] = {}  # contentIndex -> characters of text sent
+        self.held: dict[int, str] = {}  # contentIndex -> trailing whitespace not sent yet
+
+    def translate(self, event: dict) -> list:
+        kind = event["type"]
+        if kind in ("text_delta", "thinking_delta"):
+            index = event["contentIndex"]
+            text = self.held.pop(index, "") + event["delta"]
+            sent = text.rstrip()
+            self.held[index] = text[len(sent):]
+            self.sent_length[index] = self.sent_length.get(index, 0) + len(sent)
+            return [{**event, "delta": sent}] if sent else []
+        if kind in ("text_end", "thinking_end"):
+            index = event["contentIndex"]
+            rest = event["content"][self.sent_length.pop(index, 0):]
+            self.held.pop(index, None)
+            end = {name: value for name, value in event.items() if name != "content"}
+            return [{"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}, end] if rest else [end]
+        if kind == "toolcall_delta" and event["delta"]:
+            self.streamed_arguments.add(event["contentIndex"])
+        if kind == "toolcall_end":
+            index = event["contentIndex"]
+            whole = [] if index in self.streamed_arguments else [
+                {"type": "toolcall_delta", "contentIndex": index,
+                 "delta": json.dumps(event["toolCall"].get("arguments") or {})}]
+            return [*whole, {"type": kind, "contentIndex": index}]
+        if kind == "done":
+            return [{"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}]
+        if kind == "error":
+            message = event.get("message") or {}
+            return [{"type": kind, "reason": event["reason"],
+                     "errorMessage": redact(message.get("errorMessage") or "upstream error", self.secrets),
+                     "usage": message.get("usage") or ZERO_USAGE}]
+        return [event]
 
 
 # ==================================================================================================
-# 8. HTTP
+# 11. HTTP
 # ==================================================================================================
 
 
@@ -2795,7 +2797,7 @@ def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
 
 
 # ==================================================================================================
-# 9. Main
+# 12. Main
 # ==================================================================================================
 
 
