@@ -2406,7 +2406,9 @@ class Proxy:
         return self.credentials.source(provider) is not None
 
     def available_models(self) -> list:
-        return [m for m in self.registry.models.values() if self.is_available(m["provider"])]
+        providers = {model["provider"] for model in self.registry.models.values()}
+        available = {provider for provider in providers if self.is_available(provider)}  # once each
+        return [m for m in self.registry.models.values() if m["provider"] in available]
 
     def model_availability(self):
         """Which providers a request may use: all of them when it brings its own upstream key."""
