@@ -17,6 +17,7 @@ The file reads in the order data flows through it:
    8. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
    9. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
   10. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
+  10a. Shutdown            SIGTERM: stop accepting, let requests finish for a grace period, end the rest
   11. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
   12. Main                 command line (serve, login, logout, models) and the gevent server
 
@@ -55,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gevent
+import gevent.event
 import gevent.lock
 import gevent.queue
 import gevent.subprocess
@@ -63,6 +65,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import ClosingIterator
 
 log = logging.getLogger("pi-proxy")
 HERE = Path(__file__).resolve().parent
@@ -84,6 +87,7 @@ class Config:
     agent_dir: Path = Path("~/.pi/agent").expanduser()
     auth_token: str | None = None  # clients must present it; None: no proxy authentication
     bridge_pool: int = 2
+    shutdown_grace_s: float = 8.0  # under `docker stop`'s 10 s before its SIGKILL
 
 
 def parse_command_line(argv=None) -> argparse.Namespace:
@@ -113,6 +117,7 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         agent_dir=Path(environ.get("PI_CODING_AGENT_DIR") or "~/.pi/agent").expanduser(),
         auth_token=args.auth_token or environ.get("PI_PROXY_AUTH_TOKEN") or None,
         bridge_pool=int(environ.get("PI_PROXY_BRIDGE_POOL", defaults.bridge_pool)),
+        shutdown_grace_s=float(environ.get("PI_PROXY_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s)),
     )
 
 
@@ -508,6 +513,7 @@ class Bridge:
         self.lines = gevent.queue.Queue()
         self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
         self._reaper = None
+        self.stopped_because = None  # why the proxy ended it, told to its client instead of the exit status
 
     def send(self, request: dict):
         try:
@@ -560,6 +566,8 @@ class Bridge:
 
     def _exit_reason(self) -> str:
         code = self.proc.wait()
+        if self.stopped_because:
+            return self.stopped_because
         self._readers[1].join(timeout=1)
         tail = self.stderr_tail.decode(errors="replace").strip().splitlines()
         detail = f": {tail[-1]}" if tail else ""
@@ -626,7 +634,8 @@ class BridgePool:
     Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
     the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
     bridge that dies is replaced a second later (a bridge that cannot start must not spin);
-    drain() kills and reaps every bridge, idle or serving. With size 0 take() spawns on demand."""
+    drain() kills and reaps every bridge, idle or serving (retire_idle() only the idle ones, for a
+    graceful shutdown). With size 0 take() spawns on demand."""
 
     RESPAWN_DELAY = 1.0
 
@@ -639,21 +648,28 @@ class BridgePool:
         self.refill()
 
     def take(self) -> Bridge:
-        """The oldest idle bridge still running, else a new one; the pool refills meanwhile."""
+        """The oldest idle bridge still running, else a new one; the pool refills meanwhile.
+        ApiError 503 if node cannot be started (e.g. it was uninstalled since startup)."""
+        gevent.spawn(self.refill)
         while self.idle:
             bridge = self.idle.pop(0)
             if bridge.proc.poll() is None:
-                break
+                return bridge
             bridge.close()
-        else:
-            bridge = self._spawn()
-        gevent.spawn(self.refill)
-        return bridge
+        try:
+            return self._spawn()
+        except OSError as error:
+            raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
 
     def refill(self):
         with self._refilling:  # spawning yields; one refill at a time keeps the count right
             while not self.draining and len(self.idle) < self.size:
-                self.idle.append(self._spawn())
+                try:
+                    self.idle.append(self._spawn())
+                except OSError as error:
+                    log.error("cannot start a bridge (retrying in %g s): %s", self.RESPAWN_DELAY, error)
+                    gevent.spawn_later(self.RESPAWN_DELAY, self.refill)
+                    return
 
     def _spawn(self) -> Bridge:
         bridge = Bridge(self.command())
@@ -671,9 +687,18 @@ class BridgePool:
                         bridge.stderr_tail.decode(errors="replace").strip()[-300:] or "no message")
             gevent.spawn_later(self.RESPAWN_DELAY, self.refill)
 
-    def drain(self):
+    def retire_idle(self):
+        """Stop refilling and end the idle bridges; the serving ones go on."""
+        self.draining = True
+        idle, self.idle = self.idle, []
+        for bridge in idle:
+            bridge.close()
+
+    def drain(self, reason: str = "the proxy is shutting down"):
         self.draining = True
         self.idle.clear()
+        for bridge in self.live:
+            bridge.stopped_because = reason
         gevent.joinall([bridge.close() for bridge in list(self.live)])
 
 
@@ -2382,6 +2407,47 @@ class PiStreamEvents:
 
 
 # ==================================================================================================
+# 10a. Shutdown
+# ==================================================================================================
+
+
+class InFlight:
+    """WSGI middleware counting the requests being answered; a stream counts until its last byte."""
+
+    def __init__(self, app):
+        self.app, self.count = app, 0
+        self.none_left = gevent.event.Event()
+        self.none_left.set()
+
+    def __call__(self, environ, start_response):
+        self.count += 1
+        self.none_left.clear()
+        try:
+            return ClosingIterator(self.app(environ, start_response), self._finished)
+        except BaseException:
+            self._finished()
+            raise
+
+    def _finished(self):
+        self.count -= 1
+        if not self.count:
+            self.none_left.set()
+
+
+def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", grace: float):
+    """Refuse new connections, give the requests in flight `grace` seconds to finish, then kill
+    the bridges still serving: their streams end with their protocol's error event ("the proxy is
+    shutting down"), which the handlers get a moment to write."""
+    server.close()
+    log.info("shutting down: %d requests in flight, up to %g s to finish", in_flight.count, grace)
+    bridges.retire_idle()
+    if not in_flight.none_left.wait(timeout=grace):
+        log.warning("shutting down: ending %d requests still in flight after %g s", in_flight.count, grace)
+    bridges.drain()
+    in_flight.none_left.wait(timeout=2)
+
+
+# ==================================================================================================
 # 11. HTTP
 # ==================================================================================================
 
@@ -2845,8 +2911,8 @@ def build_proxy(config: Config) -> Proxy:
 
 def serve(config: Config):
     proxy = build_proxy(config)
-    server = WSGIServer((config.host, config.port), create_app(proxy), handler_class=Handler, log=None,
-                        error_log=log)
+    in_flight = InFlight(create_app(proxy))
+    server = WSGIServer((config.host, config.port), in_flight, handler_class=Handler, log=None, error_log=log)
     server.init_socket()
     url = f"http://{config.host}:{server.server_port}"
     available = proxy.available_models()
@@ -2860,16 +2926,12 @@ def serve(config: Config):
     if config.auth_token is None and not is_loopback(config.host):
         print(f"warning: listening on {config.host} without a token: anyone who can reach it spends your "
               "credentials. Set PI_PROXY_AUTH_TOKEN (or --auth-token).", flush=True)
-    def shut_down():
-        # Killing the bridges first ends every open stream with its error event, so the
-        # handlers finish; then the server stops.
-        proxy.bridges.drain()
-        server.stop(timeout=2)
-
+    stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, gevent.spawn, shut_down)
-    server.serve_forever()
-    proxy.bridges.drain()
+        gevent.signal_handler(signum, stopping.set)
+    server.start()
+    stopping.wait()
+    shut_down(server, in_flight, proxy.bridges, config.shutdown_grace_s)
 
 
 def is_loopback(host: str) -> bool:

@@ -87,6 +87,9 @@ Reply fields (all optional):
                         the terminating zero-length chunk (client sees a truncated body).
     cut_clean           bool, with cut_after: end the HTTP body properly (zero-length chunk, the
                         connection stays usable) - the SSE stream just lacks its terminal events.
+    malformed_after     int, the SSE event after the first N (counted like cut_after) is sent with
+                        its ``data:`` JSON cut in half (its ``event:`` line kept), then the rest
+                        follows normally: a malformed SSE line in an otherwise healthy stream.
     stream_error        str, after the content send the API's in-stream error event instead of the
                         normal ending: chat ``data: {"error":{...}}``; anthropic ``event: error``
                         (overloaded_error); responses ``response.failed`` (code server_error).
@@ -149,6 +152,7 @@ class Reply:
     stall: tuple | None = None
     cut_after: int | None = None
     cut_clean: bool = False
+    malformed_after: int | None = None
     stream_error: str | None = None
     raw: bytes | None = None
     json_response: bool = False
@@ -191,6 +195,12 @@ def _dumps(obj: Any) -> bytes:
 def _sse(event: str | None, obj: Any) -> bytes:
     head = b"" if event is None else b"event: " + event.encode() + b"\n"
     return head + b"data: " + _dumps(obj) + b"\n\n"
+
+
+def _malformed(event: bytes) -> bytes:
+    """The same SSE event with its data's JSON cut in half."""
+    head, _, data = event.rstrip(b"\n").partition(b"data: ")
+    return head + b"data: " + data[: len(data) // 2] + b"\n\n"
 
 
 def _split_words(text: str) -> list[str]:
@@ -908,6 +918,8 @@ class FakeUpstream:
                     conn.send(frame(b"".join(buf)))
                     buf, size = [], 0
                 conn.wait(r.stall[1])
+            if sent == r.malformed_after:
+                data = _malformed(data)
             sent += 1
             if r.delay:
                 conn.send(frame(data))
