@@ -560,6 +560,8 @@ class Bridge:
                 yield {"type": "error", "reason": "error",
                        "message": {"errorMessage": "bridge printed something that is not JSON"}}
                 return
+            if event.get("type") == "error" and self.stopped_because:  # not pi-ai's "Request was aborted"
+                event = {**event, "message": {**(event.get("message") or {}), "errorMessage": self.stopped_because}}
             yield event
             if event.get("type") in ("done", "error", "credentials"):
                 return
@@ -633,7 +635,8 @@ class BridgePool:
 
     Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
     the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
-    bridge that dies is replaced a second later (a bridge that cannot start must not spin);
+    bridge that dies, or one node cannot start, is replaced a second later (a bridge that cannot
+    start must not spin);
     drain() kills and reaps every bridge, idle or serving (retire_idle() only the idle ones, for a
     graceful shutdown). With size 0 take() spawns on demand."""
 
@@ -645,6 +648,7 @@ class BridgePool:
         self.live: set[Bridge] = set()
         self.draining = False
         self._refilling = gevent.lock.Semaphore()
+        self._refill_due = False
         self.refill()
 
     def take(self) -> Bridge:
@@ -667,9 +671,22 @@ class BridgePool:
                 try:
                     self.idle.append(self._spawn())
                 except OSError as error:
-                    log.error("cannot start a bridge (retrying in %g s): %s", self.RESPAWN_DELAY, error)
-                    gevent.spawn_later(self.RESPAWN_DELAY, self.refill)
+                    if self.refill_later():
+                        log.error("cannot start a bridge (retrying in %g s): %s", self.RESPAWN_DELAY, error)
                     return
+
+    def refill_later(self) -> bool:
+        """One refill RESPAWN_DELAY from now, unless one is already due: failing spawns must not
+        multiply. True if this call scheduled it."""
+        if self._refill_due:
+            return False
+        self._refill_due = True
+
+        def due():
+            self._refill_due = False
+            self.refill()
+        gevent.spawn_later(self.RESPAWN_DELAY, due)
+        return True
 
     def _spawn(self) -> Bridge:
         bridge = Bridge(self.command())
@@ -685,7 +702,7 @@ class BridgePool:
             bridge.close()
             log.warning("an idle bridge exited (status %s): %s", bridge.proc.returncode,
                         bridge.stderr_tail.decode(errors="replace").strip()[-300:] or "no message")
-            gevent.spawn_later(self.RESPAWN_DELAY, self.refill)
+            self.refill_later()
 
     def retire_idle(self):
         """Stop refilling and end the idle bridges; the serving ones go on."""

@@ -66,7 +66,8 @@ def sse_events(lines) -> list[tuple[str | None, str]]:
     return events
 
 
-def outcome(response: requests.Response, endpoint: str) -> Outcome:
+def outcome(response: requests.Response, endpoint: str, lines=None) -> Outcome:
+    """`lines`: the body's lines, when the test read some of them itself."""
     if response.status_code != 200:
         body = response.json()
         if endpoint == "messages":
@@ -78,7 +79,7 @@ def outcome(response: requests.Response, endpoint: str) -> Outcome:
             message = body["error"]["message"]
         assert isinstance(message, str) and message, body
         return Outcome(response.status_code, error=message, terminated=True)
-    events = sse_events(response.iter_lines(decode_unicode=True))
+    events = sse_events(response.iter_lines(decode_unicode=True) if lines is None else lines)
     seen = Outcome(200, events=events)
     for name, data in events:
         if data == "[DONE]":
@@ -233,3 +234,150 @@ def test_the_server_still_serves_after_the_faults(quick, fake):
         fake.push(Reply(text="still here"))
         seen = call(quick, endpoint, "fake-chat/chat-model")
         assert (seen.status, seen.text, seen.error, seen.terminated) == (200, "still here", None, True), seen
+
+
+# --- bridge faults -----------------------------------------------------------------------------------
+
+FAULTY_NODE = """#!/bin/sh
+# A `node` for tests/test_faults.py: crashes at start in mode crash-at-start, else runs the real
+# node with fault_preload.mjs, which misbehaves as the mode says.
+if [ "$(cat "$FAULT_MODE_FILE" 2>/dev/null)" = crash-at-start ]; then
+  echo "simulated crash at start" >&2
+  exit 3
+fi
+exec {node} --import {preload} "$@"
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty(agent_dir, tmp_path_factory):
+    """A proxy (pool of 2) whose `node` is tests' faulty one; .mode_file sets its behaviour."""
+    directory = tmp_path_factory.mktemp("faulty-node")
+    node = directory / "node"
+    node.write_text(FAULTY_NODE.format(node=shutil.which("node"), preload=(ROOT / "tests" / "fault_preload.mjs").as_uri()))
+    node.chmod(0o755)
+    mode_file = directory / "mode"
+    mode_file.write_text("")
+    running = RunningProxy(agent_dir, directory / "proxy.log", {
+        "PATH": f"{directory}:{os.environ['PATH']}", "FAULT_MODE_FILE": str(mode_file),
+        "PI_PROXY_BRIDGE_POOL": "2"})
+    running.node, running.mode_file = node, mode_file
+    yield running
+    running.stop()
+
+
+def pool_full(proxy) -> bool:
+    return wait_for(lambda: len(proxy.bridges(serving=False)) == 2)
+
+
+@pytest.fixture
+def mode(faulty):
+    """Set the faulty node's mode; afterwards it behaves again, and the next test starts with a full pool."""
+    assert pool_full(faulty)
+    yield faulty.mode_file.write_text
+    faulty.mode_file.write_text("")
+    assert faulty.wait_no_bridges(), "no bridge outlives its request"
+    assert pool_full(faulty), "the pool refills"
+
+
+def assert_serves(proxy, fake, endpoint: str = "chat"):
+    fake.push(Reply(text="served again"))
+    seen = call(proxy, endpoint, "fake-chat/chat-model")
+    assert (seen.status, seen.text, seen.error) == (200, "served again", None), seen
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_bridge_exits_mid_stream(faulty, mode, fake, endpoint):
+    mode("exit-mid")
+    fake.push(Reply(text=TEXT, delay=0.05))
+    seen = call(faulty, endpoint, "fake-chat/chat-model")
+    assert_failed_mid_stream(seen, "bridge exited unexpectedly (status 1): fault_preload: exiting mid-stream")
+    mode("")
+    assert_serves(faulty, fake, endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_bridge_prints_non_json_before_content(faulty, mode, fake, endpoint):
+    mode("garbage-at-start")
+    fake.push(Reply(text=TEXT))
+    seen = call(faulty, endpoint, "fake-chat/chat-model")
+    assert_failed_before_content(seen, endpoint, 502, "bridge printed something that is not JSON")
+    mode("")
+    assert_serves(faulty, fake, endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_bridge_prints_non_json_mid_stream(faulty, mode, fake, endpoint):
+    mode("garbage-mid")
+    fake.push(Reply(text=TEXT, delay=0.05))
+    seen = call(faulty, endpoint, "fake-chat/chat-model")
+    assert_failed_mid_stream(seen, "bridge printed something that is not JSON")
+    mode("")
+    assert_serves(faulty, fake, endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_bridge_killed_mid_stream_like_the_oom_killer(faulty, mode, fake, endpoint):
+    fake.push(Reply(text=TEXT, delay=0.1))
+    path, body = request_body(endpoint, "fake-chat/chat-model")
+    with requests.post(f"{faulty.url}{path}", json=body, stream=True, timeout=30) as response:
+        lines = response.iter_lines(decode_unicode=True)
+        read = []
+        for line in lines:
+            read.append(line)
+            if "word1" in line:
+                break
+        serving = faulty.bridges()
+        assert len(serving) == 1, serving
+        os.kill(serving[0], signal.SIGKILL)
+        seen = outcome(response, endpoint, [*read, *lines])
+    assert_failed_mid_stream(seen, "bridge exited unexpectedly (status -9)")
+    assert fake.wait_for_disconnect(timeout=2), "the upstream request was dropped"
+    assert_serves(faulty, fake, endpoint)
+
+
+def test_bridge_crashes_at_start(faulty, mode, fake):
+    mode("crash-at-start")
+    warm = faulty.bridges(serving=False)  # they started healthy
+    for pid in warm:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in warm)), "killed and reaped"
+    for endpoint in ENDPOINTS:
+        seen = call(faulty, endpoint, "fake-chat/chat-model")
+        assert_failed_before_content(seen, endpoint, 502, "bridge exited unexpectedly (status 3): simulated crash")
+    assert requests.get(f"{faulty.url}/healthz", timeout=5).status_code == 200
+    assert not fake.requests, "nothing reached the upstream"
+    mode("")
+    assert pool_full(faulty), "the pool refills once node starts again"
+    assert_serves(faulty, fake)
+
+
+def test_node_disappearing_after_startup_is_503_until_it_returns(faulty, mode, fake):
+    """The proxy resolves `node` on PATH once, at startup: if that file goes away, the warm
+    bridges still serve; then each request is a 503 naming the problem, and the pool retries
+    every second, so service resumes by itself once node is back."""
+    moved = faulty.node.with_name("node.moved")
+    faulty.node.rename(moved)
+    try:
+        served = 0
+        while (seen := call(faulty, "chat", "fake-chat/chat-model")).status == 200:
+            served += 1
+            assert served <= 2, "only the two warm bridges can serve"
+        for endpoint in ENDPOINTS:
+            seen = call(faulty, endpoint, "fake-chat/chat-model")
+            assert seen.status == 503, seen
+            assert "cannot start its bridge process" in seen.error and "No such file" in seen.error, seen
+        assert requests.get(f"{faulty.url}/healthz", timeout=5).status_code == 200
+    finally:
+        moved.rename(faulty.node)
+    assert pool_full(faulty), "the pool refills once node is back"
+    assert_serves(faulty, fake)
+
+
+def test_node_missing_at_startup_is_a_clear_exit(agent_dir):
+    env = {"PATH": "/nonexistent", "HOME": str(agent_dir.parent), "PI_CODING_AGENT_DIR": str(agent_dir)}
+    done = subprocess.run([sys.executable, str(ROOT / "proxy.py")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 1
+    assert "`node` was not found on PATH; install Node.js 20 or newer" in done.stderr
+    assert "Traceback" not in done.stderr

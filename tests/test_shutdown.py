@@ -1,0 +1,86 @@
+"""SIGTERM with streams in flight: the proxy stops accepting at once, lets the streams finish for
+PI_PROXY_SHUTDOWN_GRACE_S, then ends the rest with their protocol's error event and exits,
+leaving no bridge behind."""
+
+import signal
+import socket
+import time
+
+import pytest
+import requests
+
+from tests.conftest import RunningProxy
+from tests.fake_upstream import Reply
+from tests.test_faults import ENDPOINTS, TEXT, outcome, request_body, wait_for
+from tests.test_pool import alive
+
+GRACE_S = 3.0
+
+
+@pytest.fixture
+def graceful(agent_dir, tmp_path):
+    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {
+        "PI_PROXY_SHUTDOWN_GRACE_S": str(GRACE_S), "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000",
+        "PI_PROXY_BRIDGE_POOL": "2"})
+    yield running
+    running.stop()
+
+
+def open_stream(proxy, endpoint: str):
+    """A streaming request, read up to its first text."""
+    path, body = request_body(endpoint, "fake-chat/chat-model")
+    response = requests.post(f"{proxy.url}{path}", json=body, stream=True, timeout=30)
+    lines = response.iter_lines(decode_unicode=True)
+    read = []
+    for line in lines:
+        read.append(line)
+        if "word0" in line:
+            break
+    return response, read, lines
+
+
+def refused(proxy) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def every_bridge(proxy) -> set:
+    return set(proxy.bridges()) | set(proxy.bridges(serving=False))
+
+
+def test_a_stream_that_ends_within_the_grace_completes(graceful, fake):
+    assert wait_for(lambda: len(graceful.bridges(serving=False)) == 2)
+    fake.push(Reply(text=TEXT, delay=0.05))  # about 1.5 s
+    response, read, rest = open_stream(graceful, "chat")
+    bridges = every_bridge(graceful)
+    graceful.proc.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: refused(graceful), timeout=1), "no new connection once SIGTERM came"
+    seen = outcome(response, "chat", [*read, *rest])
+    assert (seen.text, seen.error, seen.terminated) == (TEXT, None, True), seen
+    assert graceful.proc.wait(timeout=GRACE_S) == 0, "exits as soon as nothing is in flight"
+    assert not [pid for pid in bridges if alive(pid)], "no bridge outlives the proxy"
+
+
+def test_streams_past_the_grace_end_with_their_error_event(graceful, fake):
+    assert wait_for(lambda: len(graceful.bridges(serving=False)) == 2)
+    streams = []
+    for endpoint in ENDPOINTS:
+        fake.push(Reply(text=TEXT, hang_after=6))  # then silent, far within the 30 s upstream timeout
+        streams.append((endpoint, *open_stream(graceful, endpoint)))
+    bridges = every_bridge(graceful)
+    assert len(graceful.bridges()) == 4
+    graceful.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert wait_for(lambda: refused(graceful), timeout=1), "no new connection once SIGTERM came"
+    for endpoint, response, read, rest in streams:
+        seen = outcome(response, endpoint, [*read, *rest])
+        assert seen.text.startswith("word0") and seen.terminated, (endpoint, seen)
+        assert "the proxy is shutting down" in seen.error, (endpoint, seen)
+    assert time.monotonic() - signalled >= GRACE_S - 0.2, "the streams had their grace"
+    assert graceful.proc.wait(timeout=GRACE_S + 3) == 0
+    assert time.monotonic() - signalled < GRACE_S + 2.5, "exits within the grace and a small margin"
+    assert not [pid for pid in bridges if alive(pid)], "no bridge outlives the proxy"
+    assert fake.wait_for_disconnect(timeout=2, count=4), "the upstream requests were dropped"
