@@ -2429,14 +2429,17 @@ class PiStreamEvents:
 
 
 class InFlight:
-    """WSGI middleware counting the requests being answered; a stream counts until its last byte."""
+    """WSGI middleware counting the requests being answered; a stream counts until its last byte.
+    Once `closing`, requests still arriving on kept-alive connections are marked for refusal."""
 
     def __init__(self, app):
         self.app, self.count = app, 0
+        self.closing = False
         self.none_left = gevent.event.Event()
         self.none_left.set()
 
     def __call__(self, environ, start_response):
+        environ["pi_proxy.closing"] = self.closing
         self.count += 1
         self.none_left.clear()
         try:
@@ -2456,6 +2459,7 @@ def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", gr
     the bridges still serving: their streams end with their protocol's error event ("the proxy is
     shutting down"), which the handlers get a moment to write."""
     server.close()
+    in_flight.closing = True
     log.info("shutting down: %d requests in flight, up to %g s to finish", in_flight.count, grace)
     bridges.retire_idle()
     if not in_flight.none_left.wait(timeout=grace):
@@ -2657,6 +2661,13 @@ def create_app(proxy: Proxy) -> Flask:
     def on_unexpected(error: Exception):
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "Internal proxy error", "api_error"))
+
+    @app.before_request
+    def refuse_when_closing():
+        if request.environ.get("pi_proxy.closing"):
+            response = error_response(ApiError(503, "The proxy is shutting down; retry elsewhere or later", "api_error"))
+            response.headers["Connection"] = "close"
+            return response
 
     @app.before_request
     def authenticate():

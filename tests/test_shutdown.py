@@ -84,3 +84,19 @@ def test_streams_past_the_grace_end_with_their_error_event(graceful, fake):
     assert time.monotonic() - signalled < GRACE_S + 2.5, "exits within the grace and a small margin"
     assert not [pid for pid in bridges if alive(pid)], "no bridge outlives the proxy"
     assert fake.wait_for_disconnect(timeout=2, count=4), "the upstream requests were dropped"
+
+
+def test_a_request_on_a_kept_alive_connection_during_the_grace_is_refused(graceful, fake):
+    keep = requests.Session()
+    assert keep.get(f"{graceful.url}/v1/models", timeout=5).status_code == 200  # the connection stays open
+    fake.push(Reply(text=TEXT, hang_after=6))
+    response, read, rest = open_stream(graceful, "chat")  # keeps the proxy in its grace
+    graceful.proc.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: refused(graceful), timeout=1)
+    path, body = request_body("messages", "fake-chat/chat-model")
+    refusal = keep.post(f"{graceful.url}{path}", json=body, timeout=5)
+    assert refusal.status_code == 503 and refusal.headers["connection"] == "close"
+    assert refusal.json()["error"]["message"].startswith("The proxy is shutting down"), refusal.text
+    assert len(fake.requests) == 1, "the refused request never reached the upstream"
+    response.close()
+    assert graceful.proc.wait(timeout=GRACE_S) == 0, "the dropped stream left nothing in flight"
