@@ -23,6 +23,7 @@ import requests
 
 from tests.conftest import ROOT, RunningProxy
 from tests.fake_upstream import Reply
+from tests.test_pool import wait_for
 
 UPSTREAM_TIMEOUT_S = 1.5
 ENDPOINTS = ["chat", "messages", "responses", "pi"]
@@ -134,14 +135,18 @@ def assert_failed_mid_stream(seen: Outcome, fragment: str):
     assert seen.terminated, "the stream ends with its protocol's terminal event"
 
 
-def wait_for(condition, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    return condition()
+def open_stream(proxy, endpoint: str, model: str = "fake-chat/chat-model", until: str = "word0"):
+    """A streaming request read up to the line holding `until`: the response, the lines read and
+    the iterator of the rest."""
+    path, body = request_body(endpoint, model)
+    response = requests.post(f"{proxy.url}{path}", json=body, stream=True, timeout=30)
+    lines = response.iter_lines(decode_unicode=True)
+    read = []
+    for line in lines:
+        read.append(line)
+        if until in line:
+            break
+    return response, read, lines
 
 
 # --- upstream faults ---------------------------------------------------------------------------------
@@ -287,11 +292,15 @@ def assert_serves(proxy, fake, endpoint: str = "chat"):
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_bridge_exits_mid_stream(faulty, mode, fake, endpoint):
-    mode("exit-mid")
+@pytest.mark.parametrize("fault,message", [
+    ("exit-mid", "bridge exited unexpectedly (status 1): fault_preload: exiting mid-stream"),
+    ("garbage-mid", "bridge printed something that is not JSON"),
+])
+def test_bridge_exits_or_prints_non_json_mid_stream(faulty, mode, fake, endpoint, fault, message):
+    mode(fault)
     fake.push(Reply(text=TEXT, delay=0.05))
     seen = call(faulty, endpoint, "fake-chat/chat-model")
-    assert_failed_mid_stream(seen, "bridge exited unexpectedly (status 1): fault_preload: exiting mid-stream")
+    assert_failed_mid_stream(seen, message)
     mode("")
     assert_serves(faulty, fake, endpoint)
 
@@ -307,30 +316,14 @@ def test_bridge_prints_non_json_before_content(faulty, mode, fake, endpoint):
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_bridge_prints_non_json_mid_stream(faulty, mode, fake, endpoint):
-    mode("garbage-mid")
-    fake.push(Reply(text=TEXT, delay=0.05))
-    seen = call(faulty, endpoint, "fake-chat/chat-model")
-    assert_failed_mid_stream(seen, "bridge printed something that is not JSON")
-    mode("")
-    assert_serves(faulty, fake, endpoint)
-
-
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_bridge_killed_mid_stream_like_the_oom_killer(faulty, mode, fake, endpoint):
     fake.push(Reply(text=TEXT, delay=0.1))
-    path, body = request_body(endpoint, "fake-chat/chat-model")
-    with requests.post(f"{faulty.url}{path}", json=body, stream=True, timeout=30) as response:
-        lines = response.iter_lines(decode_unicode=True)
-        read = []
-        for line in lines:
-            read.append(line)
-            if "word1" in line:
-                break
+    response, read, rest = open_stream(faulty, endpoint, until="word1")
+    with response:
         serving = faulty.bridges()
         assert len(serving) == 1, serving
         os.kill(serving[0], signal.SIGKILL)
-        seen = outcome(response, endpoint, [*read, *lines])
+        seen = outcome(response, endpoint, [*read, *rest])
     assert_failed_mid_stream(seen, "bridge exited unexpectedly (status -9)")
     assert fake.wait_for_disconnect(timeout=2), "the upstream request was dropped"
     assert_serves(faulty, fake, endpoint)
@@ -377,7 +370,7 @@ def test_node_disappearing_after_startup_is_503_until_it_returns(faulty, mode, f
 def test_node_missing_at_startup_is_a_clear_exit(agent_dir):
     env = {"PATH": "/nonexistent", "HOME": str(agent_dir.parent), "PI_CODING_AGENT_DIR": str(agent_dir)}
     done = subprocess.run([sys.executable, str(ROOT / "proxy.py")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=30, check=False)
     assert done.returncode == 1
     assert "`node` was not found on PATH; install Node.js 20 or newer" in done.stderr
     assert "Traceback" not in done.stderr

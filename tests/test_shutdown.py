@@ -11,8 +11,8 @@ import requests
 
 from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
-from tests.test_faults import ENDPOINTS, TEXT, outcome, request_body, wait_for
-from tests.test_pool import alive
+from tests.test_faults import ENDPOINTS, TEXT, open_stream, outcome, request_body
+from tests.test_pool import alive, wait_for
 
 GRACE_S = 3.0
 
@@ -24,19 +24,6 @@ def graceful(agent_dir, tmp_path):
         "PI_PROXY_BRIDGE_POOL": "2"})
     yield running
     running.stop()
-
-
-def open_stream(proxy, endpoint: str):
-    """A streaming request, read up to its first text."""
-    path, body = request_body(endpoint, "fake-chat/chat-model")
-    response = requests.post(f"{proxy.url}{path}", json=body, stream=True, timeout=30)
-    lines = response.iter_lines(decode_unicode=True)
-    read = []
-    for line in lines:
-        read.append(line)
-        if "word0" in line:
-            break
-    return response, read, lines
 
 
 def refused(proxy) -> bool:
@@ -90,7 +77,7 @@ def test_a_request_on_a_kept_alive_connection_during_the_grace_is_refused(gracef
     keep = requests.Session()
     assert keep.get(f"{graceful.url}/v1/models", timeout=5).status_code == 200  # the connection stays open
     fake.push(Reply(text=TEXT, hang_after=6))
-    response, read, rest = open_stream(graceful, "chat")  # keeps the proxy in its grace
+    response, *_ = open_stream(graceful, "chat")  # keeps the proxy in its grace
     graceful.proc.send_signal(signal.SIGTERM)
     assert wait_for(lambda: refused(graceful), timeout=1)
     path, body = request_body("messages", "fake-chat/chat-model")
