@@ -636,9 +636,8 @@ class BridgePool:
     Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
     the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
     bridge that dies, or one node cannot start, is replaced a second later (a bridge that cannot
-    start must not spin);
-    drain() kills and reaps every bridge, idle or serving (retire_idle() only the idle ones, for a
-    graceful shutdown). With size 0 take() spawns on demand."""
+    start must not spin); drain() kills and reaps every bridge, idle or serving (retire_idle() only
+    the idle ones, for a graceful shutdown). With size 0 take() spawns on demand."""
 
     RESPAWN_DELAY = 1.0
 
