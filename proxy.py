@@ -17,9 +17,9 @@ The file reads in the order data flows through it:
    8. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
    9. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
   10. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
-  10a. Shutdown            SIGTERM: stop accepting, let requests finish for a grace period, end the rest
   11. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
-  12. Main                 command line (serve, login, logout, models) and the gevent server
+  12. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
+  13. Main                 command line (serve, login, logout, models) and the gevent server
 
 Translation functions in sections 6-10 are pure: tests call them without HTTP or node.
 """
@@ -2423,51 +2423,6 @@ class PiStreamEvents:
 
 
 # ==================================================================================================
-# 10a. Shutdown
-# ==================================================================================================
-
-
-class InFlight:
-    """WSGI middleware counting the requests being answered; a stream counts until its last byte.
-    Once `closing`, requests still arriving on kept-alive connections are marked for refusal."""
-
-    def __init__(self, app):
-        self.app, self.count = app, 0
-        self.closing = False
-        self.none_left = gevent.event.Event()
-        self.none_left.set()
-
-    def __call__(self, environ, start_response):
-        environ["pi_proxy.closing"] = self.closing
-        self.count += 1
-        self.none_left.clear()
-        try:
-            return ClosingIterator(self.app(environ, start_response), self._finished)
-        except BaseException:
-            self._finished()
-            raise
-
-    def _finished(self):
-        self.count -= 1
-        if not self.count:
-            self.none_left.set()
-
-
-def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", grace: float):
-    """Refuse new connections, give the requests in flight `grace` seconds to finish, then kill
-    the bridges still serving: their streams end with their protocol's error event ("the proxy is
-    shutting down"), which the handlers get a moment to write."""
-    server.close()
-    in_flight.closing = True
-    log.info("shutting down: %d requests in flight, up to %g s to finish", in_flight.count, grace)
-    bridges.retire_idle()
-    if not in_flight.none_left.wait(timeout=grace):
-        log.warning("shutting down: ending %d requests still in flight after %g s", in_flight.count, grace)
-    bridges.drain()
-    in_flight.none_left.wait(timeout=2)
-
-
-# ==================================================================================================
 # 11. HTTP
 # ==================================================================================================
 
@@ -2892,7 +2847,52 @@ def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
 
 
 # ==================================================================================================
-# 12. Main
+# 12. Shutdown
+# ==================================================================================================
+
+
+class InFlight:
+    """WSGI middleware counting the requests being answered; a stream counts until its last byte.
+    Once `closing`, requests still arriving on kept-alive connections are marked for refusal."""
+
+    def __init__(self, app):
+        self.app, self.count = app, 0
+        self.closing = False
+        self.none_left = gevent.event.Event()
+        self.none_left.set()
+
+    def __call__(self, environ, start_response):
+        environ["pi_proxy.closing"] = self.closing
+        self.count += 1
+        self.none_left.clear()
+        try:
+            return ClosingIterator(self.app(environ, start_response), self._finished)
+        except BaseException:
+            self._finished()
+            raise
+
+    def _finished(self):
+        self.count -= 1
+        if not self.count:
+            self.none_left.set()
+
+
+def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", grace: float):
+    """Refuse new connections, give the requests in flight `grace` seconds to finish, then kill
+    the bridges still serving: their streams end with their protocol's error event ("the proxy is
+    shutting down"), which the handlers get a moment to write."""
+    server.close()
+    in_flight.closing = True
+    log.info("shutting down: %d requests in flight, up to %g s to finish", in_flight.count, grace)
+    bridges.retire_idle()
+    if not in_flight.none_left.wait(timeout=grace):
+        log.warning("shutting down: ending %d requests still in flight after %g s", in_flight.count, grace)
+    bridges.drain()
+    in_flight.none_left.wait(timeout=2)
+
+
+# ==================================================================================================
+# 13. Main
 # ==================================================================================================
 
 
