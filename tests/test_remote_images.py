@@ -9,6 +9,8 @@ refusal tests run against a proxy without that switch."""
 import base64
 import json
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -361,3 +363,32 @@ def test_the_connection_goes_to_the_checked_address(images):
     response = session.get(f"http://images.invalid:{images.port}/cat.png",
                            headers={"Host": f"images.invalid:{images.port}"}, timeout=5)
     assert response.content == PNG and images.hits[-1] == ("/cat.png", f"images.invalid:{images.port}")
+
+
+@pytest.mark.parametrize("cert_name, matches", [("images.test", True), ("other.test", False)])
+def test_a_pinned_https_connection_still_checks_the_host_names_certificate(tmp_path, cert_name, matches):
+    """TLS to the pinned address sends the URL's host name (SNI) and checks the certificate against it."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    f"/CN={cert_name}", "-addext", f"subjectAltName=DNS:{cert_name}", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    server, names = ImageServer(), []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: names.append(name)
+    server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+    try:
+        session = requests.Session()
+        session.trust_env = False
+        session.mount("https://", proxy_module.PinnedAdapter("127.0.0.1"))
+        url = f"https://images.test:{server.port}/cat.png"
+        if matches:
+            response = session.get(url, headers={"Host": f"images.test:{server.port}"}, verify=str(cert), timeout=5)
+            assert response.content == PNG and server.hits[-1] == ("/cat.png", f"images.test:{server.port}")
+        else:
+            with pytest.raises(requests.exceptions.SSLError):
+                session.get(url, verify=str(cert), timeout=5)
+            assert not server.hits
+        assert names == ["images.test"]
+    finally:
+        server.stop()
