@@ -17,9 +17,10 @@ The file reads in the order data flows through it:
    8. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
    9. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
   10. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
-  11. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
-  12. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
-  13. Main                 command line (serve, login, logout, models) and the gevent server
+  11. Remote images       images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
+  12. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
+  13. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
+  14. Main                 command line (serve, login, logout, models) and the gevent server
 
 Translation functions in sections 6-10 are pure: tests call them without HTTP or node.
 """
@@ -60,10 +61,12 @@ import gevent.event
 import gevent.lock
 import gevent.queue
 import gevent.subprocess
+import requests
 from flask import Flask, Response, request
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
+from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import ClosingIterator
 
@@ -88,6 +91,10 @@ class Config:
     auth_token: str | None = None  # clients must present it; None: no proxy authentication
     bridge_pool: int = 2
     shutdown_grace_s: float = 8.0  # under `docker stop`'s 10 s before its SIGKILL
+    remote_images: bool = False  # fetch images given by http(s) URL (section 11)
+    remote_image_max_bytes: int = 20_000_000
+    remote_image_timeout: float = 10.0  # seconds for the whole fetch, redirects included
+    test_image_port: int | None = None  # tests only: 127.0.0.1 on this port passes the address check
 
 
 def parse_command_line(argv=None) -> argparse.Namespace:
@@ -118,6 +125,10 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         auth_token=args.auth_token or environ.get("PI_PROXY_AUTH_TOKEN") or None,
         bridge_pool=int(environ.get("PI_PROXY_BRIDGE_POOL", defaults.bridge_pool)),
         shutdown_grace_s=float(environ.get("PI_PROXY_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s)),
+        remote_images=environ.get("PI_PROXY_REMOTE_IMAGES", "") == "1",
+        remote_image_max_bytes=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_BYTES", defaults.remote_image_max_bytes)),
+        remote_image_timeout=float(environ.get("PI_PROXY_REMOTE_IMAGE_TIMEOUT", defaults.remote_image_timeout)),
+        test_image_port=int(environ["PI_PROXY_TEST_IMAGE_PORT"]) if environ.get("PI_PROXY_TEST_IMAGE_PORT") else None,
     )
 
 
@@ -984,9 +995,14 @@ _DATA_URI = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.*)$", re.S)
 
 
 def image_from_url(url: str, param: str) -> dict:
+    """A data: URI -> a pi image block; an http(s) URL -> a block that names it, fetched later
+    (fetch_remote_images) or refused."""
+    if url[:8].lower().startswith(("http://", "https://")):
+        return {"type": "image", "url": url, "param": param}
     found = _DATA_URI.match(url)
     if not found:
-        raise ApiError(400, "Only base64 data: URIs are accepted for images", param=param, code="unsupported_image_url")
+        raise ApiError(400, "Images must be base64 data: URIs or http(s) URLs", param=param,
+                       code="unsupported_image_url")
     try:
         base64.b64decode(found.group(2), validate=True)
     except binascii.Error:
@@ -1274,9 +1290,11 @@ _A_IMAGE = {
     "properties": {"source": {
         "type": "object", "required": ["type"],
         "properties": {"type": {"enum": ["base64", "url"]}},
-        "if": {"properties": {"type": {"const": "base64"}}},
-        "then": {"required": ["media_type", "data"],
-                 "properties": {"media_type": {"type": "string"}, "data": {"type": "string"}}},
+        "allOf": [{"if": {"properties": {"type": {"const": "base64"}}},
+                   "then": {"required": ["media_type", "data"],
+                            "properties": {"media_type": {"type": "string"}, "data": {"type": "string"}}}},
+                  {"if": {"properties": {"type": {"const": "url"}}},
+                   "then": {"required": ["url"], "properties": {"url": {"type": "string"}}}}],
     }},
 }
 
@@ -1377,8 +1395,8 @@ def anthropic_blocks(content) -> list:
 
 def anthropic_image(block: dict, param: str) -> dict:
     source = block["source"]
-    if source["type"] != "base64":
-        raise ApiError(400, "Only base64 image sources are accepted", param=f"{param}.source")
+    if source["type"] == "url":
+        return image_from_url(source["url"], f"{param}.source.url")
     return {"type": "image", "data": source["data"], "mimeType": source["media_type"]}
 
 
@@ -1893,7 +1911,7 @@ def response_parts_to_pi(content, param: str) -> list:
     for index, part in enumerate(content):
         if part["type"] == "input_image":
             if not isinstance(part.get("image_url"), str):
-                raise ApiError(400, "Only images given as base64 data: URIs in `image_url` are accepted",
+                raise ApiError(400, "Images are accepted as data: URIs or http(s) URLs in `image_url`",
                                param=f"{param}[{index}].image_url", code="unsupported_image_url")
             blocks.append(image_from_url(part["image_url"], f"{param}[{index}].image_url"))
         elif isinstance(part.get("text") or part.get("refusal"), str):
@@ -2423,7 +2441,163 @@ class PiStreamEvents:
 
 
 # ==================================================================================================
-# 11. HTTP
+# 11. Remote images
+# ==================================================================================================
+# An image given by http(s) URL is fetched here, only with PI_PROXY_REMOTE_IMAGES=1: the proxy may
+# sit inside a network the client cannot see, so every address a host name resolves to (at every
+# redirect hop) must be public, and the connection goes to the very address that was checked.
+
+REMOTE_IMAGE_REDIRECTS = 3
+REMOTE_IMAGE_CONNECT_TIMEOUT = 3.0  # seconds, within the whole fetch's time cap
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class RemoteImageRefused(Exception):
+    """Why a remote image was not used; fetch_remote_images turns it into a 400 naming the field."""
+
+
+def image_type(data: bytes) -> str | None:
+    """The image type the bytes really are (the types every provider accepts), or None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def address_refusal(address: str) -> str | None:
+    """Why an image may not be fetched from this IP address, or None if it is public."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):  # IPv4 wrapped in IPv6 is judged as that IPv4
+        ip = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else ip)
+    kinds = [("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+             ("unspecified", ip.is_unspecified), ("private", ip.is_private), ("reserved", ip.is_reserved),
+             ("non-public", not ip.is_global)]
+    kind = next((kind for kind, found in kinds if found), None)
+    return kind and f"{address} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
+
+
+def checked_addresses(host: str, port: int, test_port: int | None, resolve=socket.getaddrinfo) -> list:
+    """The addresses `host` resolves to, if every one of them is allowed."""
+    try:
+        infos = resolve(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise RemoteImageRefused(f"{host} does not resolve") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for address in addresses:
+        refusal = address_refusal(address)
+        if refusal and not (address == "127.0.0.1" and port == test_port):
+            raise RemoteImageRefused(f"refused: {refusal}" + (f" ({host} resolves to it)" if host != address else ""))
+    if not addresses:
+        raise RemoteImageRefused(f"{host} does not resolve")
+    return addresses
+
+
+class PinnedAdapter(HTTPAdapter):
+    """Connects to the address that was checked, whatever DNS answers by now; the Host header,
+    TLS server name and certificate check still use the URL's host name."""
+
+    def __init__(self, address: str):
+        super().__init__(max_retries=0)
+        self.address = address
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        if host_params["scheme"] == "https":
+            pool_kwargs = {**pool_kwargs, "server_hostname": host_params["host"],
+                           "assert_hostname": host_params["host"]}
+        return {**host_params, "host": self.address}, pool_kwargs
+
+
+def fetch_remote_images(context: dict, config: Config):
+    """Replace the image blocks that name a URL (image_from_url) with the fetched images, one after
+    another; a request without them costs one scan of its content."""
+    pending = [(blocks, index) for message in context["messages"] if message["role"] != "assistant"
+               for blocks in [message["content"]] for index, block in enumerate(blocks) if "url" in block]
+    if pending and not config.remote_images:
+        blocks, index = pending[0]
+        param = blocks[index]["param"]
+        raise ApiError(400, f"The image at {param} is given by URL, and this proxy fetches none (its operator can "
+                            "allow it with PI_PROXY_REMOTE_IMAGES=1); send the image as base64 data", param=param,
+                       code="unsupported_image_url")
+    for blocks, index in pending:
+        try:
+            blocks[index] = fetch_image(blocks[index]["url"], config)
+        except RemoteImageRefused as refused:
+            param = blocks[index]["param"]
+            raise ApiError(400, f"The image at {param} could not be used: {refused}", param=param,
+                           code="invalid_image_url") from None
+
+
+def fetch_image(url: str, config: Config) -> dict:
+    """GET an image under the size and time caps, following a few redirects, each one checked."""
+    timeout = config.remote_image_timeout
+    try:
+        with gevent.Timeout(timeout, RemoteImageRefused(f"fetching it took longer than {timeout:g} s")):
+            for _ in range(REMOTE_IMAGE_REDIRECTS + 1):
+                response = fetch_checked(url, config)
+                with response:
+                    if response.status_code not in _REDIRECTS or "location" not in response.headers:
+                        return image_in(response, config.remote_image_max_bytes)
+                    url = urllib.parse.urljoin(url, response.headers["location"])
+    except requests.RequestException as error:
+        raise RemoteImageRefused(f"fetching it failed: {shown(str(error), 200)}") from None
+    raise RemoteImageRefused(f"more than {REMOTE_IMAGE_REDIRECTS} redirects")
+
+
+def fetch_checked(url: str, config: Config) -> requests.Response:
+    """One GET, without following redirects, to an address of the URL's host that passed the check."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RemoteImageRefused(f"only http and https URLs are fetched, not {shown(url, 100)}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise RemoteImageRefused("the URL's port is not a number") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    headers = {"Host": host + (f":{parts.port}" if parts.port else ""), "Accept": "image/*"}
+    addresses = checked_addresses(parts.hostname, port, config.test_image_port)
+    for attempt, address in enumerate(addresses, 1):
+        with requests.Session() as session:
+            session.trust_env = False  # an HTTP(S)_PROXY would connect elsewhere than the checked address
+            session.mount(f"{parts.scheme}://", PinnedAdapter(address))
+            try:
+                return session.get(url, headers=headers, allow_redirects=False, stream=True,
+                                   timeout=(min(REMOTE_IMAGE_CONNECT_TIMEOUT, config.remote_image_timeout),
+                                            config.remote_image_timeout))
+            except requests.ConnectionError:
+                if attempt == len(addresses):
+                    raise
+
+
+def image_in(response: requests.Response, max_bytes: int) -> dict:
+    """The response's body as a pi image block, if it is an image no larger than max_bytes."""
+    if response.status_code != 200:
+        raise RemoteImageRefused(f"the server answered HTTP {response.status_code}")
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type.startswith("image/"):
+        raise RemoteImageRefused(f"the server sent {shown(content_type or 'no content type', 60)}, not an image")
+    too_large = RemoteImageRefused(f"the image is larger than {max_bytes} bytes")
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large
+    data = bytearray()
+    for chunk in response.iter_content(65536):
+        data += chunk
+        if len(data) > max_bytes:
+            raise too_large
+    mime_type = image_type(bytes(data[:16]))
+    if mime_type is None:
+        raise RemoteImageRefused(f"the bytes sent as {shown(content_type, 60)} are not a PNG, JPEG, GIF or WebP image")
+    return {"type": "image", "data": base64.b64encode(data).decode(), "mimeType": mime_type}
+
+
+# ==================================================================================================
+# 12. HTTP
 # ==================================================================================================
 
 
@@ -2656,6 +2830,7 @@ def create_app(proxy: Proxy) -> Flask:
         reject_unsupported(body)
         model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
         context = chat_to_context(body, model)
+        fetch_remote_images(context, proxy.config)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         call, opening = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
         if body.get("stream"):
@@ -2672,6 +2847,7 @@ def create_app(proxy: Proxy) -> Flask:
         body = validate(read_json_body(proxy.config.max_body_size), MESSAGES_VALIDATOR)
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
         context = anthropic_to_context(body, model)
+        fetch_remote_images(context, proxy.config)
         estimate = count_request_tokens(context, model)
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         try:
@@ -2691,7 +2867,9 @@ def create_app(proxy: Proxy) -> Flask:
     def count_tokens():
         body = validate(read_json_body(proxy.config.max_body_size), COUNT_TOKENS_VALIDATOR)
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        return {"input_tokens": count_request_tokens(anthropic_to_context(body, model), model)}
+        context = anthropic_to_context(body, model)
+        fetch_remote_images(context, proxy.config)
+        return {"input_tokens": count_request_tokens(context, model)}
 
     @app.post("/api/stream")
     def pi_stream():
@@ -2716,6 +2894,7 @@ def create_app(proxy: Proxy) -> Flask:
         model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
         pi_tools, tools = responses_tools(body.get("tools", []))
         context = responses_to_context(body, model, pi_tools, tools)
+        fetch_remote_images(context, proxy.config)
         chat = responses_as_chat(body, tools)
         frames = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
                                  canonical_id(model), tools)
@@ -2847,7 +3026,7 @@ def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
 
 
 # ==================================================================================================
-# 12. Shutdown
+# 13. Shutdown
 # ==================================================================================================
 
 
@@ -2892,7 +3071,7 @@ def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", gr
 
 
 # ==================================================================================================
-# 13. Main
+# 14. Main
 # ==================================================================================================
 
 

@@ -179,7 +179,13 @@ def test_chat_to_context_full_conversation():
     assert context["tools"] == [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {}}}]
 
 
-@pytest.mark.parametrize("url,code", [("https://x/y.png", "unsupported_image_url"),
+def test_image_urls_are_named_for_fetching_later():
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}
+    block = proxy.chat_to_context(body, MODEL)["messages"][0]["content"][0]
+    assert block == {"type": "image", "url": "https://x/y.png", "param": "messages[0].content[0].image_url.url"}
+
+
+@pytest.mark.parametrize("url,code", [("ftp://x/y.png", "unsupported_image_url"),
                                       ("data:image/png;base64,@@@", "invalid_image")])
 def test_bad_images_are_400(url, code):
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
