@@ -64,6 +64,8 @@ def settled(proxy: RunningProxy, timeout: float = 30.0) -> dict:
     """The proxy's resources once nothing is in flight and the pool is full again."""
     deadline = time.monotonic() + timeout
     while True:
+        assert proxy.proc.poll() is None, \
+            f"the proxy exited ({proxy.proc.returncode}): {proxy.log_path.read_text()[-3000:]}"
         kids = children(proxy.proc.pid)
         if (len(kids) == POOL and not proxy.bridges()) or time.monotonic() > deadline:
             time.sleep(0.3)  # a replaced bridge's pipes close a moment after it is reaped
