@@ -41,7 +41,7 @@ test: install-test
 
 soak: install-test
 	SOAK=1 $(PY) -m pytest -q -s --basetemp=soak-logs/load tests/test_load.py
-	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -q --basetemp=soak-logs/fuzz tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -q --hypothesis-show-statistics --basetemp=soak-logs/fuzz tests/test_fuzz.py
 
 bench: install
 	$(PY) bench/bench.py
