@@ -1,6 +1,6 @@
 # make run   installs what the proxy needs and runs it
 # make test  installs what the tests need too (test clients, Codex CLI) and runs them
-# make soak  the long load and fuzz runs (about 25 minutes): 200 concurrent streams, 5,000 requests,
+# make soak  the long load and fuzz runs (30-45 minutes): 200 concurrent streams, 5,000 requests,
 #            a 10-minute stream, thousands of fuzzed bodies per endpoint; the proxies' logs stay in
 #            soak-logs/ (its own --basetemp: other pytest runs cannot clean it up mid-run)
 # make bench installs what the proxy needs and runs the benchmark (bench/results.json, a table)
