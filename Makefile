@@ -1,12 +1,15 @@
 # make run   installs what the proxy needs and runs it
 # make test  installs what the tests need too (test clients, Codex CLI) and runs them
+# make soak  the long load and fuzz runs (30-45 minutes): 200 concurrent streams, 5,000 requests,
+#            a 10-minute stream, thousands of fuzzed bodies per endpoint; the proxies' logs stay in
+#            soak-logs/ (its own --basetemp: other pytest runs cannot clean it up mid-run)
 # make bench installs what the proxy needs and runs the benchmark (bench/results.json, a table)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 
-.PHONY: install install-test run test bench
+.PHONY: install install-test run test soak bench
 install: $(VENV)/.installed node_modules/.installed build/bridge.mjs
 install-test: $(VENV)/.installed node_modules/.installed-dev build/bridge.mjs
 
@@ -35,6 +38,10 @@ run: install
 
 test: install-test
 	$(PY) -m pytest -q tests
+
+soak: install-test
+	SOAK=1 $(PY) -m pytest -q -s --basetemp=soak-logs/load tests/test_load.py
+	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -q --hypothesis-show-statistics --basetemp=soak-logs/fuzz tests/test_fuzz.py
 
 bench: install
 	$(PY) bench/bench.py

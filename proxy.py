@@ -601,7 +601,9 @@ class Bridge:
         except gevent.subprocess.TimeoutExpired:
             self.proc.kill()
         self.proc.wait()
-        gevent.killall(self._readers, block=False)
+        # Wait for the readers to end: closing a pipe while its reader is inside a read raises
+        # (RuntimeError: reentrant call) and leaves the pipes open.
+        gevent.killall(self._readers, timeout=1)
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
                 pipe.close()

@@ -53,6 +53,48 @@ MESSAGES = st.fixed_dictionaries(
                                            {"type": "disabled"}]),
               "tool_choice": st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": "f"}]),
               "tools": st.just([{"name": "f", "input_schema": {"type": "object"}}])})
+RESPONSES = st.fixed_dictionaries(
+    {"model": MODELS,
+     "input": st.one_of(st.text(max_size=40), st.lists(st.one_of(
+         st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "assistant"]),
+                                "content": st.one_of(st.text(max_size=40), st.lists(st.fixed_dictionaries(
+                                    {"type": st.sampled_from(["input_text", "output_text"]),
+                                     "text": st.text(max_size=20)}), min_size=1, max_size=2))},
+                               optional={"type": st.just("message")}),
+         st.fixed_dictionaries({"type": st.just("function_call"), "call_id": st.text(max_size=8),
+                                "name": st.just("f"), "arguments": st.just("{}")}),
+         st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": st.text(max_size=8),
+                                "output": st.text(max_size=20)}),
+         st.fixed_dictionaries({"type": st.just("reasoning"), "summary": st.just([])})), min_size=1, max_size=3))},
+    optional={"stream": st.booleans(), "instructions": st.text(max_size=20), "temperature": st.floats(0, 2),
+              "max_output_tokens": st.integers(1, 50), "store": st.booleans(),
+              "tool_choice": st.sampled_from(["auto", "none", "required", {"type": "function", "name": "f"}]),
+              "tools": st.sampled_from([[{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                                        [{"type": "custom", "name": "g"}], [{"type": "web_search"}]]),
+              "reasoning": st.sampled_from([{"effort": "low"}, {"effort": "high"}, {"effort": None}]),
+              "text": st.sampled_from([{"format": {"type": "text"}}, {"format": {"type": "json_object"}}])})
+PI_MODELS = st.sampled_from([{"provider": "fake-chat", "id": "chat-model"},
+                             {"provider": "fake-anthropic", "id": "claude-test"},
+                             {"provider": "fake-responses", "id": "gpt-test"},
+                             {"provider": "fake-chat", "id": "chat-model", "baseUrl": "http://127.0.0.1:9/v1",
+                              "headers": {"Authorization": "Bearer stolen"}},
+                             {"provider": "nope", "id": "x"}])
+PI_STREAM = st.fixed_dictionaries(
+    {"model": PI_MODELS,
+     "context": st.fixed_dictionaries(
+         {"messages": st.lists(st.one_of(
+             st.fixed_dictionaries({"role": st.just("user"),
+                                    "content": st.one_of(st.text(max_size=40), TEXT_PARTS)}),
+             st.fixed_dictionaries({"role": st.just("assistant"), "content": TEXT_PARTS}),
+             st.fixed_dictionaries({"role": st.just("toolResult"), "toolCallId": st.text(max_size=8),
+                                    "content": TEXT_PARTS})), min_size=1, max_size=3)},
+         optional={"systemPrompt": st.text(max_size=20),
+                   "tools": st.just([{"name": "f", "parameters": {"type": "object"}}])})},
+    optional={"options": st.fixed_dictionaries({}, optional={
+        "temperature": st.floats(0, 2), "maxTokens": st.integers(1, 50),
+        "reasoning": st.sampled_from(["minimal", "low", "high"]), "sessionId": st.text(max_size=8),
+        "headers": st.dictionaries(st.sampled_from(["x-extra", "Authorization", "x-api-key"]),
+                                   st.text(max_size=8), max_size=2)})})
 
 
 @st.composite
@@ -76,18 +118,26 @@ def mutated(draw, bodies):
     return body
 
 
+# How each family's streams may end: its terminal event or its error event.
+TERMINALS = {"anthropic": ("event: message_stop", "event: error"),
+             "openai": ("data: [DONE]", "event: error"),
+             "responses": ("event: response.completed", "event: response.incomplete", "event: response.failed"),
+             "pi": ('data: {"type":"done"', 'data: {"type":"error"')}
+
+
 def check_answer(response, family: str):
     assert response.status_code < 500 or response.status_code in (502, 504), \
         f"{response.status_code}: {response.text[:300]}"
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        text = response.text
-        terminal = "event: message_stop" if family == "anthropic" else "data: [DONE]"
-        assert terminal in text or "event: error" in text, "a stream must end properly"
+        last = response.text.rstrip().rsplit("\n\n", 1)[-1]
+        assert last.startswith(TERMINALS[family]), f"a stream must end properly, not with {last[:200]!r}"
         return
     body = response.json()
     if response.status_code >= 400:
         if family == "anthropic":
             assert body["type"] == "error" and body["error"]["type"] and body["error"]["message"]
+        elif family == "pi":
+            assert isinstance(body["error"], str) and body["error"]  # streamProxy reads only this string
         else:
             assert body["error"]["type"] and body["error"]["message"]
 
@@ -113,12 +163,27 @@ def test_count_tokens_fuzz(proxy, answering, body):
     check_answer(requests.post(f"{proxy.url}/v1/messages/count_tokens", json=body, timeout=30), "anthropic")
 
 
+@given(body=mutated(RESPONSES))
+def test_responses_fuzz(proxy, answering, body):
+    check_answer(requests.post(f"{proxy.url}/v1/responses", json=body, timeout=30), "responses")
+
+
+@given(body=mutated(PI_STREAM))
+def test_pi_stream_fuzz(proxy, answering, body):
+    seen = len(answering.requests)
+    response = requests.post(f"{proxy.url}/api/stream", json=body, timeout=30)
+    check_answer(response, "pi")
+    stolen = [r for r in answering.requests[seen:] if "stolen" in json.dumps(r.headers)]
+    assert not stolen, "a client's model or headers may never replace the server's credentials"
+
+
 @given(raw=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)),
-       path=st.sampled_from(["/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens"]),
+       path=st.sampled_from(["/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens",
+                             "/v1/responses", "/api/stream"]),
        content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]))
 def test_raw_bytes_fuzz(proxy, answering, raw, path, content_type):
     response = requests.post(f"{proxy.url}{path}", data=raw, headers={"content-type": content_type}, timeout=30)
-    check_answer(response, "anthropic" if path.startswith("/v1/messages") else "openai")
+    check_answer(response, "anthropic" if path.startswith("/v1/messages") else "pi" if path == "/api/stream" else "openai")
     assert response.status_code < 500
 
 
