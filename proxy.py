@@ -563,19 +563,24 @@ class Bridge:
                 return
             silent = 0.0
             if not line:
-                yield {"type": "error", "reason": "error", "message": {"errorMessage": self._exit_reason()}}
+                yield self._failure(self._exit_reason())
                 return
             try:
                 event = json.loads(line)
             except ValueError:
-                yield {"type": "error", "reason": "error",
-                       "message": {"errorMessage": "bridge printed something that is not JSON"}}
+                yield self._failure("the proxy's bridge printed something that is not JSON")
                 return
             if event.get("type") == "error" and self.stopped_because:  # not pi-ai's "Request was aborted"
-                event = {**event, "message": {**(event.get("message") or {}), "errorMessage": self.stopped_because}}
+                event = self._failure(self.stopped_because, status=503)
             yield event
             if event.get("type") in ("done", "error", "credentials"):
                 return
+
+    @staticmethod
+    def _failure(message: str, status: int = 502) -> dict:
+        """An error event for a failure of the bridge or the proxy, not of the upstream."""
+        return {"type": "error", "reason": "error", "local": True, "status": status,
+                "message": {"errorMessage": message}}
 
     def _exit_reason(self) -> str:
         code = self.proc.wait()
@@ -584,7 +589,7 @@ class Bridge:
         self._readers[1].join(timeout=1)
         tail = self.stderr_tail.decode(errors="replace").strip().splitlines()
         detail = f": {tail[-1]}" if tail else ""
-        return f"bridge exited unexpectedly (status {code}){detail}"
+        return f"the proxy's bridge exited unexpectedly (status {code}){detail}"
 
     def close(self) -> gevent.Greenlet:
         """Stop the process if it still runs and reap it in the background (a SIGTERM may take
@@ -789,12 +794,16 @@ def parse_upstream_message(text: str) -> tuple[int | None, str]:
 def upstream_error(event: dict, secrets=()) -> ApiError:
     """A bridge `error` event -> the ApiError a client should see. The status the upstream sent
     is kept (the bridge observes it; pi-ai's message carries it too); transport failures become
-    502 and silence 504. The (redacted) event stays attached for clients that want pi's own form."""
+    502 and silence 504; a failure of the bridge itself keeps its own status (502, or 503 when the
+    proxy ended it to shut down). The (redacted) event stays attached for clients that want pi's
+    own form."""
     raw = redact((event.get("message") or {}).get("errorMessage") or "upstream error", secrets)
     redacted = {**event, "message": {**(event.get("message") or {}), "errorMessage": raw}}
     parsed_status, message = parse_upstream_message(raw)
     status = event.get("status") or parsed_status
-    if event.get("timeout") or (status is None and re.search(r"timed? ?out", message, re.I)):
+    if event.get("local"):  # the bridge failed, or the proxy ended it: its own status and words
+        type_ = "api_error"
+    elif event.get("timeout") or (status is None and re.search(r"timed? ?out", message, re.I)):
         status, message, type_ = 504, f"Upstream timed out: {message}", "timeout_error"
     elif status is None:
         status, message, type_ = 502, f"Upstream request failed: {message}", "api_error"

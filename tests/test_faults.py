@@ -293,8 +293,8 @@ def assert_serves(proxy, fake, endpoint: str = "chat"):
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("fault,message", [
-    ("exit-mid", "bridge exited unexpectedly (status 1): fault_preload: exiting mid-stream"),
-    ("garbage-mid", "bridge printed something that is not JSON"),
+    ("exit-mid", "the proxy's bridge exited unexpectedly (status 1): fault_preload: exiting mid-stream"),
+    ("garbage-mid", "the proxy's bridge printed something that is not JSON"),
 ])
 def test_bridge_exits_or_prints_non_json_mid_stream(faulty, mode, fake, endpoint, fault, message):
     mode(fault)
@@ -310,7 +310,7 @@ def test_bridge_prints_non_json_before_content(faulty, mode, fake, endpoint):
     mode("garbage-at-start")
     fake.push(Reply(text=TEXT))
     seen = call(faulty, endpoint, "fake-chat/chat-model")
-    assert_failed_before_content(seen, endpoint, 502, "bridge printed something that is not JSON")
+    assert_failed_before_content(seen, endpoint, 502, "the proxy's bridge printed something that is not JSON")
     mode("")
     assert_serves(faulty, fake, endpoint)
 
@@ -324,7 +324,7 @@ def test_bridge_killed_mid_stream_like_the_oom_killer(faulty, mode, fake, endpoi
         assert len(serving) == 1, serving
         os.kill(serving[0], signal.SIGKILL)
         seen = outcome(response, endpoint, [*read, *rest])
-    assert_failed_mid_stream(seen, "bridge exited unexpectedly (status -9)")
+    assert_failed_mid_stream(seen, "the proxy's bridge exited unexpectedly (status -9)")
     assert fake.wait_for_disconnect(timeout=2), "the upstream request was dropped"
     assert_serves(faulty, fake, endpoint)
 
@@ -337,7 +337,7 @@ def test_bridge_crashes_at_start(faulty, mode, fake):
     assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in warm)), "killed and reaped"
     for endpoint in ENDPOINTS:
         seen = call(faulty, endpoint, "fake-chat/chat-model")
-        assert_failed_before_content(seen, endpoint, 502, "bridge exited unexpectedly (status 3): simulated crash")
+        assert_failed_before_content(seen, endpoint, 502, "the proxy's bridge exited unexpectedly (status 3): simulated crash")
     assert requests.get(f"{faulty.url}/healthz", timeout=5).status_code == 200
     assert not fake.requests, "nothing reached the upstream"
     mode("")

@@ -5,13 +5,14 @@ leaving no bridge behind."""
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
-from tests.test_faults import ENDPOINTS, TEXT, open_stream, outcome, request_body
+from tests.test_faults import ENDPOINTS, TEXT, assert_failed_before_content, call, open_stream, outcome, request_body
 from tests.test_pool import alive, wait_for
 
 GRACE_S = 3.0
@@ -87,3 +88,19 @@ def test_a_request_on_a_kept_alive_connection_during_the_grace_is_refused(gracef
     assert len(fake.requests) == 1, "the refused request never reached the upstream"
     response.close()
     assert graceful.proc.wait(timeout=GRACE_S) == 0, "the dropped stream left nothing in flight"
+
+
+def test_requests_still_waiting_for_the_upstream_past_the_grace_get_503(graceful, fake):
+    """Nothing reached the client yet: a 503 (on /api/stream its only event, the error), not a 502
+    that would blame the upstream."""
+    assert wait_for(lambda: len(graceful.bridges(serving=False)) == 2)
+    with ThreadPoolExecutor(len(ENDPOINTS)) as pool:
+        answers = []
+        for endpoint in ENDPOINTS:
+            fake.push(Reply(text=TEXT, first_byte_delay=20))
+            answers.append((endpoint, pool.submit(call, graceful, endpoint, "fake-chat/chat-model")))
+        assert wait_for(lambda: len(fake.requests) == len(ENDPOINTS), timeout=10)
+        graceful.proc.send_signal(signal.SIGTERM)
+        for endpoint, answer in answers:
+            assert_failed_before_content(answer.result(), endpoint, 503, "the proxy is shutting down")
+    assert graceful.proc.wait(timeout=GRACE_S + 3) == 0

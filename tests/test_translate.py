@@ -295,6 +295,15 @@ def test_upstream_error_mapping(event, status, type_):
     assert error.retry_after == event.get("retryAfter")
 
 
+def test_a_failure_of_the_bridge_is_not_blamed_on_the_upstream():
+    crash = proxy.Bridge._failure("the proxy's bridge exited unexpectedly (status 1): fetch timed out")
+    error = proxy.upstream_error(crash)
+    assert (error.status, error.type, error.message) == (
+        502, "api_error", "the proxy's bridge exited unexpectedly (status 1): fetch timed out")
+    shutdown = proxy.upstream_error(proxy.Bridge._failure("the proxy is shutting down", status=503))
+    assert (shutdown.status, shutdown.message) == (503, "the proxy is shutting down")
+
+
 def test_upstream_error_redacts_secrets():
     error = proxy.upstream_error({"message": {"errorMessage": "401 bad key sk-abcdef123456"}}, ["sk-abcdef123456"])
     assert "sk-abcdef123456" not in error.message and "[redacted]" in error.message
