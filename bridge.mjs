@@ -135,26 +135,20 @@ function watchFetch(sniffStopSequence, sniffIncomplete) {
 // stream that ends in `response.incomplete` (max_output_tokens) would read as a plain stop with no
 // usage. This notes that event's response, for markIncomplete.
 function withIncompleteSniffer(response) {
-  const decoder = new TextDecoder();
   let partialLine = "";
-  const sniffer = new TransformStream({
-    transform(chunk, controller) {
-      controller.enqueue(chunk);
-      const lines = (partialLine + decoder.decode(chunk, { stream: true })).split("\n");
-      partialLine = lines.pop();
-      for (const line of lines) {
-        if (!line.startsWith("data: ") || !line.includes('"response.incomplete"')) continue;
-        try {
-          const event = JSON.parse(line.slice(6));
-          if (event.type === "response.incomplete") upstream.incomplete = event.response ?? {};
-        } catch {
-          // not an event of ours; pi-ai reports unparsable streams itself
-        }
+  return sniffed(response, (text) => {
+    const lines = (partialLine + text).split("\n");
+    partialLine = lines.pop();
+    for (const line of lines) {
+      if (!line.startsWith("data: ") || !line.includes('"response.incomplete"')) continue;
+      try {
+        const event = JSON.parse(line.slice(6));
+        if (event.type === "response.incomplete") upstream.incomplete = event.response ?? {};
+      } catch {
+        // not an event of ours; pi-ai reports unparsable streams itself
       }
-    },
+    }
   });
-  const { status, statusText, headers } = response;
-  return new Response(response.body.pipeThrough(sniffer), { status, statusText, headers });
 }
 
 // What pi-ai does on `response.completed`, for a stream that ended in `response.incomplete`.
@@ -180,15 +174,22 @@ function markIncomplete(event, model) {
 // pi-ai reports Anthropic's "stop_sequence" stop as a plain stop; only the stream says which
 // sequence matched. Used only when the request has stop sequences.
 function withStopSequenceSniffer(response) {
-  const decoder = new TextDecoder();
   let tail = "";
+  return sniffed(response, (text) => {
+    const seen = tail + text;
+    const found = /"stop_sequence"\s*:\s*("(?:[^"\\]|\\.)*")/.exec(seen);
+    if (found) upstream.stopSequence = JSON.parse(found[1]);
+    tail = seen.slice(-256);
+  });
+}
+
+// The response with its body passed on unchanged, while `onText` reads it decoded, chunk by chunk.
+function sniffed(response, onText) {
+  const decoder = new TextDecoder();
   const sniffer = new TransformStream({
     transform(chunk, controller) {
       controller.enqueue(chunk);
-      const text = tail + decoder.decode(chunk, { stream: true });
-      const found = /"stop_sequence"\s*:\s*("(?:[^"\\]|\\.)*")/.exec(text);
-      if (found) upstream.stopSequence = JSON.parse(found[1]);
-      tail = text.slice(-256);
+      onText(decoder.decode(chunk, { stream: true }));
     },
   });
   const { status, statusText, headers } = response;

@@ -113,6 +113,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import select
@@ -331,53 +332,40 @@ class _Plan:
                           "cache_read_input_tokens": u["cached"], "output_tokens": output_tokens,
                           "service_tier": "standard"}}
 
+    def _anth_block(self, idx: int, content_block: dict, deltas) -> Iterator[bytes]:
+        yield _sse("content_block_start", {"type": "content_block_start", "index": idx, "content_block": content_block})
+        if idx == 0:
+            yield _sse("ping", {"type": "ping"})  # where Anthropic sends it: after the first block starts
+        yield from deltas
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": idx})
+
+    @staticmethod
+    def _anth_deltas(idx: int, delta_type: str, field: str, pieces) -> Iterator[bytes]:
+        t = _Template(b"event: content_block_delta\ndata: ",
+                      {"type": "content_block_delta", "index": idx, "delta": {"type": delta_type, field: _SENTINEL}})
+        return (t(p) for p in pieces)
+
     def anthropic_events(self) -> Iterator[bytes]:
         yield _sse("message_start", {"type": "message_start", "message": self._anth_msg([], None, None, 1)})
-        ping = _sse("ping", {"type": "ping"})
-        pinged = False
         idx = 0
         if self.r.reasoning:
-            yield _sse("content_block_start", {"type": "content_block_start", "index": idx,
-                                               "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
-            if not pinged:
-                pinged = True
-                yield ping
-            t = _Template(b"event: content_block_delta\ndata: ",
-                          {"type": "content_block_delta", "index": idx,
-                           "delta": {"type": "thinking_delta", "thinking": _SENTINEL}})
-            for p in self.reasoning_pieces:
-                yield t(p)
-            yield _sse("content_block_delta", {"type": "content_block_delta", "index": idx,
-                                               "delta": {"type": "signature_delta", "signature": self.signature}})
-            yield _sse("content_block_stop", {"type": "content_block_stop", "index": idx})
+            signature = _sse("content_block_delta", {"type": "content_block_delta", "index": idx,
+                                                     "delta": {"type": "signature_delta", "signature": self.signature}})
+            yield from self._anth_block(idx, {"type": "thinking", "thinking": "", "signature": ""}, itertools.chain(
+                self._anth_deltas(idx, "thinking_delta", "thinking", self.reasoning_pieces), [signature]))
             idx += 1
         if self.text_pieces:
-            yield _sse("content_block_start", {"type": "content_block_start", "index": idx,
-                                               "content_block": {"type": "text", "text": ""}})
-            if not pinged:
-                pinged = True
-                yield ping
-            t = _Template(b"event: content_block_delta\ndata: ",
-                          {"type": "content_block_delta", "index": idx,
-                           "delta": {"type": "text_delta", "text": _SENTINEL}})
-            for p in self.text_pieces:
-                yield t(p)
-            yield _sse("content_block_stop", {"type": "content_block_stop", "index": idx})
+            yield from self._anth_block(idx, {"type": "text", "text": ""},
+                                        self._anth_deltas(idx, "text_delta", "text", self.text_pieces))
             idx += 1
         for tid, name, args in self.tools:
-            yield _sse("content_block_start", {"type": "content_block_start", "index": idx,
-                                               "content_block": {"type": "tool_use", "id": tid, "name": name,
-                                                                 "input": {}}})
-            if not pinged:
-                pinged = True
-                yield ping
-            for frag in [""] + _split_args(args):
-                yield _sse("content_block_delta", {"type": "content_block_delta", "index": idx,
-                                                   "delta": {"type": "input_json_delta", "partial_json": frag}})
-            yield _sse("content_block_stop", {"type": "content_block_stop", "index": idx})
+            yield from self._anth_block(idx, {"type": "tool_use", "id": tid, "name": name, "input": {}}, (
+                _sse("content_block_delta", {"type": "content_block_delta", "index": idx,
+                                             "delta": {"type": "input_json_delta", "partial_json": frag}})
+                for frag in [""] + _split_args(args)))
             idx += 1
-        if not pinged:
-            yield ping
+        if idx == 0:
+            yield _sse("ping", {"type": "ping"})
         if self.r.stream_error is not None:
             yield _sse("error", {"type": "error", "error": {"type": "overloaded_error",
                                                             "message": self.r.stream_error}})
