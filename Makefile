@@ -29,7 +29,7 @@ node_modules/.installed-dev: package.json package-lock.json
 
 # bridge.mjs with pi-ai in one build (esbuild, a pinned dependency); providers stay separate
 # chunks, loaded when used.
-build/bridge.mjs: bridge.mjs node_modules/.installed
+build/bridge.mjs: bridge.mjs web-fetch.mjs node_modules/.installed
 	rm -rf build
 	npm run --silent build
 

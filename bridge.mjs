@@ -1,9 +1,12 @@
 // bridge.mjs: one pi-ai call per process, for proxy.py.
 //
 // Protocol (JSON lines; proxy.py is the only client):
-//   argv   the pi-ai APIs whose provider modules to load before reading the request
+//   argv   [--warm-up] and the pi-ai APIs whose provider modules to load before reading the request
 //          (pi-ai loads them lazily on first use; a pooled bridge is loaded before its request comes).
+//          --warm-up: before reading the request, stream one canned reply per loaded API in-process,
+//          so the request's path runs code already compiled (see warmUp).
 //          proxy.py runs the bundle `make install` builds, build/bridge.mjs: it loads 4x faster.
+//   env    PI_PROXY_RELAY, PI_PROXY_RELAY_TOKEN: where HTTP requests go (web-fetch.mjs).
 //   stdin  one request line; later lines answer prompts (login only); the end of stdin means "abort".
 //     {"op":"catalog"}
 //         -> {"type":"catalog","providers":[{"id","envKey","models":[Model...]}]}
@@ -50,6 +53,8 @@
 // PI_PROXY_TEST_REDIRECTS (tests only): a JSON object {"https://origin": "http://127.0.0.1:port"}
 // that redirects this process's HTTP requests, so OAuth and Copilot flows can meet fake servers.
 
+// First: the web globals (fetch, Headers, ...) must be ours before any SDK touches them.
+import "./web-fetch.mjs";
 import { createInterface } from "node:readline";
 import {
   calculateCost,
@@ -301,6 +306,50 @@ async function login({ provider }) {
   emit({ type: "credentials", credentials });
 }
 
+// One canned upstream reply per API, as the fake upstreams in tests/ send them: a text "w", then stop.
+const sse = (events) => events.map(([name, data]) => (name ? `event: ${name}\n` : "") + `data: ${JSON.stringify(data)}\n\n`).join("");
+const RESPONSES_REPLY = sse([
+  [null, { type: "response.created", response: { id: "w", status: "in_progress", output: [] } }],
+  [null, { type: "response.output_item.added", output_index: 0, item: { type: "message", id: "m", role: "assistant", status: "in_progress", content: [] } }],
+  [null, { type: "response.content_part.added", item_id: "m", output_index: 0, content_index: 0, part: { type: "output_text", text: "", annotations: [] } }],
+  [null, { type: "response.output_text.delta", item_id: "m", output_index: 0, content_index: 0, delta: "w" }],
+  [null, { type: "response.output_item.done", output_index: 0, item: { type: "message", id: "m", role: "assistant", status: "completed", content: [{ type: "output_text", text: "w", annotations: [] }] } }],
+  [null, { type: "response.completed", response: { id: "w", status: "completed", output: [], usage: { input_tokens: 1, output_tokens: 1, total_tokens: 2, input_tokens_details: { cached_tokens: 0 } } } }],
+]);
+const WARM_UP_REPLIES = {
+  "openai-completions": sse([
+    [null, { id: "w", object: "chat.completion.chunk", created: 0, model: "w", choices: [{ index: 0, delta: { role: "assistant", content: "w" }, finish_reason: null }] }],
+    [null, { id: "w", object: "chat.completion.chunk", created: 0, model: "w", choices: [{ index: 0, delta: {}, finish_reason: "stop" }], usage: { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 } }],
+  ]) + "data: [DONE]\n\n",
+  "anthropic-messages": sse([
+    ["message_start", { type: "message_start", message: { id: "w", type: "message", role: "assistant", model: "w", content: [], stop_reason: null, usage: { input_tokens: 1, output_tokens: 1 } } }],
+    ["content_block_start", { type: "content_block_start", index: 0, content_block: { type: "text", text: "" } }],
+    ["content_block_delta", { type: "content_block_delta", index: 0, delta: { type: "text_delta", text: "w" } }],
+    ["content_block_stop", { type: "content_block_stop", index: 0 }],
+    ["message_delta", { type: "message_delta", delta: { stop_reason: "end_turn" }, usage: { output_tokens: 1 } }],
+    ["message_stop", { type: "message_stop" }],
+  ]),
+  "openai-responses": RESPONSES_REPLY,
+};
+
+// The first request through an SDK pays for compiling its code paths (request building, SSE
+// parsing, pi-ai's event handling): ~15 ms of first-token latency. A pooled bridge pays it before
+// its request comes, against canned replies, with no network I/O.
+async function warmUp(apis) {
+  const fetchUpstream = globalThis.fetch;
+  try {
+    for (const api of apis.filter((name) => WARM_UP_REPLIES[name])) {
+      globalThis.fetch = async () => new Response(WARM_UP_REPLIES[api], { headers: { "content-type": "text/event-stream" } });
+      const model = { id: "w", name: "w", api, provider: "warm-up", baseUrl: "http://warm-up.invalid/v1", reasoning: false,
+        input: ["text"], cost: { input: 0, output: 0, cacheRead: 0, cacheWrite: 0 }, contextWindow: 1000, maxTokens: 100 };
+      const context = { messages: [{ role: "user", content: "w", timestamp: 0 }] };
+      for await (const event of streamSimple(model, context, { apiKey: "w", maxRetries: 0 })) JSON.stringify(reduce(event));
+    }
+  } finally {
+    globalThis.fetch = fetchUpstream;
+  }
+}
+
 function failure(error) {
   const errorMessage = error instanceof Error ? error.message : String(error);
   return { role: "assistant", content: [], stopReason: "error", errorMessage };
@@ -312,9 +361,10 @@ abort.signal.addEventListener("abort", () => setTimeout(() => finish(1), 1000).u
 
 const ops = { catalog, stream, refresh, login };
 try {
-  await Promise.all(process.argv.slice(2).map((api) => PROVIDER_MODULES[api]?.()));
-  // Node loads its HTTP client on the first fetch: about 40 ms better spent before the request.
-  await fetch("data:,").then((response) => response.text());
+  const warm = process.argv[2] === "--warm-up";
+  const apis = process.argv.slice(warm ? 3 : 2);
+  await Promise.all(apis.map((api) => PROVIDER_MODULES[api]?.()));
+  if (warm) await warmUp(apis);
   const stopped = new Promise((_, reject) => {
     const stop = () => reject(new Error("stopped before a request came"));
     if (abort.signal.aborted) stop();

@@ -11,18 +11,19 @@ The file reads in the order data flows through it:
    2. pi's config files    models.json (JSON with comments), auth.json and its lock, resolving keys
    3. Model registry       pi-ai's catalogue merged with models.json; availability; name -> model
    4. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
-   5. Bridge pool          bridges started ahead of need; replaced, drained on shutdown
-   6. Errors               ApiError and the mapping of upstream failures to HTTP statuses
-   7. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
-   8. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
-   9. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
-  10. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
-  11. Remote images       images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
-  12. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
-  13. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
-  14. Main                 command line (serve, login, logout, models) and the gevent server
+   5. Relay                the bridges' HTTP, sent upstream over pooled keep-alive connections
+   6. Bridge pool          bridges started (and warmed) ahead of need; replaced, drained on shutdown
+   7. Errors               ApiError and the mapping of upstream failures to HTTP statuses
+   8. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
+   9. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
+  10. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
+  11. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
+  12. Remote images       images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
+  13. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
+  14. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
+  15. Main                 command line (serve, login, logout, models) and the gevent server
 
-Translation functions in sections 6-10 are pure: tests call them without HTTP or node.
+Translation functions in sections 7-11 are pure: tests call them without HTTP or node.
 """
 
 if __name__ == "__main__":
@@ -31,6 +32,7 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import argparse
+import atexit
 import base64
 import binascii
 import collections
@@ -42,12 +44,15 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -56,12 +61,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import certifi
 import gevent
 import gevent.event
 import gevent.lock
 import gevent.queue
+import gevent.server
 import gevent.subprocess
 import requests
+import urllib3
 from flask import Flask, Response, request
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from jsonschema import Draft202012Validator
@@ -90,8 +98,9 @@ class Config:
     agent_dir: Path = Path("~/.pi/agent").expanduser()
     auth_token: str | None = None  # clients must present it; None: no proxy authentication
     bridge_pool: int = 2
+    bridge_warm_up: bool = True  # pooled bridges run each API's request path once before their request
     shutdown_grace_s: float = 8.0  # under `docker stop`'s 10 s before its SIGKILL
-    remote_images: bool = False  # fetch images given by http(s) URL (section 11)
+    remote_images: bool = False  # fetch images given by http(s) URL (section 12)
     remote_image_max_bytes: int = 20_000_000
     remote_image_timeout: float = 10.0  # seconds for the whole fetch, redirects included
     test_image_port: int | None = None  # tests only: 127.0.0.1 on this port passes the address check
@@ -124,6 +133,7 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         agent_dir=Path(environ.get("PI_CODING_AGENT_DIR") or "~/.pi/agent").expanduser(),
         auth_token=args.auth_token or environ.get("PI_PROXY_AUTH_TOKEN") or None,
         bridge_pool=int(environ.get("PI_PROXY_BRIDGE_POOL", defaults.bridge_pool)),
+        bridge_warm_up=environ.get("PI_PROXY_BRIDGE_WARM_UP", "1") != "0",
         shutdown_grace_s=float(environ.get("PI_PROXY_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s)),
         remote_images=environ.get("PI_PROXY_REMOTE_IMAGES", "") == "1",
         remote_image_max_bytes=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_BYTES", defaults.remote_image_max_bytes)),
@@ -512,14 +522,19 @@ class Bridge:
     """One `node bridge.mjs` process answering one request, given by send(). Every path ends in
     close(), which kills the process if it still runs and always reaps it."""
 
-    def __init__(self, command: list):
+    START_ALLOWANCE = 30.0  # seconds a bridge may take to start and reach its upstream (a loaded machine)
+
+    def __init__(self, command: list, env: dict | None = None, token: str | None = None):
         self.proc = gevent.subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=HERE,
+            env=env,
         )
+        self.token = token  # how it names itself to the relay
+        self.upstream_contacted = 0.0  # time.monotonic() of its last request to the relay
         self.stderr_tail = b""
         self.lines = gevent.queue.Queue()
         self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
@@ -545,23 +560,29 @@ class Bridge:
 
     def events(self, idle_timeout: float, heartbeat: float | None = None):
         """Yield the bridge's events. The last one is always `done` or `error`: a bridge that goes
-        silent for idle_timeout seconds, dies, or prints garbage yields a synthetic error. With
-        `heartbeat`, every that many seconds of silence yields {"type": "heartbeat"}."""
-        silent = 0.0
+        silent for idle_timeout seconds, dies, or prints garbage yields a synthetic error. The
+        silence counts from the bridge's last line or its last request to the upstream (through
+        the relay), whichever came later: the time a bridge takes to start (up to START_ALLOWANCE
+        more) is not the upstream's. With `heartbeat`, every that many seconds of silence yields
+        {"type": "heartbeat"}."""
+        last_line = time.monotonic()
         while True:
-            wait = idle_timeout - silent if heartbeat is None else min(heartbeat, idle_timeout - silent)
+            left = self._silence_ends(last_line, idle_timeout) - time.monotonic()
+            beat = heartbeat is not None and heartbeat < left
             try:
                 # A line already queued needs no timer (most of a fast stream's lines).
-                line = self.lines.get_nowait() if self.lines.qsize() else self.lines.get(timeout=wait)
+                line = self.lines.get_nowait() if self.lines.qsize() else \
+                    self.lines.get(timeout=max(heartbeat if beat else left, 0))
             except gevent.queue.Empty:
-                silent += wait
-                if silent < idle_timeout:
+                if beat:
                     yield {"type": "heartbeat"}
                     continue
+                if self._silence_ends(last_line, idle_timeout) > time.monotonic():
+                    continue  # the bridge has just contacted the upstream: the upstream's time starts now
                 yield {"type": "error", "reason": "error", "timeout": True,
                        "message": {"errorMessage": f"upstream sent nothing for {idle_timeout:g} s"}}
                 return
-            silent = 0.0
+            last_line = time.monotonic()
             if not line:
                 yield self._failure(self._exit_reason())
                 return
@@ -575,6 +596,11 @@ class Bridge:
             yield event
             if event.get("type") in ("done", "error", "credentials"):
                 return
+
+    def _silence_ends(self, last_line: float, idle_timeout: float) -> float:
+        if not self.upstream_contacted:
+            return last_line + self.START_ALLOWANCE + idle_timeout
+        return max(last_line, self.upstream_contacted) + idle_timeout
 
     @staticmethod
     def _failure(message: str, status: int = 502) -> dict:
@@ -616,9 +642,21 @@ class Bridge:
                 pass
 
 
-def refresh_oauth(node: str, provider: str, credentials: dict) -> dict:
-    """Fresh OAuth credentials from pi-ai's refreshToken (for Copilot: a GitHub token -> a Copilot token)."""
-    bridge = Bridge([node, str(bridge_script())])
+def watch_peer(peer: socket.socket, on_gone):
+    """Call on_gone when the peer closes its socket: wait until it is readable, where an orderly
+    close reads as b""; data (a client's pipelined request) is no disconnect: stop watching."""
+    try:
+        gevent.socket.wait_read(peer.fileno())
+        gone = peer.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        gone = True
+    if gone:
+        on_gone()
+
+
+def refresh_oauth(bridge: Bridge, provider: str, credentials: dict) -> dict:
+    """Fresh OAuth credentials from pi-ai's refreshToken (for Copilot: a GitHub token -> a Copilot
+    token), asked of a pooled bridge: it is loaded, and its HTTP goes through the relay."""
     bridge.send({"op": "refresh", "provider": provider, "credentials": credentials})
     try:
         *_, final = bridge.events(60)
@@ -644,7 +682,177 @@ def load_catalog(node: str) -> list:
 
 
 # ==================================================================================================
-# 5. Bridge pool
+# 5. Relay
+# ==================================================================================================
+# Bridges do no network I/O of their own (web-fetch.mjs): each HTTP request a pooled bridge makes
+# comes here over a Unix socket in a directory only this user may enter, naming its bridge with
+# the token given in the bridge's environment; anything else is refused. The relay sends it
+# upstream over keep-alive connections pooled per origin, so after the first request to an origin
+# a request pays one round trip, not DNS, TCP and TLS in a fresh process. The upstream gets the
+# request as the bridge made it, minus hop-by-hop headers; the response passes back as it arrives;
+# nothing is retried or followed. A bridge that goes away mid-request (killed: its client left)
+# closes its socket: the relay then closes that upstream connection at once, so the upstream sees
+# the disconnect and the connection is never reused. Headers carry upstream keys: never logged.
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te",
+              "trailer", "transfer-encoding", "upgrade"}
+# APIs whose SDKs connect on their own, not through fetch (the relay): Amazon Bedrock's AWS SDK, and
+# openai-codex-responses' WebSocket transport (on a Node with a global WebSocket, 22+). (Vertex AI's
+# Google sign-in token requests go through node-fetch, also on their own.)
+DIRECT_APIS = {"bedrock-converse-stream", "openai-codex-responses", "google-vertex"}
+RELAY_TOKEN_HEADER = "x-pi-relay-token"  # which bridge asks; the relay's own, never sent upstream
+RELAY_ERROR_HEADER = "x-pi-relay-error"  # why no upstream response came: the bridge's fetch throws it
+
+
+class BridgeGone(Exception):
+    """The bridge closed its relay connection: its upstream request must stop."""
+
+
+def upstream_ssl_context(environ=os.environ) -> ssl.SSLContext:
+    """The roots a user has told Python or Node to trust: REQUESTS_CA_BUNDLE or SSL_CERT_FILE
+    replace the default (certifi's Mozilla roots, as bundled in Node); NODE_EXTRA_CA_CERTS adds
+    to them, as it does in Node."""
+    context = ssl.create_default_context(
+        cafile=environ.get("REQUESTS_CA_BUNDLE") or environ.get("SSL_CERT_FILE") or certifi.where())
+    if environ.get("NODE_EXTRA_CA_CERTS"):
+        context.load_verify_locations(environ["NODE_EXTRA_CA_CERTS"])
+    return context
+
+
+class Upstreams:
+    """Keep-alive connections to the upstreams: at most POOL_PER_ORIGIN kept idle per origin, for
+    the MAX_ORIGINS origins used last; through the proxy HTTPS_PROXY / HTTP_PROXY name for an
+    origin NO_PROXY does not exempt (HTTPS tunnels with CONNECT)."""
+
+    MAX_ORIGINS, POOL_PER_ORIGIN = 16, 8
+
+    def __init__(self, environ=os.environ):
+        self.options = {"num_pools": self.MAX_ORIGINS, "maxsize": self.POOL_PER_ORIGIN,
+                        "ssl_context": upstream_ssl_context(environ)}
+        self.direct = urllib3.PoolManager(**self.options)
+        self.proxied: dict[str, urllib3.ProxyManager] = {}
+
+    def manager(self, url: str) -> urllib3.PoolManager:
+        proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+        if not proxy:
+            return self.direct
+        if proxy not in self.proxied:
+            userinfo = urllib.parse.urlsplit(proxy)
+            auth = f"{urllib.parse.unquote(userinfo.username)}:{urllib.parse.unquote(userinfo.password or '')}" \
+                if userinfo.username else None
+            self.proxied[proxy] = urllib3.ProxyManager(
+                proxy, proxy_headers=urllib3.make_headers(proxy_basic_auth=auth) if auth else None, **self.options)
+        return self.proxied[proxy]
+
+    def send(self, method: str, url: str, headers: dict, body: bytes, timeout: float) -> urllib3.BaseHTTPResponse:
+        """The upstream's response, its body unread. Never retried (a POST may not be repeated
+        behind its sender's back); a read that waits `timeout` seconds fails."""
+        return self.manager(url).urlopen(
+            method, url, body=body or None, headers=headers, redirect=False, retries=False,
+            preload_content=False, decode_content=False,
+            timeout=urllib3.Timeout(connect=min(timeout, 30.0), read=timeout))
+
+
+def read_relay_request(reader) -> tuple[str, str, list, bytes]:
+    """method, absolute URL, [(name, value)] and body of a bridge's request (HTTP/1.1, absolute
+    form, Content-Length framing, as web-fetch.mjs sends it). ValueError if it is not one."""
+    method, target, _version = reader.readline(8192).decode("latin-1").split()
+    headers = []
+    while (line := reader.readline(65536)) not in (b"\r\n", b"\n", b""):
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or len(headers) >= 256:
+            raise ValueError("not a bridge's request")
+        headers.append((name.strip(), value.strip()))
+    length = next((int(value) for name, value in headers if name.lower() == "content-length"), 0)
+    return method, target, headers, reader.read(length) if length else b""
+
+
+def relay_head(status: int, reason: str, headers) -> bytes:
+    """A response head for the bridge (one response per connection)."""
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join([*lines, "connection: close", "", ""])).encode("latin-1")
+
+
+class Relay:
+    """The pooled bridges' HTTP client (see the section's comment). `bridges` maps each bridge's
+    token to the Bridge, for as long as its process lives."""
+
+    def __init__(self, upstream_timeout: float):
+        self.upstream_timeout = upstream_timeout
+        self.directory = Path(tempfile.mkdtemp(prefix="pi-proxy-"))  # mode 0700
+        self.path = str(self.directory / "relay.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(128)
+        self.server = gevent.server.StreamServer(listener, self._serve)
+        self.server.start()
+        self.upstreams = Upstreams()
+        self.bridges: dict[str, Bridge] = {}
+        atexit.register(self.close)
+
+    def environment(self, token: str, command: list) -> dict:
+        """The environment of a bridge whose HTTP goes through the relay. NODE_EXTRA_CA_CERTS
+        costs each node ~40 ms CPU: kept only for a bridge with an API that connects directly."""
+        environ = {**os.environ, "PI_PROXY_RELAY": self.path, "PI_PROXY_RELAY_TOKEN": token}
+        if not DIRECT_APIS & set(command):
+            environ.pop("NODE_EXTRA_CA_CERTS", None)
+        return environ
+
+    def close(self):
+        self.server.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _serve(self, bridge_socket: socket.socket, _address):
+        response, complete = None, False
+        watcher = None
+        try:
+            method, url, headers, body = read_relay_request(bridge_socket.makefile("rb"))
+            token = next((value for name, value in headers if name.lower() == RELAY_TOKEN_HEADER), "")
+            bridge = self.bridges.get(token)
+            if bridge is None or not url.startswith(("http://", "https://")):
+                bridge_socket.sendall(relay_head(403, "Forbidden", [("content-length", "0")]))
+                return
+            bridge.upstream_contacted = time.monotonic()
+            serving = gevent.getcurrent()
+            watcher = gevent.spawn(watch_peer, bridge_socket, lambda: serving.kill(BridgeGone, block=False))
+            upstream_headers = {name: value for name, value in headers
+                                if name.lower() not in HOP_BY_HOP and name.lower() != RELAY_TOKEN_HEADER}
+            # urllib3 adds these two unless told to skip them: the upstream gets the bridge's own set.
+            for name in ("User-Agent", "Accept-Encoding"):
+                if not any(key.lower() == name.lower() for key in upstream_headers):
+                    upstream_headers[name] = urllib3.util.SKIP_HEADER
+            try:
+                response = self.upstreams.send(method, url, upstream_headers, body, self.upstream_timeout)
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                reason = re.sub(r"\s+", " ", str(getattr(error, "reason", None) or error))[:500]
+                log.info("relay: %s %s failed: %s", method, urllib.parse.urlsplit(url).netloc, reason)
+                bridge_socket.sendall(relay_head(502, "Bad Gateway", [(RELAY_ERROR_HEADER, reason), ("content-length", "0")]))
+                return
+            # Chunked unless the upstream gave a length: either way a body cut short reads as cut.
+            headers = [(name, value) for name, value in response.headers.iteritems() if name.lower() not in HOP_BY_HOP]
+            chunked = "content-length" not in response.headers
+            bridge_socket.sendall(relay_head(response.status, response.reason or "",
+                                             [*headers, ("transfer-encoding", "chunked")] if chunked else headers))
+            while chunk := response.read1(65536):
+                bridge_socket.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                bridge_socket.sendall(b"0\r\n\r\n")
+            complete = True
+        except (BridgeGone, ValueError, OSError, urllib3.exceptions.HTTPError):
+            pass  # the bridge went away, or the upstream broke off: the bridge sees its socket close
+        finally:
+            if watcher is not None:
+                watcher.kill(block=False)
+            if response is not None:
+                if not complete:
+                    response.close()  # the connection, not only the response: it must not be reused
+                response.release_conn()
+            bridge_socket.close()
+
+
+# ==================================================================================================
+# 6. Bridge pool
 # ==================================================================================================
 
 
@@ -659,8 +867,9 @@ class BridgePool:
 
     RESPAWN_DELAY = 1.0
 
-    def __init__(self, command, size: int):
+    def __init__(self, command, size: int, relay: Relay):
         self.command, self.size = command, size  # command() -> argv, read at each spawn
+        self.relay = relay
         self.idle: list[Bridge] = []
         self.live: set[Bridge] = set()
         self.draining = False
@@ -706,7 +915,9 @@ class BridgePool:
         return True
 
     def _spawn(self) -> Bridge:
-        bridge = Bridge(self.command())
+        token, command = secrets.token_urlsafe(24), self.command()
+        bridge = Bridge(command, self.relay.environment(token, command), token)
+        self.relay.bridges[token] = bridge
         self.live.add(bridge)
         gevent.spawn(self._watch, bridge)
         return bridge
@@ -714,6 +925,7 @@ class BridgePool:
     def _watch(self, bridge: Bridge):
         bridge.proc.wait()
         self.live.discard(bridge)
+        self.relay.bridges.pop(bridge.token, None)
         if bridge in self.idle:
             self.idle.remove(bridge)
             bridge.close()
@@ -737,7 +949,7 @@ class BridgePool:
 
 
 # ==================================================================================================
-# 6. Errors
+# 7. Errors
 # ==================================================================================================
 
 
@@ -830,7 +1042,7 @@ def redact(text: str, secrets) -> str:
 
 
 # ==================================================================================================
-# 7. OpenAI chat completions
+# 8. OpenAI chat completions
 # ==================================================================================================
 
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
@@ -1292,7 +1504,7 @@ class ChatChunks:
 
 
 # ==================================================================================================
-# 8. Anthropic messages
+# 9. Anthropic messages
 # ==================================================================================================
 
 _A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
@@ -1790,7 +2002,7 @@ def resolve_claude_model(name: str, models: dict, is_available) -> dict:
 
 
 # ==================================================================================================
-# 9. OpenAI responses
+# 10. OpenAI responses
 # ==================================================================================================
 
 _R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"],
@@ -2296,7 +2508,7 @@ def _is_json_object(text: str) -> bool:
 
 
 # ==================================================================================================
-# 10. pi streamProxy
+# 11. pi streamProxy
 # ==================================================================================================
 # pi-agent-core's streamProxy(model, context, {proxyUrl, authToken}) posts {model, context,
 # options} to /api/stream and rebuilds the message from pi's own events, reduced (no `partial`).
@@ -2452,7 +2664,7 @@ class PiStreamEvents:
 
 
 # ==================================================================================================
-# 11. Remote images
+# 12. Remote images
 # ==================================================================================================
 # An image given by http(s) URL is fetched here, only with PI_PROXY_REMOTE_IMAGES=1: the proxy may
 # sit inside a network the client cannot see, so every address a host name resolves to (at every
@@ -2608,7 +2820,7 @@ def image_in(response: requests.Response, max_bytes: int) -> dict:
 
 
 # ==================================================================================================
-# 12. HTTP
+# 13. HTTP
 # ==================================================================================================
 
 
@@ -2626,7 +2838,8 @@ class Proxy:
         self.apis_by_provider = {}
         for model in registry.models.values():
             self.apis_by_provider.setdefault(model["provider"], set()).add(model["api"])
-        self.bridges = BridgePool(self.bridge_command, config.bridge_pool)
+        self.relay = Relay(config.upstream_timeout_ms / 1000)
+        self.bridges = BridgePool(self.bridge_command, config.bridge_pool, self.relay)
 
     def is_available(self, provider: str) -> bool:
         return self.credentials.source(provider) is not None
@@ -2687,7 +2900,7 @@ class Proxy:
         """node, the bridge, and the APIs of the available models: their provider modules are
         loaded before the request comes."""
         apis = {api for provider, apis in self.apis_by_provider.items() if self.is_available(provider) for api in apis}
-        return [self.node, str(bridge_script()), *sorted(apis)]
+        return [self.node, str(bridge_script()), *(["--warm-up"] if self.config.bridge_warm_up else []), *sorted(apis)]
 
     def open_stream(self, bridge_request: dict, secrets: list, heartbeat: float | None = None) -> "Call":
         bridge = self.bridges.take()
@@ -2707,7 +2920,7 @@ class Call:
         self._watcher = None
         client = request.environ.get("pi_proxy.socket")
         if client is not None:
-            self._watcher = gevent.spawn(watch_client, client, bridge.close)
+            self._watcher = gevent.spawn(watch_peer, client, self._client_gone)
 
     def opening(self) -> list:
         """The events up to the first piece of content (or the end). A failure before any
@@ -2735,23 +2948,14 @@ class Call:
             self.close()
         return last
 
+    def _client_gone(self):
+        log.info("client disconnected; stopping its upstream call")
+        self.bridge.close()
+
     def close(self):
         if self._watcher is not None:
             self._watcher.kill(block=False)
         self.bridge.close()
-
-
-def watch_client(client: socket.socket, on_gone):
-    """Wait until the client's socket is readable: an orderly close reads as b"" (gone); data
-    means a pipelined request, which is not a disconnect, so stop watching."""
-    try:
-        gevent.socket.wait_read(client.fileno())
-        gone = client.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-        gone = True
-    if gone:
-        log.info("client disconnected; stopping its upstream call")
-        on_gone()
 
 
 def api_family(path: str) -> str:
@@ -3037,7 +3241,7 @@ def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
 
 
 # ==================================================================================================
-# 13. Shutdown
+# 14. Shutdown
 # ==================================================================================================
 
 
@@ -3082,7 +3286,7 @@ def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", gr
 
 
 # ==================================================================================================
-# 14. Main
+# 15. Main
 # ==================================================================================================
 
 
@@ -3122,8 +3326,9 @@ def build_proxy(config: Config) -> Proxy:
     env_keys = {p["id"]: p["envKey"] for p in catalog}
     config_keys = {name: s.api_key for name, s in registry.settings.items() if s.api_key}
     credentials = Credentials(AuthFile(config.agent_dir / "auth.json"), env_keys, config_keys,
-                              lambda provider, old: refresh_oauth(node, provider, old))
-    return Proxy(config, node, registry, credentials)
+                              lambda provider, old: refresh_oauth(proxy.bridges.take(), provider, old))
+    proxy = Proxy(config, node, registry, credentials)
+    return proxy
 
 
 def serve(config: Config):

@@ -1,8 +1,9 @@
 """How a bridge process spends CPU and memory, for each way of running it (the README's
 "Lean bridge" table). Run from the repository root: .venv/bin/python bench/bridge_variants.py
 
-Each variant is a node command line. For each, N times: spawn the bridge and, after it has
-loaded (1.5 s later, as in the pool), send one 20-token stream request to a fake upstream.
+Each variant is a node command line. N rounds, each running every variant once (interleaved, so
+that the machine's load weighs on all alike): spawn the bridge and, after it has loaded (1.5 s
+later, as in the pool), send one 20-token stream request to a fake upstream (directly: no relay).
 Reports the medians of: CPU-seconds spent loading, CPU-seconds for the whole request (load +
 answer), time from request to first event and to the final event, peak RSS."""
 
@@ -65,8 +66,7 @@ def run_once(command: list, request: dict, settle: float = 1.5) -> dict:
             "final_event_ms": (final - sent) * 1000, "peak_rss_mb": rss}
 
 
-def measure(command: list, request: dict, runs: int) -> dict:
-    results = [run_once(command, request) for _ in range(runs)]
+def medians(results: list) -> dict:
     return {key: round(statistics.median(r[key] for r in results), 3) for key in results[0]}
 
 
@@ -75,6 +75,9 @@ VARIANTS = {
     "source, whole pi-ai index, providers loaded on first use": ["node", "bridge.mjs"],
     "source, providers preloaded": ["node", "bridge.mjs", *WARM],
     "bundle, providers preloaded": ["node", "build/bridge.mjs", *WARM],
+    "bundle, providers preloaded, warm-up (used)": ["node", "build/bridge.mjs", "--warm-up", *WARM],
+    "bundle, one API preloaded": ["node", "build/bridge.mjs", "openai-completions"],
+    "bundle, one API preloaded, warm-up": ["node", "build/bridge.mjs", "--warm-up", "openai-completions"],
     "bundle, no preload": ["node", "build/bridge.mjs"],
     "bundle + --max-semi-space-size=1": ["node", "--max-semi-space-size=1", "build/bridge.mjs", *WARM],
     "bundle + --max-semi-space-size=4": ["node", "--max-semi-space-size=4", "build/bridge.mjs", *WARM],
@@ -90,15 +93,18 @@ def main():
     with FakeUpstream() as fake:
         fake.default = Reply(text="tok " * 20, chunks=20)
         request = stream_request(fake.base_url)
+        chosen = {name: command for name, command in VARIANTS.items() if not only or any(o in name for o in only)}
+        results = {name: [] for name in chosen}
+        for _ in range(runs):
+            for name, command in chosen.items():
+                floor = command[-1] == "process.stdin.resume()"
+                results[name].append({"load_cpu": run_floor(command)} if floor else run_once(command, request))
         print(f"{'variant':58s} {'load CPU':>9s} {'req CPU':>8s} {'1st ev':>7s} {'final':>7s} {'peak RSS':>9s}")
-        for name, command in VARIANTS.items():
-            if only and not any(o in name for o in only):
+        for name, runs_of_variant in results.items():
+            r = medians(runs_of_variant)
+            if "request_cpu" not in r:
+                print(f"{name:58s} {r['load_cpu'] * 1000:7.0f}ms")
                 continue
-            if command[-1] == "process.stdin.resume()":
-                result = {"load_cpu": statistics.median(run_floor(command) for _ in range(runs))}
-                print(f"{name:58s} {result['load_cpu'] * 1000:7.0f}ms", flush=True)
-                continue
-            r = measure(command, request, runs)
             print(f"{name:58s} {r['load_cpu'] * 1000:7.0f}ms {r['request_cpu'] * 1000:6.0f}ms "
                   f"{r['first_event_ms']:5.1f}ms {r['final_event_ms']:5.1f}ms {r['peak_rss_mb']:7.1f}MB", flush=True)
 

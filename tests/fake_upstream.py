@@ -683,8 +683,10 @@ class _Conn:
 class FakeUpstream:
     """Fake OpenAI / Anthropic / OpenAI-Responses upstream. See module docstring."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl_context=None):
         self._host, self._port = host, port
+        self._ssl_context = ssl_context  # an ssl.SSLContext: serve HTTPS
+        self.connections = 0  # connections accepted since start: how many a client opened
         self._queue: collections.deque[Reply] = collections.deque()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -708,7 +710,9 @@ class FakeUpstream:
         srv.owner = self
         self._server = srv
         self.port = srv.server_address[1]
-        self.base_url = f"http://{self._host}:{self.port}"
+        if self._ssl_context is not None:
+            srv.socket = self._ssl_context.wrap_socket(srv.socket, server_side=True)
+        self.base_url = f"{'https' if self._ssl_context else 'http'}://{self._host}:{self.port}"
         self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": _POLL},
                                          name=f"fake-upstream-{self.port}", daemon=True)
         self._thread.start()
@@ -771,6 +775,7 @@ class FakeUpstream:
     def _track(self, sock: socket.socket, add: bool) -> None:
         with self._lock:
             (self._conns.add if add else self._conns.discard)(sock)
+            self.connections += add
 
     def _record_disconnect(self, rec: Recorded) -> None:
         with self._cond:

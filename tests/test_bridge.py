@@ -68,3 +68,37 @@ def test_unknown_op_is_an_error_event():
     result = subprocess.run(["node", "bridge.mjs"], cwd=ROOT, input=b'{"op":"dance"}\n', capture_output=True, timeout=30)
     (event,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert event["type"] == "error" and "unknown op" in event["message"]["errorMessage"]
+
+
+def all_apis() -> list:
+    """Every API of pi-ai's built-in models."""
+    result = subprocess.run(["node", "bridge.mjs"], cwd=ROOT, input=b'{"op":"catalog"}\n', capture_output=True, timeout=30)
+    (catalog,) = [json.loads(line) for line in result.stdout.splitlines()]
+    return sorted({model["api"] for provider in catalog["providers"] for model in provider["models"]})
+
+
+@pytest.mark.parametrize("api", ["openai-completions", "anthropic-messages", "openai-responses"])
+def test_the_bundle_streams_without_loading_undici(fake, api):
+    """Node's fetch (undici) compiles WebAssembly in every process that touches fetch, Headers,
+    Request or Response; the bridge's own stand-ins keep it from ever loading, with every
+    provider module loaded and warmed up, through a real stream."""
+    fake.push(Reply(text="no undici here"))
+    base_url = f"{fake.base_url}/v1" if api.startswith("openai") else fake.base_url
+    model = {"id": "m", "name": "m", "api": api, "provider": "fake", "baseUrl": base_url, "reasoning": False,
+             "input": ["text"], "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+             "contextWindow": 1000, "maxTokens": 100}
+    request = {"op": "stream", "model": model, "options": {"apiKey": "k"},
+               "context": {"messages": [{"role": "user", "content": "hi", "timestamp": 0}]}}
+    proc = subprocess.Popen(["node", "--import", "./tests/loaded_modules.mjs", "build/bridge.mjs", "--warm-up", *all_apis()],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(json.dumps(request).encode() + b"\n")
+    proc.stdin.flush()
+    events = [json.loads(line) for line in proc.stdout]  # stdin stays open: its end would mean "abort"
+    assert proc.wait(timeout=10) == 0
+    proc.stdin.close()
+    assert events[-1]["type"] == "done", events[-1]
+    assert "".join(e["delta"] for e in events if e["type"] == "text_delta") == "no undici here"
+    assert len(fake.requests) == 1, "the warm-up made no request of its own"
+    (loaded,) = [json.loads(line[8:]) for line in proc.stderr.read().decode().splitlines() if line.startswith("loaded: ")]
+    assert "NativeModule internal/deps/undici/undici" not in loaded
+    assert "NativeModule internal/http" in loaded or "NativeModule _http_client" in loaded, "the check sees modules"
