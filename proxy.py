@@ -82,6 +82,7 @@ log = logging.getLogger("pi-proxy")
 HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
 BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
+BRIDGE_SOURCES = (BRIDGE_SCRIPT, HERE / "web-fetch.mjs")  # what the bundle is built from, pi-ai aside
 
 
 # ==================================================================================================
@@ -508,13 +509,13 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
 
 def bridge_script() -> Path:
     """The bundle loads about four times faster than bridge.mjs with pi-ai's hundreds of files; a
-    bundle older than bridge.mjs would run stale code, so then the source runs."""
+    bundle older than its sources would run stale code, so then the source runs."""
     try:
-        if BRIDGE_BUNDLE.stat().st_mtime >= BRIDGE_SCRIPT.stat().st_mtime:
+        if BRIDGE_BUNDLE.stat().st_mtime >= max(source.stat().st_mtime for source in BRIDGE_SOURCES):
             return BRIDGE_BUNDLE
     except OSError:
         pass
-    log.warning("%s is missing or older than bridge.mjs (run `make install`); running bridge.mjs", BRIDGE_BUNDLE)
+    log.warning("%s is missing or older than its sources (run `make install`); running bridge.mjs", BRIDGE_BUNDLE)
     return BRIDGE_SCRIPT
 
 
@@ -534,7 +535,7 @@ class Bridge:
             env=env,
         )
         self.token = token  # how it names itself to the relay
-        self.upstream_contacted = 0.0  # time.monotonic() of its last request to the relay
+        self.upstream_contacted = 0.0  # time.monotonic() of its last request through the relay
         self.stderr_tail = b""
         self.lines = gevent.queue.Queue()
         self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
@@ -578,10 +579,12 @@ class Bridge:
                     yield {"type": "heartbeat"}
                     continue
                 if self._silence_ends(last_line, idle_timeout) > time.monotonic():
-                    continue  # the bridge has just contacted the upstream: the upstream's time starts now
+                    continue
                 yield {"type": "error", "reason": "error", "timeout": True,
                        "message": {"errorMessage": f"upstream sent nothing for {idle_timeout:g} s"}}
                 return
+            if line is None:
+                continue  # the bridge has contacted the upstream (contacted()): count from now
             last_line = time.monotonic()
             if not line:
                 yield self._failure(self._exit_reason())
@@ -596,6 +599,11 @@ class Bridge:
             yield event
             if event.get("type") in ("done", "error", "credentials"):
                 return
+
+    def contacted(self):
+        """The relay has sent this bridge's request upstream: the upstream's time starts now."""
+        self.upstream_contacted = time.monotonic()
+        self.lines.put(None)  # wakes events(), which may be waiting out the start allowance
 
     def _silence_ends(self, last_line: float, idle_timeout: float) -> float:
         if not self.upstream_contacted:
@@ -813,7 +821,7 @@ class Relay:
             if bridge is None or not url.startswith(("http://", "https://")):
                 bridge_socket.sendall(relay_head(403, "Forbidden", [("content-length", "0")]))
                 return
-            bridge.upstream_contacted = time.monotonic()
+            bridge.contacted()
             serving = gevent.getcurrent()
             watcher = gevent.spawn(watch_peer, bridge_socket, lambda: serving.kill(BridgeGone, block=False))
             upstream_headers = {name: value for name, value in headers
@@ -2891,8 +2899,10 @@ class Proxy:
             headers = {**addable_headers(client_headers, [*headers, *(model.get("headers") or {})]), **headers}
         if credential.base_url:
             model = {**model, "baseUrl": credential.base_url}
+        # The SDKs' own timer starts a moment before the relay sees the request: a second more
+        # lets the proxy's (Bridge.events) decide, with its message; the SDKs' stays a backstop.
         options = {**options, "apiKey": credential.key or None, "headers": headers,
-                   "timeoutMs": self.config.upstream_timeout_ms}
+                   "timeoutMs": self.config.upstream_timeout_ms + 1000}
         return ({"op": "stream", "model": model, "context": context, "options": options, "payload": payload},
                 secrets)
 

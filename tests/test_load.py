@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from proxy import Upstreams
 from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
 
@@ -204,9 +205,11 @@ def test_concurrent_slow_streams(load_proxy, fake):
     assert sorted(text for text, _ in results) == sorted(texts), "every stream carries one reply, whole"
     assert peak["rss"] < PEAK_RSS_LIMIT, f"proxy RSS peaked at {peak['rss'] >> 20} MB"
     assert after["children"] == before["children"] == POOL, "bridges left behind"
-    if after["fds"] != before["fds"]:
+    # The relay keeps up to POOL_PER_ORIGIN idle connections to the (one) upstream: no leak.
+    kept = Upstreams.POOL_PER_ORIGIN
+    if after["fds"] > before["fds"] + kept:
         time.sleep(10)  # is it late closing, or a leak?
-    assert proc_fds(load_proxy.proc.pid) == before["fds"], \
+    assert proc_fds(load_proxy.proc.pid) <= before["fds"] + kept, \
         f"file descriptors: {before['fds']} before, {after['fds']} after, 10 s later: {fd_targets(load_proxy.proc.pid)}"
 
 
