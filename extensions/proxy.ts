@@ -162,25 +162,27 @@ export default function proxyExtension(pi: ExtensionAPI) {
 		}
 	}
 
-	async function get(path: string): Promise<Response | undefined> {
+	/** GET a path of the proxy: its status and JSON body (undefined: no answer, or not JSON). */
+	async function get(path: string): Promise<{ status: number; body: unknown } | undefined> {
 		try {
-			return await fetch(`${url}${path}`, { headers, signal: AbortSignal.timeout(PROBE_TIMEOUT_MS) });
+			const response = await fetch(`${url}${path}`, { headers, signal: AbortSignal.timeout(PROBE_TIMEOUT_MS) });
+			return { status: response.status, body: await response.json().catch(() => undefined) };
 		} catch {
 			return undefined;
 		}
 	}
 
 	async function healthy(): Promise<boolean> {
-		return (await get("/healthz"))?.ok ?? false;
+		return (await get("/healthz"))?.status === 200;
 	}
 
 	async function probe(): Promise<Probe> {
 		if (!(await healthy())) return { up: false };
 		const [models, usage] = await Promise.all([get("/v1/models"), get("/usage")]);
 		const result: Probe = { up: true };
-		if (models?.ok) {
-			const body = (await models.json().catch(() => ({}))) as { data?: { id: string }[] };
-			result.models = (body.data ?? []).map((model) => model.id);
+		const listed = (models?.body as { data?: { id: string }[] } | undefined)?.data;
+		if (models?.status === 200 && Array.isArray(listed)) {
+			result.models = listed.map((model) => model.id);
 		} else {
 			result.modelsProblem =
 				models?.status === 401
@@ -190,7 +192,7 @@ export default function proxyExtension(pi: ExtensionAPI) {
 					: `GET /v1/models answered ${models ? models.status : "nothing"}`;
 		}
 		// GET /usage is optional (older proxies answer 404): figures only when it answers them.
-		if (usage?.ok) result.usage = usageFigures(await usage.json().catch(() => undefined));
+		if (usage?.status === 200) result.usage = usageFigures(usage.body);
 		return result;
 	}
 
