@@ -683,9 +683,8 @@ class _Conn:
 class FakeUpstream:
     """Fake OpenAI / Anthropic / OpenAI-Responses upstream. See module docstring."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl_context=None):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self._host, self._port = host, port
-        self._ssl_context = ssl_context  # an ssl.SSLContext: serve HTTPS
         self.connections = 0  # connections accepted since start: how many a client opened
         self._queue: collections.deque[Reply] = collections.deque()
         self._lock = threading.Lock()
@@ -710,9 +709,7 @@ class FakeUpstream:
         srv.owner = self
         self._server = srv
         self.port = srv.server_address[1]
-        if self._ssl_context is not None:
-            srv.socket = self._ssl_context.wrap_socket(srv.socket, server_side=True)
-        self.base_url = f"{'https' if self._ssl_context else 'http'}://{self._host}:{self.port}"
+        self.base_url = f"http://{self._host}:{self.port}"
         self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": _POLL},
                                          name=f"fake-upstream-{self.port}", daemon=True)
         self._thread.start()

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import stat
 import subprocess
 import threading
@@ -21,7 +20,8 @@ import urllib3
 
 from proxy import upstream_ssl_context
 from tests.conftest import ROOT, RunningProxy
-from tests.fake_upstream import FakeUpstream, Reply
+from tests.fake_network import FakeNetwork, make_certificates
+from tests.fake_upstream import Reply
 from tests.test_pool import wait_for
 
 
@@ -77,23 +77,17 @@ def test_the_relay_serves_no_one_but_its_bridges(proxy, fake):
 
 
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory) -> Path:
-    """A throwaway self-signed certificate (and key) for 127.0.0.1."""
+def certificates(tmp_path_factory):
     if not shutil.which("openssl"):
-        pytest.skip("the openssl command is needed to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", directory / "key.pem",
-                    "-out", directory / "cert.pem"], check=True, capture_output=True)
-    return directory / "cert.pem"
+        pytest.skip("the openssl command is needed to make test certificates")
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture(scope="module")
-def tls_fake(certificate):
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificate, certificate.parent / "key.pem")
-    with FakeUpstream(ssl_context=context) as upstream:
-        yield upstream
+@pytest.fixture
+def tls_fake(fake, certificates):
+    """The fake upstream behind TLS, with a certificate no default store trusts."""
+    with FakeNetwork(fake.port, certificates, delay_ms=0) as network:
+        yield network
 
 
 class ConnectProxy:
@@ -139,6 +133,7 @@ class ConnectProxy:
 
 
 def tls_proxy(tmp_path, tls_fake, env: dict) -> RunningProxy:
+    """A proxy whose provider `tls` is the fake behind TLS."""
     agent = tmp_path / "agent"
     agent.mkdir()
     (agent / "models.json").write_text(json.dumps({"providers": {"tls": {
@@ -147,31 +142,31 @@ def tls_proxy(tmp_path, tls_fake, env: dict) -> RunningProxy:
     return RunningProxy(agent, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "1", **env})
 
 
-def test_https_proxy_and_node_extra_ca_certs_are_honoured(tmp_path, tls_fake, certificate):
+def test_https_proxy_and_node_extra_ca_certs_are_honoured(tmp_path, fake, tls_fake, certificates):
     tunnel = ConnectProxy()
-    running = tls_proxy(tmp_path, tls_fake, {"HTTPS_PROXY": tunnel.url, "NODE_EXTRA_CA_CERTS": str(certificate)})
+    running = tls_proxy(tmp_path, tls_fake, {"HTTPS_PROXY": tunnel.url, "NODE_EXTRA_CA_CERTS": str(certificates.ca)})
     try:
-        tls_fake.push(Reply(text="through the tunnel"))
+        fake.push(Reply(text="through the tunnel"))
         assert chat(running, "tls/m").json()["choices"][0]["message"]["content"] == "through the tunnel"
-        assert tunnel.targets == [f"CONNECT 127.0.0.1:{tls_fake.port}"]
+        assert tunnel.targets == [f"CONNECT {tls_fake.base_url.removeprefix('https://')}"]
     finally:
         running.stop()
         tunnel.close()
 
 
-def test_no_proxy_and_requests_ca_bundle_are_honoured(tmp_path, tls_fake, certificate):
-    env = {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1", "REQUESTS_CA_BUNDLE": str(certificate)}
+def test_no_proxy_and_requests_ca_bundle_are_honoured(tmp_path, fake, tls_fake, certificates):
+    env = {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1", "REQUESTS_CA_BUNDLE": str(certificates.ca)}
     running = tls_proxy(tmp_path, tls_fake, env)
     try:
-        tls_fake.push(Reply(text="direct"))
+        fake.push(Reply(text="direct"))
         assert chat(running, "tls/m").json()["choices"][0]["message"]["content"] == "direct"
     finally:
         running.stop()
 
 
-def test_an_untrusted_certificate_is_refused(tls_fake, certificate):
-    for environ, trusted in [({}, False), ({"NODE_EXTRA_CA_CERTS": str(certificate)}, True),
-                             ({"SSL_CERT_FILE": str(certificate)}, True)]:
+def test_an_untrusted_certificate_is_refused(tls_fake, certificates):
+    for environ, trusted in [({}, False), ({"NODE_EXTRA_CA_CERTS": str(certificates.ca)}, True),
+                             ({"SSL_CERT_FILE": str(certificates.ca)}, True)]:
         pool = urllib3.PoolManager(ssl_context=upstream_ssl_context(environ), retries=False)
         try:
             pool.request("GET", f"{tls_fake.base_url}/v1/models", timeout=5)
