@@ -332,14 +332,19 @@ const WARM_UP_REPLIES = {
   "openai-responses": RESPONSES_REPLY,
 };
 
-// The first request through an SDK pays for compiling its code paths (request building, SSE
-// parsing, pi-ai's event handling): ~15 ms of first-token latency. A pooled bridge pays it before
-// its request comes, against canned replies, with no network I/O.
+// The first request through an SDK pays for compiling its code paths (request building, HTTP,
+// SSE parsing, pi-ai's event handling): 20-30 ms CPU on the request's path. A pooled bridge pays
+// it before its request comes: the SDK's request goes, in its stead, to the relay's echo
+// (proxy.py), which returns the canned reply; no upstream is contacted. Without a relay the
+// reply is made in-process.
 async function warmUp(apis) {
   const fetchUpstream = globalThis.fetch;
+  const reply = (text) => process.env.PI_PROXY_RELAY
+    ? fetchUpstream("http://relay.invalid/echo", { method: "POST", body: text, headers: { "content-type": "text/event-stream" } })
+    : new Response(text, { headers: { "content-type": "text/event-stream" } });
   try {
     for (const api of apis.filter((name) => WARM_UP_REPLIES[name])) {
-      globalThis.fetch = async () => new Response(WARM_UP_REPLIES[api], { headers: { "content-type": "text/event-stream" } });
+      globalThis.fetch = async () => reply(WARM_UP_REPLIES[api]);
       const model = { id: "w", name: "w", api, provider: "warm-up", baseUrl: "http://warm-up.invalid/v1", reasoning: false,
         input: ["text"], cost: { input: 0, output: 0, cacheRead: 0, cacheWrite: 0 }, contextWindow: 1000, maxTokens: 100 };
       const context = { messages: [{ role: "user", content: "w", timestamp: 0 }] };

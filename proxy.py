@@ -523,6 +523,10 @@ def bridge_script() -> Path:
     return BRIDGE_SCRIPT
 
 
+class BridgeGone(Exception):
+    """The bridge was stopped, or closed its relay connection: its upstream request must stop."""
+
+
 class Bridge:
     """One `node bridge.mjs` process answering one request, given by send(). Every path ends in
     close(), which kills the process if it still runs and always reaps it."""
@@ -540,6 +544,7 @@ class Bridge:
         )
         self.token = token  # how it names itself to the relay
         self.upstream_contacted = 0.0  # time.monotonic() of its last request through the relay
+        self.relayed: set[gevent.Greenlet] = set()  # the relay's greenlets sending its requests upstream
         self.stderr_tail = b""
         self.lines = gevent.queue.Queue()
         self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
@@ -629,12 +634,19 @@ class Bridge:
         detail = f": {tail[-1]}" if tail else ""
         return f"the proxy's bridge exited unexpectedly (status {code}){detail}"
 
+    @property
+    def stopping(self) -> bool:
+        return self._reaper is not None
+
     def close(self) -> gevent.Greenlet:
         """Stop the process if it still runs and reap it in the background (a SIGTERM may take
         up to a second to work), so a response ends on the bridge's final event, not its exit."""
         if self._reaper is None:
             if self.proc.poll() is None:
                 self.proc.terminate()
+            # The upstream sees its request end now, not when node gets round to exiting.
+            for relaying in list(self.relayed):
+                relaying.kill(BridgeGone, block=False)
             self._reaper = gevent.spawn(self._reap)
         return self._reaper
 
@@ -714,10 +726,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authenticat
 DIRECT_APIS = {"bedrock-converse-stream", "openai-codex-responses", "google-vertex"}
 RELAY_TOKEN_HEADER = "x-pi-relay-token"  # which bridge asks; the relay's own, never sent upstream
 RELAY_ERROR_HEADER = "x-pi-relay-error"  # why no upstream response came: the bridge's fetch throws it
-
-
-class BridgeGone(Exception):
-    """The bridge closed its relay connection: its upstream request must stop."""
+# Answered by the relay itself, with the request's body: a bridge's warm-up runs its whole HTTP path
+# without contacting an upstream (.invalid names never resolve).
+RELAY_ECHO = "http://relay.invalid/echo"
 
 
 def upstream_ssl_context(environ=os.environ) -> ssl.SSLContext:
@@ -822,11 +833,16 @@ class Relay:
             method, url, headers, body = read_relay_request(bridge_socket.makefile("rb"))
             token = next((value for name, value in headers if name.lower() == RELAY_TOKEN_HEADER), "")
             bridge = self.bridges.get(token)
-            if bridge is None or not url.startswith(("http://", "https://")):
+            if bridge is None or bridge.stopping or not url.startswith(("http://", "https://")):
                 bridge_socket.sendall(relay_head(403, "Forbidden", [("content-length", "0")]))
+                return
+            if url == RELAY_ECHO:
+                bridge_socket.sendall(relay_head(200, "OK", [("content-type", "text/event-stream"),
+                                                             ("content-length", str(len(body)))]) + body)
                 return
             bridge.contacted()
             serving = gevent.getcurrent()
+            bridge.relayed.add(serving)
             watcher = gevent.spawn(watch_peer, bridge_socket, lambda: serving.kill(BridgeGone, block=False))
             upstream_headers = {name: value for name, value in headers
                                 if name.lower() not in HOP_BY_HOP and name.lower() != RELAY_TOKEN_HEADER}
@@ -856,6 +872,7 @@ class Relay:
         finally:
             if watcher is not None:
                 watcher.kill(block=False)
+                bridge.relayed.discard(gevent.getcurrent())
             if response is not None:
                 if not complete:
                     response.close()  # the connection, not only the response: it must not be reused

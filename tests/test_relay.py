@@ -30,11 +30,20 @@ def chat(proxy, model: str = "fake-chat/chat-model", stream: bool = False, **kwa
                          json={"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
 
 
-def relay_of(proxy) -> str:
-    """The relay socket an idle bridge of this proxy was given."""
+def relay_of(proxy) -> tuple[str, str]:
+    """The relay socket and token an idle bridge of this proxy was given."""
     assert wait_for(lambda: proxy.bridges(serving=False))
     environ = Path(f"/proc/{proxy.bridges(serving=False)[0]}/environ").read_bytes().split(b"\0")
-    return next(entry.split(b"=", 1)[1].decode() for entry in environ if entry.startswith(b"PI_PROXY_RELAY="))
+    variables = dict(entry.decode().split("=", 1) for entry in environ if entry.startswith(b"PI_PROXY_RELAY"))
+    return variables["PI_PROXY_RELAY"], variables["PI_PROXY_RELAY_TOKEN"]
+
+
+def ask_relay(path: str, request: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        sock.sendall(request)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
 def test_requests_reuse_one_upstream_connection_and_reach_it_unchanged(proxy, fake):
@@ -62,14 +71,16 @@ def test_a_killed_bridge_drops_its_upstream_request_at_once(proxy, fake):
 
 
 def test_the_relay_serves_no_one_but_its_bridges(proxy, fake):
-    path = relay_of(proxy)
+    path, token = relay_of(proxy)
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700, "no other user may enter"
-    for token in ["", "x-pi-relay-token: guessed\r\n"]:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(5)
-            sock.connect(path)
-            sock.sendall(f"GET {fake.base_url}/v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\n{token}\r\n".encode())
-            assert sock.recv(100).startswith(b"HTTP/1.1 403 ")
+    for header in ["", "x-pi-relay-token: guessed\r\n"]:
+        answer = ask_relay(path, f"GET {fake.base_url}/v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\n{header}\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 403 ")
+    assert fake.requests == []
+    # A bridge's warm-up: the relay echoes it without contacting anyone.
+    answer = ask_relay(path, f"POST http://relay.invalid/echo HTTP/1.1\r\nx-pi-relay-token: {token}\r\n"
+                             f"content-length: 7\r\n\r\ndata: w".encode())
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\ndata: w")
     assert fake.requests == []
 
 
