@@ -334,14 +334,19 @@ const WARM_UP_REPLIES = {
 
 // The first request through an SDK pays for compiling its code paths (request building, HTTP,
 // SSE parsing, pi-ai's event handling): 20-30 ms CPU on the request's path. A pooled bridge pays
-// it before its request comes: the SDK's request goes, in its stead, to the relay's echo
-// (proxy.py), which returns the canned reply; no upstream is contacted. Without a relay the
-// reply is made in-process.
+// it before its request comes. The first API's request goes, in the SDK's request's stead, to the
+// relay's echo (proxy.py), which returns the canned reply: that warms the HTTP path all APIs
+// share, and no upstream is contacted; the other APIs' replies are made in-process.
 async function warmUp(apis) {
   const fetchUpstream = globalThis.fetch;
-  const reply = (text) => process.env.PI_PROXY_RELAY
-    ? fetchUpstream("http://relay.invalid/echo", { method: "POST", body: text, headers: { "content-type": "text/event-stream" } })
-    : new Response(text, { headers: { "content-type": "text/event-stream" } });
+  let viaRelay = Boolean(process.env.PI_PROXY_RELAY);
+  const reply = (text) => {
+    const relayed = viaRelay;
+    viaRelay = false;
+    return relayed
+      ? fetchUpstream("http://relay.invalid/echo", { method: "POST", body: text, headers: { "content-type": "text/event-stream" } })
+      : new Response(text, { headers: { "content-type": "text/event-stream" } });
+  };
   try {
     for (const api of apis.filter((name) => WARM_UP_REPLIES[name])) {
       globalThis.fetch = async () => reply(WARM_UP_REPLIES[api]);

@@ -602,6 +602,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
+        # As real API servers do: else a kept-alive connection's small writes wait for the
+        # client's delayed ACK (40 ms) behind Nagle's algorithm.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.owner._track(self.connection, True)
 
     def finish(self):

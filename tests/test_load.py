@@ -258,7 +258,8 @@ def test_sequential_short_requests(load_proxy, fake):
     assert not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[:3]}"
     assert after["rss"] - baseline["rss"] < RSS_GROWTH_LIMIT, \
         f"RSS grew by {(after['rss'] - baseline['rss']) / 2**20:.1f} MB over {SEQUENTIAL - warm_up} requests"
-    assert after["fds"] == baseline["fds"], f"fds {baseline['fds']} -> {after['fds']}"
+    # The relay's kept upstream connections come and go (at most POOL_PER_ORIGIN): a leak grows past them.
+    assert after["fds"] <= baseline["fds"] + Upstreams.POOL_PER_ORIGIN, f"fds {baseline['fds']} -> {after['fds']}"
     assert after["children"] == baseline["children"] == POOL, "bridges left behind"
 
 
