@@ -379,7 +379,7 @@ export default function proxyExtension(pi: ExtensionAPI) {
 		handler: async (args, ctx) => {
 			ui = ctx.ui;
 			const [subcommand = "status", ...rest] = args.trim().split(/\s+/).filter(Boolean);
-			const run = { status, start, stop, clients }[subcommand];
+			const run = new Map([["status", status], ["start", start], ["stop", stop], ["clients", clients]]).get(subcommand);
 			if (!run || rest.length) notify(USAGE, "warning");
 			else await run();
 		},

@@ -217,9 +217,10 @@ def test_start_status_clients_stop(pi_home, fake):
 
         notes, _ = pi.slash("/proxy stop")
         assert [n["message"] for n in notes] == [f"No proxy answers at {url}; nothing to stop."]
-        notes, _ = pi.slash("/proxy restart")
-        assert [(n["message"], n["notifyType"]) for n in notes] == [("Usage: /proxy [status|start|stop|clients]",
-                                                                      "warning")]
+        for wrong in ("/proxy restart", "/proxy constructor", "/proxy stop now"):
+            notes, _ = pi.slash(wrong)
+            assert [(n["message"], n["notifyType"]) for n in notes] == [("Usage: /proxy [status|start|stop|clients]",
+                                                                          "warning")]
     finally:
         pi.kill()
 
