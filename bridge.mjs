@@ -3,8 +3,8 @@
 // Protocol (JSON lines; proxy.py is the only client):
 //   argv   [--warm-up] and the pi-ai APIs whose provider modules to load before reading the request
 //          (pi-ai loads them lazily on first use; a pooled bridge is loaded before its request comes).
-//          --warm-up: before reading the request, stream one canned reply per loaded API in-process,
-//          so the request's path runs code already compiled (see warmUp).
+//          --warm-up: before reading the request, stream one canned reply per loaded API (the
+//          first through the relay's echo), so the request's path runs code already compiled (warmUp).
 //          proxy.py runs the bundle `make install` builds, build/bridge.mjs: it loads 4x faster.
 //   env    PI_PROXY_RELAY, PI_PROXY_RELAY_TOKEN: where HTTP requests go (web-fetch.mjs).
 //   stdin  one request line; later lines answer prompts (login only); the end of stdin means "abort".
@@ -71,6 +71,7 @@ import { getOAuthProvider } from "@mariozechner/pi-ai/oauth";
 const PROVIDER_MODULES = {
   "anthropic-messages": () => import("@mariozechner/pi-ai/anthropic"),
   "azure-openai-responses": () => import("@mariozechner/pi-ai/azure-openai-responses"),
+  "bedrock-converse-stream": () => import("@mariozechner/pi-ai/bedrock-provider"),
   "google-generative-ai": () => import("@mariozechner/pi-ai/google"),
   "google-vertex": () => import("@mariozechner/pi-ai/google-vertex"),
   "mistral-conversations": () => import("@mariozechner/pi-ai/mistral"),
