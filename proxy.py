@@ -3762,6 +3762,9 @@ def show_usage(config: Config) -> int:
 def main(argv=None):
     logging.basicConfig(level=os.environ.get("PI_PROXY_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # urllib3 logs each relayed URL (query strings may carry keys) and each connection the bounded
+    # pool does not keep ("Connection pool is full"): neither is for the user's log.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     if os.environ.get("PI_PROXY_LOG_FORMAT") == "json":
         logging.getLogger().handlers[0].setFormatter(JsonLogFormatter())
     args = parse_command_line(argv)
