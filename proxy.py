@@ -76,6 +76,7 @@ log = logging.getLogger("pi-proxy")
 HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
 BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
+STATUS_PAGE = HERE / "status.html"  # GET / from a browser: reads /usage (section 13)
 
 
 # ==================================================================================================
@@ -3019,6 +3020,11 @@ def api_family(path: str) -> str:
     return "pi" if path == "/api/stream" else "openai"
 
 
+def wants_status_page() -> bool:
+    """A browser asking for / (its Accept names text/html); other clients get the JSON probe answer."""
+    return request.path == "/" and request.method == "GET" and "text/html" in request.headers.get("Accept", "")
+
+
 def error_response(error: ApiError) -> Response:
     error.request_id = request.environ.get("pi_proxy.request_id")
     record = request.environ.get("pi_proxy.record")
@@ -3095,8 +3101,8 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.before_request
     def authenticate():
-        if proxy.config.auth_token is None or request.path == "/healthz":
-            return
+        if proxy.config.auth_token is None or request.path == "/healthz" or wants_status_page():
+            return  # the page has no figures of its own: it asks for the token, then reads /usage
         bearer = request.headers.get("Authorization", "")
         supplied = request.headers.get("x-api-key") or (bearer[7:] if bearer[:7].lower() == "bearer " else "")
         if not hmac.compare_digest(supplied.encode(), proxy.config.auth_token.encode()):
@@ -3211,7 +3217,11 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.route("/", methods=["GET", "HEAD"])
     def root():
-        return {"status": "ok", "service": "pi-proxy"}
+        if wants_status_page():
+            return Response(STATUS_PAGE.read_bytes(), mimetype="text/html",
+                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                                "style-src 'unsafe-inline'; img-src 'self' data:"})
+        return {"status": "ok", "service": "pi-proxy"}  # Claude Code probes HEAD and GET /
 
     @app.post("/api/event_logging/batch")
     def event_logging():
