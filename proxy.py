@@ -2660,6 +2660,7 @@ class RequestRecord:
     def note_body(self, body):
         if isinstance(body, dict):
             model = body.get("model")
+            # repr's escapes: no newline or control character of a client's reaches a log line
             self.model = shown(model, 80)[1:-1] if isinstance(model, str) else None
             self.stream = self.endpoint == "api/stream" or body.get("stream") is True
 
@@ -2837,8 +2838,8 @@ def quota_lines(quota: dict) -> list:
         if figures == "unlimited" or figures is None:
             lines.append(f"  {label:17} {figures or 'not reported'}")
         else:
-            lines.append(f"  {label:17} {figures['remaining']:g} of {figures['entitlement']:g} left "
-                         f"({figures['percent_remaining']:.1f}%)")
+            lines.append(f"  {label:17} {figures['remaining'] or 0:g} of {figures['entitlement'] or 0:g} left "
+                         f"({figures['percent_remaining'] or 0:.1f}%)")
     return lines
 
 
@@ -3052,7 +3053,9 @@ def read_json_body(limit: int):
         raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
-    request.environ["pi_proxy.record"].note_body(body)
+    record = request.environ.get("pi_proxy.record")
+    if record is not None:
+        record.note_body(body)
     return body
 
 
