@@ -2660,6 +2660,8 @@ class RequestRecord:
     def note_body(self, body):
         if isinstance(body, dict):
             model = body.get("model")
+            if isinstance(model, dict):  # pi's streamProxy names a model by provider and id
+                model = f"{model.get('provider')}/{model.get('id')}"
             # repr's escapes: no newline or control character of a client's reaches a log line
             self.model = shown(model, 80)[1:-1] if isinstance(model, str) else None
             self.stream = self.endpoint == "api/stream" or body.get("stream") is True
