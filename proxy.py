@@ -95,6 +95,8 @@ class Config:
     remote_image_max_bytes: int = 20_000_000
     remote_image_timeout: float = 10.0  # seconds for the whole fetch, redirects included
     test_image_port: int | None = None  # tests only: 127.0.0.1 on this port passes the address check
+    allowed_hosts: frozenset = frozenset()  # Host names clients use beyond loopback and the bound address
+    cors_origins: frozenset = frozenset()  # web origins whose pages may call the proxy ("*": any)
 
 
 def parse_command_line(argv=None) -> argparse.Namespace:
@@ -129,7 +131,14 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         remote_image_max_bytes=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_BYTES", defaults.remote_image_max_bytes)),
         remote_image_timeout=float(environ.get("PI_PROXY_REMOTE_IMAGE_TIMEOUT", defaults.remote_image_timeout)),
         test_image_port=int(environ["PI_PROXY_TEST_IMAGE_PORT"]) if environ.get("PI_PROXY_TEST_IMAGE_PORT") else None,
+        allowed_hosts=frozenset(comma_list(environ.get("PI_PROXY_ALLOWED_HOSTS", ""))),
+        cors_origins=frozenset(origin.rstrip("/") for origin in comma_list(environ.get("PI_PROXY_CORS_ORIGINS", ""))),
     )
+
+
+def comma_list(text: str) -> list[str]:
+    """`a, b,c` -> ["a", "b", "c"], lower case (host names and origins compare so)."""
+    return [item.strip().lower() for item in text.split(",") if item.strip()]
 
 
 # ==================================================================================================
@@ -2769,6 +2778,43 @@ def error_response(error: ApiError) -> Response:
     return response
 
 
+# A web page can make its visitor's browser send requests here: cross-origin "simple" POSTs (a
+# text/plain fetch, a form) go out without a CORS preflight, and DNS rebinding points the page's own
+# name at 127.0.0.1, making its requests same-origin. Hence the browser guard: the Host must be a name
+# the proxy is reachable as (a rebound name is not), an Origin must be one allowed to call the proxy,
+# and POST bodies must be JSON. Non-browser clients send no Origin and a loopback Host.
+
+
+def host_name(host: str) -> str:
+    """A Host header's name: lower case, without its port, IPv6 brackets or a trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    return host.rstrip(".")
+
+
+def host_allowed(name: str, bound: str, allowed: frozenset) -> bool:
+    """`localhost`, loopback addresses, the bound address (bound to all, any address) and the
+    names in PI_PROXY_ALLOWED_HOSTS. DNS can point any name at 127.0.0.1, but no address at another."""
+    if name in allowed or name in ("localhost", bound.lower()):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_loopback or bound in ("0.0.0.0", "::")
+
+
+def origin_allowed(origin: str, allowed: frozenset) -> bool:
+    return "*" in allowed or origin.lower() in allowed
+
+
+CORS_PREFLIGHT_MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
+
+
 def read_json_body(limit: int):
     """The request's JSON body, or ApiError: 413 past `limit` bytes, chunked bodies included."""
     too_large = ApiError(413, f"The request body is larger than {limit} bytes", "request_too_large")
@@ -2807,6 +2853,39 @@ def create_app(proxy: Proxy) -> Flask:
             response = error_response(ApiError(503, "The proxy is shutting down; retry elsewhere or later", "api_error"))
             response.headers["Connection"] = "close"
             return response
+
+    @app.before_request
+    def guard_browsers():
+        """Host, Origin and content type (above); an allowed origin's CORS preflight is answered here,
+        before authentication (a preflight carries no credentials). /healthz does nothing to guard."""
+        if request.path == "/healthz":
+            return None
+        host, origin = request.headers.get("Host"), request.headers.get("Origin")
+        if host is not None and not host_allowed(host_name(host), proxy.config.host, proxy.config.allowed_hosts):
+            raise ApiError(403, f"This proxy does not answer to the host name {shown(host)}; if clients reach it "
+                                "by that name, add it to PI_PROXY_ALLOWED_HOSTS", "permission_error",
+                           code="host_not_allowed")
+        if origin is not None and not origin_allowed(origin, proxy.config.cors_origins):
+            raise ApiError(403, f"Web pages of {shown(origin)} may not use this proxy; to allow them, add the "
+                                "origin to PI_PROXY_CORS_ORIGINS", "permission_error", code="origin_not_allowed")
+        if origin is not None and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", ""),
+                "Access-Control-Max-Age": CORS_PREFLIGHT_MAX_AGE})
+        if request.method == "POST" and request.mimetype not in ("application/json", ""):
+            raise ApiError(415, "The request body must be JSON, sent with `Content-Type: application/json`",
+                           code="unsupported_content_type")
+        return None
+
+    @app.after_request
+    def allow_origin(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin_allowed(origin, proxy.config.cors_origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+            response.headers.add("Vary", "Origin")
+        return response
 
     @app.before_request
     def authenticate():
@@ -3143,6 +3222,9 @@ def serve(config: Config):
     if config.auth_token is None and not is_loopback(config.host):
         print(f"warning: listening on {config.host} without a token: anyone who can reach it spends your "
               "credentials. Set PI_PROXY_AUTH_TOKEN (or --auth-token).", flush=True)
+    if "*" in config.cors_origins:
+        print("warning: PI_PROXY_CORS_ORIGINS=*: every web page you visit can use this proxy"
+              + (" (it still needs the token)" if config.auth_token else ", with your credentials"), flush=True)
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
