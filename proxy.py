@@ -11,7 +11,7 @@ The file reads in the order data flows through it:
    2. pi's config files    models.json (JSON with comments), auth.json and its lock, resolving keys
    3. Model registry       pi-ai's catalogue merged with models.json; availability; name -> model
    4. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
-   5. Bridge pool          bridges started ahead of need; replaced, drained on shutdown
+   5. Bridge pool          bridges started ahead of need; admission control; replaced, drained on shutdown
    6. Errors               ApiError and the mapping of upstream failures to HTTP statuses
    7. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
    8. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
@@ -81,6 +81,21 @@ BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one bui
 # ==================================================================================================
 
 
+BRIDGE_MEMORY = 80 * 2**20  # a serving bridge's memory (67 MB measured), with some headroom
+BRIDGES_PER_CORE = 32  # a bridge mostly waits for its upstream; its CPU goes to start-up and JSON lines
+
+
+def default_max_bridges() -> int:
+    """As many bridges as half the memory holds (the cgroup's limit, in a container), at most 32
+    per core, at least 4."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        memory = min(memory, int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    except (OSError, ValueError):  # no cgroup v2, or "max"
+        pass
+    return max(4, min(memory // 2 // BRIDGE_MEMORY, BRIDGES_PER_CORE * len(os.sched_getaffinity(0))))
+
+
 @dataclass
 class Config:
     host: str = "127.0.0.1"
@@ -95,6 +110,9 @@ class Config:
     remote_image_max_bytes: int = 20_000_000
     remote_image_timeout: float = 10.0  # seconds for the whole fetch, redirects included
     test_image_port: int | None = None  # tests only: 127.0.0.1 on this port passes the address check
+    max_bridges: int = field(default_factory=default_max_bridges)  # bridges serving requests at once
+    queue_size: int | None = None  # requests waiting for a bridge; None: 4 x max_bridges
+    queue_timeout_s: float = 30.0  # how long a request waits for a bridge before it is refused
     allowed_hosts: frozenset = frozenset()  # Host names clients use beyond loopback and the bound address
     cors_origins: frozenset = frozenset()  # web origins whose pages may call the proxy ("*": any)
 
@@ -131,6 +149,9 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         remote_image_max_bytes=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_BYTES", defaults.remote_image_max_bytes)),
         remote_image_timeout=float(environ.get("PI_PROXY_REMOTE_IMAGE_TIMEOUT", defaults.remote_image_timeout)),
         test_image_port=int(environ["PI_PROXY_TEST_IMAGE_PORT"]) if environ.get("PI_PROXY_TEST_IMAGE_PORT") else None,
+        max_bridges=int(environ.get("PI_PROXY_MAX_BRIDGES") or defaults.max_bridges),
+        queue_size=int(environ["PI_PROXY_QUEUE_SIZE"]) if environ.get("PI_PROXY_QUEUE_SIZE") else None,
+        queue_timeout_s=float(environ.get("PI_PROXY_QUEUE_TIMEOUT_S", defaults.queue_timeout_s)),
         allowed_hosts=frozenset(comma_list(environ.get("PI_PROXY_ALLOWED_HOSTS", ""))),
         cors_origins=frozenset(origin.rstrip("/") for origin in comma_list(environ.get("PI_PROXY_CORS_ORIGINS", ""))),
     )
@@ -657,6 +678,41 @@ def load_catalog(node: str) -> list:
 # ==================================================================================================
 
 
+class Admission:
+    """At most `limit` bridges serve requests at once. A request beyond it waits for a bridge to
+    end, in a queue of at most `queue_size` requests, for at most `timeout` seconds; then, or when the
+    queue is full, it is refused: 429 (Anthropic clients: 529 overloaded_error) with Retry-After.
+    A burst is smoothed out; a flood is refused instead of exhausting the machine's memory."""
+
+    RETRY_AFTER = "5"
+
+    def __init__(self, limit: int, queue_size: int, timeout: float):
+        self.limit, self.queue_size, self.timeout = limit, queue_size, timeout
+        self.slots = gevent.lock.Semaphore(limit)
+        self.waiting = 0
+
+    def enter(self):
+        if not self.waiting and self.slots.acquire(blocking=False):
+            return
+        if self.waiting >= self.queue_size:
+            raise self.refusal(f"all {self.limit} of its bridges are serving requests and "
+                               f"{self.waiting} requests are waiting")
+        self.waiting += 1
+        try:
+            admitted = self.slots.acquire(timeout=self.timeout)
+        finally:
+            self.waiting -= 1
+        if not admitted:
+            raise self.refusal(f"no bridge of its {self.limit} became free within {self.timeout:g} s")
+
+    def leave(self):
+        self.slots.release()
+
+    def refusal(self, why: str) -> "ApiError":
+        return ApiError(429, f"The proxy is busy: {why} (PI_PROXY_MAX_BRIDGES); retry in {self.RETRY_AFTER} s",
+                        "overloaded_error", code="proxy_overloaded", retry_after=self.RETRY_AFTER)
+
+
 class BridgePool:
     """Bridges started ahead of need, so a request does not wait for node to boot and load pi-ai.
 
@@ -664,14 +720,16 @@ class BridgePool:
     the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
     bridge that dies, or one node cannot start, is replaced a second later (a bridge that cannot
     start must not spin); drain() kills and reaps every bridge, idle or serving (retire_idle() only
-    the idle ones, for a graceful shutdown). With size 0 take() spawns on demand."""
+    the idle ones, for a graceful shutdown). With size 0 take() spawns on demand. take() waits for
+    `admission`; a bridge it hands out holds its place until its process has exited."""
 
     RESPAWN_DELAY = 1.0
 
-    def __init__(self, command, size: int):
-        self.command, self.size = command, size  # command() -> argv, read at each spawn
+    def __init__(self, command, size: int, admission: Admission):
+        self.command, self.size, self.admission = command, size, admission  # command() -> argv, read at each spawn
         self.idle: list[Bridge] = []
         self.live: set[Bridge] = set()
+        self.serving: set[Bridge] = set()
         self.draining = False
         self._refilling = gevent.lock.Semaphore()
         self._refill_due = False
@@ -679,17 +737,23 @@ class BridgePool:
 
     def take(self) -> Bridge:
         """The oldest idle bridge still running, else a new one; the pool refills meanwhile.
-        ApiError 503 if node cannot be started (e.g. it was uninstalled since startup)."""
+        ApiError 503 if node cannot be started (e.g. it was uninstalled since startup), 429 if
+        admission refuses."""
+        self.admission.enter()
         gevent.spawn(self.refill)
         while self.idle:
             bridge = self.idle.pop(0)
             if bridge.proc.poll() is None:
+                self.serving.add(bridge)
                 return bridge
             bridge.close()
         try:
-            return self._spawn()
+            bridge = self._spawn()
         except OSError as error:
+            self.admission.leave()
             raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
+        self.serving.add(bridge)
+        return bridge
 
     def refill(self):
         with self._refilling:  # spawning yields; one refill at a time keeps the count right
@@ -723,6 +787,9 @@ class BridgePool:
     def _watch(self, bridge: Bridge):
         bridge.proc.wait()
         self.live.discard(bridge)
+        if bridge in self.serving:
+            self.serving.discard(bridge)
+            self.admission.leave()
         if bridge in self.idle:
             self.idle.remove(bridge)
             bridge.close()
@@ -2635,7 +2702,9 @@ class Proxy:
         self.apis_by_provider = {}
         for model in registry.models.values():
             self.apis_by_provider.setdefault(model["provider"], set()).add(model["api"])
-        self.bridges = BridgePool(self.bridge_command, config.bridge_pool)
+        queue_size = 4 * config.max_bridges if config.queue_size is None else config.queue_size
+        self.bridges = BridgePool(self.bridge_command, config.bridge_pool,
+                                  Admission(config.max_bridges, queue_size, config.queue_timeout_s))
 
     def is_available(self, provider: str) -> bool:
         return self.credentials.source(provider) is not None
@@ -2771,8 +2840,10 @@ def api_family(path: str) -> str:
 
 def error_response(error: ApiError) -> Response:
     bodies = {"anthropic": error.anthropic_body, "pi": error.pi_body, "openai": error.openai_body}
-    body = bodies[api_family(request.path)]()
-    response = Response(json.dumps(body), status=error.status, mimetype="application/json")
+    family = api_family(request.path)
+    # Anthropic's clients know overload as 529 (and retry it); OpenAI's and pi's as 429.
+    status = 529 if family == "anthropic" and error.type == "overloaded_error" else error.status
+    response = Response(json.dumps(bodies[family]()), status=status, mimetype="application/json")
     if error.retry_after:
         response.headers["Retry-After"] = error.retry_after
     return response
