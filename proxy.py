@@ -33,6 +33,7 @@ if __name__ == "__main__":
 import argparse
 import base64
 import binascii
+import errno
 import collections
 import hmac
 import ipaddress
@@ -41,6 +42,7 @@ import json
 import logging
 import math
 import os
+import resource
 import re
 import shutil
 import signal
@@ -60,10 +62,11 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.queue
+import gevent.select
 import gevent.subprocess
 import requests
-from flask import Flask, Response, request
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from flask import Flask, Response, after_this_request, request
+from gevent.pywsgi import Input, WSGIHandler, WSGIServer
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from requests.adapters import HTTPAdapter
@@ -113,6 +116,10 @@ class Config:
     max_bridges: int = field(default_factory=default_max_bridges)  # bridges serving requests at once
     queue_size: int | None = None  # requests waiting for a bridge; None: 4 x max_bridges
     queue_timeout_s: float = 30.0  # how long a request waits for a bridge before it is refused
+    client_header_timeout_s: float = 30.0  # a request's line and headers, from its first byte (or the accept)
+    client_body_timeout_s: float = 60.0  # a request's whole body
+    client_idle_timeout_s: float = 60.0  # a kept-alive connection between two requests
+    client_stall_timeout_s: float = 60.0  # a client that reads nothing of its response
     allowed_hosts: frozenset = frozenset()  # Host names clients use beyond loopback and the bound address
     cors_origins: frozenset = frozenset()  # web origins whose pages may call the proxy ("*": any)
 
@@ -152,6 +159,10 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         max_bridges=int(environ.get("PI_PROXY_MAX_BRIDGES") or defaults.max_bridges),
         queue_size=int(environ["PI_PROXY_QUEUE_SIZE"]) if environ.get("PI_PROXY_QUEUE_SIZE") else None,
         queue_timeout_s=float(environ.get("PI_PROXY_QUEUE_TIMEOUT_S", defaults.queue_timeout_s)),
+        client_header_timeout_s=float(environ.get("PI_PROXY_CLIENT_HEADER_TIMEOUT_S", defaults.client_header_timeout_s)),
+        client_body_timeout_s=float(environ.get("PI_PROXY_CLIENT_BODY_TIMEOUT_S", defaults.client_body_timeout_s)),
+        client_idle_timeout_s=float(environ.get("PI_PROXY_CLIENT_IDLE_TIMEOUT_S", defaults.client_idle_timeout_s)),
+        client_stall_timeout_s=float(environ.get("PI_PROXY_CLIENT_STALL_TIMEOUT_S", defaults.client_stall_timeout_s)),
         allowed_hosts=frozenset(comma_list(environ.get("PI_PROXY_ALLOWED_HOSTS", ""))),
         cors_origins=frozenset(origin.rstrip("/") for origin in comma_list(environ.get("PI_PROXY_CORS_ORIGINS", ""))),
     )
@@ -542,6 +553,8 @@ class Bridge:
     """One `node bridge.mjs` process answering one request, given by send(). Every path ends in
     close(), which kills the process if it still runs and always reaps it."""
 
+    LINES_BUFFERED = 256  # event lines read ahead of the response (a few hundred bytes each)
+
     def __init__(self, command: list):
         self.proc = gevent.subprocess.Popen(
             command,
@@ -551,7 +564,10 @@ class Bridge:
             cwd=HERE,
         )
         self.stderr_tail = b""
-        self.lines = gevent.queue.Queue()
+        # Bounded: a client that does not read stops the reader, the stdout pipe fills, and node
+        # (whose writes to a pipe block) stops reading its upstream. Memory per stalled client stays
+        # at these lines, whatever the upstream sends.
+        self.lines = gevent.queue.Queue(maxsize=self.LINES_BUFFERED)
         self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
         self._reaper = None
         self.stopped_because = None  # why the proxy ended it, told to its client instead of the exit status
@@ -2820,9 +2836,14 @@ class Call:
 
 
 def watch_client(client: socket.socket, on_gone):
-    """Wait until the client's socket is readable: an orderly close reads as b"" (gone); data
-    means a pipelined request, which is not a disconnect, so stop watching."""
+    """Wait until the client's socket is readable: an end of input (b"") means gone; data means a
+    pipelined request, which is not a disconnect, so stop watching. An end of input already there
+    when the call starts is a client that half-closed its socket once its request was sent (legal
+    HTTP/1.1: it still reads the answer); on the wire a close looks the same, so for such a client
+    a disconnect shows only when writing the answer fails."""
     try:
+        if gevent.select.select([client], [], [], 0)[0] and client.recv(1, socket.MSG_PEEK) == b"":
+            return
         gevent.socket.wait_read(client.fileno())
         gone = client.recv(1, socket.MSG_PEEK) == b""
     except OSError:
@@ -2886,12 +2907,28 @@ def origin_allowed(origin: str, allowed: frozenset) -> bool:
 CORS_PREFLIGHT_MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 
 
+class BodyTimeout(OSError):
+    """A request body that did not arrive within PI_PROXY_CLIENT_BODY_TIMEOUT_S (TimedInput)."""
+
+
+def close_connection(response: Response) -> Response:
+    response.headers["Connection"] = "close"
+    return response
+
+
 def read_json_body(limit: int):
     """The request's JSON body, or ApiError: 413 past `limit` bytes, chunked bodies included."""
     too_large = ApiError(413, f"The request body is larger than {limit} bytes", "request_too_large")
     if (request.content_length or 0) > limit:
         raise too_large
-    raw = request.stream.read(limit + 1)
+    try:
+        raw = request.stream.read(limit + 1)
+    except OSError as error:  # cut short, malformed chunks, or too slow: the connection is unusable
+        after_this_request(close_connection)
+        if isinstance(error, BodyTimeout):
+            raise ApiError(408, str(error), code="request_timeout") from None
+        log.info("a request body could not be read: %s", error)
+        raise ApiError(400, f"The request body could not be read: {error}") from None
     if len(raw) > limit:
         raise too_large
     try:
@@ -3236,8 +3273,86 @@ def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", gr
 # ==================================================================================================
 
 
+class TimedInput(Input):
+    """A request body read within a deadline: a body trickled byte by byte must not hold its
+    connection forever. Past it every read fails (BodyTimeout), the discarding of an unread rest too."""
+
+    __slots__ = ("timeout", "deadline")
+
+    def __init__(self, body: Input, timeout: float):
+        super().__init__(body.rfile, body.content_length, body.socket, body.chunked_input)
+        self.timeout, self.deadline = timeout, time.monotonic() + timeout
+
+    def read(self, length=None):
+        return self._within_deadline(super().read, length)
+
+    def readline(self, size=None):
+        return self._within_deadline(super().readline, size)
+
+    def _within_deadline(self, read, size):
+        if (self.chunk_length == 0) if self.chunked_input else self.position >= (self.content_length or 0):
+            return read(size)  # all read: b"" at once
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            with gevent.Timeout(left, False):
+                return read(size)
+        self.deadline = 0
+        raise BodyTimeout(f"The request body did not arrive within {self.timeout:g} s")
+
+
 class Handler(WSGIHandler):
-    """Hands the client socket to the app (to notice disconnects) and sends small frames at once."""
+    """Hands the client socket to the app (to notice disconnects), sends small frames at once, and
+    bounds every wait on the client (Config.client_*): for the next request on a kept-alive
+    connection, for a request's head, for its body (TimedInput), and for a client to read what is
+    written to it. Malformed requests are the client's fault: logged briefly, at INFO."""
+
+    requests_handled = 0
+
+    def handle_one_request(self):
+        config = self.server.config
+        first_byte = None
+        with gevent.Timeout(config.client_idle_timeout_s if self.requests_handled else config.client_header_timeout_s,
+                            False):
+            try:
+                first_byte = self.rfile.peek(1)[:1]
+            except OSError:
+                first_byte = b""
+        if not first_byte:  # closed, or idle too long
+            return None
+        self.requests_handled += 1
+        self._head_timer = gevent.Timeout(config.client_header_timeout_s)
+        self._head_timer.start()
+        try:
+            result = super().handle_one_request()
+        except gevent.Timeout as timeout:
+            if timeout is not self._head_timer:
+                raise
+            log.info("a client sent no complete request head within %g s; closing its connection",
+                     config.client_header_timeout_s)
+            return None
+        finally:
+            self._head_timer.cancel()
+        if isinstance(getattr(self, "wsgi_input", None), TimedInput) and not self.wsgi_input.deadline:
+            return None  # the rest of a late body is still on its way: the connection is unusable
+        return result
+
+    def _sendall(self, data):
+        stall = self.server.config.client_stall_timeout_s
+        timer = gevent.Timeout(stall)
+        timer.start()
+        try:
+            super()._sendall(data)
+        except gevent.Timeout as timeout:
+            if timeout is not timer:
+                raise
+            log.info("a client read nothing for %g s; ending its response", stall)
+            raise OSError(errno.EPIPE, "the client stopped reading") from None  # gevent's "client went away"
+        finally:
+            timer.cancel()
+
+    def _handle_client_error(self, error):
+        log.info("malformed request from %s: %s", self.client_address[0], shown(str(error) or type(error).__name__))
+        return "400", b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
     def handle(self):
         try:
@@ -3247,7 +3362,10 @@ class Handler(WSGIHandler):
         super().handle()
 
     def get_environ(self):
+        self._head_timer.cancel()
         environ = super().get_environ()
+        if environ["wsgi.input"] is self.wsgi_input:
+            self.wsgi_input = environ["wsgi.input"] = TimedInput(self.wsgi_input, self.server.config.client_body_timeout_s)
         environ["pi_proxy.socket"] = self.socket
         # gevent decodes chunked bodies itself; this tells Werkzeug to read one to its end
         # (capped by MAX_CONTENT_LENGTH) instead of treating it as empty.
@@ -3280,6 +3398,8 @@ def serve(config: Config):
     proxy = build_proxy(config)
     in_flight = InFlight(create_app(proxy))
     server = WSGIServer((config.host, config.port), in_flight, handler_class=Handler, log=None, error_log=log)
+    server.config = config  # the Handler's timeouts
+    raise_open_files_limit()
     server.init_socket()
     url = f"http://{config.host}:{server.server_port}"
     available = proxy.available_models()
@@ -3302,6 +3422,15 @@ def serve(config: Config):
     server.start()
     stopping.wait()
     shut_down(server, in_flight, proxy.bridges, config.shutdown_grace_s)
+
+
+def raise_open_files_limit():
+    """Each connection holds a file descriptor and each bridge three: the usual soft limit of
+    1024 (or 256) would lock clients out long before memory runs short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def is_loopback(host: str) -> bool:
