@@ -33,8 +33,8 @@ if __name__ == "__main__":
 import argparse
 import base64
 import binascii
-import errno
 import collections
+import errno
 import hmac
 import ipaddress
 import itertools
@@ -42,8 +42,8 @@ import json
 import logging
 import math
 import os
-import resource
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -122,6 +122,10 @@ class Config:
     client_stall_timeout_s: float = 60.0  # a client that reads nothing of its response
     allowed_hosts: frozenset = frozenset()  # Host names clients use beyond loopback and the bound address
     cors_origins: frozenset = frozenset()  # web origins whose pages may call the proxy ("*": any)
+
+    def __post_init__(self):
+        if self.queue_size is None:
+            self.queue_size = 4 * self.max_bridges
 
 
 def parse_command_line(argv=None) -> argparse.Namespace:
@@ -2718,9 +2722,8 @@ class Proxy:
         self.apis_by_provider = {}
         for model in registry.models.values():
             self.apis_by_provider.setdefault(model["provider"], set()).add(model["api"])
-        queue_size = 4 * config.max_bridges if config.queue_size is None else config.queue_size
         self.bridges = BridgePool(self.bridge_command, config.bridge_pool,
-                                  Admission(config.max_bridges, queue_size, config.queue_timeout_s))
+                                  Admission(config.max_bridges, config.queue_size, config.queue_timeout_s))
 
     def is_available(self, provider: str) -> bool:
         return self.credentials.source(provider) is not None
