@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
-from tests.test_load import proc_rss
+from tests.test_load import proc_rss, zombie
 
 TIMEOUT = 1.0  # header, body and idle timeouts of the proxy below
 STALL = 3.0  # how long it lets a client read nothing
@@ -175,13 +175,18 @@ def test_a_client_that_never_reads_holds_bounded_memory_and_is_ended(strict, fak
     sock = connect(strict, receive_buffer=4096)
     sock.sendall(request_bytes(strict, {**CHAT, "stream": True}))
     assert fake.wait_for_requests(1, timeout=10)
-    started, peak = time.monotonic(), rss_before
-    while strict.bridges() and time.monotonic() - started < STALL + 45:
+    started, peak, bridge_peak = time.monotonic(), rss_before, 0
+    while (bridges := strict.bridges()) and time.monotonic() - started < STALL + 45:
         peak = max(peak, proc_rss(strict.proc.pid))
+        try:
+            bridge_peak = max(bridge_peak, sum(proc_rss(pid) for pid in bridges if not zombie(pid)))
+        except OSError:  # it ended meanwhile
+            pass
         time.sleep(0.1)
     ended = time.monotonic() - started
     print(f"\nnever-reading client: proxy RSS {rss_before / 2**20:.1f} MB before, peak +"
-          f"{(peak - rss_before) / 2**20:.1f} MB; stream ended after {ended:.1f} s")
+          f"{(peak - rss_before) / 2**20:.1f} MB; its bridge's RSS peak {bridge_peak / 2**20:.0f} MB; "
+          f"stream ended after {ended:.1f} s")
     assert peak - rss_before < 10 * 2**20, "the proxy buffered the stream instead of holding the bridge back"
     assert STALL - 0.5 < ended < STALL + 30  # the kernel buffers fill first: seconds on a loaded machine
     assert fake.wait_for_disconnect(timeout=5), "the upstream saw its request end"
