@@ -183,9 +183,52 @@ def long_stream_cpu(fake, proxy, tokens: int, runs: int) -> dict:
     return {**cpu, "tokens": tokens, "cpu_s_per_1k_tokens": per_k}
 
 
+def proxy_settings() -> dict:
+    """The proxy's environment beyond the test defaults: the bench's own PI_PROXY_* variables
+    (e.g. PI_PROXY_BRIDGE_POOL=4 make bench-wan) over these."""
+    return {"PI_PROXY_LOG_LEVEL": "WARNING", "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000",
+            **{name: value for name, value in os.environ.items() if name.startswith("PI_PROXY_") and name != "PI_PROXY_PORT"}}
+
+
 def models_json(fake_url: str) -> dict:
     return {"providers": {"bench": {"baseUrl": f"{fake_url}/v1", "api": "openai-completions", "apiKey": "sk-bench",
                                     "models": [{"id": "m", "maxTokens": 32000}]}}}
+
+
+def bookkeeping(runs: int = 2000) -> dict:
+    """CPU-ms of one request's bookkeeping (proxy.py section 12: its record fed a 20-token stream's
+    events, the ledger, the INFO log line written, text and JSON), measured in this process: the
+    proxy's CPU per request is too coarse to show it."""
+    import logging
+
+    import proxy as pi_proxy
+    events = [{"type": "start"}, *({"type": "text_delta", "contentIndex": 0, "delta": "x"} for _ in range(20)),
+              {"type": "done", "reason": "stop", "message": {"usage": {
+                  "input": 12, "output": 20, "cacheRead": 0, "cacheWrite": 0, "cost": {"total": 0.00034}}}}]
+    model = {"provider": "bench", "id": "m", "api": "openai-completions"}
+    sink = open(os.devnull, "w")
+    handler = logging.StreamHandler(sink)
+    pi_proxy.log.addHandler(handler)
+    pi_proxy.log.setLevel(logging.INFO)
+    pi_proxy.log.propagate = False
+    figures = {}
+    for name, formatter in (("text", logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")),
+                            ("json", pi_proxy.JsonLogFormatter())):
+        handler.setFormatter(formatter)
+        ledger = pi_proxy.Ledger()
+        started = time.process_time()
+        for _ in range(runs):
+            record = pi_proxy.RequestRecord(pi_proxy.request_id(None), "chat")
+            record.note_body({"model": MODEL, "stream": True})
+            record.note_model(model)
+            for _event in record.observe(events):
+                pass
+            record.status = 200
+            record.finish(ledger)
+        figures[f"{name}_cpu_ms"] = (time.process_time() - started) / runs * 1000
+    pi_proxy.log.removeHandler(handler)
+    sink.close()
+    return figures
 
 
 def loopback_table(results: dict) -> str:
@@ -200,6 +243,9 @@ def loopback_table(results: dict) -> str:
                             f"{proxy_ms - direct_ms:+.1f} ms |")
     rows.append(f"| CPU per 20-token stream: bridge | {cpu['bridge_cpu_s'] * 1000:.0f} ms | | |")
     rows.append(f"| CPU per 20-token stream: proxy.py | {cpu['proxy_cpu_s'] * 1000:.1f} ms | | |")
+    if "bookkeeping" in results:
+        rows.append(f"| of which the request's record, usage and log line (text / JSON) | "
+                    f"{results['bookkeeping']['text_cpu_ms']:.3f} / {results['bookkeeping']['json_cpu_ms']:.3f} ms | | |")
     for clients, figures in tp.items():
         rows.append(f"| short requests/s, {clients} clients | {figures['proxy']['requests_per_s']:.1f} "
                     f"({figures['proxy']['errors']} errors) | {figures['direct']['requests_per_s']:.0f} | |")
@@ -218,15 +264,15 @@ def loopback() -> dict:
         agent_dir = Path(home) / "agent"
         agent_dir.mkdir()
         (agent_dir / "models.json").write_text(json.dumps(models_json(fake.base_url)))
-        proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {"PI_PROXY_LOG_LEVEL": "WARNING",
-                                                                      "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000"})
+        proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", proxy_settings())
         try:
             time.sleep(1.0)
-            results = {"pool_size": int(os.environ.get("PI_PROXY_BRIDGE_POOL", "2"))}
+            results = {"proxy_settings": proxy_settings()}
             print("loopback: latency ...", flush=True)
             results["latency"] = {20: latency(fake, proxy, 20, 30), 2000: latency(fake, proxy, 2000, 15)}
             print("loopback: CPU per request ...", flush=True)
             results["cpu_per_request"] = cpu_per_request(fake, proxy, 20, 20)
+            results["bookkeeping"] = bookkeeping()
             print("loopback: throughput ...", flush=True)
             results["throughput"] = {clients: throughput(fake, proxy, clients, 8.0) for clients in (4, 16)}
             print("loopback: 100 slow streams ...", flush=True)
@@ -301,14 +347,11 @@ def wan(delay_ms: float, idle_s: float | None) -> dict:
             (agent_dir / "models.json").write_text(json.dumps(models_json(upstream["base_url"])))
             # Node reads NODE_EXTRA_CA_CERTS; proxy.py's own HTTPS (requests, ssl) the other two.
             trust = {name: upstream["ca"] for name in ("NODE_EXTRA_CA_CERTS", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")}
-            proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {"PI_PROXY_LOG_LEVEL": "WARNING",
-                                                                          "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000",
-                                                                          **trust})
+            proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {**proxy_settings(), **trust})
             try:
                 time.sleep(1.0)
                 factories = wan_clients(upstream["base_url"], proxy.url, upstream["ca"])
-                results = {"delay_ms_each_way": delay_ms, "tokens": 20,
-                           "pool_size": int(os.environ.get("PI_PROXY_BRIDGE_POOL", "2"))}
+                results = {"delay_ms_each_way": delay_ms, "tokens": 20, "proxy_settings": proxy_settings()}
                 print(f"wan ({delay_ms:g} ms each way): sequential ...", flush=True)
                 own_before, children_before = cpu_split(proxy.proc.pid)
                 rounds = 20
