@@ -76,7 +76,7 @@ def test_a_full_queue_and_a_long_wait_are_refused_in_each_apis_shape(narrow, fak
         assert "busy" in response.text and "1 requests are waiting" in response.text
     assert refused["openai"].status_code == 429
     assert refused["openai"].json()["error"]["code"] == "proxy_overloaded"
-    assert refused["pi"].status_code == 429 and set(refused["pi"].json()) == {"error"}
+    assert refused["pi"].status_code == 429 and isinstance(refused["pi"].json()["error"], str)
     assert refused["anthropic"].status_code == 529
     assert refused["anthropic"].json()["error"]["type"] == "overloaded_error"
     assert max(healthz_time(narrow) for _ in range(5)) < 0.5, "healthz never waits for a bridge"
