@@ -404,7 +404,8 @@ def conditions() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "--short", "HEAD"), "modified": bool(git("status", "--porcelain", "-uno")),
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": bool(git("status", "--porcelain", "-uno", "--", ".", ":!bench/results.json")),
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "load_average": [round(load, 2) for load in os.getloadavg()]}
 
