@@ -3,13 +3,15 @@
 # make soak  the long load and fuzz runs (30-45 minutes): 200 concurrent streams, 5,000 requests,
 #            a 10-minute stream, thousands of fuzzed bodies per endpoint; the proxies' logs stay in
 #            soak-logs/ (its own --basetemp: other pytest runs cannot clean it up mid-run)
-# make bench installs what the proxy needs and runs the benchmark (bench/results.json, a table)
+# make bench installs what the proxy needs and runs the benchmark (bench/results.json, a table):
+#            loopback, then WAN (TLS and 50 ms round trip); make bench-wan runs only the WAN one
+#            (docs/performance.md: the scenarios, their options, the idle measurement)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 
-.PHONY: install install-test run test soak bench
+.PHONY: install install-test run test soak bench bench-wan
 install: $(VENV)/.installed node_modules/.installed build/bridge.mjs
 install-test: $(VENV)/.installed node_modules/.installed-dev build/bridge.mjs
 
@@ -45,3 +47,6 @@ soak: install-test
 
 bench: install
 	$(PY) bench/bench.py
+
+bench-wan: install
+	$(PY) bench/bench.py wan

@@ -62,6 +62,7 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.queue
+import gevent.socket
 import gevent.subprocess
 import requests
 from flask import Flask, Response, request
@@ -123,6 +124,9 @@ def parse_command_line(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to bind (env PI_PROXY_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (env PI_PROXY_PORT, default 4141)")
     parser.add_argument("--auth-token", help="token clients must send (env PI_PROXY_AUTH_TOKEN)")
+    parser.add_argument("--watch-stdin", action="store_true",
+                        help="shut down when standard input reaches its end: a parent holding the other end "
+                             "of a pipe ties the proxy's life to its own (pi's /proxy start does)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the proxy (the default)")
     login = commands.add_parser("login", help="log in to an OAuth provider; credentials go to auth.json")
@@ -3481,11 +3485,26 @@ def build_proxy(config: Config) -> Proxy:
     return Proxy(config, node, registry, credentials)
 
 
-def serve(config: Config):
+def watch_stdin(stopping: gevent.event.Event):
+    """--watch-stdin: the end of standard input means the parent that holds the pipe's other end has
+    exited (however it exited, SIGKILL included): shut down as on SIGTERM. What is read is ignored."""
+    fd = sys.stdin.fileno()
+    while True:
+        gevent.socket.wait_read(fd)
+        if not os.read(fd, 65536):
+            break
+    log.info("standard input closed: shutting down")
+    stopping.set()
+
+
+def serve(config: Config, watching_stdin: bool = False):
     proxy = build_proxy(config)
     in_flight = InFlight(create_app(proxy))
     server = WSGIServer((config.host, config.port), in_flight, handler_class=Handler, log=None, error_log=log)
-    server.init_socket()
+    try:
+        server.init_socket()
+    except OSError as error:  # the port is taken, the address is not this machine's: say so, no traceback
+        raise SystemExit(f"pi-proxy: cannot listen on {config.host}:{config.port}: {os.strerror(error.errno) if error.errno else error}") from None
     url = f"http://{config.host}:{server.server_port}"
     available = proxy.available_models()
     providers = sorted({m["provider"] for m in available})
@@ -3501,6 +3520,8 @@ def serve(config: Config):
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
+    if watching_stdin:
+        gevent.spawn(watch_stdin, stopping)
     server.start()
     stopping.wait()
     shut_down(server, in_flight, proxy.bridges, config.shutdown_grace_s)
@@ -3579,7 +3600,7 @@ def main(argv=None):
         sys.exit(logout(config, args.provider))
     if args.command == "models":
         sys.exit(list_models(config))
-    serve(config)
+    serve(config, args.watch_stdin)
 
 
 if __name__ == "__main__":

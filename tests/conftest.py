@@ -198,24 +198,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def proxy_env(agent_dir: Path, port: int, extra_env: dict | None = None) -> dict:
+    """The environment of a test proxy on `port` reading `agent_dir` (also that of a pi whose
+    /proxy start runs one)."""
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(agent_dir.parent),
+        "PI_CODING_AGENT_DIR": str(agent_dir),
+        "PI_PROXY_PORT": str(port),
+        "PI_PROXY_UPSTREAM_TIMEOUT_MS": "4000",
+        "PI_PROXY_MAX_BODY_SIZE": "2000000",
+        "PI_PROXY_LOG_LEVEL": "DEBUG",
+        "FAKE_ANTHROPIC_KEY": SECRETS["fake-anthropic"],
+        "OPENAI_API_KEY": SECRETS["openai"],
+        **(extra_env or {}),
+    }
+
+
+def children(parent: int) -> list[tuple[int, bytes]]:
+    """(pid, command line) of the processes whose parent is `parent` (zombies too: not reaped yet)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def bridge_pids(proxy_pid: int, serving: bool = True) -> list[int]:
+    """PIDs of a proxy's bridge processes serving a request (a bridge retitles itself
+    `pi-proxy bridge: serving` when its request arrives), or with serving=False its idle pooled ones."""
+    return [pid for pid, cmdline in children(proxy_pid)
+            if cmdline.startswith(b"pi-proxy bridge") == serving and (serving or b"bridge.mjs" in cmdline)]
+
+
 class RunningProxy:
     def __init__(self, agent_dir: Path, log_path: Path, extra_env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         PROXY_PORTS.add(self.port)
         self.log_path = log_path
-        env = {
-            "PATH": os.environ["PATH"],
-            "HOME": str(agent_dir.parent),
-            "PI_CODING_AGENT_DIR": str(agent_dir),
-            "PI_PROXY_PORT": str(self.port),
-            "PI_PROXY_UPSTREAM_TIMEOUT_MS": "4000",
-            "PI_PROXY_MAX_BODY_SIZE": "2000000",
-            "PI_PROXY_LOG_LEVEL": "DEBUG",
-            "FAKE_ANTHROPIC_KEY": SECRETS["fake-anthropic"],
-            "OPENAI_API_KEY": SECRETS["openai"],
-            **(extra_env or {}),
-        }
+        env = proxy_env(agent_dir, self.port, extra_env)
         self.log = open(log_path, "ab")
         LOGS.append(log_path)
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "proxy.py")], cwd=ROOT, env=env,
@@ -232,23 +261,7 @@ class RunningProxy:
         raise RuntimeError("proxy did not become healthy")
 
     def bridges(self, serving: bool = True) -> list[int]:
-        """PIDs of this proxy's bridge processes serving a request (a bridge retitles itself
-        `pi-proxy bridge: serving` when its request arrives), or with serving=False its idle
-        pooled ones."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == self.proc.pid and cmdline.startswith(b"pi-proxy bridge") == serving and (
-                    serving or b"bridge.mjs" in cmdline):
-                found.append(int(entry.name))
-        return found
+        return bridge_pids(self.proc.pid, serving)
 
     def wait_no_bridges(self, timeout: float = 2.0) -> bool:
         deadline = time.monotonic() + timeout
