@@ -91,6 +91,7 @@ def main():
                       flush=True)
             if sys.argv[1:] and "stream" not in sys.argv[1:]:
                 return
+            fake.reset()  # a refused request left its reply unused
             fake.push(Reply(text=" ".join(["tok"] * 200_000)))
             stall, seconds, count = worst_healthz(proxy, post(proxy, "/v1/responses", json.dumps(
                 {"model": "fake-responses/gpt-test", "input": "hi", "stream": True}).encode(), stream=True))
