@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-# Runtime packages only: the devDependencies (pi-agent-core, the Codex CLI) serve the tests.
+# Runtime packages only: the devDependencies (pi-agent-core, the pi coding agent, the Codex CLI) serve the tests.
 node_modules/.installed: package.json package-lock.json
 	$(NPM_CI) --omit=dev
 	touch $@

@@ -18,9 +18,10 @@ The file reads in the order data flows through it:
    9. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
   10. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
   11. Remote images       images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
-  12. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
-  13. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
-  14. Main                 command line (serve, login, logout, models) and the gevent server
+  12. Usage                a record per request: its log line, the totals behind GET /usage
+  13. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
+  14. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
+  15. Main                 command line (serve, login, logout, models) and the gevent server
 
 Translation functions in sections 6-10 are pure: tests call them without HTTP or node.
 """
@@ -117,6 +118,7 @@ class Config:
     remote_image_max_count: int = 16  # images given by URL in one request
     remote_image_max_total_bytes: int = 50_000_000  # all of one request's fetched images, decompressed
     remote_image_timeout: float = 10.0  # seconds for all of one request's fetches, redirects included
+    test_redirects: dict = field(default_factory=dict)  # tests only: {"https://origin": "http://127.0.0.1:port"}
 
 
 def parse_command_line(argv=None) -> argparse.Namespace:
@@ -135,6 +137,7 @@ def parse_command_line(argv=None) -> argparse.Namespace:
     logout = commands.add_parser("logout", help="remove a provider's credentials from auth.json")
     logout.add_argument("provider")
     commands.add_parser("models", help="list the available models and where their credentials come from")
+    commands.add_parser("usage", help="show the GitHub Copilot quota (GET /usage has it and the proxy's usage)")
     return parser.parse_args(argv)
 
 
@@ -160,6 +163,8 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         remote_image_max_total_bytes=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_TOTAL_BYTES",
                                                      defaults.remote_image_max_total_bytes)),
         remote_image_timeout=float(environ.get("PI_PROXY_REMOTE_IMAGE_TIMEOUT", defaults.remote_image_timeout)),
+        # The bridge reads it too: Copilot's GitHub endpoints, for the quota here as for logins there.
+        test_redirects=json.loads(environ.get("PI_PROXY_TEST_REDIRECTS") or "{}"),
     )
 
 
@@ -385,6 +390,14 @@ class Credentials:
             if key:
                 return Credential(key, "models.json")
         return None
+
+    def github_token(self) -> tuple[str, str | None] | None:
+        """The GitHub token behind the Copilot credential, and its enterprise domain, if any."""
+        entry = self.auth_file.entries().get(COPILOT)
+        if isinstance(entry, dict) and entry.get("type") == "oauth" and entry.get("refresh"):
+            return entry["refresh"], entry.get("enterpriseUrl")
+        env_name = self.env_keys.get(COPILOT)
+        return (os.environ[env_name], None) if env_name and os.environ.get(env_name) else None
 
     def _refresh_stored(self, provider: str, seen: dict) -> dict:
         with self._locks[provider], self.auth_file.locked():
@@ -887,16 +900,21 @@ class ApiError(Exception):
         self.status, self.message, self.type = status, message, type_
         self.param, self.code, self.retry_after = param, code, retry_after
         self.upstream_event = upstream_event  # the bridge's error event (redacted), when upstream failed
+        self.request_id = None  # the request's id, named in every body (as Anthropic's API does)
 
     def openai_body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return self._named({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                      "code": self.code}})
 
     def anthropic_body(self) -> dict:
         type_ = self.type if self.type in ANTHROPIC_ERROR_TYPES else "api_error"
-        return {"type": "error", "error": {"type": type_, "message": self.message}}
+        return self._named({"type": "error", "error": {"type": type_, "message": self.message}})
 
     def pi_body(self) -> dict:
-        return {"error": self.message}  # pi-agent-core's streamProxy reads only this string
+        return self._named({"error": self.message})  # pi-agent-core's streamProxy reads only `error`
+
+    def _named(self, body: dict) -> dict:
+        return {**body, "request_id": self.request_id} if self.request_id else body
 
 
 ERROR_TYPES = {
@@ -2866,7 +2884,219 @@ def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -
 
 
 # ==================================================================================================
-# 12. HTTP
+# 12. Usage
+# ==================================================================================================
+# One RequestRecord per API request: created when the request is admitted, fed the bridge's events
+# by its Call, finished when the response's last byte is written (the response's close). Finishing
+# writes the request's log line and adds it to the Ledger behind GET /usage.
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/messages": "messages", "/v1/responses": "responses",
+             "/api/stream": "api/stream", "/v1/messages/count_tokens": "count_tokens"}
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{8,128}")  # an incoming x-request-id reused only if it matches
+TOKEN_KINDS = {"input": "input", "output": "output", "cacheRead": "cache_read", "cacheWrite": "cache_write"}
+ERROR_OUTCOMES = {*ERROR_TYPES.values(), "api_error", "timeout_error", "error"}  # failures inside a 200 stream
+
+
+def request_id(incoming: str | None) -> str:
+    return incoming if incoming and REQUEST_ID.fullmatch(incoming) else f"req_{uuid.uuid4().hex[:24]}"
+
+
+class RequestRecord:
+    """What one API request did, never what it said: no message text, no keys."""
+
+    def __init__(self, id_: str, endpoint: str):
+        self.id, self.endpoint = id_, endpoint
+        self.time, self.started = time.time(), time.monotonic()
+        self.model = self.resolved = self.api = self.error = self.last = self.first_token = None
+        self.stream, self.status, self.client_gone = False, None, False
+
+    def note_body(self, body):
+        if isinstance(body, dict):
+            model = body.get("model")
+            self.model = shown(model, 80)[1:-1] if isinstance(model, str) else None
+            self.stream = self.endpoint == "api/stream" or body.get("stream") is True
+
+    def note_model(self, model: dict):
+        self.resolved, self.api = canonical_id(model), model["api"]
+
+    def observe(self, events):
+        """The bridge's events, passed through; notes the first content and the last event."""
+        for event in events:
+            if event["type"] in ("done", "error"):
+                self.last = event
+            elif self.first_token is None and event["type"] not in ("start", "heartbeat"):
+                self.first_token = time.monotonic()
+            yield event
+
+    def fields(self) -> dict:
+        usage = ((self.last or {}).get("message") or {}).get("usage") or {}
+        if self.error is None and self.last is not None and self.last["type"] == "error":
+            self.error = upstream_error(self.last).type
+        if self.client_gone or (self.stream and self.status == 200 and self.last is None):
+            outcome = "client_gone"
+        else:
+            outcome = self.error or (self.last or {}).get("reason") or ("ok" if self.status < 400 else "error")
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)), "id": self.id,
+                  "endpoint": self.endpoint, "model": self.model, "resolved": self.resolved, "api": self.api,
+                  "stream": self.stream, "status": self.status, "outcome": outcome}
+        for kind, name in TOKEN_KINDS.items():
+            record[name] = usage.get(kind) or 0
+        record["cost_usd"] = round((usage.get("cost") or {}).get("total") or 0, 6)
+        record["ttft_ms"] = None if self.first_token is None else round((self.first_token - self.started) * 1000)
+        record["total_ms"] = round((time.monotonic() - self.started) * 1000)
+        return record
+
+    def finish(self, ledger: "Ledger"):
+        record = self.fields()
+        ledger.add(record)
+        log.info(log_line(record), extra={"request": record})
+
+
+def log_line(record: dict) -> str:
+    """The human-readable form: `request <id> chat gpt-4o -> openai/gpt-4o ... total=812ms`."""
+    resolved = f" -> {record['resolved']} ({record['api']})" if record["resolved"] else ""
+    ttft = "-" if record["ttft_ms"] is None else f"{record['ttft_ms']}ms"
+    return (f"request {record['id']} {record['endpoint']} {record['model'] or '-'}{resolved}"
+            f" {'stream' if record['stream'] else 'whole'} {record['status']} {record['outcome']}"
+            f" in={record['input']} out={record['output']} cache_read={record['cache_read']}"
+            f" cache_write={record['cache_write']} cost=${record['cost_usd']:.6f} ttft={ttft}"
+            f" total={record['total_ms']}ms")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """PI_PROXY_LOG_FORMAT=json: one JSON object per line; a request's line carries its record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "level": record.levelname, "logger": record.name}
+        line.update(getattr(record, "request", None) or {"message": record.getMessage()})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+class Figures:
+    """Requests, errors, tokens by kind, cost and time to first token (p50/p90 over the last 1,000)."""
+
+    def __init__(self):
+        self.requests = self.errors = 0
+        self.tokens = dict.fromkeys(TOKEN_KINDS.values(), 0)
+        self.cost = 0.0
+        self.ttfts = collections.deque(maxlen=1000)
+
+    def add(self, record: dict):
+        self.requests += 1
+        self.errors += record["status"] >= 400 or record["outcome"] in ERROR_OUTCOMES
+        for name in self.tokens:
+            self.tokens[name] += record[name]
+        self.cost += record["cost_usd"]
+        if record["ttft_ms"] is not None:
+            self.ttfts.append(record["ttft_ms"])
+
+    def summary(self) -> dict:
+        ordered = sorted(self.ttfts)
+        percentile = (lambda p: ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else None)
+        return {"requests": self.requests, "errors": self.errors, "tokens": dict(self.tokens),
+                "cost_usd": round(self.cost, 6), "ttft_ms": {"p50": percentile(0.5), "p90": percentile(0.9)}}
+
+
+class Ledger:
+    """Usage since start, in bounded memory: totals, per model (models come from the registry), one
+    bucket per minute for the last hour, the last 100 records."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.totals, self.models = Figures(), collections.defaultdict(Figures)
+        self.minutes = collections.deque(maxlen=60)  # [minute (epoch s), requests, errors, tokens, cost]
+        self.recent = collections.deque(maxlen=100)
+
+    def add(self, record: dict):
+        self.totals.add(record)
+        if record["resolved"]:
+            self.models[record["resolved"]].add(record)
+        minute = int(time.time()) // 60 * 60
+        if not self.minutes or self.minutes[-1][0] != minute:
+            self.minutes.append([minute, 0, 0, 0, 0.0])
+        bucket = self.minutes[-1]
+        bucket[1] += 1
+        bucket[2] += record["status"] >= 400 or record["outcome"] in ERROR_OUTCOMES
+        bucket[3] += sum(record[name] for name in TOKEN_KINDS.values())
+        bucket[4] += record["cost_usd"]
+        self.recent.append(record)
+
+    def report(self) -> dict:
+        now = int(time.time()) // 60 * 60
+        buckets = {bucket[0]: bucket for bucket in self.minutes}
+        series = [buckets.get(minute, [minute, 0, 0, 0, 0.0]) for minute in range(now - 59 * 60, now + 60, 60)]
+        return {
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "totals": self.totals.summary(),
+            "models": {name: figures.summary() for name, figures in sorted(self.models.items())},
+            "minutes": [{"minute": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(minute)), "requests": requests,
+                         "errors": errors, "tokens": tokens, "cost_usd": round(cost, 6)}
+                        for minute, requests, errors, tokens, cost in series],
+            "recent": list(self.recent),
+        }
+
+
+def copilot_quota(github: tuple[str, str | None], redirects: dict) -> dict:
+    """The Copilot subscription's quota as GitHub reports it to Copilot clients (the endpoint VS Code's
+    Copilot reads): plan, reset date, premium requests, chat and completions; a failure is the answer."""
+    token, enterprise = github
+    host = urllib.parse.urlsplit(enterprise if "://" in enterprise else f"https://{enterprise}").hostname \
+        if enterprise else "github.com"
+    url = f"https://api.{host}/copilot_internal/user"
+    for origin, target in redirects.items():
+        if url.startswith(origin):
+            url = target + url[len(origin):]
+    try:
+        reply = requests.get(url, timeout=10, headers={**COPILOT_CLIENT_HEADERS, "Authorization": f"token {token}"})
+        if reply.status_code != 200:
+            return {"error": f"GitHub answered {reply.status_code} to the quota request"}
+        data = reply.json()
+    except (requests.RequestException, ValueError) as error:
+        return {"error": f"the quota request failed: {type(error).__name__}"}
+    snapshots = data.get("quota_snapshots") or {}
+    limited, monthly = data.get("limited_user_quotas") or {}, data.get("monthly_quotas") or {}
+
+    def quota(name: str, old_name: str):
+        snapshot = snapshots.get(name)
+        if snapshot is None and old_name in monthly:  # free plans: remaining of a monthly allowance
+            total, left = monthly[old_name], limited.get(old_name, monthly[old_name])
+            snapshot = {"entitlement": total, "remaining": left, "percent_remaining": 100 * left / total if total else 0}
+        if not isinstance(snapshot, dict):
+            return None
+        if snapshot.get("unlimited"):
+            return "unlimited"
+        return {key: snapshot.get(key) for key in ("entitlement", "remaining", "percent_remaining", "overage_permitted")}
+
+    return {"plan": data.get("copilot_plan"), "reset": data.get("quota_reset_date") or data.get("limited_user_reset_date"),
+            "premium_requests": quota("premium_interactions", "premium_interactions"),
+            "chat": quota("chat", "chat"), "completions": quota("completions", "completions")}
+
+
+COPILOT_CLIENT_HEADERS = {"Accept": "application/json", "Editor-Version": "vscode/1.107.0",
+                          "Editor-Plugin-Version": "copilot-chat/0.35.0", "User-Agent": "GitHubCopilotChat/0.35.0",
+                          "X-GitHub-Api-Version": "2025-04-01"}
+
+
+def quota_lines(quota: dict) -> list:
+    """`python proxy.py usage`: the quota for the terminal."""
+    if "error" in quota:
+        return [f"GitHub Copilot quota: unavailable ({quota['error']})"]
+    lines = [f"GitHub Copilot plan: {quota['plan'] or 'unknown'}" + (f", resets {quota['reset']}" if quota["reset"] else "")]
+    for key, label in (("premium_requests", "premium requests"), ("chat", "chat"), ("completions", "completions")):
+        figures = quota[key]
+        if figures == "unlimited" or figures is None:
+            lines.append(f"  {label:17} {figures or 'not reported'}")
+        else:
+            lines.append(f"  {label:17} {figures['remaining']:g} of {figures['entitlement']:g} left "
+                         f"({figures['percent_remaining']:.1f}%)")
+    return lines
+
+
+# ==================================================================================================
+# 13. HTTP
 # ==================================================================================================
 
 
@@ -2886,11 +3116,24 @@ class Proxy:
             self.apis_by_provider.setdefault(model["provider"], set()).add(model["api"])
         self.bridges = BridgePool(self.bridge_command, config.bridge_pool)
         self._envelope_key = None  # read or made on first use
+        self.ledger = Ledger()
+        self._quota = (0.0, None)  # (when fetched, the Copilot quota), kept for a minute
 
     def envelope_key(self) -> bytes:
         if self._envelope_key is None:
             self._envelope_key = envelope_key(self.config.agent_dir)
         return self._envelope_key
+
+    def copilot_quota(self) -> dict | None:
+        """The Copilot quota (None without a Copilot login), fetched at most once a minute."""
+        github = self.credentials.github_token()
+        if github is None:
+            return None
+        fetched, quota = self._quota
+        if quota is None or time.monotonic() - fetched > 60:
+            quota = copilot_quota(github, self.config.test_redirects)
+            self._quota = (time.monotonic(), quota)
+        return quota
 
     def is_available(self, provider: str) -> bool:
         return self.credentials.source(provider) is not None
@@ -2910,6 +3153,7 @@ class Proxy:
         upstream refuses a refreshable token (401), it is refreshed and the call made once more:
         nothing has reached the client yet."""
         override = request.headers.get(UPSTREAM_KEY_HEADER)
+        request.environ["pi_proxy.record"].note_model(model)
         credential = Credential(override, "request header") if override else \
             self.credentials.for_provider(model["provider"])
         if credential is None:
@@ -2977,12 +3221,23 @@ class Call:
     error, any exception) closes the Calls still listed (create_app's close_calls)."""
 
     def __init__(self, bridge: Bridge, events, secrets: list):
-        self.bridge, self.events, self.secrets = bridge, events, secrets
+        self.record = request.environ["pi_proxy.record"]
+        self.bridge, self.events, self.secrets = bridge, self.record.observe(events), secrets
         self._watcher = None
         request.environ.setdefault("pi_proxy.calls", []).append(self)
         client = request.environ.get("pi_proxy.socket")
         if client is not None:
-            self._watcher = gevent.spawn(watch_client, client, bridge.close)
+            self._watcher = gevent.spawn(watch_client, client, self.client_gone)
+
+    def client_gone(self):
+        self.record.client_gone = True
+        self.bridge.close()
+
+    def error(self, event: dict) -> ApiError:
+        """The ApiError of a bridge `error` event, naming this request."""
+        error = upstream_error(event, self.secrets)
+        error.request_id = self.record.id
+        return error
 
     def opening(self) -> list:
         """The events up to the first piece of content (or the end). A failure before any
@@ -3036,6 +3291,10 @@ def api_family(path: str) -> str:
 
 
 def error_response(error: ApiError) -> Response:
+    error.request_id = request.environ.get("pi_proxy.request_id")
+    record = request.environ.get("pi_proxy.record")
+    if record is not None:
+        record.error = error.type
     bodies = {"anthropic": error.anthropic_body, "pi": error.pi_body, "openai": error.openai_body}
     body = bodies[api_family(request.path)]()
     response = Response(json.dumps(body), status=error.status, mimetype="application/json")
@@ -3071,19 +3330,24 @@ def off_loop(function, *args):
 def read_request(config: Config, check, messages: str, tools: str) -> dict:
     """The request's JSON body: parsed, within the caps, then checked (validated) by `check`.
     `messages` and `tools` are where this API keeps its messages and its tools."""
-    return off_loop(parse_request, read_body(config.max_body_size), config, check, messages, tools)
+    body = off_loop(parse_body, read_body(config.max_body_size))
+    request.environ["pi_proxy.record"].note_body(body)
+    return off_loop(checked_body, body, config, check, messages, tools)
 
 
-def parse_request(raw: bytes, config: Config, check, messages: str, tools: str) -> dict:
+def checked_body(body, config: Config, check, messages: str, tools: str) -> dict:
+    check_caps(body, config, {messages: (config.max_messages, "PI_PROXY_MAX_MESSAGES"),
+                              tools: (config.max_tools, "PI_PROXY_MAX_TOOLS")})
+    return check(body)
+
+
+def parse_body(raw: bytes):
     try:
-        body = parse_json(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        return parse_json(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
-    check_caps(body, config, {messages: (config.max_messages, "PI_PROXY_MAX_MESSAGES"),
-                              tools: (config.max_tools, "PI_PROXY_MAX_TOOLS")})
-    return check(body)
 
 
 def check_caps(body, config: Config, counted: dict):
@@ -3130,6 +3394,26 @@ def linked_path(link) -> str:
 
 def create_app(proxy: Proxy) -> Flask:
     app = Flask("pi-proxy")
+
+    @app.before_request
+    def admit():
+        """Every request gets an id; an API request also a record, finished after its last byte."""
+        id_ = request.environ["pi_proxy.request_id"] = request_id(request.headers.get("x-request-id"))
+        if request.path in ENDPOINTS and request.method == "POST":
+            request.environ["pi_proxy.record"] = RequestRecord(id_, ENDPOINTS[request.path])
+
+    @app.after_request
+    def identify(response: Response):
+        id_ = request.environ.get("pi_proxy.request_id")
+        if id_ is not None:
+            response.headers["x-request-id"] = id_
+            if api_family(request.path) == "anthropic":
+                response.headers["request-id"] = id_
+        record = request.environ.get("pi_proxy.record")
+        if record is not None:
+            record.status = response.status_code
+            response.call_on_close(lambda: record.finish(proxy.ledger))
+        return response
 
     @app.errorhandler(ApiError)
     def on_api_error(error: ApiError):
@@ -3269,6 +3553,11 @@ def create_app(proxy: Proxy) -> Flask:
         events = [{"type": "start"}, *replay_message(final["message"]), final]
         return [frame for event in events for frame in frames.translate(event)][-1]["response"]
 
+    @app.get("/usage")
+    def usage():
+        report = {**proxy.ledger.report(), "copilot": proxy.copilot_quota()}
+        return Response(json.dumps(report), mimetype="application/json")  # fields in their order
+
     @app.route("/", methods=["GET", "HEAD"])
     def root():
         return {"status": "ok", "service": "pi-proxy"}
@@ -3339,7 +3628,7 @@ def stream_anthropic(call: Call, opening: list, frames: AnthropicEvents):
                 yield sse_event(name, data)
         for event in call.events:
             if event["type"] == "error":
-                error = upstream_error(event, call.secrets)
+                error = call.error(event)
                 yield sse_event("error", error.anthropic_body())
                 break
             for name, data in frames.translate(event):
@@ -3357,7 +3646,7 @@ def stream_chat(call: Call, opening: list, chunks: ChatChunks):
                 yield sse_data(frame)
         for event in call.events:
             if event["type"] == "error":
-                error = upstream_error(event, call.secrets)
+                error = call.error(event)
                 yield sse_data(error.openai_body())
                 break
             for frame in chunks.translate(event):
@@ -3387,7 +3676,7 @@ def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
             for frame in frames.translate(event):
                 yield sse_event(frame["type"], frame)
         for event in call.events:
-            translated = frames.fail(upstream_error(event, call.secrets)) if event["type"] == "error" \
+            translated = frames.fail(call.error(event)) if event["type"] == "error" \
                 else frames.translate(event)
             for frame in translated:
                 yield sse_event(frame["type"], frame)
@@ -3396,7 +3685,7 @@ def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
 
 
 # ==================================================================================================
-# 13. Shutdown
+# 14. Shutdown
 # ==================================================================================================
 
 
@@ -3441,7 +3730,7 @@ def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", gr
 
 
 # ==================================================================================================
-# 14. Main
+# 15. Main
 # ==================================================================================================
 
 
@@ -3589,9 +3878,21 @@ def list_models(config: Config) -> int:
     return 0
 
 
+def show_usage(config: Config) -> int:
+    github = build_proxy(config).credentials.github_token()
+    if github is None:
+        print("No GitHub Copilot login (run `python proxy.py login`)")
+        return 1
+    quota = copilot_quota(github, config.test_redirects)
+    print("\n".join(quota_lines(quota)))
+    return 1 if "error" in quota else 0
+
+
 def main(argv=None):
     logging.basicConfig(level=os.environ.get("PI_PROXY_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("PI_PROXY_LOG_FORMAT") == "json":
+        logging.getLogger().handlers[0].setFormatter(JsonLogFormatter())
     args = parse_command_line(argv)
     config = load_config(args)
     if args.command == "login":
@@ -3600,6 +3901,8 @@ def main(argv=None):
         sys.exit(logout(config, args.provider))
     if args.command == "models":
         sys.exit(list_models(config))
+    if args.command == "usage":
+        sys.exit(show_usage(config))
     serve(config, args.watch_stdin)
 
 

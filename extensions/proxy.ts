@@ -43,8 +43,7 @@ function proxyUrl(env: NodeJS.ProcessEnv): string {
 	return `http://${reachable.includes(":") ? `[${reachable}]` : reachable}:${env.PI_PROXY_PORT || "4141"}`;
 }
 
-/** A proxy this pi process started. Kept on globalThis: pi rebinds extensions on /new, /resume and
- * /fork, and the proxy outlives those (it ends with the pi process, or with /proxy stop). */
+/** A proxy this pi process started. */
 interface ManagedProxy {
 	child: ChildProcess;
 	output: string[]; // its last lines, stdout and stderr
@@ -54,9 +53,14 @@ interface ManagedProxy {
 	stopping: boolean; // /proxy stop, the end of pi, or a failed start: an exit is expected
 }
 
-const MANAGED_KEY = Symbol.for("pi-proxy.managed");
-type Registry = { [MANAGED_KEY]?: ManagedProxy };
-const registry = globalThis as Registry;
+/** This pi process's proxy, kept on globalThis: pi rebinds extensions on /new, /resume, /fork and
+ * /reload (a fresh instance of this module may load), and the proxy carries on across them. */
+interface Shared {
+	managed?: ManagedProxy;
+	starting: boolean; // a /proxy start (or --proxy) is under way
+}
+const SHARED_KEY = Symbol.for("pi-proxy.extension");
+const shared: Shared = ((globalThis as { [SHARED_KEY]?: Shared })[SHARED_KEY] ??= { starting: false });
 
 function launch(): ManagedProxy {
 	// stdin is a pipe pi never writes to: its end is the proxy's signal that pi is gone.
@@ -208,14 +212,15 @@ export default function proxyExtension(pi: ExtensionAPI) {
 	}
 
 	async function status() {
-		const managed = registry[MANAGED_KEY];
-		const state = await refreshFooter();
+		const managed = shared.managed;
+		const state = await probe();
+		if (!state.up && (shared.starting || running(managed))) {
+			notify(`pi-proxy is starting (this session started it); ${url} does not answer yet`);
+			return;
+		}
+		setFooter(footerFor(state));
 		if (!state.up) {
-			notify(
-				running(managed)
-					? `pi-proxy (pid ${managed.child.pid}, started by this session) is starting; ${url} does not answer yet`
-					: `No proxy answers at ${url}. Start one with /proxy start (or run pi --proxy).`,
-			);
+			notify(`No proxy answers at ${url}. Start one with /proxy start (or run pi --proxy).`);
 			return;
 		}
 		const owner = running(managed)
@@ -234,11 +239,20 @@ export default function proxyExtension(pi: ExtensionAPI) {
 	}
 
 	async function start() {
-		const existing = registry[MANAGED_KEY];
-		if (running(existing) && !existing.stopping && !(await healthy())) {
-			notify(`pi-proxy (pid ${existing.child.pid}) is already starting at ${url}`);
+		if (shared.starting) {
+			notify(`pi-proxy is already starting at ${url}`);
 			return;
 		}
+		shared.starting = true;
+		try {
+			await startUnlessRunning();
+		} finally {
+			shared.starting = false;
+		}
+	}
+
+	async function startUnlessRunning() {
+		const existing = shared.managed;
 		const state = await probe();
 		if (state.up) {
 			setFooter(footerFor(state));
@@ -253,10 +267,10 @@ export default function proxyExtension(pi: ExtensionAPI) {
 		}
 		setFooter(`proxy: starting ${url}`);
 		const managed = launch();
-		registry[MANAGED_KEY] = managed;
+		shared.managed = managed;
 		managed.exited.then(() => {
-			if (registry[MANAGED_KEY] !== managed) return;
-			registry[MANAGED_KEY] = undefined;
+			if (shared.managed !== managed) return;
+			shared.managed = undefined;
 			if (managed.stopping || !managed.ready) return; // whoever stopped it, or the failed start, says so
 			setFooter(undefined);
 			notify(`pi-proxy (pid ${managed.child.pid}) ${exitText(managed)}.${lastLines(managed)}`, "warning");
@@ -281,10 +295,10 @@ export default function proxyExtension(pi: ExtensionAPI) {
 	}
 
 	async function stop() {
-		const managed = registry[MANAGED_KEY];
+		const managed = shared.managed;
 		if (running(managed)) {
 			await terminate(managed);
-			registry[MANAGED_KEY] = undefined;
+			shared.managed = undefined;
 			const state = await refreshFooter();
 			notify(
 				`pi-proxy (pid ${managed.child.pid}) stopped.` +
@@ -346,13 +360,13 @@ export default function proxyExtension(pi: ExtensionAPI) {
 	pi.on("session_start", async (_event, ctx) => {
 		ui = ctx.ui;
 		// Not awaited: pi stays responsive while the proxy starts; its notification comes when ready.
-		if (pi.getFlag("proxy") === true && !running(registry[MANAGED_KEY])) void start();
+		if (pi.getFlag("proxy") === true && !running(shared.managed) && !shared.starting) void start();
 		else void refreshFooter();
 	});
 
 	pi.on("session_shutdown", async (event) => {
 		// /new, /resume, /fork and /reload rebind this extension; the proxy carries on. Quitting ends it.
-		const managed = registry[MANAGED_KEY];
+		const managed = shared.managed;
 		if (event.reason === "quit" && running(managed)) await terminate(managed);
 	});
 
@@ -365,7 +379,7 @@ export default function proxyExtension(pi: ExtensionAPI) {
 		handler: async (args, ctx) => {
 			ui = ctx.ui;
 			const [subcommand = "status", ...rest] = args.trim().split(/\s+/).filter(Boolean);
-			const run = { status, start, stop, clients }[subcommand];
+			const run = new Map([["status", status], ["start", start], ["stop", stop], ["clients", clients]]).get(subcommand);
 			if (!run || rest.length) notify(USAGE, "warning");
 			else await run();
 		},

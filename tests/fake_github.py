@@ -3,6 +3,7 @@
     POST /login/device/code            -> a device code (interval 1 s)
     POST /login/oauth/access_token     -> `authorization_pending` `pending_polls` times, then a GitHub token
     GET  /copilot_internal/v2/token    -> a fresh Copilot token for the GitHub token in Authorization
+    GET  /copilot_internal/user        -> the subscription and its quotas (QUOTA), as Copilot clients see them
 
 Copilot tokens look like the real ones (`tid=...;exp=...;proxy-ep=proxy.copilot.test;`), so the API
 base URL derived from them is https://api.copilot.test: tests redirect that, github.com and
@@ -16,11 +17,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 GITHUB_TOKEN = "ghu_fakeGitHubToken0123456789"
 COPILOT_HOST = "copilot.test"
+# GET /copilot_internal/user's answer for an individual Pro plan, as GitHub sends it (fields abridged).
+QUOTA = {
+    "login": "octocat", "access_type_sku": "plus_monthly_subscriber_quota", "copilot_plan": "individual_pro",
+    "chat_enabled": True, "quota_reset_date": "2026-12-01",
+    "quota_snapshots": {
+        "chat": {"entitlement": 0, "remaining": 0, "percent_remaining": 100.0, "unlimited": True,
+                 "overage_count": 0, "overage_permitted": False, "quota_id": "chat", "quota_remaining": 0.0},
+        "completions": {"entitlement": 0, "remaining": 0, "percent_remaining": 100.0, "unlimited": True,
+                        "overage_count": 0, "overage_permitted": False, "quota_id": "completions",
+                        "quota_remaining": 0.0},
+        "premium_interactions": {"entitlement": 300, "remaining": 213, "percent_remaining": 71.2, "unlimited": False,
+                                 "overage_count": 0, "overage_permitted": True, "quota_id": "premium_interactions",
+                                 "quota_remaining": 213.6},
+    },
+}
 
 
 class FakeGitHub:
     def __init__(self):
         self.exchanges: list[str] = []  # the GitHub token of every Copilot token request
+        self.quota_requests: list[str] = []  # the Authorization header of every quota request
         self.refuse_exchange = False  # answer token exchanges with 401
         self.exchange_delay = 0.0  # seconds each token exchange takes (to widen races)
         self.pending_polls = 1
@@ -55,6 +72,11 @@ class FakeGitHub:
                     self.reply(404, {"message": "Not Found"})
 
             def do_GET(self):
+                if self.path == "/copilot_internal/user":
+                    owner.quota_requests.append(self.headers.get("authorization", ""))
+                    if self.headers.get("authorization") != f"token {GITHUB_TOKEN}" or owner.refuse_exchange:
+                        return self.reply(401, {"message": "Bad credentials"})
+                    return self.reply(200, QUOTA)
                 if self.path != "/copilot_internal/v2/token":
                     return self.reply(404, {"message": "Not Found"})
                 github_token = self.headers.get("authorization", "").removeprefix("Bearer ").removeprefix("token ")

@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import LEAK_WATCH, ROOT, RunningProxy
+from tests.conftest import LEAK_WATCH, ROOT, RunningProxy, proxy_env
 from tests.fake_github import COPILOT_HOST, GITHUB_TOKEN, FakeGitHub, copilot_token
 from tests.fake_upstream import Reply
 
@@ -34,6 +34,7 @@ def github():
 @pytest.fixture(autouse=True)
 def fresh_github(github):
     github.exchanges.clear()
+    github.quota_requests.clear()
     github.exchange_delay, github.refuse_exchange, github.pending_polls = 0.0, False, 1
 
 
@@ -310,6 +311,54 @@ def test_client_upstream_key_unlocks_a_provider_without_credentials(client, fake
 
 
 LEAK_WATCH.update({"sk-client-own-SECRET-77", "gsk-client-SECRET-88"})
+
+
+# --- the Copilot quota: GET /usage and `proxy.py usage` -------------------------------------------
+
+
+def test_usage_reports_the_copilot_quota_fetched_once_a_minute(tmp_path, start, github):
+    proxy = start(agent_with_auth(tmp_path, {"github-copilot": stored_copilot(3600)}))
+    first = requests.get(f"{proxy.url}/usage", timeout=30).json()["copilot"]
+    assert first == {"plan": "individual_pro", "reset": "2026-12-01",
+                     "premium_requests": {"entitlement": 300, "remaining": 213, "percent_remaining": 71.2,
+                                          "overage_permitted": True},
+                     "chat": "unlimited", "completions": "unlimited"}
+    assert requests.get(f"{proxy.url}/usage", timeout=30).json()["copilot"] == first
+    assert github.quota_requests == [f"token {GITHUB_TOKEN}"], "fetched with the GitHub token, then cached"
+
+
+def test_a_quota_github_refuses_is_reported_in_its_field(tmp_path, start, github, fake):
+    github.refuse_exchange = True
+    proxy = start(agent_with_auth(tmp_path, {"github-copilot": stored_copilot(3600)}))
+    usage = requests.get(f"{proxy.url}/usage", timeout=30)
+    assert usage.status_code == 200
+    assert usage.json()["copilot"] == {"error": "GitHub answered 401 to the quota request"}
+    assert usage.json()["totals"]["requests"] == 0
+
+
+def test_no_copilot_login_no_quota(tmp_path, start, github):
+    proxy = start(agent_with_auth(tmp_path, {}))
+    assert requests.get(f"{proxy.url}/usage", timeout=30).json()["copilot"] is None
+    assert github.quota_requests == []
+
+
+def test_usage_command_prints_the_quota(tmp_path, fake, github):
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(3600)})
+    env = proxy_env(agent, 0, redirect_env(fake, github))
+    result = subprocess.run([sys.executable, str(ROOT / "proxy.py"), "usage"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "GitHub Copilot plan: individual_pro, resets 2026-12-01",
+        "  premium requests  213 of 300 left (71.2%)",
+        "  chat              unlimited",
+        "  completions       unlimited",
+    ]
+    github.refuse_exchange = True
+    failed = subprocess.run([sys.executable, str(ROOT / "proxy.py"), "usage"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1
+    assert failed.stdout.strip() == "GitHub Copilot quota: unavailable (GitHub answered 401 to the quota request)"
 
 
 # --- `!command` values ---------------------------------------------------------------------------------

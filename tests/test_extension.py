@@ -184,6 +184,9 @@ def test_start_status_clients_stop(pi_home, fake):
         [upstream] = [r for r in fake.requests if r.path == "/v1/chat/completions"]
         assert upstream.body["model"] == "chat-model" and "Say hello." in json.dumps(upstream.body["messages"])
 
+        # A new session rebinds the extension; the proxy carries on, still this pi's.
+        response, _ = pi.command({"type": "new_session"})
+        assert response["data"] == {"cancelled": False}
         notes, statuses = pi.slash("/proxy")
         usage = requests.get(f"{url}/usage", timeout=5)
         message = notes[0]["message"]
@@ -193,7 +196,7 @@ def test_start_status_clients_stop(pi_home, fake):
             assert message.count("\n") == 1
         else:
             assert f"{usage.json()['totals']['requests']:,} requests served" in message
-        assert statuses == [f"proxy: {url} ({len(models)} models)"]
+        assert set(statuses) == {f"proxy: {url} ({len(models)} models)"}, "also the new session's footer"
 
         notes, _ = pi.slash("/proxy clients")
         setup = notes[0]["message"]
@@ -214,9 +217,10 @@ def test_start_status_clients_stop(pi_home, fake):
 
         notes, _ = pi.slash("/proxy stop")
         assert [n["message"] for n in notes] == [f"No proxy answers at {url}; nothing to stop."]
-        notes, _ = pi.slash("/proxy restart")
-        assert [(n["message"], n["notifyType"]) for n in notes] == [("Usage: /proxy [status|start|stop|clients]",
-                                                                      "warning")]
+        for wrong in ("/proxy restart", "/proxy constructor", "/proxy stop now"):
+            notes, _ = pi.slash(wrong)
+            assert [(n["message"], n["notifyType"]) for n in notes] == [("Usage: /proxy [status|start|stop|clients]",
+                                                                          "warning")]
     finally:
         pi.kill()
 
@@ -286,6 +290,16 @@ def test_the_flag_starts_it_with_the_session_and_the_end_of_pi_stops_it(pi_home)
         models = model_ids(url)
         assert [status_text(e) for e in ui(events, "setStatus")][-2:] == [f"proxy: starting {url}",
                                                                           f"proxy: {url} ({len(models)} models)"]
+
+        os.kill(proxy_pid, signal.SIGTERM)  # a started proxy that ends by itself: pi says so
+        events = pi.wait_for(lambda e: e.get("method") == "notify")
+        assert (events[-1]["notifyType"], events[-1]["message"].split("\n")[:2]) == (
+            "warning", [f"pi-proxy (pid {proxy_pid}) exited with status 0.", "Its last output:"])
+        assert "shutting down" in events[-1]["message"]
+        assert [status_text(e) for e in ui(events, "setStatus")] == [None]
+
+        pi.slash("/proxy start")
+        [proxy_pid] = proxies_of(pi)
         bridges = bridge_pids(proxy_pid, serving=False)
         assert pi.close() == 0  # the session ends: session_shutdown stops the proxy before pi exits
         assert gone(proxy_pid), "stopped before pi exited"

@@ -335,14 +335,15 @@ def test_session_id_reaches_the_responses_upstream(proxy, fake, decoy):
     assert body["prompt_cache_key"] == "session-42" and body["max_output_tokens"] == 500
 
 
-# --- bad input: 4xx with {"error": message} ------------------------------------------------------------
+# --- bad input: 4xx with {"error": message, "request_id"} -----------------------------------------------
 
 
 def test_unknown_model_is_404(proxy, fake, decoy):
     model = {**client_model(fake, decoy, "fake-chat/chat-model"), "id": "no-such-model"}
     response = requests.post(f"{proxy.url}/api/stream", json={"model": model, "context": HI})
     assert response.status_code == 404
-    assert set(response.json()) == {"error"} and "fake-chat/no-such-model" in response.json()["error"]
+    assert response.json() == {"error": response.json()["error"], "request_id": response.headers["x-request-id"]}
+    assert "fake-chat/no-such-model" in response.json()["error"]
     events = run_node(CLIENT, {"proxyUrl": proxy.url, "authToken": "t", "model": model, "context": HI})
     assert events[-1]["message"]["stopReason"] == "error"
     assert events[-1]["message"]["errorMessage"].startswith("Proxy error: The model 'fake-chat/no-such-model'")
@@ -380,7 +381,7 @@ def test_model_id_is_not_matched_across_providers(proxy, fake, decoy):
 def test_invalid_requests_are_400(proxy, fake, body, fragment):
     response = requests.post(f"{proxy.url}/api/stream", json=body)
     assert response.status_code == 400
-    assert set(response.json()) == {"error"} and fragment in response.json()["error"]
+    assert set(response.json()) == {"error", "request_id"} and fragment in response.json()["error"]
     assert not fake.requests
 
 
