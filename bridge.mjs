@@ -68,6 +68,7 @@ import { getOAuthProvider } from "@mariozechner/pi-ai/oauth";
 const PROVIDER_MODULES = {
   "anthropic-messages": () => import("@mariozechner/pi-ai/anthropic"),
   "azure-openai-responses": () => import("@mariozechner/pi-ai/azure-openai-responses"),
+  "bedrock-converse-stream": () => import("@mariozechner/pi-ai/bedrock-provider"),
   "google-generative-ai": () => import("@mariozechner/pi-ai/google"),
   "google-vertex": () => import("@mariozechner/pi-ai/google-vertex"),
   "mistral-conversations": () => import("@mariozechner/pi-ai/mistral"),

@@ -183,6 +183,13 @@ def long_stream_cpu(fake, proxy, tokens: int, runs: int) -> dict:
     return {**cpu, "tokens": tokens, "cpu_s_per_1k_tokens": per_k}
 
 
+def proxy_settings() -> dict:
+    """The proxy's environment beyond the test defaults: the bench's own PI_PROXY_* variables
+    (e.g. PI_PROXY_BRIDGE_POOL=4 make bench-wan) over these."""
+    return {"PI_PROXY_LOG_LEVEL": "WARNING", "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000",
+            **{name: value for name, value in os.environ.items() if name.startswith("PI_PROXY_") and name != "PI_PROXY_PORT"}}
+
+
 def models_json(fake_url: str) -> dict:
     return {"providers": {"bench": {"baseUrl": f"{fake_url}/v1", "api": "openai-completions", "apiKey": "sk-bench",
                                     "models": [{"id": "m", "maxTokens": 32000}]}}}
@@ -257,11 +264,10 @@ def loopback() -> dict:
         agent_dir = Path(home) / "agent"
         agent_dir.mkdir()
         (agent_dir / "models.json").write_text(json.dumps(models_json(fake.base_url)))
-        proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {"PI_PROXY_LOG_LEVEL": "WARNING",
-                                                                      "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000"})
+        proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", proxy_settings())
         try:
             time.sleep(1.0)
-            results = {"pool_size": int(os.environ.get("PI_PROXY_BRIDGE_POOL", "2"))}
+            results = {"proxy_settings": proxy_settings()}
             print("loopback: latency ...", flush=True)
             results["latency"] = {20: latency(fake, proxy, 20, 30), 2000: latency(fake, proxy, 2000, 15)}
             print("loopback: CPU per request ...", flush=True)
@@ -341,14 +347,11 @@ def wan(delay_ms: float, idle_s: float | None) -> dict:
             (agent_dir / "models.json").write_text(json.dumps(models_json(upstream["base_url"])))
             # Node reads NODE_EXTRA_CA_CERTS; proxy.py's own HTTPS (requests, ssl) the other two.
             trust = {name: upstream["ca"] for name in ("NODE_EXTRA_CA_CERTS", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")}
-            proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {"PI_PROXY_LOG_LEVEL": "WARNING",
-                                                                          "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000",
-                                                                          **trust})
+            proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {**proxy_settings(), **trust})
             try:
                 time.sleep(1.0)
                 factories = wan_clients(upstream["base_url"], proxy.url, upstream["ca"])
-                results = {"delay_ms_each_way": delay_ms, "tokens": 20,
-                           "pool_size": int(os.environ.get("PI_PROXY_BRIDGE_POOL", "2"))}
+                results = {"delay_ms_each_way": delay_ms, "tokens": 20, "proxy_settings": proxy_settings()}
                 print(f"wan ({delay_ms:g} ms each way): sequential ...", flush=True)
                 own_before, children_before = cpu_split(proxy.proc.pid)
                 rounds = 20
@@ -401,7 +404,8 @@ def conditions() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "--short", "HEAD"), "modified": bool(git("status", "--porcelain", "-uno")),
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": bool(git("status", "--porcelain", "-uno", "--", ".", ":!bench/results.json")),
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "load_average": [round(load, 2) for load in os.getloadavg()]}
 
