@@ -77,6 +77,11 @@ const PROVIDER_MODULES = {
   "openai-responses": () => import("@mariozechner/pi-ai/openai-responses"),
 };
 
+// Blocking writes to the stdout pipe: when the proxy's client does not read, the pipe fills and this
+// whole process waits, so it stops reading its upstream too (TCP then holds the upstream back).
+// Node's pipe writes are otherwise asynchronous and queue in memory without bound.
+process.stdout._handle?.setBlocking?.(true);
+
 const abort = new AbortController();
 const upstream = {}; // the last upstream HTTP response seen: status, retryAfter, stopSequence
 let pending = [];

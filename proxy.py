@@ -11,7 +11,7 @@ The file reads in the order data flows through it:
    2. pi's config files    models.json (JSON with comments), auth.json and its lock, resolving keys
    3. Model registry       pi-ai's catalogue merged with models.json; availability; name -> model
    4. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
-   5. Bridge pool          bridges started ahead of need; replaced, drained on shutdown
+   5. Bridge pool          bridges started ahead of need; admission control; replaced, drained on shutdown
    6. Errors               ApiError and the mapping of upstream failures to HTTP statuses
    7. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
    8. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
@@ -35,6 +35,7 @@ import argparse
 import base64
 import binascii
 import collections
+import errno
 import functools
 import hmac
 import ipaddress
@@ -44,6 +45,7 @@ import logging
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -63,11 +65,12 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.queue
+import gevent.select
 import gevent.socket
 import gevent.subprocess
 import requests
-from flask import Flask, Response, request
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from flask import Flask, Response, after_this_request, request
+from gevent.pywsgi import Input, WSGIHandler, WSGIServer
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from requests.adapters import HTTPAdapter
@@ -98,6 +101,21 @@ BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one bui
 # ==================================================================================================
 
 
+BRIDGE_MEMORY = 80 * 2**20  # a serving bridge's memory (67 MB measured), with some headroom
+BRIDGES_PER_CORE = 32  # a bridge mostly waits for its upstream; its CPU goes to start-up and JSON lines
+
+
+def default_max_bridges() -> int:
+    """As many bridges as half the memory holds (the cgroup's limit, in a container), at most 32
+    per core, at least 4."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        memory = min(memory, int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    except (OSError, ValueError):  # no cgroup v2, or "max"
+        pass
+    return max(4, min(memory // 2 // BRIDGE_MEMORY, BRIDGES_PER_CORE * len(os.sched_getaffinity(0))))
+
+
 @dataclass
 class Config:
     host: str = "127.0.0.1"
@@ -119,6 +137,19 @@ class Config:
     remote_image_max_total_bytes: int = 50_000_000  # all of one request's fetched images, decompressed
     remote_image_timeout: float = 10.0  # seconds for all of one request's fetches, redirects included
     test_redirects: dict = field(default_factory=dict)  # tests only: {"https://origin": "http://127.0.0.1:port"}
+    max_bridges: int = field(default_factory=default_max_bridges)  # bridges serving requests at once
+    queue_size: int | None = None  # requests waiting for a bridge; None: 4 x max_bridges
+    queue_timeout_s: float = 30.0  # how long a request waits for a bridge before it is refused
+    client_header_timeout_s: float = 30.0  # a request's line and headers, from its first byte (or the accept)
+    client_body_timeout_s: float = 60.0  # a request's whole body
+    client_idle_timeout_s: float = 60.0  # a kept-alive connection between two requests
+    client_stall_timeout_s: float = 60.0  # a client that reads nothing of its response
+    allowed_hosts: frozenset = frozenset()  # Host names clients use beyond loopback and the bound address
+    cors_origins: frozenset = frozenset()  # web origins whose pages may call the proxy ("*": any)
+
+    def __post_init__(self):
+        if self.queue_size is None:
+            self.queue_size = 4 * self.max_bridges
 
 
 def parse_command_line(argv=None) -> argparse.Namespace:
@@ -163,9 +194,23 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         remote_image_max_total_bytes=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_TOTAL_BYTES",
                                                      defaults.remote_image_max_total_bytes)),
         remote_image_timeout=float(environ.get("PI_PROXY_REMOTE_IMAGE_TIMEOUT", defaults.remote_image_timeout)),
+        max_bridges=int(environ.get("PI_PROXY_MAX_BRIDGES") or defaults.max_bridges),
+        queue_size=int(environ["PI_PROXY_QUEUE_SIZE"]) if environ.get("PI_PROXY_QUEUE_SIZE") else None,
+        queue_timeout_s=float(environ.get("PI_PROXY_QUEUE_TIMEOUT_S", defaults.queue_timeout_s)),
+        client_header_timeout_s=float(environ.get("PI_PROXY_CLIENT_HEADER_TIMEOUT_S", defaults.client_header_timeout_s)),
+        client_body_timeout_s=float(environ.get("PI_PROXY_CLIENT_BODY_TIMEOUT_S", defaults.client_body_timeout_s)),
+        client_idle_timeout_s=float(environ.get("PI_PROXY_CLIENT_IDLE_TIMEOUT_S", defaults.client_idle_timeout_s)),
+        client_stall_timeout_s=float(environ.get("PI_PROXY_CLIENT_STALL_TIMEOUT_S", defaults.client_stall_timeout_s)),
+        allowed_hosts=frozenset(comma_list(environ.get("PI_PROXY_ALLOWED_HOSTS", ""))),
+        cors_origins=frozenset(origin.rstrip("/") for origin in comma_list(environ.get("PI_PROXY_CORS_ORIGINS", ""))),
         # The bridge reads it too: Copilot's GitHub endpoints, for the quota here as for logins there.
         test_redirects=json.loads(environ.get("PI_PROXY_TEST_REDIRECTS") or "{}"),
     )
+
+
+def comma_list(text: str) -> list[str]:
+    """`a, b,c` -> ["a", "b", "c"], lower case (host names and origins compare so)."""
+    return [item.strip().lower() for item in text.split(",") if item.strip()]
 
 
 # ==================================================================================================
@@ -661,6 +706,8 @@ class Bridge:
     """One `node bridge.mjs` process answering one request, given by send(). Every path ends in
     close(), which kills the process if it still runs and always reaps it."""
 
+    LINES_BUFFERED = 256  # event lines read ahead of the response (a few hundred bytes each)
+
     def __init__(self, command: list):
         self.proc = gevent.subprocess.Popen(
             command,
@@ -670,7 +717,10 @@ class Bridge:
             cwd=HERE,
         )
         self.stderr_tail = b""
-        self.lines = gevent.queue.Queue()
+        # Bounded: a client that does not read stops the reader, the stdout pipe fills, and node
+        # (whose writes to a pipe block) stops reading its upstream. Memory per stalled client stays
+        # at these lines, whatever the upstream sends.
+        self.lines = gevent.queue.Queue(maxsize=self.LINES_BUFFERED)
         self._readers = [gevent.spawn(self._read_stdout), gevent.spawn(self._drain_stderr)]
         self._reaper = None
         self.stopped_because = None  # why the proxy ended it, told to its client instead of the exit status
@@ -798,6 +848,41 @@ def load_catalog(node: str) -> list:
 # ==================================================================================================
 
 
+class Admission:
+    """At most `limit` bridges serve requests at once. A request beyond it waits for a bridge to
+    end, in a queue of at most `queue_size` requests, for at most `timeout` seconds; then, or when the
+    queue is full, it is refused: 429 (Anthropic clients: 529 overloaded_error) with Retry-After.
+    A burst is smoothed out; a flood is refused instead of exhausting the machine's memory."""
+
+    RETRY_AFTER = "5"
+
+    def __init__(self, limit: int, queue_size: int, timeout: float):
+        self.limit, self.queue_size, self.timeout = limit, queue_size, timeout
+        self.slots = gevent.lock.Semaphore(limit)
+        self.waiting = 0
+
+    def enter(self):
+        if not self.waiting and self.slots.acquire(blocking=False):
+            return
+        if self.waiting >= self.queue_size:
+            raise self.refusal(f"all {self.limit} of its bridges are serving requests and "
+                               f"{self.waiting} requests are waiting")
+        self.waiting += 1
+        try:
+            admitted = self.slots.acquire(timeout=self.timeout)
+        finally:
+            self.waiting -= 1
+        if not admitted:
+            raise self.refusal(f"no bridge of its {self.limit} became free within {self.timeout:g} s")
+
+    def leave(self):
+        self.slots.release()
+
+    def refusal(self, why: str) -> "ApiError":
+        return ApiError(429, f"The proxy is busy: {why} (PI_PROXY_MAX_BRIDGES); retry in {self.RETRY_AFTER} s",
+                        "overloaded_error", code="proxy_overloaded", retry_after=self.RETRY_AFTER)
+
+
 class BridgePool:
     """Bridges started ahead of need, so a request does not wait for node to boot and load pi-ai.
 
@@ -805,14 +890,16 @@ class BridgePool:
     the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
     bridge that dies, or one node cannot start, is replaced a second later (a bridge that cannot
     start must not spin); drain() kills and reaps every bridge, idle or serving (retire_idle() only
-    the idle ones, for a graceful shutdown). With size 0 take() spawns on demand."""
+    the idle ones, for a graceful shutdown). With size 0 take() spawns on demand. take() waits for
+    `admission`; a bridge it hands out holds its place until its process has exited."""
 
     RESPAWN_DELAY = 1.0
 
-    def __init__(self, command, size: int):
-        self.command, self.size = command, size  # command() -> argv, read at each spawn
+    def __init__(self, command, size: int, admission: Admission):
+        self.command, self.size, self.admission = command, size, admission  # command() -> argv, read at each spawn
         self.idle: list[Bridge] = []
         self.live: set[Bridge] = set()
+        self.serving: set[Bridge] = set()
         self.draining = False
         self._refilling = gevent.lock.Semaphore()
         self._refill_due = False
@@ -820,17 +907,23 @@ class BridgePool:
 
     def take(self) -> Bridge:
         """The oldest idle bridge still running, else a new one; the pool refills meanwhile.
-        ApiError 503 if node cannot be started (e.g. it was uninstalled since startup)."""
+        ApiError 503 if node cannot be started (e.g. it was uninstalled since startup), 429 if
+        admission refuses."""
+        self.admission.enter()
         gevent.spawn(self.refill)
         while self.idle:
             bridge = self.idle.pop(0)
             if bridge.proc.poll() is None:
+                self.serving.add(bridge)
                 return bridge
             bridge.close()
         try:
-            return self._spawn()
+            bridge = self._spawn()
         except OSError as error:
+            self.admission.leave()
             raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
+        self.serving.add(bridge)
+        return bridge
 
     def refill(self):
         with self._refilling:  # spawning yields; one refill at a time keeps the count right
@@ -864,6 +957,9 @@ class BridgePool:
     def _watch(self, bridge: Bridge):
         bridge.proc.wait()
         self.live.discard(bridge)
+        if bridge in self.serving:
+            self.serving.discard(bridge)
+            self.admission.leave()
         if bridge in self.idle:
             self.idle.remove(bridge)
             bridge.close()
@@ -3114,7 +3210,8 @@ class Proxy:
         self.apis_by_provider = {}
         for model in registry.models.values():
             self.apis_by_provider.setdefault(model["provider"], set()).add(model["api"])
-        self.bridges = BridgePool(self.bridge_command, config.bridge_pool)
+        self.bridges = BridgePool(self.bridge_command, config.bridge_pool,
+                                  Admission(config.max_bridges, config.queue_size, config.queue_timeout_s))
         self._envelope_key = None  # read or made on first use
         self.ledger = Ledger()
         self._quota = (0.0, None)  # (when fetched, the Copilot quota), kept for a minute
@@ -3272,9 +3369,14 @@ class Call:
 
 
 def watch_client(client: socket.socket, on_gone):
-    """Wait until the client's socket is readable: an orderly close reads as b"" (gone); data
-    means a pipelined request, which is not a disconnect, so stop watching."""
+    """Wait until the client's socket is readable: an end of input (b"") means gone; data means a
+    pipelined request, which is not a disconnect, so stop watching. An end of input already there
+    when the call starts is a client that half-closed its socket once its request was sent (legal
+    HTTP/1.1: it still reads the answer); on the wire a close looks the same, so for such a client
+    a disconnect shows only when writing the answer fails."""
     try:
+        if gevent.select.select([client], [], [], 0)[0] and client.recv(1, socket.MSG_PEEK) == b"":
+            return
         gevent.socket.wait_read(client.fileno())
         gone = client.recv(1, socket.MSG_PEEK) == b""
     except OSError:
@@ -3296,10 +3398,58 @@ def error_response(error: ApiError) -> Response:
     if record is not None:
         record.error = error.type
     bodies = {"anthropic": error.anthropic_body, "pi": error.pi_body, "openai": error.openai_body}
-    body = bodies[api_family(request.path)]()
-    response = Response(json.dumps(body), status=error.status, mimetype="application/json")
+    family = api_family(request.path)
+    # Anthropic's clients know overload as 529 (and retry it); OpenAI's and pi's as 429.
+    status = 529 if family == "anthropic" and error.type == "overloaded_error" else error.status
+    response = Response(json.dumps(bodies[family]()), status=status, mimetype="application/json")
     if error.retry_after:
         response.headers["Retry-After"] = error.retry_after
+    return response
+
+
+# A web page can make its visitor's browser send requests here: cross-origin "simple" POSTs (a
+# text/plain fetch, a form) go out without a CORS preflight, and DNS rebinding points the page's own
+# name at 127.0.0.1, making its requests same-origin. Hence the browser guard: the Host must be a name
+# the proxy is reachable as (a rebound name is not), an Origin must be one allowed to call the proxy,
+# and POST bodies must be JSON. Non-browser clients send no Origin and a loopback Host.
+
+
+def host_name(host: str) -> str:
+    """A Host header's name: lower case, without its port, IPv6 brackets or a trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    return host.rstrip(".")
+
+
+def host_allowed(name: str, bound: str, allowed: frozenset) -> bool:
+    """`localhost`, loopback addresses, the bound address (bound to all, any address) and the
+    names in PI_PROXY_ALLOWED_HOSTS. DNS can point any name at 127.0.0.1, but no address at another."""
+    if name in allowed or name in ("localhost", bound.lower()):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_loopback or bound in ("0.0.0.0", "::")
+
+
+def origin_allowed(origin: str, allowed: frozenset) -> bool:
+    return "*" in allowed or origin.lower() in allowed
+
+
+CORS_PREFLIGHT_MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
+
+
+class BodyTimeout(OSError):
+    """A request body that did not arrive within PI_PROXY_CLIENT_BODY_TIMEOUT_S (TimedInput)."""
+
+
+def close_connection(response: Response) -> Response:
+    response.headers["Connection"] = "close"
     return response
 
 
@@ -3308,7 +3458,14 @@ def read_body(limit: int) -> bytes:
     too_large = ApiError(413, f"The request body is larger than {limit} bytes", "request_too_large")
     if (request.content_length or 0) > limit:
         raise too_large
-    raw = request.stream.read(limit + 1)
+    try:
+        raw = request.stream.read(limit + 1)
+    except OSError as error:  # cut short, malformed chunks, or too slow: the connection is unusable
+        after_this_request(close_connection)
+        if isinstance(error, BodyTimeout):
+            raise ApiError(408, str(error), code="request_timeout") from None
+        log.info("a request body could not be read: %s", error)
+        raise ApiError(400, f"The request body could not be read: {error}") from None
     if len(raw) > limit:
         raise too_large
     request.environ["pi_proxy.body_size"] = len(raw)
@@ -3439,6 +3596,39 @@ def create_app(proxy: Proxy) -> Flask:
             response = error_response(ApiError(503, "The proxy is shutting down; retry elsewhere or later", "api_error"))
             response.headers["Connection"] = "close"
             return response
+
+    @app.before_request
+    def guard_browsers():
+        """Host, Origin and content type (above); an allowed origin's CORS preflight is answered here,
+        before authentication (a preflight carries no credentials). /healthz does nothing to guard."""
+        if request.path == "/healthz":
+            return None
+        host, origin = request.headers.get("Host"), request.headers.get("Origin")
+        if host is not None and not host_allowed(host_name(host), proxy.config.host, proxy.config.allowed_hosts):
+            raise ApiError(403, f"This proxy does not answer to the host name {shown(host)}; if clients reach it "
+                                "by that name, add it to PI_PROXY_ALLOWED_HOSTS", "permission_error",
+                           code="host_not_allowed")
+        if origin is not None and not origin_allowed(origin, proxy.config.cors_origins):
+            raise ApiError(403, f"Web pages of {shown(origin)} may not use this proxy; to allow them, add the "
+                                "origin to PI_PROXY_CORS_ORIGINS", "permission_error", code="origin_not_allowed")
+        if origin is not None and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", ""),
+                "Access-Control-Max-Age": CORS_PREFLIGHT_MAX_AGE})
+        if request.method == "POST" and request.mimetype not in ("application/json", ""):
+            raise ApiError(415, "The request body must be JSON, sent with `Content-Type: application/json`",
+                           code="unsupported_content_type")
+        return None
+
+    @app.after_request
+    def allow_origin(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin_allowed(origin, proxy.config.cors_origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "Retry-After, x-request-id, request-id"
+            response.headers.add("Vary", "Origin")
+        return response
 
     @app.before_request
     def authenticate():
@@ -3734,8 +3924,86 @@ def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", gr
 # ==================================================================================================
 
 
+class TimedInput(Input):
+    """A request body read within a deadline: a body trickled byte by byte must not hold its
+    connection forever. Past it every read fails (BodyTimeout), the discarding of an unread rest too."""
+
+    __slots__ = ("timeout", "deadline")
+
+    def __init__(self, body: Input, timeout: float):
+        super().__init__(body.rfile, body.content_length, body.socket, body.chunked_input)
+        self.timeout, self.deadline = timeout, time.monotonic() + timeout
+
+    def read(self, length=None):
+        return self._within_deadline(super().read, length)
+
+    def readline(self, size=None):
+        return self._within_deadline(super().readline, size)
+
+    def _within_deadline(self, read, size):
+        if (self.chunk_length == 0) if self.chunked_input else self.position >= (self.content_length or 0):
+            return read(size)  # all read: b"" at once
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            with gevent.Timeout(left, False):
+                return read(size)
+        self.deadline = 0
+        raise BodyTimeout(f"The request body did not arrive within {self.timeout:g} s")
+
+
 class Handler(WSGIHandler):
-    """Hands the client socket to the app (to notice disconnects) and sends small frames at once."""
+    """Hands the client socket to the app (to notice disconnects), sends small frames at once, and
+    bounds every wait on the client (Config.client_*): for the next request on a kept-alive
+    connection, for a request's head, for its body (TimedInput), and for a client to read what is
+    written to it. Malformed requests are the client's fault: logged briefly, at INFO."""
+
+    requests_handled = 0
+
+    def handle_one_request(self):
+        config = self.server.config
+        first_byte = None
+        with gevent.Timeout(config.client_idle_timeout_s if self.requests_handled else config.client_header_timeout_s,
+                            False):
+            try:
+                first_byte = self.rfile.peek(1)[:1]
+            except OSError:
+                first_byte = b""
+        if not first_byte:  # closed, or idle too long
+            return None
+        self.requests_handled += 1
+        self._head_timer = gevent.Timeout(config.client_header_timeout_s)
+        self._head_timer.start()
+        try:
+            result = super().handle_one_request()
+        except gevent.Timeout as timeout:
+            if timeout is not self._head_timer:
+                raise
+            log.info("a client sent no complete request head within %g s; closing its connection",
+                     config.client_header_timeout_s)
+            return None
+        finally:
+            self._head_timer.cancel()
+        if isinstance(getattr(self, "wsgi_input", None), TimedInput) and not self.wsgi_input.deadline:
+            return None  # the rest of a late body is still on its way: the connection is unusable
+        return result
+
+    def _sendall(self, data):
+        stall = self.server.config.client_stall_timeout_s
+        timer = gevent.Timeout(stall)
+        timer.start()
+        try:
+            super()._sendall(data)
+        except gevent.Timeout as timeout:
+            if timeout is not timer:
+                raise
+            log.info("a client read nothing for %g s; ending its response", stall)
+            raise OSError(errno.EPIPE, "the client stopped reading") from None  # gevent's "client went away"
+        finally:
+            timer.cancel()
+
+    def _handle_client_error(self, error):
+        log.info("malformed request from %s: %s", self.client_address[0], shown(str(error) or type(error).__name__))
+        return "400", b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
     def handle(self):
         try:
@@ -3745,7 +4013,10 @@ class Handler(WSGIHandler):
         super().handle()
 
     def get_environ(self):
+        self._head_timer.cancel()
         environ = super().get_environ()
+        if environ["wsgi.input"] is self.wsgi_input:
+            self.wsgi_input = environ["wsgi.input"] = TimedInput(self.wsgi_input, self.server.config.client_body_timeout_s)
         environ["pi_proxy.socket"] = self.socket
         # gevent decodes chunked bodies itself; this tells Werkzeug to read one to its end
         # (capped by MAX_CONTENT_LENGTH) instead of treating it as empty.
@@ -3790,6 +4061,8 @@ def serve(config: Config, watching_stdin: bool = False):
     proxy = build_proxy(config)
     in_flight = InFlight(create_app(proxy))
     server = WSGIServer((config.host, config.port), in_flight, handler_class=Handler, log=None, error_log=log)
+    server.config = config  # the Handler's timeouts
+    raise_open_files_limit()
     try:
         server.init_socket()
     except OSError as error:  # the port is taken, the address is not this machine's: say so, no traceback
@@ -3806,6 +4079,9 @@ def serve(config: Config, watching_stdin: bool = False):
     if config.auth_token is None and not is_loopback(config.host):
         print(f"warning: listening on {config.host} without a token: anyone who can reach it spends your "
               "credentials. Set PI_PROXY_AUTH_TOKEN (or --auth-token).", flush=True)
+    if "*" in config.cors_origins:
+        print("warning: PI_PROXY_CORS_ORIGINS=*: every web page you visit can use this proxy"
+              + (" (it still needs the token)" if config.auth_token else ", with your credentials"), flush=True)
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
@@ -3814,6 +4090,15 @@ def serve(config: Config, watching_stdin: bool = False):
     server.start()
     stopping.wait()
     shut_down(server, in_flight, proxy.bridges, config.shutdown_grace_s)
+
+
+def raise_open_files_limit():
+    """Each connection holds a file descriptor and each bridge three: the usual soft limit of
+    1024 (or 256) would lock clients out long before memory runs short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def is_loopback(host: str) -> bool:

@@ -143,7 +143,7 @@ def test_stream_that_hangs_after_content_ends_with_error(proxy, fake):
 
 def open_raw_request(proxy, body: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", proxy.port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     return sock
 

@@ -7,6 +7,7 @@ and correct, the proxy's memory bounded, and no process or file descriptor left 
 Each test prints its figures (run pytest with -s to see them); README "Load and soak" records them.
 """
 
+import collections
 import json
 import os
 import statistics
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from proxy import default_max_bridges
 from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
 
@@ -41,6 +43,11 @@ def proc_rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def zombie(pid: int) -> bool:
+    """An exited child not reaped yet (it has no memory left to count)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def proc_fds(pid: int) -> int:
@@ -147,6 +154,33 @@ def sse_frames(response):
             data.append(line[6:])
 
 
+def run_concurrently(count: int, run, sample, every: float) -> float:
+    """run(i) for i in range(count), each in a thread of its own, while sample() is called every
+    `every` seconds (a process gone meanwhile is skipped); the seconds it all took."""
+    done = threading.Event()
+
+    def sampling():
+        while not done.is_set():
+            try:
+                sample()
+            except OSError:
+                pass
+            time.sleep(every)
+
+    sampler = threading.Thread(target=sampling)
+    sampler.start()
+    started = time.monotonic()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    elapsed = time.monotonic() - started
+    done.set()
+    sampler.join()
+    return elapsed
+
+
 def stream_one(url: str, family: int, timeout: float = 120) -> tuple[str, bool]:
     path, body, read = FAMILIES[family]
     with requests.post(f"{url}{path}", json=body, stream=True, timeout=timeout) as response:
@@ -164,17 +198,11 @@ def test_concurrent_slow_streams(load_proxy, fake):
     before = settled(load_proxy)
     results: list = [None] * CONCURRENT
     peak = {"rss": 0, "children": 0, "fds": 0}
-    done = threading.Event()
 
     def sample():
-        while not done.is_set():
-            try:
-                peak["rss"] = max(peak["rss"], proc_rss(load_proxy.proc.pid))
-                peak["fds"] = max(peak["fds"], proc_fds(load_proxy.proc.pid))
-                peak["children"] = max(peak["children"], len(children(load_proxy.proc.pid)))
-            except OSError:
-                pass
-            time.sleep(0.2)
+        peak["rss"] = max(peak["rss"], proc_rss(load_proxy.proc.pid))
+        peak["fds"] = max(peak["fds"], proc_fds(load_proxy.proc.pid))
+        peak["children"] = max(peak["children"], len(children(load_proxy.proc.pid)))
 
     def run(i):
         try:
@@ -182,17 +210,7 @@ def test_concurrent_slow_streams(load_proxy, fake):
         except Exception as error:  # noqa: BLE001 - reported below, with the others
             results[i] = (f"{type(error).__name__}: {error}", False)
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    started = time.monotonic()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(CONCURRENT)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    elapsed = time.monotonic() - started
-    done.set()
-    sampler.join()
+    elapsed = run_concurrently(CONCURRENT, run, sample, every=0.2)
     after = settled(load_proxy)
     print(f"\n{CONCURRENT} concurrent streams: {elapsed:.1f} s; proxy RSS {before['rss'] >> 20} MB -> "
           f"peak {peak['rss'] >> 20} MB -> {after['rss'] >> 20} MB; children {before['children']} -> "
@@ -276,5 +294,50 @@ def test_ten_minute_slow_stream(agent_dir, tmp_path_factory, fake):
         assert ended and streamed == text
         assert elapsed > 590, "the stream really was slow"
         assert proxy.wait_no_bridges(timeout=5)
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.skipif(not SOAK, reason="300 streams: `make soak` only")
+def test_300_concurrent_requests_under_the_default_bridge_limit(agent_dir, tmp_path_factory, fake):
+    """300 slow streams at once through a proxy with the default admission limits: never more
+    bridges serving than PI_PROXY_MAX_BRIDGES' default; every request either gets its whole reply or
+    is refused cleanly (429/529 overloaded); the memory of the proxy and all its node children stays
+    about that many bridges' worth."""
+    limit = default_max_bridges()
+    proxy = RunningProxy(agent_dir, tmp_path_factory.mktemp("admission") / "proxy.log",
+                         {"PI_PROXY_BRIDGE_POOL": str(POOL), "PI_PROXY_LOG_LEVEL": "INFO",
+                          "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000"})
+    try:
+        fake.reset()
+        fake.default = Reply(text=" ".join(f"w{j}" for j in range(20)), delay=0.15)
+        peak = {"total": 0, "serving": 0}
+
+        def sample():
+            pids = [proxy.proc.pid, *children(proxy.proc.pid)]
+            peak["total"] = max(peak["total"], sum(proc_rss(pid) for pid in pids if not zombie(pid)))
+            peak["serving"] = max(peak["serving"], len(proxy.bridges()))
+
+        def run(i):
+            path, body, read = FAMILIES[i % len(FAMILIES)]
+            try:
+                with requests.post(f"{proxy.url}{path}", json=body, stream=True, timeout=300) as response:
+                    if response.status_code in (429, 529):
+                        results[i] = ("refused", response.headers.get("retry-after") == "5"
+                                      and "overloaded" in response.text)
+                    else:
+                        results[i] = ("served", response.status_code == 200 and read(sse_frames(response))[1])
+            except Exception as error:  # noqa: BLE001 - reported below
+                results[i] = (f"{type(error).__name__}: {error}", False)
+
+        results: list = [None] * 300
+        elapsed = run_concurrently(300, run, sample, every=0.5)
+        outcomes = collections.Counter(kind for kind, _ in results)
+        print(f"\n300 concurrent streams, default limit {limit} bridges: {elapsed:.1f} s; {dict(outcomes)}; "
+              f"peak {peak['serving']} bridges serving; peak memory of the proxy and its children "
+              f"{peak['total'] / 2**30:.2f} GB")
+        assert all(ok for _, ok in results), [r for r in results if not r[1]][:3]
+        assert peak["serving"] <= limit
+        assert peak["total"] < (limit + POOL + 4) * 100 * 2**20
     finally:
         proxy.stop()
