@@ -94,6 +94,7 @@ log.addFilter(one_line)
 HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
 BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
+STATUS_PAGE = HERE / "status.html"  # GET / from a browser: reads /usage (section 13)
 
 
 # ==================================================================================================
@@ -3009,6 +3010,9 @@ class RequestRecord:
     def note_body(self, body):
         if isinstance(body, dict):
             model = body.get("model")
+            if isinstance(model, dict):  # pi's streamProxy names a model by provider and id
+                model = f"{model.get('provider')}/{model.get('id')}"
+            # repr's escapes: no newline or control character of a client's reaches a log line
             self.model = shown(model, 80)[1:-1] if isinstance(model, str) else None
             self.stream = self.endpoint == "api/stream" or body.get("stream") is True
 
@@ -3186,8 +3190,8 @@ def quota_lines(quota: dict) -> list:
         if figures == "unlimited" or figures is None:
             lines.append(f"  {label:17} {figures or 'not reported'}")
         else:
-            lines.append(f"  {label:17} {figures['remaining']:g} of {figures['entitlement']:g} left "
-                         f"({figures['percent_remaining']:.1f}%)")
+            lines.append(f"  {label:17} {figures['remaining'] or 0:g} of {figures['entitlement'] or 0:g} left "
+                         f"({figures['percent_remaining'] or 0:.1f}%)")
     return lines
 
 
@@ -3392,6 +3396,11 @@ def api_family(path: str) -> str:
     return "pi" if path == "/api/stream" else "openai"
 
 
+def wants_status_page() -> bool:
+    """A browser asking for / (its Accept names text/html); other clients get the JSON probe answer."""
+    return request.path == "/" and request.method == "GET" and "text/html" in request.headers.get("Accept", "")
+
+
 def error_response(error: ApiError) -> Response:
     error.request_id = request.environ.get("pi_proxy.request_id")
     record = request.environ.get("pi_proxy.record")
@@ -3488,7 +3497,9 @@ def read_request(config: Config, check, messages: str, tools: str) -> dict:
     """The request's JSON body: parsed, within the caps, then checked (validated) by `check`.
     `messages` and `tools` are where this API keeps its messages and its tools."""
     body = off_loop(parse_body, read_body(config.max_body_size))
-    request.environ["pi_proxy.record"].note_body(body)
+    record = request.environ.get("pi_proxy.record")
+    if record is not None:
+        record.note_body(body)
     return off_loop(checked_body, body, config, check, messages, tools)
 
 
@@ -3632,8 +3643,8 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.before_request
     def authenticate():
-        if proxy.config.auth_token is None or request.path == "/healthz":
-            return
+        if proxy.config.auth_token is None or request.path == "/healthz" or wants_status_page():
+            return  # the page has no figures of its own: it asks for the token, then reads /usage
         bearer = request.headers.get("Authorization", "")
         supplied = request.headers.get("x-api-key") or (bearer[7:] if bearer[:7].lower() == "bearer " else "")
         if not hmac.compare_digest(supplied.encode(), proxy.config.auth_token.encode()):
@@ -3750,7 +3761,11 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.route("/", methods=["GET", "HEAD"])
     def root():
-        return {"status": "ok", "service": "pi-proxy"}
+        if wants_status_page():
+            return Response(STATUS_PAGE.read_bytes(), mimetype="text/html",
+                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                                "style-src 'unsafe-inline'; img-src 'self' data:"})
+        return {"status": "ok", "service": "pi-proxy"}  # Claude Code probes HEAD and GET /
 
     @app.post("/api/event_logging/batch")
     def event_logging():
