@@ -4073,6 +4073,9 @@ def watch_stdin(stopping: gevent.event.Event):
 
 
 def serve(config: Config, watching_stdin: bool = False):
+    # A worker thread (off_loop) holds the GIL until the loop has waited this long for it, at
+    # each of the loop's many returns from I/O: Python's default, 5 ms, adds up to stalls.
+    sys.setswitchinterval(0.0005)
     proxy = build_proxy(config)
     in_flight = InFlight(create_app(proxy))
     server = WSGIServer((config.host, config.port), in_flight, handler_class=Handler, log=None, error_log=log)
