@@ -158,3 +158,14 @@ def test_usage_totals_models_minutes_and_the_last_100_records(watched, fake):
     assert sum(minute["requests"] for minute in usage["minutes"]) == usage["totals"]["requests"]
     assert len(usage["recent"]) == 100 and usage["recent"][-1]["endpoint"] == "count_tokens"
     assert SPOKEN not in json.dumps(usage)
+
+
+def test_a_pi_stream_is_logged_with_its_provider_and_id(watched, fake):
+    body = {"model": {"provider": "fake-chat", "id": "chat-model"}, "options": {},
+            "context": {"messages": [{"role": "user", "content": SPOKEN, "timestamp": 0}]}}
+    response = requests.post(f"{watched.url}/api/stream", json=body, headers={"Authorization": f"Bearer {TOKEN}"},
+                             timeout=30)
+    assert response.status_code == 200
+    record = record_of(watched, response.headers["x-request-id"])
+    assert (record["endpoint"], record["model"], record["resolved"], record["stream"], record["outcome"]) == (
+        "api/stream", "fake-chat/chat-model", "fake-chat/chat-model", True, "stop")
