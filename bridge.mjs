@@ -12,11 +12,13 @@
 //         -> {"type":"catalog","providers":[{"id","envKey","models":[Model...]}]}
 //            envKey: the environment variable pi-ai would take this provider's key from
 //            (null when none is set; "<authenticated>" for ambient cloud credentials).
-//     {"op":"stream","model":Model,"context":Context,"options":{...},"payload":{...}}
+//     {"op":"stream","model":Model,"context":Context,"options":{...},"payload":{...},"clientHeaders"?:{...}}
 //         options: pi-ai SimpleStreamOptions (apiKey, headers, temperature, maxTokens, reasoning,
 //         thinkingBudgets, sessionId, cacheRetention, metadata, timeoutMs, maxRetryDelayMs).
 //         payload: fields merged into the upstream request body (pi-ai's onPayload), already in
 //         the upstream API's own vocabulary; object values merge one level deep, null deletes.
+//         clientHeaders: a streamProxy client's own headers, added to each upstream request that
+//         does not carry that header already: they never replace one pi-ai or the proxy set.
 //         -> pi-ai's events without `partial`:
 //            {"type":"start"}
 //            {"type":"text_start|thinking_start","contentIndex":i,"contentSignature"?:s}
@@ -126,13 +128,14 @@ function catalog() {
 
 // The SDKs inside pi-ai throw on an HTTP error before pi-ai's onResponse runs, and pi-ai reports
 // only a message string. Watching fetch keeps the upstream's real status and retry-after.
-function watchFetch(sniffStopSequence, sniffIncomplete) {
+function watchFetch(sniffStopSequence, sniffIncomplete, clientHeaders) {
   const redirects = Object.entries(JSON.parse(process.env.PI_PROXY_TEST_REDIRECTS || "{}"));
   const fetchUpstream = globalThis.fetch;
   globalThis.fetch = async (resource, init) => {
     const url = String(resource instanceof Request ? resource.url : resource);
     const redirect = redirects.find(([origin]) => url.startsWith(origin));
     if (redirect) resource = redirect[1] + url.slice(redirect[0].length);
+    if (clientHeaders) init = withClientHeaders(resource, init, clientHeaders);
     const response = await fetchUpstream(resource, init);
     upstream.status = response.status;
     upstream.retryAfter = response.headers.get("retry-after") ?? undefined;
@@ -140,6 +143,12 @@ function watchFetch(sniffStopSequence, sniffIncomplete) {
     if (sniffStopSequence) return withStopSequenceSniffer(response);
     return sniffIncomplete ? withIncompleteSniffer(response) : response;
   };
+}
+
+function withClientHeaders(resource, init, clientHeaders) {
+  const headers = new Headers(init?.headers ?? (resource instanceof Request ? resource.headers : undefined));
+  for (const [name, value] of Object.entries(clientHeaders)) if (!headers.has(name)) headers.set(name, value);
+  return { ...init, headers };
 }
 
 // pi-ai 0.73.1 reads the Responses API's usage and stop reason only from `response.completed`; a
@@ -266,8 +275,8 @@ function errorEvent(reason, message, model) {
   return event;
 }
 
-async function stream({ model, context, options, payload }) {
-  watchFetch(Boolean(payload?.stop_sequences), model.api.endsWith("-responses"));
+async function stream({ model, context, options, payload, clientHeaders }) {
+  watchFetch(Boolean(payload?.stop_sequences), model.api.endsWith("-responses"), clientHeaders);
   const events = streamSimple(model, context, {
     ...options,
     signal: abort.signal,

@@ -38,6 +38,7 @@ import base64
 import binascii
 import collections
 import errno
+import functools
 import hmac
 import ipaddress
 import itertools
@@ -60,6 +61,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +86,19 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import ClosingIterator
 
 log = logging.getLogger("pi-proxy")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(record: logging.LogRecord) -> bool:
+    """Every message logged here stays one line: control characters a client put into the names
+    and values logged are escaped, so no client can forge log lines. Tracebacks keep their lines."""
+    message = record.getMessage()
+    if _CONTROL.search(message):
+        record.msg, record.args = _CONTROL.sub(lambda found: repr(found.group())[1:-1], message), ()
+    return True
+
+
+log.addFilter(one_line)
 HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
 BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
@@ -122,10 +137,16 @@ class Config:
     bridge_pool: int = 2
     bridge_warm_up: bool = True  # pooled bridges run each API's request path once before their request
     shutdown_grace_s: float = 8.0  # under `docker stop`'s 10 s before its SIGKILL
+    # What one request may ask of the proxy (checked before schema validation: section 13)
+    max_depth: int = 64  # nesting of arrays and objects in a request body
+    max_messages: int = 100_000  # messages (Responses: input items) in one request
+    max_tools: int = 5_000  # tools declared in one request
+    max_json_values: int = 5_000_000  # values (array members and object fields) in one request body
     remote_images: bool = False  # fetch images given by http(s) URL (section 12)
-    remote_image_max_bytes: int = 20_000_000
-    remote_image_timeout: float = 10.0  # seconds for the whole fetch, redirects included
-    test_image_port: int | None = None  # tests only: 127.0.0.1 on this port passes the address check
+    remote_image_max_bytes: int = 20_000_000  # per image, decompressed
+    remote_image_max_count: int = 16  # images given by URL in one request
+    remote_image_max_total_bytes: int = 50_000_000  # all of one request's fetched images, decompressed
+    remote_image_timeout: float = 10.0  # seconds for all of one request's fetches, redirects included
     test_redirects: dict = field(default_factory=dict)  # tests only: {"https://origin": "http://127.0.0.1:port"}
     max_bridges: int = field(default_factory=default_max_bridges)  # bridges serving requests at once
     queue_size: int | None = None  # requests waiting for a bridge; None: 4 x max_bridges
@@ -175,10 +196,16 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         bridge_pool=int(environ.get("PI_PROXY_BRIDGE_POOL", defaults.bridge_pool)),
         bridge_warm_up=environ.get("PI_PROXY_BRIDGE_WARM_UP", "1") != "0",
         shutdown_grace_s=float(environ.get("PI_PROXY_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s)),
+        max_depth=int(environ.get("PI_PROXY_MAX_DEPTH", defaults.max_depth)),
+        max_messages=int(environ.get("PI_PROXY_MAX_MESSAGES", defaults.max_messages)),
+        max_tools=int(environ.get("PI_PROXY_MAX_TOOLS", defaults.max_tools)),
+        max_json_values=int(environ.get("PI_PROXY_MAX_JSON_VALUES", defaults.max_json_values)),
         remote_images=environ.get("PI_PROXY_REMOTE_IMAGES", "") == "1",
         remote_image_max_bytes=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_BYTES", defaults.remote_image_max_bytes)),
+        remote_image_max_count=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_COUNT", defaults.remote_image_max_count)),
+        remote_image_max_total_bytes=int(environ.get("PI_PROXY_REMOTE_IMAGE_MAX_TOTAL_BYTES",
+                                                     defaults.remote_image_max_total_bytes)),
         remote_image_timeout=float(environ.get("PI_PROXY_REMOTE_IMAGE_TIMEOUT", defaults.remote_image_timeout)),
-        test_image_port=int(environ["PI_PROXY_TEST_IMAGE_PORT"]) if environ.get("PI_PROXY_TEST_IMAGE_PORT") else None,
         max_bridges=int(environ.get("PI_PROXY_MAX_BRIDGES") or defaults.max_bridges),
         queue_size=int(environ["PI_PROXY_QUEUE_SIZE"]) if environ.get("PI_PROXY_QUEUE_SIZE") else None,
         queue_timeout_s=float(environ.get("PI_PROXY_QUEUE_TIMEOUT_S", defaults.queue_timeout_s)),
@@ -214,9 +241,10 @@ def parse_jsonc(text: str):
 
 
 _command_outputs: dict[str, str | None] = {}
+COMMAND_TIMEOUT = 10.0  # seconds a `!command` may take
 
 
-def resolve_config_value(value: str, cached: bool = True) -> str | None:
+def resolve_config_value(value: str, cached: bool = True, timeout: float = COMMAND_TIMEOUT) -> str | None:
     """pi's rule for keys and header values: `!cmd` runs cmd through the shell (its trimmed
     output; None if it fails), an environment variable's name gives its value, anything else is
     the literal. pi caches command output for auth.json keys but not for models.json values."""
@@ -224,14 +252,30 @@ def resolve_config_value(value: str, cached: bool = True) -> str | None:
         return os.environ.get(value) or value
     if cached and value in _command_outputs:
         return _command_outputs[value]
-    try:
-        result = subprocess.run(value[1:], shell=True, capture_output=True, text=True, timeout=10)
-        output = result.stdout.strip() if result.returncode == 0 else ""
-    except subprocess.TimeoutExpired:
-        output = ""
+    output = run_command(value[1:], timeout)
     if cached:
         _command_outputs[value] = output or None
     return output or None
+
+
+def run_command(command: str, timeout: float) -> str:
+    """A config command's trimmed output ("" if it fails). It runs in a process group of its own,
+    killed whole when it is done or out of time: nothing it started outlives it. Past `timeout`
+    the request that needed it fails (ApiError 503), saying so; the command is not shown."""
+    process = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ApiError(503, f"A `!command` in pi's configuration (a key or header value) did not finish within "
+                            f"{timeout:g} s and was stopped", "api_error") from None
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.communicate()
+    return output.strip() if process.returncode == 0 else ""
 
 
 class AuthFile:
@@ -300,6 +344,28 @@ class AuthFile:
         with os.fdopen(descriptor, "w") as file:
             json.dump(entries, file, indent=2)
         os.replace(temporary, self.path)
+
+
+ENVELOPE_KEY_FILE = "pi-proxy-envelope.key"
+
+
+def envelope_key(agent_dir: Path) -> bytes:
+    """This installation's secret for the envelopes the proxy mints (seal_reasoning): made on
+    first use, mode 0600, beside auth.json; every proxy sharing the agent dir shares it."""
+    path = agent_dir / ENVELOPE_KEY_FILE
+    if not path.exists():
+        agent_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(os.urandom(32).hex() + "\n")
+        try:
+            os.link(temporary, path)  # the first proxy's key wins; a key in use is never replaced
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temporary)
+    return path.read_bytes().strip()
 
 
 COPILOT = "github-copilot"
@@ -582,6 +648,72 @@ def bridge_script() -> Path:
     return BRIDGE_SCRIPT
 
 
+# The C JSON parser and serialiser hold the GIL for a whole document: in a worker thread (see
+# off_loop) a big one would still stall the loop for its whole length. These take the outer
+# arrays and objects apart and hand their members to the C code one by one, so the thread can
+# be preempted between them.
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_VALUE = json.JSONDecoder().raw_decode
+_CHUNKED_LEVELS = 4  # request -> context -> messages -> message: one message per C call
+
+
+def parse_json(text: str):
+    """json.loads(text), in chunks."""
+    value, end = _parse_chunked(text, _JSON_SPACE.match(text).end(), _CHUNKED_LEVELS)
+    if _JSON_SPACE.match(text, end).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
+def _parse_chunked(text: str, index: int, levels: int):
+    opening = text[index:index + 1]
+    if levels == 0 or opening not in ("[", "{"):
+        return _JSON_VALUE(text, index)
+    closing, members = ("]", []) if opening == "[" else ("}", {})
+    index = _JSON_SPACE.match(text, index + 1).end()
+    if text[index:index + 1] == closing:
+        return members, index + 1
+    while True:
+        if opening == "{":
+            key, index = _JSON_VALUE(text, index)
+            index = _JSON_SPACE.match(text, index).end()
+            if not isinstance(key, str) or text[index:index + 1] != ":":
+                raise json.JSONDecodeError("Expecting a property name and ':'", text, index)
+            index = _JSON_SPACE.match(text, index + 1).end()
+        value, index = _parse_chunked(text, index, levels - 1)
+        if opening == "{":
+            members[key] = value
+        else:
+            members.append(value)
+        index = _JSON_SPACE.match(text, index).end()
+        separator = text[index:index + 1]
+        if separator == closing:
+            return members, index + 1
+        if separator != ",":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
+        index = _JSON_SPACE.match(text, index + 1).end()
+
+
+def json_text(value, levels: int = _CHUNKED_LEVELS) -> str:
+    """json.dumps(value, allow_nan=False), in chunks."""
+    if levels and isinstance(value, dict):
+        return "{" + ",".join(json.dumps(str(key)) + ":" + json_text(member, levels - 1)
+                              for key, member in value.items()) + "}"
+    if levels and isinstance(value, list):
+        return "[" + ",".join(json_text(member, levels - 1) for member in value) + "]"
+    return json.dumps(value, allow_nan=False)
+
+
+def bridge_line(bridge_request: dict) -> bytes:
+    """A bridge's request line. Made before a bridge is taken, so that input the bridge could not
+    read is the client's 400, not a bridge taken and lost."""
+    try:
+        return json_text(bridge_request).encode() + b"\n"
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The request holds values that cannot be forwarded (NaN, Infinity, or nesting "
+                            "too deep)", code="invalid_value") from None
+
+
 class BridgeGone(Exception):
     """The bridge was stopped, or closed its relay connection: its upstream request must stop."""
 
@@ -614,9 +746,10 @@ class Bridge:
         self._reaper = None
         self.stopped_because = None  # why the proxy ended it, told to its client instead of the exit status
 
-    def send(self, request: dict):
+    def send(self, line: bytes):
+        """Give the bridge its request (bridge_line)."""
         try:
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.write(line)
             self.proc.stdin.flush()
         except OSError:
             pass  # the process died at once; events() reports it
@@ -745,7 +878,7 @@ def watch_peer(peer: socket.socket, on_gone):
 def refresh_oauth(bridge: Bridge, provider: str, credentials: dict) -> dict:
     """Fresh OAuth credentials from pi-ai's refreshToken (for Copilot: a GitHub token -> a Copilot
     token), asked of a pooled bridge: it is loaded, and its HTTP goes through the relay."""
-    bridge.send({"op": "refresh", "provider": provider, "credentials": credentials})
+    bridge.send(bridge_line({"op": "refresh", "provider": provider, "credentials": credentials}))
     try:
         *_, final = bridge.events(60)
     finally:
@@ -1344,6 +1477,22 @@ def validate(body, validator: Draft202012Validator) -> dict:
     return body
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_NOT_IN_HEADER_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+
+
+def check_header(name: str | None, value: str, param: str):
+    """A client's value that pi-ai sends as an HTTP header (session ids, streamProxy's headers):
+    one the upstream's HTTP client would refuse (control characters such as CR/LF, characters
+    past U+00FF) is the client's 400, not a failed upstream call."""
+    if name is not None and not _HEADER_NAME.match(name):
+        raise ApiError(400, f"{param}: {shown(name)} is not a valid HTTP header name", param=param,
+                       code="invalid_value")
+    if _NOT_IN_HEADER_VALUE.search(value):
+        raise ApiError(400, f"{param} goes to the upstream as an HTTP header: it may not hold control characters "
+                            "or characters past U+00FF", param=param, code="invalid_value")
+
+
 def reject_unsupported(body: dict):
     """Features pi-ai cannot honour are refused by name rather than silently ignored."""
     if body.get("n", 1) != 1:
@@ -1651,6 +1800,58 @@ class ChatChunks:
 # 9. Anthropic messages
 # ==================================================================================================
 
+# Envelopes: what the proxy hands out that pi-ai would forward as it is (sections 9 and 10).
+_REASONING_ENVELOPE = "pi-proxy.2:"  # .1 envelopes carried no MAC: they read as foreign now
+
+
+def seal_reasoning(model_id: str, signature: str, key: bytes) -> str:
+    """A reasoning item's `encrypted_content`: pi-ai's signature for the thinking block (Anthropic's
+    signature; the whole upstream reasoning item for openai-responses) and the model it is valid
+    for, with a MAC under this installation's envelope key (envelope_key): pi-ai forwards what is
+    inside as is, so only what this proxy minted may come back in."""
+    payload = json.dumps({"model": model_id, "signature": signature}, separators=(",", ":"))
+    sealed = _REASONING_ENVELOPE + base64.urlsafe_b64encode(payload.encode()).decode()
+    return sealed + "." + _envelope_mac(sealed, key)
+
+
+def _envelope_mac(sealed: str, key: bytes) -> str:
+    return base64.urlsafe_b64encode(hmac.digest(key, sealed.encode(), "sha256")).decode().rstrip("=")
+
+
+def open_reasoning(sealed: str | None, model: dict, key: bytes) -> str | None:
+    """The signature in a reasoning item, if this proxy's installation made it for this model;
+    None otherwise (foreign, forged or altered)."""
+    if not sealed or not sealed.startswith(_REASONING_ENVELOPE) or "." not in sealed:
+        return None
+    sealed, mac = sealed.rsplit(".", 1)
+    if not hmac.compare_digest(mac.encode(), _envelope_mac(sealed, key).encode()):
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(sealed[len(_REASONING_ENVELOPE):]))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model):
+        return None
+    return payload.get("signature") or None
+
+
+def signature_out(model: dict, signature: str | None, key: bytes) -> str:
+    """A thinking signature as a Messages client gets it: Anthropic's own as it is (Anthropic
+    checks it when it comes back); any other API's, which pi-ai forwards as it is (for
+    openai-responses, whole raw items), sealed like a Responses reasoning item."""
+    if not signature or model["api"] == "anthropic-messages":
+        return signature or ""
+    return seal_reasoning(canonical_id(model), signature, key)
+
+
+def signature_in(model: dict, signature: str | None, key: bytes) -> str | None:
+    """A thinking signature from a Messages client as pi-ai gets it (see signature_out); None when
+    this installation did not make it for this model."""
+    if not signature or model["api"] == "anthropic-messages":
+        return signature or None
+    return open_reasoning(signature, model, key)
+
+
 _A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
 _A_IMAGE = {
     "required": ["source"],
@@ -1779,7 +1980,7 @@ def anthropic_user_content(blocks: list, param: str) -> list:
     return content
 
 
-def anthropic_to_context(body: dict, model: dict) -> dict:
+def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
     """An Anthropic Messages request -> a pi-ai Context. Tool results in a user turn become pi
     toolResult messages (ahead of the turn's other content); `role: "system"` messages are folded
     into the system prompt; assistant turns are stamped with the target model."""
@@ -1797,10 +1998,12 @@ def anthropic_to_context(body: dict, model: dict) -> dict:
                     content.append({"type": "text", "text": block["text"]})
                 elif kind == "thinking":
                     content.append({"type": "thinking", "thinking": block["thinking"],
-                                    "thinkingSignature": block.get("signature") or None})
+                                    "thinkingSignature": signature_in(model, block.get("signature"), key)})
                 elif kind == "redacted_thinking":
-                    content.append({"type": "thinking", "thinking": "", "thinkingSignature": block["data"],
-                                    "redacted": True})
+                    signature = signature_in(model, block["data"], key)
+                    if signature:
+                        content.append({"type": "thinking", "thinking": "", "thinkingSignature": signature,
+                                        "redacted": True})
                 elif kind == "tool_use":
                     call_id = pi_tool_id(block["id"])
                     tool_names[call_id] = block["name"]
@@ -1904,23 +2107,23 @@ def anthropic_usage(usage: dict) -> dict:
             "cache_creation_input_tokens": usage.get("cacheWrite", 0)}
 
 
-def anthropic_block(block: dict) -> dict:
+def anthropic_block(block: dict, seal) -> dict:
     if block["type"] == "text":
         return {"type": "text", "text": block["text"]}
     if block["type"] == "thinking":
         if block.get("redacted"):
-            return {"type": "redacted_thinking", "data": block.get("thinkingSignature") or ""}
-        return {"type": "thinking", "thinking": block["thinking"], "signature": block.get("thinkingSignature") or ""}
+            return {"type": "redacted_thinking", "data": seal(block.get("thinkingSignature"))}
+        return {"type": "thinking", "thinking": block["thinking"], "signature": seal(block.get("thinkingSignature"))}
     return {"type": "tool_use", "id": client_tool_id(block["id"]), "name": block["name"],
             "input": block.get("arguments") or {}}
 
 
-def anthropic_message(done: dict, message_id: str, model_name: str) -> dict:
+def anthropic_message(done: dict, message_id: str, model_name: str, seal) -> dict:
     """A bridge `done` event -> an Anthropic `message` object."""
     message = done["message"]
     return {
         "id": message_id, "type": "message", "role": "assistant", "model": model_name,
-        "content": [anthropic_block(b) for b in message.get("content", [])],
+        "content": [anthropic_block(b, seal) for b in message.get("content", [])],
         **anthropic_stop(done), "usage": anthropic_usage(message.get("usage", {})),
     }
 
@@ -1934,8 +2137,9 @@ class AnthropicEvents:
     block is never reopened (its id must stay unique), so text or thinking arriving while one is
     open is held back until it closes."""
 
-    def __init__(self, message_id: str, model_name: str, input_estimate: int):
+    def __init__(self, message_id: str, model_name: str, input_estimate: int, seal):
         self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
+        self.seal = seal  # signature -> what the client gets (signature_out)
         self.open = None  # (pi contentIndex, kind) of the block now open
         self.index = -1  # the Anthropic index of the last block started
         self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
@@ -1971,7 +2175,8 @@ class AnthropicEvents:
         if kind == "thinking_end" and event.get("contentSignature") and self.open == (index, "thinking"):
             # Only openai-completions ends a thinking block after later ones began; its
             # "signature" is a field name, not worth a block of its own.
-            return [self.delta({"type": "signature_delta", "signature": event["contentSignature"]}), *self.close()]
+            return [self.delta({"type": "signature_delta", "signature": self.seal(event["contentSignature"])}),
+                    *self.close()]
         if kind == "toolcall_end" and index not in self.streamed_arguments:
             arguments = json.dumps(event["toolCall"].get("arguments") or {})
             return [*self.ensure_open(index, "tool_use"),
@@ -2301,30 +2506,7 @@ def loose_text(item: dict) -> str:
     return ""
 
 
-_REASONING_ENVELOPE = "pi-proxy.1:"
-
-
-def seal_reasoning(model_id: str, signature: str) -> str:
-    """A reasoning item's `encrypted_content`: pi-ai's signature for the thinking block (Anthropic's
-    signature; the whole upstream reasoning item for openai-responses) and the model it is valid for."""
-    payload = json.dumps({"model": model_id, "signature": signature}, separators=(",", ":"))
-    return _REASONING_ENVELOPE + base64.urlsafe_b64encode(payload.encode()).decode()
-
-
-def open_reasoning(sealed: str | None, model: dict) -> str | None:
-    """The signature in a reasoning item, if the proxy made it for this model; None otherwise."""
-    if not sealed or not sealed.startswith(_REASONING_ENVELOPE):
-        return None
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(sealed[len(_REASONING_ENVELOPE):]))
-    except (ValueError, binascii.Error):
-        return None
-    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model):
-        return None
-    return payload.get("signature") or None
-
-
-def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict) -> dict:
+def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
     """A Responses request -> a pi-ai Context. `instructions` and system/developer messages become
     the system prompt; consecutive output items (reasoning, assistant messages, tool calls) form one
     assistant turn, stamped with the target model; reasoning items are kept only when they were
@@ -2346,7 +2528,7 @@ def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict) -
         elif role == "assistant":
             turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
         elif kind == "reasoning":
-            signature = open_reasoning(item.get("encrypted_content"), model)
+            signature = open_reasoning(item.get("encrypted_content"), model, key)
             if signature is None:
                 log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(model))
                 continue
@@ -2431,6 +2613,7 @@ def responses_as_chat(body: dict, tools: dict) -> dict:
 def responses_options(body: dict, chat: dict) -> dict:
     options = chat_options(chat)
     if body.get("prompt_cache_key"):
+        check_header(None, body["prompt_cache_key"], "prompt_cache_key")
         options["sessionId"] = body["prompt_cache_key"]
     return options
 
@@ -2491,12 +2674,12 @@ class ResponsesEvents:
     an item is finished as soon as another block needs the stream, and a later delta for it opens
     a new item. The terminal event's response lists every finished item."""
 
-    def __init__(self, response: dict, model_id: str, tools: dict):
-        self.response, self.model_id, self.tools = response, model_id, tools
+    def __init__(self, response: dict, model_id: str, tools: dict, key: bytes):
+        self.response, self.model_id, self.tools, self.key = response, model_id, tools, key
         self.sequence = 0
         self.output = []  # finished items
         self.open = None  # (pi contentIndex, item kind, item) now streaming
-        self.text = ""  # the open item's text, summary or arguments so far
+        self.text = []  # the open item's text, summary or arguments so far, in pieces (joined once)
         self.calls = {}  # pi contentIndex -> (call id, pi tool name)
         self.signatures = {}  # pi contentIndex -> a thinking block's signature, known at its start
 
@@ -2522,7 +2705,7 @@ class ResponsesEvents:
             return [*self.ensure_open(index, "reasoning"), *self.summary_delta(event["delta"])]
         if kind == "toolcall_delta" and event["delta"]:
             frames = self.ensure_open(index, "tool")
-            self.text += event["delta"]
+            self.text.append(event["delta"])
             if self.open[2]["type"] == "function_call":
                 frames.append(self.event("response.function_call_arguments.delta", item_id=self.open[2]["id"],
                                          output_index=len(self.output), delta=event["delta"]))
@@ -2576,7 +2759,7 @@ class ResponsesEvents:
                 else {"type": "function_call", "arguments": ""}
             if tool.namespace:
                 item["namespace"] = tool.namespace
-        self.open, self.text = (index, kind, item), ""
+        self.open, self.text = (index, kind, item), []
         frames.append(self.event("response.output_item.added", output_index=len(self.output), item=dict(item)))
         if item["type"] == "message":
             frames.append(self.event("response.content_part.added", item_id=item["id"], output_index=len(self.output),
@@ -2584,17 +2767,17 @@ class ResponsesEvents:
         return frames
 
     def delta(self, type_: str, delta: str) -> dict:
-        self.text += delta
+        self.text.append(delta)
         return self.event(type_, item_id=self.open[2]["id"], output_index=len(self.output), content_index=0,
                           delta=delta, logprobs=[])
 
     def summary_delta(self, delta: str) -> list:
         item_id, frames = self.open[2]["id"], []
-        if not self.text:
+        if not any(self.text):
             frames.append(self.event("response.reasoning_summary_part.added", item_id=item_id,
                                      output_index=len(self.output), summary_index=0,
                                      part={"type": "summary_text", "text": ""}))
-        self.text += delta
+        self.text.append(delta)
         frames.append(self.event("response.reasoning_summary_text.delta", item_id=item_id,
                                  output_index=len(self.output), summary_index=0, delta=delta))
         return frames
@@ -2607,7 +2790,7 @@ class ResponsesEvents:
         """Close the open item: its closing events and output_item.done."""
         if self.open is None:
             return []
-        (index, _, item), text, where = self.open, self.text, {"output_index": len(self.output)}
+        (index, _, item), text, where = self.open, "".join(self.text), {"output_index": len(self.output)}
         self.open, where["item_id"] = None, item["id"]
         frames = []
         if item["type"] == "message":
@@ -2622,7 +2805,7 @@ class ResponsesEvents:
                            self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)]
             signature = signature or self.signatures.get(index)
             if signature:
-                item["encrypted_content"] = seal_reasoning(self.model_id, signature)
+                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key)
         else:
             if not text:  # a call delivered whole: its arguments still have to reach the client
                 text = json.dumps(arguments or {})
@@ -2721,9 +2904,12 @@ PI_STREAM_VALIDATOR = Draft202012Validator({
 })
 PI_STREAM_OPTIONS = ("temperature", "maxTokens", "reasoning", "thinkingBudgets", "cacheRetention", "sessionId",
                      "metadata", "maxRetryDelayMs")
-# Headers that carry credentials in some provider's requests: a client may never set them.
+# Headers a client may never set: those that carry credentials in some provider's requests, and
+# those that frame the request or concern one connection (the upstream's HTTP client sets them).
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
                                 "cf-aig-authorization", "chatgpt-account-id", "cookie"})
+FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "content-encoding", "connection",
+                             "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect"})
 
 
 def pi_stream_body(body) -> dict:
@@ -2738,18 +2924,23 @@ def pi_stream_options(options: dict) -> dict:
     ignored = sorted(set(options) - set(PI_STREAM_OPTIONS) - {"headers"})
     if ignored:
         log.debug("ignoring streamProxy options: %s", ", ".join(ignored))
+    if "sessionId" in options:
+        check_header(None, options["sessionId"], "options.sessionId")
+    for name, value in (options.get("headers") or {}).items():
+        check_header(name, value, f"options.headers.{name}")
     return {name: options[name] for name in PI_STREAM_OPTIONS if name in options}
 
 
-def addable_headers(requested: dict, server_headers) -> dict:
-    """A client's extra headers, minus those that would replace a credential or a header the server
-    sets (names compare case-insensitively). Values stay literal: unlike models.json values they
-    are never resolved as environment variable names or `!commands`."""
-    taken = CREDENTIAL_HEADERS | {name.lower() for name in server_headers}
-    dropped = sorted(name for name in requested if name.lower() in taken)
+def addable_headers(requested: dict) -> dict:
+    """A client's extra headers, minus credential and framing headers (names compare
+    case-insensitively). The bridge adds them to each upstream request only where pi-ai and the
+    proxy set no header of that name, so they never replace one. Values stay literal: unlike
+    models.json values they are never resolved as environment variable names or `!commands`."""
+    forbidden = CREDENTIAL_HEADERS | FRAMING_HEADERS
+    dropped = sorted(name for name in requested if name.lower() in forbidden)
     if dropped:
         log.info("a client may not set these headers; dropped: %s", ", ".join(dropped))
-    return {name: value for name, value in requested.items() if name.lower() not in taken}
+    return {name: value for name, value in requested.items() if name.lower() not in forbidden}
 
 
 def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
@@ -2813,14 +3004,26 @@ class PiStreamEvents:
 # An image given by http(s) URL is fetched here, only with PI_PROXY_REMOTE_IMAGES=1: the proxy may
 # sit inside a network the client cannot see, so every address a host name resolves to (at every
 # redirect hop) must be public, and the connection goes to the very address that was checked.
+# A request's images are fetched at once, under one deadline and one byte budget (decompressed);
+# what went wrong is told as "refused" (the proxy's own rules) or "failed", never what another
+# host answered or what a name resolves to (the operator's log at INFO has the details).
 
 REMOTE_IMAGE_REDIRECTS = 3
 REMOTE_IMAGE_CONNECT_TIMEOUT = 3.0  # seconds, within the whole fetch's time cap
 _REDIRECTS = (301, 302, 303, 307, 308)
+_INFLATED = {"gzip": 47, "x-gzip": 47, "deflate": 47}  # zlib wbits: gzip or zlib header, found out
 
 
 class RemoteImageRefused(Exception):
     """Why a remote image was not used; fetch_remote_images turns it into a 400 naming the field."""
+
+
+class ImageFailed(RemoteImageRefused):
+    """The fetch failed on the other side; the details go to the log, not to the client."""
+
+    def __init__(self, detail: str):
+        super().__init__("fetching it failed")
+        self.detail = detail
 
 
 def image_type(data: bytes) -> str | None:
@@ -2848,19 +3051,23 @@ def address_refusal(address: str) -> str | None:
     return kind and f"{address} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
 
 
-def checked_addresses(host: str, port: int, test_port: int | None, resolve=socket.getaddrinfo) -> list:
-    """The addresses `host` resolves to, if every one of them is allowed."""
+def checked_addresses(host: str, port: int, resolve=socket.getaddrinfo) -> list:
+    """The addresses `host` resolves to, if every one of them is allowed. A refusal names an
+    address only when the URL itself gave it."""
     try:
         infos = resolve(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise RemoteImageRefused(f"{host} does not resolve") from None
+        raise ImageFailed(f"{host} does not resolve") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for address in addresses:
         refusal = address_refusal(address)
-        if refusal and not (address == "127.0.0.1" and port == test_port):
-            raise RemoteImageRefused(f"refused: {refusal}" + (f" ({host} resolves to it)" if host != address else ""))
+        if refusal and host == address:
+            raise RemoteImageRefused(f"refused: {refusal}")
+        if refusal:
+            log.info("remote image refused: %s resolves to %s", host, address)
+            raise RemoteImageRefused(f"refused: {host} resolves to a non-public address")
     if not addresses:
-        raise RemoteImageRefused(f"{host} does not resolve")
+        raise ImageFailed(f"{host} does not resolve")
     return addresses
 
 
@@ -2880,55 +3087,90 @@ class PinnedAdapter(HTTPAdapter):
         return {**host_params, "host": self.address}, pool_kwargs
 
 
-def fetch_remote_images(context: dict, config: Config):
-    """Replace the image blocks that name a URL (image_from_url) with the fetched images, one after
-    another; a request without them costs one scan of its content."""
+class ImageBudget:
+    """The bytes a request's images may still take, together (decompressed)."""
+
+    def __init__(self, total: int):
+        self.total, self.left = total, total
+
+    def take(self, count: int):
+        self.left -= count
+        if self.left < 0:
+            raise RemoteImageRefused(f"refused: the request's images together are larger than {self.total} bytes")
+
+
+def fetch_remote_images(context: dict, config: Config, addresses=checked_addresses):
+    """Replace the image blocks that name a URL (image_from_url) with the fetched images: all at
+    once, within remote_image_timeout and the byte budget; the first failure, in request order of
+    finishing, refuses the request and stops the other fetches. `addresses(host, port)` is the
+    checked resolver (checked_addresses). A request without such images costs one scan."""
     pending = [(blocks, index) for message in context["messages"] if message["role"] != "assistant"
                for blocks in [message["content"]] for index, block in enumerate(blocks) if "url" in block]
-    if pending and not config.remote_images:
-        blocks, index = pending[0]
-        param = blocks[index]["param"]
-        raise ApiError(400, f"The image at {param} is given by URL, and this proxy fetches none (its operator can "
-                            "allow it with PI_PROXY_REMOTE_IMAGES=1); send the image as base64 data", param=param,
+    if not pending:
+        return
+    first = pending[0][0][pending[0][1]]["param"]
+    if not config.remote_images:
+        raise ApiError(400, f"The image at {first} is given by URL, and this proxy fetches none (its operator can "
+                            "allow it with PI_PROXY_REMOTE_IMAGES=1); send the image as base64 data", param=first,
                        code="unsupported_image_url")
-    for blocks, index in pending:
-        try:
-            blocks[index] = fetch_image(blocks[index]["url"], config)
-        except RemoteImageRefused as refused:
-            param = blocks[index]["param"]
-            raise ApiError(400, f"The image at {param} could not be used: {refused}", param=param,
-                           code="invalid_image_url") from None
-
-
-def fetch_image(url: str, config: Config) -> dict:
-    """GET an image under the size and time caps, following a few redirects, each one checked."""
-    timeout = config.remote_image_timeout
+    if len(pending) > config.remote_image_max_count:
+        blocks, index = pending[config.remote_image_max_count]
+        raise ApiError(400, f"The request gives {len(pending)} images by URL; this proxy fetches at most "
+                            f"{config.remote_image_max_count} (PI_PROXY_REMOTE_IMAGE_MAX_COUNT)",
+                       param=blocks[index]["param"], code="too_many_images")
+    budget = ImageBudget(config.remote_image_max_total_bytes)
+    fetches = {gevent.spawn(fetch_image, blocks[index]["url"], config, budget, addresses): (blocks, index)
+               for blocks, index in pending}
     try:
-        with gevent.Timeout(timeout, RemoteImageRefused(f"fetching it took longer than {timeout:g} s")):
-            for _ in range(REMOTE_IMAGE_REDIRECTS + 1):
-                response = fetch_checked(url, config)
-                with response:
-                    if response.status_code not in _REDIRECTS or "location" not in response.headers:
-                        return image_in(response, config.remote_image_max_bytes)
-                    url = urllib.parse.urljoin(url, response.headers["location"])
+        for fetch in gevent.iwait(list(fetches), timeout=config.remote_image_timeout):
+            blocks, index = fetches[fetch]
+            if isinstance(fetch.exception, RemoteImageRefused):
+                refuse(blocks[index]["param"], fetch.exception)
+            blocks[index] = fetch.get()
+        late = [where for fetch, where in fetches.items() if not fetch.ready()]
+        if late:
+            blocks, index = late[0]
+            refuse(blocks[index]["param"], RemoteImageRefused(
+                f"refused: fetching the request's images took longer than {config.remote_image_timeout:g} s"))
+    finally:
+        gevent.killall(list(fetches), block=False)
+
+
+def refuse(param: str, refused: RemoteImageRefused):
+    if isinstance(refused, ImageFailed):
+        log.info("remote image at %s: %s", param, refused.detail)
+    raise ApiError(400, f"The image at {param} could not be used: {refused}", param=param,
+                   code="invalid_image_url") from None
+
+
+def fetch_image(url: str, config: Config, budget: ImageBudget, addresses) -> dict:
+    """GET an image under the size caps, following a few redirects, each one checked."""
+    try:
+        for _ in range(REMOTE_IMAGE_REDIRECTS + 1):
+            response = fetch_checked(url, config, addresses)
+            with response:
+                if response.status_code not in _REDIRECTS or "location" not in response.headers:
+                    return image_in(response, config.remote_image_max_bytes, budget)
+                url = urllib.parse.urljoin(url, response.headers["location"])
     except requests.RequestException as error:
-        raise RemoteImageRefused(f"fetching it failed: {shown(str(error), 200)}") from None
-    raise RemoteImageRefused(f"more than {REMOTE_IMAGE_REDIRECTS} redirects")
+        raise ImageFailed(shown(str(error), 200)) from None
+    raise RemoteImageRefused(f"refused: more than {REMOTE_IMAGE_REDIRECTS} redirects")
 
 
-def fetch_checked(url: str, config: Config) -> requests.Response:
+def fetch_checked(url: str, config: Config, addresses) -> requests.Response:
     """One GET, without following redirects, to an address of the URL's host that passed the check."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RemoteImageRefused(f"only http and https URLs are fetched, not {shown(url, 100)}")
+        raise RemoteImageRefused(f"refused: only http and https URLs are fetched, not {shown(url, 100)}")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise RemoteImageRefused("the URL's port is not a number") from None
+        raise RemoteImageRefused("refused: the URL's port is not a number") from None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    headers = {"Host": host + (f":{parts.port}" if parts.port else ""), "Accept": "image/*"}
-    addresses = checked_addresses(parts.hostname, port, config.test_image_port)
-    for attempt, address in enumerate(addresses, 1):
+    headers = {"Host": host + (f":{parts.port}" if parts.port else ""), "Accept": "image/*",
+               "Accept-Encoding": ", ".join(_INFLATED)}
+    checked = addresses(parts.hostname, port)
+    for attempt, address in enumerate(checked, 1):
         with requests.Session() as session:
             session.trust_env = False  # an HTTP(S)_PROXY would connect elsewhere than the checked address
             session.mount(f"{parts.scheme}://", PinnedAdapter(address))
@@ -2937,29 +3179,41 @@ def fetch_checked(url: str, config: Config) -> requests.Response:
                                    timeout=(min(REMOTE_IMAGE_CONNECT_TIMEOUT, config.remote_image_timeout),
                                             config.remote_image_timeout))
             except requests.ConnectionError:
-                if attempt == len(addresses):
+                if attempt == len(checked):
                     raise
 
 
-def image_in(response: requests.Response, max_bytes: int) -> dict:
-    """The response's body as a pi image block, if it is an image no larger than max_bytes."""
+def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -> dict:
+    """The response's body as a pi image block, if it is an image no larger than max_bytes once
+    decompressed (inflated here step by step, never past the cap: a small gzip body can be huge)."""
     if response.status_code != 200:
-        raise RemoteImageRefused(f"the server answered HTTP {response.status_code}")
+        raise ImageFailed(f"the server answered HTTP {response.status_code}")
     content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if not content_type.startswith("image/"):
-        raise RemoteImageRefused(f"the server sent {shown(content_type or 'no content type', 60)}, not an image")
-    too_large = RemoteImageRefused(f"the image is larger than {max_bytes} bytes")
+        raise ImageFailed(f"the server sent {shown(content_type or 'no content type', 60)}, not an image")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity" and encoding not in _INFLATED:
+        raise ImageFailed(f"the server sent a body encoded as {shown(encoding, 30)}")
+    too_large = RemoteImageRefused(f"refused: the image is larger than {max_bytes} bytes")
     length = response.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
+    if encoding == "identity" and length.isdigit() and int(length) > max_bytes:
         raise too_large
+    inflater = zlib.decompressobj(_INFLATED[encoding]) if encoding in _INFLATED else None
     data = bytearray()
-    for chunk in response.iter_content(65536):
-        data += chunk
-        if len(data) > max_bytes:
-            raise too_large
+    try:
+        for chunk in response.raw.stream(65536, decode_content=False):
+            while chunk:
+                piece, chunk = (inflater.decompress(chunk, max_bytes - len(data) + 1), inflater.unconsumed_tail) \
+                    if inflater else (chunk, b"")
+                data += piece
+                budget.take(len(piece))
+                if len(data) > max_bytes:
+                    raise too_large
+    except zlib.error:
+        raise ImageFailed(f"the {encoding} body does not decompress") from None
     mime_type = image_type(bytes(data[:16]))
     if mime_type is None:
-        raise RemoteImageRefused(f"the bytes sent as {shown(content_type, 60)} are not a PNG, JPEG, GIF or WebP image")
+        raise ImageFailed(f"the bytes sent as {shown(content_type, 60)} are not a PNG, JPEG, GIF or WebP image")
     return {"type": "image", "data": base64.b64encode(data).decode(), "mimeType": mime_type}
 
 
@@ -3200,8 +3454,14 @@ class Proxy:
         self.relay = Relay(config.upstream_timeout_ms / 1000)
         self.bridges = BridgePool(self.bridge_command, config.bridge_pool,
                                   Admission(config.max_bridges, config.queue_size, config.queue_timeout_s), self.relay)
+        self._envelope_key = None  # read or made on first use
         self.ledger = Ledger()
         self._quota = (0.0, None)  # (when fetched, the Copilot quota), kept for a minute
+
+    def envelope_key(self) -> bytes:
+        if self._envelope_key is None:
+            self._envelope_key = envelope_key(self.config.agent_dir)
+        return self._envelope_key
 
     def copilot_quota(self) -> dict | None:
         """The Copilot quota (None without a Copilot login), fetched at most once a minute."""
@@ -3239,7 +3499,7 @@ class Proxy:
             raise ApiError(401, f"No credentials for provider {model['provider']!r}", "authentication_error")
         while True:
             bridge_request, secrets = self.stream_request(model, context, options, payload, credential, client_headers)
-            call = self.open_stream(bridge_request, secrets, heartbeat)
+            call = self.open_stream(off_loop(bridge_line, bridge_request), secrets, heartbeat)
             try:
                 return call, call.opening()
             except ApiError as error:
@@ -3261,16 +3521,16 @@ class Proxy:
         if settings.auth_header and credential.key:
             headers["Authorization"] = f"Bearer {credential.key}"
         secrets = [credential.key, *headers.values()]
-        if client_headers:
-            headers = {**addable_headers(client_headers, [*headers, *(model.get("headers") or {})]), **headers}
         if credential.base_url:
             model = {**model, "baseUrl": credential.base_url}
         # The SDKs' own timer starts a moment before the relay sees the request: a second more
         # lets the proxy's (Bridge.events) decide, with its message; the SDKs' stays a backstop.
         options = {**options, "apiKey": credential.key or None, "headers": headers,
                    "timeoutMs": self.config.upstream_timeout_ms + 1000}
-        return ({"op": "stream", "model": model, "context": context, "options": options, "payload": payload},
-                secrets)
+        bridge_request = {"op": "stream", "model": model, "context": context, "options": options, "payload": payload}
+        if client_headers:
+            bridge_request["clientHeaders"] = addable_headers(client_headers)
+        return bridge_request, secrets
 
     def bridge_command(self) -> list:
         """node, the bridge, and the APIs of the available models: their provider modules are
@@ -3278,10 +3538,16 @@ class Proxy:
         apis = {api for provider, apis in self.apis_by_provider.items() if self.is_available(provider) for api in apis}
         return [self.node, str(bridge_script()), *(["--warm-up"] if self.config.bridge_warm_up else []), *sorted(apis)]
 
-    def open_stream(self, bridge_request: dict, secrets: list, heartbeat: float | None = None) -> "Call":
+    def open_stream(self, line: bytes, secrets: list, heartbeat: float | None = None) -> "Call":
+        """A bridge taken from the pool and given its request line; from here on the request's
+        Call owns it (see Call)."""
         bridge = self.bridges.take()
-        bridge.send(bridge_request)
-        return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets)
+        try:
+            bridge.send(line)
+            return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets)
+        except BaseException:
+            bridge.close()
+            raise
 
 
 UPSTREAM_KEY_HEADER = "X-Pi-Upstream-Api-Key"  # a client's own upstream key, for this request only
@@ -3289,12 +3555,17 @@ UPSTREAM_KEY_HEADER = "X-Pi-Upstream-Api-Key"  # a client's own upstream key, fo
 
 class Call:
     """One upstream call in flight: the bridge, its events, and the client connection it serves.
-    If the client goes away, the bridge is killed at once, even while the upstream is silent."""
+    If the client goes away, the bridge is killed at once, even while the upstream is silent.
+
+    Nothing taken is lost: each Call is listed in its request's environ until a streaming
+    response takes it over (sse_response); whatever ends the request otherwise (a whole reply, an
+    error, any exception) closes the Calls still listed (create_app's close_calls)."""
 
     def __init__(self, bridge: Bridge, events, secrets: list):
         self.record = request.environ["pi_proxy.record"]
         self.bridge, self.events, self.secrets = bridge, self.record.observe(events), secrets
         self._watcher = None
+        request.environ.setdefault("pi_proxy.calls", []).append(self)
         client = request.environ.get("pi_proxy.socket")
         if client is not None:
             self._watcher = gevent.spawn(watch_client, client, self.client_gone)
@@ -3431,8 +3702,8 @@ def close_connection(response: Response) -> Response:
     return response
 
 
-def read_json_body(limit: int):
-    """The request's JSON body, or ApiError: 413 past `limit` bytes, chunked bodies included."""
+def read_body(limit: int) -> bytes:
+    """The request's body, or ApiError 413 past `limit` bytes, chunked bodies included."""
     too_large = ApiError(413, f"The request body is larger than {limit} bytes", "request_too_large")
     if (request.content_length or 0) > limit:
         raise too_large
@@ -3446,16 +3717,87 @@ def read_json_body(limit: int):
         raise ApiError(400, f"The request body could not be read: {error}") from None
     if len(raw) > limit:
         raise too_large
+    request.environ["pi_proxy.body_size"] = len(raw)
+    return raw
+
+
+OFF_LOOP_BYTES = 100_000  # a request larger than this is parsed, checked and serialised off the loop
+
+
+def off_loop(function, *args):
+    """function(*args); for a large request, in gevent's thread pool, so that the loop serves
+    the other clients meanwhile. The GIL still lets the loop run: pure Python (jsonschema) is
+    preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
+    if request.environ.get("pi_proxy.body_size", 0) <= OFF_LOOP_BYTES:
+        return function(*args)
+    return gevent.get_hub().threadpool.apply(function, args)
+
+
+def read_request(config: Config, check, messages: str, tools: str) -> dict:
+    """The request's JSON body: parsed, within the caps, then checked (validated) by `check`.
+    `messages` and `tools` are where this API keeps its messages and its tools."""
+    body = off_loop(parse_body, read_body(config.max_body_size))
+    record = request.environ.get("pi_proxy.record")
+    if record is not None:
+        record.note_body(body)
+    return off_loop(checked_body, body, config, check, messages, tools)
+
+
+def checked_body(body, config: Config, check, messages: str, tools: str) -> dict:
+    check_caps(body, config, {messages: (config.max_messages, "PI_PROXY_MAX_MESSAGES"),
+                              tools: (config.max_tools, "PI_PROXY_MAX_TOOLS")})
+    return check(body)
+
+
+def parse_body(raw: bytes):
     try:
-        body = json.loads(raw)
+        return parse_json(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
-    record = request.environ.get("pi_proxy.record")
-    if record is not None:
-        record.note_body(body)
-    return body
+
+
+def check_caps(body, config: Config, counted: dict):
+    """Bounded work per request, before the schema sees it: the arrays in `counted` (a dotted
+    path -> (cap, its setting)) and the whole body's values are counted (413), its nesting
+    measured, and numbers JSON cannot carry to the bridge (NaN, Infinity) refused (400)."""
+    for path, (cap, setting) in counted.items():
+        found = body
+        for name in path.split("."):
+            found = found.get(name) if isinstance(found, dict) else None
+        if isinstance(found, list) and len(found) > cap:
+            raise ApiError(413, f"{path} holds {len(found)} entries; this proxy takes at most {cap} ({setting})",
+                           "request_too_large", param=path, code="request_too_large")
+    if not isinstance(body, (dict, list)):
+        return
+    values, stack = 0, [(body, 1, None)]
+    while stack:
+        value, depth, where = stack.pop()
+        values += len(value)
+        if values > config.max_json_values:
+            raise ApiError(413, f"The request body holds more than {config.max_json_values} values "
+                                "(PI_PROXY_MAX_JSON_VALUES)", "request_too_large", code="request_too_large")
+        for key, member in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(member, (dict, list)):
+                if depth >= config.max_depth:
+                    param = linked_path((where, key))
+                    raise ApiError(400, f"{param} is nested more than {config.max_depth} levels deep "
+                                        "(PI_PROXY_MAX_DEPTH)", param=param, code="invalid_value")
+                stack.append((member, depth + 1, (where, key)))
+            elif isinstance(member, float) and not math.isfinite(member):
+                param = linked_path((where, key))
+                raise ApiError(400, f"{param} is {member}: JSON has no such number", param=param,
+                               code="invalid_value")
+
+
+def linked_path(link) -> str:
+    """check_caps' (parent link, key) chain -> `messages[0].content`."""
+    parts = collections.deque()
+    while link is not None:
+        link, key = link
+        parts.appendleft(key)
+    return json_path(parts)
 
 
 def create_app(proxy: Proxy) -> Flask:
@@ -3493,6 +3835,11 @@ def create_app(proxy: Proxy) -> Flask:
     def on_unexpected(error: Exception):
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "Internal proxy error", "api_error"))
+
+    @app.teardown_request
+    def close_calls(_error):
+        for call in request.environ.pop("pi_proxy.calls", []):
+            call.close()
 
     @app.before_request
     def refuse_when_closing():
@@ -3563,7 +3910,7 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        body = validate(read_json_body(proxy.config.max_body_size), CHAT_VALIDATOR)
+        body = read_request(proxy.config, functools.partial(validate, validator=CHAT_VALIDATOR), "messages", "tools")
         reject_unsupported(body)
         model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
         context = chat_to_context(body, model)
@@ -3581,11 +3928,12 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.post("/v1/messages")
     def messages():
-        body = validate(read_json_body(proxy.config.max_body_size), MESSAGES_VALIDATOR)
+        body = read_request(proxy.config, functools.partial(validate, validator=MESSAGES_VALIDATOR), "messages", "tools")
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = anthropic_to_context(body, model)
+        context = anthropic_to_context(body, model, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
         estimate = count_request_tokens(context, model)
+        seal = functools.partial(signature_out, model, key=proxy.envelope_key())
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         try:
             call, opening = proxy.start(model, context, anthropic_options(body),
@@ -3593,24 +3941,25 @@ def create_app(proxy: Proxy) -> Flask:
         except ApiError as error:
             raise anthropic_overflow(error, estimate, model) from None
         if body.get("stream"):
-            frames = AnthropicEvents(message_id, body["model"], estimate)
+            frames = AnthropicEvents(message_id, body["model"], estimate, seal)
             return sse_response(stream_anthropic(call, opening, frames), call)
         final = call.final(opening)
         if final["type"] == "error":
             raise anthropic_overflow(upstream_error(final, call.secrets), estimate, model)
-        return anthropic_message(final, message_id, body["model"])
+        return anthropic_message(final, message_id, body["model"], seal)
 
     @app.post("/v1/messages/count_tokens")
     def count_tokens():
-        body = validate(read_json_body(proxy.config.max_body_size), COUNT_TOKENS_VALIDATOR)
+        body = read_request(proxy.config, functools.partial(validate, validator=COUNT_TOKENS_VALIDATOR), "messages",
+                            "tools")
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = anthropic_to_context(body, model)
+        context = anthropic_to_context(body, model, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
         return {"input_tokens": count_request_tokens(context, model)}
 
     @app.post("/api/stream")
     def pi_stream():
-        body = pi_stream_body(read_json_body(proxy.config.max_body_size))
+        body = read_request(proxy.config, pi_stream_body, "context.messages", "context.tools")
         model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
         options = body.get("options", {})
         try:
@@ -3626,15 +3975,15 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.post("/v1/responses")
     def responses():
-        body = validate(read_json_body(proxy.config.max_body_size), RESPONSES_VALIDATOR)
+        body = read_request(proxy.config, functools.partial(validate, validator=RESPONSES_VALIDATOR), "input", "tools")
         reject_stateful(body)
         model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
         pi_tools, tools = responses_tools(body.get("tools", []))
-        context = responses_to_context(body, model, pi_tools, tools)
+        context = responses_to_context(body, model, pi_tools, tools, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
         chat = responses_as_chat(body, tools)
         frames = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
-                                 canonical_id(model), tools)
+                                 canonical_id(model), tools, proxy.envelope_key())
         call, opening = proxy.start(model, context, responses_options(body, chat),
                                     upstream_payload(chat_extras(chat), model["api"]))
         if body.get("stream"):
@@ -3687,18 +4036,27 @@ def sse_response(frames, call: Call) -> Response:
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     # Runs even if the client vanished before the first frame (a generator's finally would not).
     response.call_on_close(call.close)
+    request.environ["pi_proxy.calls"].remove(call)  # the response owns it now
     return response
+
+
+COALESCED_BYTES = 65536  # at most this much per write; then the other clients get their turn
 
 
 def coalesce(frames, bridge: Bridge):
     """One socket write for all the frames of the events the bridge has already printed (it
-    prints a tick's events at once), instead of one write per frame; nothing waits for more."""
-    batch = []
+    prints a tick's events at once), instead of one write per frame; nothing waits for more.
+    A backlog of events goes out in writes of COALESCED_BYTES, with the loop given to the other
+    clients between them: a write to a socket that can take it never does that by itself."""
+    batch, size = [], 0
     for frame in frames:
         batch.append(frame)
-        if not bridge.lines.qsize():
+        size += len(frame)
+        if not bridge.lines.qsize() or size >= COALESCED_BYTES:
             yield b"".join(batch)
-            batch = []
+            if size >= COALESCED_BYTES:
+                gevent.sleep(0)
+            batch, size = [], 0
     if batch:
         yield b"".join(batch)
 
@@ -3956,6 +4314,9 @@ def watch_stdin(stopping: gevent.event.Event):
 
 
 def serve(config: Config, watching_stdin: bool = False):
+    # A worker thread (off_loop) holds the GIL until the loop has waited this long for it, at
+    # each of the loop's many returns from I/O: Python's default, 5 ms, adds up to stalls.
+    sys.setswitchinterval(0.0005)
     proxy = build_proxy(config)
     in_flight = InFlight(create_app(proxy))
     server = WSGIServer((config.host, config.port), in_flight, handler_class=Handler, log=None, error_log=log)

@@ -359,3 +359,44 @@ def test_usage_command_prints_the_quota(tmp_path, fake, github):
                             capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1
     assert failed.stdout.strip() == "GitHub Copilot quota: unavailable (GitHub answered 401 to the quota request)"
+
+
+# --- `!command` values ---------------------------------------------------------------------------------
+
+
+def processes_with(marker: str) -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                cmdline = file.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and "pgrep" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_a_command_past_its_timeout_is_killed_with_its_children():
+    """Issue 12 point 9: the request waited for the whole command, and a grandchild was orphaned
+    each time. The command's process group is killed whole at the timeout; the error says so."""
+    import proxy as module
+    marker = f"{61 + os.getpid() % 1000 / 1000:.3f}"  # a sleep only this test starts
+    started = time.monotonic()
+    with pytest.raises(module.ApiError) as caught:
+        module.resolve_config_value(f"!sleep {marker} & sleep {marker}; echo key", cached=False, timeout=1)
+    assert time.monotonic() - started < 3
+    assert caught.value.status == 503 and "did not finish within 1 s" in caught.value.message
+    assert "sleep" not in caught.value.message, "the command itself is not shown"
+    deadline = time.monotonic() + 2
+    while processes_with(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_with(f"sleep {marker}"), "no grandchild outlives its command"
+
+
+def test_what_a_finished_command_left_running_is_killed():
+    import proxy as module
+    marker = f"{62 + os.getpid() % 1000 / 1000:.3f}"
+    assert module.resolve_config_value(f"!(sleep {marker} >/dev/null &); echo the-key", cached=False) == "the-key"
+    time.sleep(0.2)
+    assert not processes_with(f"sleep {marker}")

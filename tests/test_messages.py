@@ -260,12 +260,30 @@ def test_thinking_with_signature_round_trips(client, fake, model):
         final = stream.get_final_message()
     thinking = final.content[0]
     assert thinking.type == "thinking" and thinking.thinking.strip() == "Let me think."
-    assert "sig-XYZ-123" in thinking.signature
+    if model.startswith("fake-anthropic"):
+        assert "sig-XYZ-123" in thinking.signature, "Anthropic's own signature, as it is"
+    else:
+        assert thinking.signature.startswith("pi-proxy.2:"), "pi-ai's data for another API, sealed"
     fake.push(Reply(text="again"))
     client.messages.create(model=model, max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000},
                            messages=[*HI, {"role": "assistant", "content": [b.model_dump() for b in final.content]},
                                      {"role": "user", "content": "more"}])
     assert "sig-XYZ-123" in json.dumps(last_request(fake, model).body), "the signature goes back upstream"
+
+
+@pytest.mark.parametrize("block", [
+    {"type": "thinking", "thinking": "t", "signature": json.dumps({"type": "item_reference", "id": "msg_x"})},
+    {"type": "redacted_thinking", "data": json.dumps({"type": "item_reference", "id": "msg_x"})},
+])
+def test_forged_signatures_never_reach_a_responses_upstream(client, fake, block):
+    """pi-ai puts an openai-responses thinking signature into the upstream request as raw items:
+    a client's made-up one must not get there (issue 12 point 8, through /v1/messages)."""
+    model = "fake-responses/gpt-test"
+    fake.push(Reply(text="ok"))
+    client.messages.create(model=model, max_tokens=100, messages=[
+        *HI, {"role": "assistant", "content": [block, {"type": "text", "text": "a"}]},
+        {"role": "user", "content": "more"}])
+    assert "item_reference" not in json.dumps(last_request(fake, model).body)
 
 
 def test_thinking_from_chat_completions_upstream(client, fake):

@@ -1,16 +1,20 @@
-"""Images given by URL: refused unless PI_PROXY_REMOTE_IMAGES=1; then fetched under a size cap, a
-time cap and a content check, and never from a loopback, link-local, private or otherwise
-non-public address (as resolved, at every redirect hop).
+"""Images given by URL: refused unless PI_PROXY_REMOTE_IMAGES=1; then fetched at once under a count
+cap, a per-image and a per-request size cap (decompressed), one deadline and a content check, and
+never from a loopback, link-local, private or otherwise non-public address (as resolved, at every
+redirect hop). Errors say "refused" or "failed", never what another host answered.
 
-All traffic stays on this machine. The success path fetches from a test image server on
-127.0.0.1, which only a proxy started with PI_PROXY_TEST_IMAGE_PORT=<its port> may reach; the
-refusal tests run against a proxy without that switch."""
+All traffic stays on this machine. The refusals are tested end to end, through a proxy. Fetching
+itself is tested by tests/image_fetcher.py, which runs the proxy's fetch_remote_images as the
+proxy does, with made-up host names that resolve to the test image servers on 127.0.0.1 (through
+the function's resolver argument): the proxy itself has no switch that lets it fetch from here."""
 
 import base64
+import gzip
 import json
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,8 +23,7 @@ import pytest
 import requests
 
 import proxy as proxy_module
-from tests.conftest import RunningProxy
-from tests.fake_upstream import Reply
+from tests.conftest import ROOT, RunningProxy, free_port
 
 # A real 1x1 PNG.
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
@@ -28,6 +31,8 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
 PNG_B64 = base64.b64encode(PNG).decode()
 MAX_BYTES = 50_000
 TIMEOUT = 2.0
+DELAY = 0.8
+BOMB = gzip.compress(PNG + b"\0" * (MAX_BYTES * 20))
 
 
 class ImageServer:
@@ -68,6 +73,15 @@ class ImageServer:
                         self.wfile.write(b"\0")
                         self.wfile.flush()
                         time.sleep(0.5)
+                elif path == "/gzip.png":  # a compressed image: its decompressed size is what counts
+                    self.reply(200, "image/png", gzip.compress(PNG + b"\0" * (MAX_BYTES // 2)), encoding="gzip")
+                elif path == "/bomb.png":  # 1 KB on the wire, far past the cap once inflated
+                    self.reply(200, "image/png", BOMB, encoding="gzip")
+                elif path == "/half.png":  # a bit more than half the per-image cap
+                    self.reply(200, "image/png", PNG + b"\0" * (MAX_BYTES // 2 + 1000))
+                elif path == "/delay.png":  # answers after a while
+                    time.sleep(DELAY)
+                    self.reply(200, "image/png", PNG)
                 elif path == "/page.html":
                     self.reply(200, "text/html", b"<html>not an image</html>")
                 elif path == "/lying.png":
@@ -83,9 +97,11 @@ class ImageServer:
                 else:
                     self.reply(404, "text/plain", b"unknown")
 
-            def reply(self, status, content_type, body):
+            def reply(self, status, content_type, body, encoding=None):
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
+                if encoding:
+                    self.send_header("Content-Encoding", encoding)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -130,15 +146,6 @@ REMOTE_ENV = {"PI_PROXY_REMOTE_IMAGES": "1", "PI_PROXY_REMOTE_IMAGE_MAX_BYTES": 
 def guarded(agent_dir, tmp_path_factory):
     """Remote images on, and no address exempt from the check."""
     running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "guarded.log", REMOTE_ENV)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def exempt(agent_dir, tmp_path_factory, images):
-    """Remote images on, and 127.0.0.1:<images.port> (only that) exempt from the address check."""
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "exempt.log",
-                           {**REMOTE_ENV, "PI_PROXY_TEST_IMAGE_PORT": str(images.port)})
     yield running
     running.stop()
 
@@ -203,12 +210,12 @@ def test_count_tokens_follows_the_same_rule(proxy, images):
     assert response.status_code == 400 and "PI_PROXY_REMOTE_IMAGES" in response.json()["error"]["message"]
 
 
-# --- refused addresses (no address exempt) ------------------------------------------------------
+# --- refused addresses (no address exempt), end to end --------------------------------------------
 
 
 @pytest.mark.parametrize("url, reason", [
     ("http://127.0.0.1:{port}/cat.png", "refused: 127.0.0.1 is a loopback address"),
-    ("http://localhost:{port}/cat.png", "is a loopback address (localhost resolves to it)"),
+    ("http://localhost:{port}/cat.png", "refused: localhost resolves to a non-public address"),
     ("http://[::1]:{port}/cat.png", "refused: ::1 is a loopback address"),
     ("http://[::ffff:127.0.0.1]:{port}/cat.png", "is a loopback address"),
     ("http://169.254.169.254/latest/meta-data/", "refused: 169.254.169.254 is a link-local address"),
@@ -224,105 +231,117 @@ def test_non_public_addresses_are_refused(guarded, fake, images, kind, url, reas
     assert len(images.hits) == before and not fake.requests
 
 
-def test_the_test_image_server_itself_is_refused_without_the_switch(guarded, images):
-    """The success tests below pass only because of PI_PROXY_TEST_IMAGE_PORT."""
-    assert_refused(guarded, "chat", f"{images.url}/cat.png", "127.0.0.1 is a loopback address")
+def test_a_name_s_addresses_are_not_told(guarded):
+    """What a name resolves to stays on the proxy's side (issue 12 point 5)."""
+    error = error_of(post(guarded, "chat", f"http://localhost:{free_port()}/x.png"), "chat")
+    assert "127.0.0.1" not in error["message"] and "::1" not in error["message"]
 
 
 @pytest.mark.parametrize("url, reason", [
     ("ftp://example.com/cat.png", "Images must be base64 data: URIs or http(s) URLs"),
-    ("http://no-such-host.invalid/cat.png", "no-such-host.invalid does not resolve"),
+    ("http://no-such-host.invalid/cat.png", "could not be used: fetching it failed"),
 ])
 def test_other_bad_urls(guarded, url, reason):
     assert_refused(guarded, "chat", url, reason)
 
 
-# --- with the test image server exempt ------------------------------------------------------------
+def test_too_many_images_are_refused(guarded, fake, images):
+    body = body_for("chat", f"{images.url}/cat.png")
+    body["messages"][0]["content"] += [{"type": "image_url", "image_url": {"url": f"{images.url}/{i}.png"}}
+                                       for i in range(16)]
+    response = requests.post(guarded.url + ENDPOINTS["chat"][0], json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[17].image_url.url" and "PI_PROXY_REMOTE_IMAGE_MAX_COUNT" in error["message"]
+    assert not fake.requests
 
 
-def wire_image(kind: str, body: dict) -> tuple[str, str]:
-    """(media type, base64 data) of the one image in an upstream request, in its wire format."""
-    if kind == "chat":
-        part = next(p for p in body["messages"][-1]["content"] if p["type"] == "image_url")
-        media_type, data = part["image_url"]["url"].removeprefix("data:").split(";base64,")
-        return media_type, data
-    if kind == "anthropic":
-        block = next(b for b in body["messages"][-1]["content"] if b["type"] == "image")
-        assert block["source"]["type"] == "base64"
-        return block["source"]["media_type"], block["source"]["data"]
-    part = next(p for p in body["input"][-1]["content"] if p["type"] == "input_image")
-    media_type, data = part["image_url"].removeprefix("data:").split(";base64,")
-    return media_type, data
+# --- fetching, through the proxy's own code (tests/image_fetcher.py) ------------------------------
 
 
-@pytest.mark.parametrize("path", ["/cat.png", "/to-cat"])
-@pytest.mark.parametrize("kind", list(ENDPOINTS))
-def test_fetched_image_reaches_the_upstream_as_base64(exempt, fake, images, kind, path):
-    fake.push(Reply(text="a cat"))
-    response = post(exempt, kind, f"{images.url}{path}")
-    assert response.status_code == 200, response.text
-    assert "a cat" in response.text
-    upstream = [r for r in fake.requests if r.path == ENDPOINTS[kind][0]]
-    assert len(upstream) == 1
-    assert wire_image(kind, upstream[0].body) == ("image/png", PNG_B64)
-    assert images.hits[-1] == ("/cat.png", f"127.0.0.1:{images.port}")
+class Fetcher:
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "image_fetcher.py")], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def __call__(self, *urls, hosts=None, **config) -> dict:
+        config = {"remote_image_max_bytes": MAX_BYTES, "remote_image_timeout": TIMEOUT, **config}
+        self.process.stdin.write(json.dumps({"urls": urls, "hosts": hosts or {}, "config": config}) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def stop(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=10)
 
 
-def test_count_tokens_reads_the_fetched_image(exempt, images):
-    body = body_for("anthropic", f"{images.url}/cat.png")
-    del body["max_tokens"]
-    by_url = requests.post(f"{exempt.url}/v1/messages/count_tokens", json=body, timeout=30)
-    body["messages"][0]["content"][1]["source"] = {"type": "base64", "media_type": "image/png", "data": PNG_B64}
-    inline = requests.post(f"{exempt.url}/v1/messages/count_tokens", json=body, timeout=30)
-    assert by_url.status_code == inline.status_code == 200
-    assert by_url.json() == inline.json()
+@pytest.fixture(scope="module")
+def fetch(images, other_images):
+    fetcher = Fetcher()
+    yield lambda *paths, **config: fetcher(*[f"http://images.test:{images.port}{path}" for path in paths],
+                                           hosts={"images.test": "127.0.0.1"}, **config)
+    fetcher.stop()
+
+
+def refusal(answer: dict, param: str = "images[0]") -> str:
+    assert answer.get("status") == 400 and answer["param"] == param, answer
+    return answer["message"]
+
+
+@pytest.mark.parametrize("path", ["/cat.png", "/to-cat", "/gzip.png"])
+def test_a_fetched_image_becomes_a_base64_block(fetch, images, path):
+    answer = fetch(path)
+    data = PNG if path != "/gzip.png" else PNG + b"\0" * (MAX_BYTES // 2)
+    assert answer["images"] == [{"type": "image", "data": base64.b64encode(data).decode(), "mimeType": "image/png"}]
+    assert images.hits[-1][1] == f"images.test:{images.port}", "the Host header names the URL's host"
 
 
 @pytest.mark.parametrize("target, reason", [
     ("http://127.0.0.1:{other}/cat.png", "refused: 127.0.0.1 is a loopback address"),
-    ("http://localhost:{other}/cat.png", "is a loopback address (localhost resolves to it)"),
+    ("http://localhost:{other}/cat.png", "refused: localhost resolves to a non-public address"),
     ("http://169.254.169.254/latest/meta-data/", "refused: 169.254.169.254 is a link-local address"),
     ("http://10.0.0.1/cat.png", "refused: 10.0.0.1 is a private address"),
 ])
-@pytest.mark.parametrize("kind", list(ENDPOINTS))
-def test_redirects_are_checked_at_every_hop(exempt, fake, images, other_images, kind, target, reason):
-    """The first hop is the exempt test server; where it redirects to is checked like any URL."""
+def test_redirects_are_checked_at_every_hop(fetch, images, other_images, target, reason):
+    """The first hop is the test server; where it redirects to is checked like any URL."""
     images.redirect_target = target.format(other=other_images.port)
-    assert_refused(exempt, kind, f"{images.url}/to-target", reason)
-    assert images.hits[-1][0] == "/to-target" and not other_images.hits and not fake.requests
+    assert reason in refusal(fetch("/to-target"))
+    assert images.hits[-1][0] == "/to-target" and not other_images.hits
 
 
 @pytest.mark.parametrize("path, reason", [
-    ("/big.png", f"the image is larger than {MAX_BYTES} bytes"),
-    ("/page.html", "the server sent 'text/html', not an image"),
-    ("/lying.png", "are not a PNG, JPEG, GIF or WebP image"),
-    ("/missing.png", "the server answered HTTP 404"),
-    ("/loop", "more than 3 redirects"),
+    ("/big.png", f"refused: the image is larger than {MAX_BYTES} bytes"),
+    ("/bomb.png", f"refused: the image is larger than {MAX_BYTES} bytes"),
+    ("/loop", "refused: more than 3 redirects"),
+    # What another host answered is not told: only that it failed.
+    ("/page.html", "could not be used: fetching it failed"),
+    ("/lying.png", "could not be used: fetching it failed"),
+    ("/missing.png", "could not be used: fetching it failed"),
 ])
-@pytest.mark.parametrize("kind", list(ENDPOINTS))
-def test_bad_images_are_400(exempt, fake, images, kind, path, reason):
-    assert_refused(exempt, kind, f"{images.url}{path}", reason)
-    assert not fake.requests
+def test_bad_images_are_400(fetch, path, reason):
+    message = refusal(fetch(path))
+    assert message.endswith(reason), message
+    assert "404" not in message and "text/html" not in message
 
 
-@pytest.mark.parametrize("path", ["/slow.png", "/drip.png"])
-def test_time_cap_holds(exempt, images, path):
-    started = time.monotonic()
-    response = post(exempt, "chat", f"{images.url}{path}", timeout=TIMEOUT * 5)
-    elapsed = time.monotonic() - started
-    assert f"fetching it took longer than {TIMEOUT:g} s" in error_of(response, "chat")["message"]
-    assert TIMEOUT * 0.9 < elapsed < TIMEOUT + 2, elapsed
+def test_the_images_of_a_request_share_one_byte_budget(fetch):
+    assert "images" in fetch("/half.png", remote_image_max_total_bytes=MAX_BYTES * 2)
+    answer = fetch("/half.png", "/cat.png", "/half.png", remote_image_max_total_bytes=MAX_BYTES)
+    # Fetched at once: whichever of the two large ones comes second goes past the budget.
+    assert answer.get("status") == 400 and answer["param"] in ("images[0]", "images[2]"), answer
+    assert f"the request's images together are larger than {MAX_BYTES} bytes" in answer["message"]
 
 
-def test_a_slow_fetch_does_not_block_other_requests(exempt, images):
-    slow = threading.Thread(target=post, args=(exempt, "chat", f"{images.url}/slow.png"))
-    slow.start()
-    time.sleep(0.3)
-    started = time.monotonic()
-    assert requests.get(f"{exempt.url}/v1/models", timeout=10).status_code == 200
-    assert time.monotonic() - started < TIMEOUT / 2
-    assert slow.is_alive()  # the fetch was still waiting while the other request was answered
-    slow.join()
+def test_the_images_are_fetched_at_once_within_one_deadline(fetch):
+    answer = fetch(*["/delay.png"] * 4, remote_image_timeout=DELAY * 3)
+    assert len(answer["images"]) == 4 and answer["elapsed"] < DELAY * 2.5, answer["elapsed"]
+
+
+@pytest.mark.parametrize("paths", [["/slow.png"], ["/drip.png"], ["/cat.png", "/drip.png"]])
+def test_time_cap_holds(fetch, paths):
+    answer = fetch(*paths)
+    assert f"took longer than {TIMEOUT:g} s" in refusal(answer, f"images[{len(paths) - 1}]")
+    assert TIMEOUT * 0.9 < answer["elapsed"] < TIMEOUT + 1.5, answer["elapsed"]
 
 
 # --- the address check itself, with DNS answers made up ------------------------------------------
@@ -333,25 +352,24 @@ def resolver(*addresses):
 
 
 @pytest.mark.parametrize("answers, reason", [
-    (["127.0.0.1"], "127.0.0.1 is a loopback address (rebind.example resolves to it)"),
-    (["93.184.215.14", "10.1.2.3"], "10.1.2.3 is a private address"),  # one bad answer is enough
-    (["fd00::1"], "fd00::1 is a private address"),
-    (["fe80::1"], "fe80::1 is a link-local address"),
-    (["100.64.0.1"], "100.64.0.1 is a non-public address"),
-    ([], "rebind.example does not resolve"),
+    (["127.0.0.1"], "refused: rebind.example resolves to a non-public address"),
+    (["93.184.215.14", "10.1.2.3"], "refused: rebind.example resolves to a non-public address"),  # one is enough
+    (["fd00::1"], "refused: rebind.example resolves to a non-public address"),
+    (["100.64.0.1"], "refused: rebind.example resolves to a non-public address"),
+    ([], "fetching it failed"),
 ])
-def test_every_dns_answer_is_checked(answers, reason):
+def test_every_dns_answer_is_checked_and_none_is_told(answers, reason):
     with pytest.raises(proxy_module.RemoteImageRefused) as caught:
-        proxy_module.checked_addresses("rebind.example", 80, None, resolver(*answers))
-    assert reason in str(caught.value)
+        proxy_module.checked_addresses("rebind.example", 80, resolver(*answers))
+    assert str(caught.value) == reason
+    assert not any(address in str(caught.value) for address in answers)
 
 
-def test_public_answers_pass_and_the_test_port_exempts_only_itself():
-    assert proxy_module.checked_addresses("x.example", 80, None, resolver("93.184.215.14")) == ["93.184.215.14"]
-    assert proxy_module.checked_addresses("x.example", 8080, 8080, resolver("127.0.0.1")) == ["127.0.0.1"]
-    for address, port in (("127.0.0.1", 8081), ("127.0.0.2", 8080), ("10.0.0.1", 8080)):
+def test_public_answers_pass():
+    assert proxy_module.checked_addresses("x.example", 80, resolver("93.184.215.14")) == ["93.184.215.14"]
+    for address in ("127.0.0.1", "fe80::1", "10.0.0.1"):
         with pytest.raises(proxy_module.RemoteImageRefused):
-            proxy_module.checked_addresses("x.example", port, 8080, resolver(address))
+            proxy_module.checked_addresses(address, 80, resolver(address))
 
 
 def test_the_connection_goes_to_the_checked_address(images):

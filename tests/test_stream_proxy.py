@@ -284,9 +284,29 @@ def test_client_connection_fields_are_ignored_and_headers_only_added(proxy, fake
     assert not decoy.requests
 
 
-def test_headers_the_server_sets_cannot_be_replaced():
-    assert addable_headers({"editor-version": "x", "X-New": "y"}, ["Editor-Version"]) == {"X-New": "y"}
-    assert addable_headers({"Cookie": "c", "API-KEY": "k", "Chatgpt-Account-Id": "a"}, []) == {}
+@pytest.mark.parametrize("model, options, kept", [
+    ("fake-anthropic/claude-test", {}, {"anthropic-version": "2023-06-01"}),
+    ("fake-responses/gpt-test", {"sessionId": "sess-1"}, {"x-client-request-id": "sess-1"}),
+])
+def test_client_headers_never_replace_what_pi_ai_sets(proxy, fake, decoy, model, options, kept):
+    """Issue 12 point 7: options.headers used to replace the headers pi-ai sets per request (and a
+    Content-Length hung the upstream call for 120 s); they only add headers now."""
+    headers = {name.upper(): "from-client" for name in kept} | {
+        "Content-Length": "5", "Transfer-Encoding": "chunked", "Connection": "close", "Host": "evil.example",
+        "X-Extra": "added"}
+    started = time.monotonic()
+    _, message = via_proxy(proxy, fake, decoy, model, Reply(text="ok"), options={**options, "headers": headers})
+    assert message["stopReason"] == "stop" and time.monotonic() - started < 10
+    seen = last_request(fake, model).headers
+    assert {name: seen.get(name) for name in kept} == kept
+    assert seen["x-extra"] == "added" and "evil" not in seen.get("host", "")
+    assert seen.get("content-length") != "5" and seen.get("transfer-encoding") != "chunked"
+
+
+def test_credential_and_framing_headers_are_never_addable():
+    assert addable_headers({"Cookie": "c", "API-KEY": "k", "Chatgpt-Account-Id": "a", "X-New": "y"}) == {"X-New": "y"}
+    assert addable_headers({"Content-Length": "5", "transfer-encoding": "chunked", "Host": "h", "Connection": "close",
+                            "Keep-Alive": "1", "Upgrade": "h2c", "TE": "trailers"}) == {}
 
 
 # --- options -----------------------------------------------------------------------------------------

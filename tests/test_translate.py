@@ -145,6 +145,7 @@ def test_model_resolution():
 # --- requests -> pi -----------------------------------------------------------------------------------
 
 MODEL = {"id": "m", "api": "openai-completions", "provider": "p", "input": ["text", "image"]}
+KEY = b"this installation's envelope key"
 
 
 def test_validation_names_nested_fields_and_drops_nulls():
@@ -359,7 +360,7 @@ def frames_text(frames) -> str:
 
 def test_interleaved_pi_blocks_become_one_open_block_at_a_time():
     """openai-completions keeps blocks open together and ends them all at the end."""
-    events = proxy.AnthropicEvents("msg_1", "m", 42)
+    events = proxy.AnthropicEvents("msg_1", "m", 42, str)
     message = {"content": [{"type": "text", "text": "ab"}, {"type": "toolCall", "id": "call|x", "name": "f",
                                                             "arguments": {"q": 1}}], "usage": USAGE}
     pi_events = [
@@ -390,7 +391,7 @@ def test_interleaved_pi_blocks_become_one_open_block_at_a_time():
 
 
 def test_signature_and_whole_tool_arguments_are_sent_before_block_stop():
-    events = proxy.AnthropicEvents("msg_2", "m", 1)
+    events = proxy.AnthropicEvents("msg_2", "m", 1, str)
     pi_events = [
         {"type": "start"},
         {"type": "thinking_start", "contentIndex": 0}, {"type": "thinking_delta", "contentIndex": 0, "delta": "t"},
@@ -426,7 +427,7 @@ def test_anthropic_to_context():
                 {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "boom"},
                 {"type": "text", "text": "reminder"}]},
             {"role": "system", "content": "late"}]}
-    context = proxy.anthropic_to_context(body, MODEL)
+    context = proxy.anthropic_to_context(body, {**MODEL, "api": "anthropic-messages"}, KEY)
     assert context["systemPrompt"] == "S\n\nlate"
     assert [t["name"] for t in context["tools"]] == ["f"], "server tools are dropped"
     user, assistant, result, reminder = context["messages"]
@@ -435,6 +436,13 @@ def test_anthropic_to_context():
     assert assistant["provider"] == "p" and assistant["stopReason"] == "toolUse"
     assert (result["role"], result["toolName"], result["isError"]) == ("toolResult", "f", True)
     assert reminder == {"role": "user", "content": [{"type": "text", "text": "reminder"}], "timestamp": 0}
+    # Another API's signatures are pi-ai's own data: only envelopes this installation made pass.
+    thinking, _ = proxy.anthropic_to_context(body, MODEL, KEY)["messages"][1]["content"]
+    assert thinking["thinkingSignature"] is None, "a foreign signature is dropped, and the redacted block"
+    body["messages"][1]["content"][0]["signature"] = proxy.signature_out(MODEL, "s1", KEY)
+    assert proxy.anthropic_to_context(body, MODEL, KEY)["messages"][1]["content"][0]["thinkingSignature"] == "s1"
+    assert proxy.anthropic_to_context(body, MODEL, b"another key")["messages"][1]["content"][0][
+        "thinkingSignature"] is None
 
 
 @pytest.mark.parametrize("budget,level", [(1024, "minimal"), (1500, "low"), (8192, "medium"), (30000, "high")])

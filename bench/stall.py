@@ -1,0 +1,105 @@
+"""How long one large request stalls the proxy's other clients (issue 12, point 3).
+
+Starts the fake upstream and a real proxy (default limits), then, for each scenario, sends one
+large request while another client asks /healthz back to back; the figure is the slowest /healthz
+answer during the large request (the worst stall), next to the same client's slowest answer with
+nothing else going on. Not a test: run `.venv/bin/python bench/stall.py [scenario words...]`."""
+
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.conftest import RunningProxy  # noqa: E402
+from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
+
+
+def worst_healthz(proxy, while_running) -> tuple[float, float, int]:
+    """(slowest /healthz in ms while `while_running()` runs, its duration in s, /healthz answered)."""
+    done, slowest, count = threading.Event(), [0.0], [0]
+
+    def poll():
+        with requests.Session() as session:
+            while not done.is_set():
+                started = time.perf_counter()
+                session.get(f"{proxy.url}/healthz", timeout=600)
+                slowest[0] = max(slowest[0], time.perf_counter() - started)
+                count[0] += 1
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    try:
+        while_running()
+    finally:
+        duration = time.perf_counter() - started
+        done.set()
+        poller.join()
+    return slowest[0] * 1000, duration, count[0]
+
+
+def post(proxy, path: str, data: bytes, stream: bool = False):
+    def run():
+        with requests.post(f"{proxy.url}{path}", data=data, headers={"Content-Type": "application/json"},
+                           timeout=600, stream=stream) as response:
+            size = sum(len(chunk) for chunk in response.iter_content(65536))
+            print(f"    {path}: {response.status_code}, {size} bytes back", flush=True)
+    return run
+
+
+def scenarios(fake, names) -> dict:
+    def chat(messages):
+        fake.push(Reply(text="ok"))
+        return json.dumps({"model": "fake-chat/chat-model", "messages": messages}).encode()
+
+    every = {
+        "chat, 20,000 messages of 400 chars (8 MB), answered": lambda: chat(
+            [{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y" * 400}] * 10_000),
+        "chat, 1.4 M messages (47 MB)": lambda: chat([{"role": "user", "content": "hi"}] * 1_400_000),
+        "responses, 200,000 input items": lambda: json.dumps({"model": "fake-responses/gpt-test",
+                                                               "input": [{"role": "user", "content": "z"}] * 200_000}
+                                                              ).encode(),
+    }
+    return {name: make for name, make in every.items() if not names or any(n in name for n in names)}
+
+
+def main():
+    with FakeUpstream() as fake, tempfile.TemporaryDirectory() as home:
+        agent_dir = Path(home) / "agent"
+        agent_dir.mkdir()
+        from tests.conftest import models_json
+        (agent_dir / "models.json").write_text(json.dumps(models_json(fake.base_url)))
+        proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {"PI_PROXY_LOG_LEVEL": "WARNING",
+                                                                      "PI_PROXY_MAX_BODY_SIZE": "52428800",
+                                                                      "PI_PROXY_UPSTREAM_TIMEOUT_MS": "120000"})
+        try:
+            time.sleep(1.0)
+            quiet, _, _ = worst_healthz(proxy, lambda: time.sleep(3))
+            print(f"nothing else running: slowest /healthz {quiet:.1f} ms", flush=True)
+            for name, make in scenarios(fake, sys.argv[1:]).items():
+                data = make()
+                stall, seconds, count = worst_healthz(proxy, post(proxy, "/v1/chat/completions" if name.startswith(
+                    "chat") else "/v1/responses", data))
+                print(f"{name}: slowest /healthz {stall:.1f} ms during {seconds:.1f} s ({count} answered)",
+                      flush=True)
+            if sys.argv[1:] and "stream" not in sys.argv[1:]:
+                return
+            fake.reset()  # a refused request left its reply unused
+            fake.push(Reply(text=" ".join(["tok"] * 200_000)))
+            stall, seconds, count = worst_healthz(proxy, post(proxy, "/v1/responses", json.dumps(
+                {"model": "fake-responses/gpt-test", "input": "hi", "stream": True}).encode(), stream=True))
+            print(f"responses stream of 200,000 tokens: slowest /healthz {stall:.1f} ms during {seconds:.1f} s "
+                  f"({count} answered)", flush=True)
+        finally:
+            proxy.stop()
+
+
+if __name__ == "__main__":
+    main()
