@@ -3730,7 +3730,19 @@ def off_loop(function, *args):
     preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
     if request.environ.get("pi_proxy.body_size", 0) <= OFF_LOOP_BYTES:
         return function(*args)
-    return gevent.get_hub().threadpool.apply(function, args)
+    result, error = gevent.get_hub().threadpool.apply(outcome, (function, args))
+    if error is not None:
+        raise error
+    return result
+
+
+def outcome(function, args) -> tuple:
+    """(result, None) or (None, the exception): raised in a pool thread, gevent would print its
+    traceback, so a client's bad request (an ApiError) would write one to the log every time."""
+    try:
+        return function(*args), None
+    except Exception as error:
+        return None, error
 
 
 def read_request(config: Config, check, messages: str, tools: str) -> dict:

@@ -284,3 +284,20 @@ def test_client_text_cannot_forge_log_lines(proxy, fake):
     assert "FORGED-LINE" in log, "the names are logged (at DEBUG), escaped"
     assert not [line for line in log.splitlines() if line.startswith(forged[:10]) and "FORGED-LINE" in line]
     assert "\\r\\n" + forged in log
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "fake-chat/chat-model", "messages": [' + b" " * 200_000,  # not JSON
+    json.dumps({"model": "fake-chat/chat-model", "messages": [{"role": "nobody"}] * 8000}).encode(),  # schema
+    json.dumps({"model": "fake-chat/chat-model", "messages": HI, "metadata": nested(70),
+                "user": "x" * 200_000}).encode(),  # nesting cap
+])
+def test_a_large_bad_request_writes_no_traceback(proxy, fake, body):
+    """Bodies over 100 KB are checked in a pool thread: the client's 4xx must not reach the log as
+    a traceback (gevent prints one for any exception a pool thread raises)."""
+    response = requests.post(proxy.url + CHAT, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert 400 <= response.status_code < 500, response.text
+    assert "error" in response.json()
+    log = proxy.log_path.read_text()
+    assert "Traceback" not in log and "failed with" not in log, log[-2000:]
+    assert not fake.requests
