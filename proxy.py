@@ -278,6 +278,16 @@ def run_command(command: str, timeout: float) -> str:
     return output.strip() if process.returncode == 0 else ""
 
 
+def private_draft(path: Path, text: str) -> Path:
+    """`text` in a new file beside `path`, readable by this user only, for the caller to move
+    into place whole (a reader never sees half a file, nor a moment of wider permissions)."""
+    draft = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    return draft
+
+
 class AuthFile:
     """auth.json: provider id -> {"type":"api_key","key"} | {"type":"oauth","access","refresh","expires",
     "enterpriseUrl"?}. Shared with `pi` and other proxy processes: it is re-read when it changes on
@@ -339,11 +349,7 @@ class AuthFile:
             entries.pop(provider, None)
         else:
             entries[provider] = entry
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(entries, file, indent=2)
-        os.replace(temporary, self.path)
+        os.replace(private_draft(self.path, json.dumps(entries, indent=2)), self.path)
 
 
 ENVELOPE_KEY_FILE = "pi-proxy-envelope.key"
@@ -355,10 +361,7 @@ def envelope_key(agent_dir: Path) -> bytes:
     path = agent_dir / ENVELOPE_KEY_FILE
     if not path.exists():
         agent_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(os.urandom(32).hex() + "\n")
+        temporary = private_draft(path, os.urandom(32).hex() + "\n")
         try:
             os.link(temporary, path)  # the first proxy's key wins; a key in use is never replaced
         except FileExistsError:
