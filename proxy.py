@@ -3591,7 +3591,7 @@ class Call:
         for event in self.events:
             if event["type"] == "error":
                 self.close()
-                raise upstream_error(event, self.secrets)
+                raise self.error(event)
             if event["type"] == "heartbeat":
                 continue
             opening.append(event)
