@@ -29,7 +29,11 @@ API::
                                              #   .time = time.monotonic() when the fake noticed
     fake.wait_for_disconnect(timeout=2.0, count=1) -> bool
     fake.wait_for_requests(count=1, timeout=2.0) -> bool
-    fake.reset()                             # clear queue, requests, disconnects; default back to Hello
+    fake.reset()                             # clear queue, requests, disconnects, refusals; default back to Hello
+    fake.refusals                            # [message] of requests refused with a 400 as the real API
+                                             #   would refuse them (see _REFUSALS); these consume no reply
+    fake.issued                              # thinking signatures and redacted data sent out (never reset):
+                                             #   the Anthropic fake accepts only these back
     fake.pending                             # number of queued replies not yet consumed
     fake.port
     fake.stop()                              # fast; also drops open connections
@@ -44,6 +48,7 @@ Reply fields (all optional):
                         anthropic ``thinking`` block, responses ``reasoning`` item (summary text)
     reasoning_signature str, anthropic ``signature_delta`` / responses ``encrypted_content``
                         (default: a generated "fakesig-..." value when reasoning is set)
+    redacted_thinking   str, anthropic only: a ``redacted_thinking`` block with this ``data`` first
     tool_calls          [(id, name, arguments_json_str_or_dict)], arguments streamed in ~3 fragments.
                         chat: tool_calls[].id; anthropic: tool_use.id; responses: call_id
                         (pi-ai then reports the id as "<call_id>|fc_<...>").
@@ -140,6 +145,7 @@ class Reply:
     text: str = ""
     reasoning: str = ""
     reasoning_signature: str | None = None
+    redacted_thinking: str | None = None
     tool_calls: list = field(default_factory=list)
     stop: str | None = None
     usage: dict | None = None
@@ -348,6 +354,9 @@ class _Plan:
     def anthropic_events(self) -> Iterator[bytes]:
         yield _sse("message_start", {"type": "message_start", "message": self._anth_msg([], None, None, 1)})
         idx = 0
+        if self.r.redacted_thinking:
+            yield from self._anth_block(idx, {"type": "redacted_thinking", "data": self.r.redacted_thinking}, [])
+            idx += 1
         if self.r.reasoning:
             signature = _sse("content_block_delta", {"type": "content_block_delta", "index": idx,
                                                      "delta": {"type": "signature_delta", "signature": self.signature}})
@@ -377,6 +386,8 @@ class _Plan:
 
     def anthropic_json(self) -> dict:
         content: list = []
+        if self.r.redacted_thinking:
+            content.append({"type": "redacted_thinking", "data": self.r.redacted_thinking})
         if self.r.reasoning:
             content.append({"type": "thinking", "thinking": self.r.reasoning, "signature": self.signature})
         if self.r.text:
@@ -525,6 +536,51 @@ class _Plan:
     def responses_json(self) -> dict:
         status = self._resp_status()
         return self._resp_obj(status, self._resp_items(status), self._resp_usage())
+
+
+# --------------------------------------------------------------------------- strictness
+
+
+def _anthropic_refusal(body: dict, issued: set) -> str | None:
+    """The message of the real Messages API's 400 for a history it rejects, or None: a
+    `tool_result` not answering a `tool_use` of the message just before it, a `tool_use` left
+    unanswered by the next message, a thinking block without a signature or with one this fake
+    did not issue (Anthropic checks its signatures), and, when thinking is on, a tool loop whose
+    assistant turn does not start with its thinking block."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    blocks = [m["content"] if isinstance(m.get("content"), list) else [] for m in messages]
+    for i, content in enumerate(blocks):
+        uses = [b.get("id") for b in blocks[i - 1] if b.get("type") == "tool_use"] if i else []
+        answered = {b.get("tool_use_id") for b in content if b.get("type") == "tool_result"}
+        unanswered = [use for use in uses if use not in answered]
+        if unanswered:
+            return (f"messages.{i - 1}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                    f"{', '.join(unanswered)}. Each `tool_use` block must have a corresponding `tool_result` block "
+                    "in the next message.")
+        for j, block in enumerate(content):
+            kind, where = block.get("type"), f"messages.{i}.content.{j}"
+            if kind == "tool_result" and block.get("tool_use_id") not in uses:
+                return (f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: {block.get('tool_use_id')}. "
+                        "Each `tool_result` block must have a corresponding `tool_use` block in the previous message.")
+            if kind == "thinking" and not block.get("signature"):
+                return f"{where}.thinking.signature: Field required"
+            if kind == "thinking" and block["signature"] not in issued:
+                return f"{where}: Invalid `signature` in `thinking` block"
+            if kind == "redacted_thinking" and block.get("data") not in issued:
+                return f"{where}: Invalid `data` in `redacted_thinking` block"
+    thinking = (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+    if thinking and len(messages) >= 2 and any(b.get("type") == "tool_result" for b in blocks[-1]):
+        first = (blocks[-2] or [{"type": "text"}])[0].get("type")
+        if first not in ("thinking", "redacted_thinking"):
+            return (f"messages.{len(messages) - 2}.content.0.type: Expected `thinking` or `redacted_thinking`, but "
+                    f"found `{first}`. When `thinking` is enabled, a final `assistant` message must start with a "
+                    "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks). We recommend "
+                    "you include thinking blocks from previous turns. To avoid this requirement, disable `thinking`.")
+    return None
+
+
+# What each API's real server refuses before answering: api -> (body, signatures issued) -> message | None.
+_REFUSALS = {"anthropic": _anthropic_refusal}
 
 
 # GitHub Copilot serves the OpenAI APIs without the /v1 prefix.
@@ -699,6 +755,8 @@ class FakeUpstream:
         self._seq = 0
         self.default = Reply(text="Hello from fake")
         self.requests: list[Recorded] = []
+        self.refusals: list[str] = []  # what the fake refused, as the real API would have (_REFUSALS)
+        self.issued: set[str] = set()  # thinking signatures and redacted data this fake sent out
         self.disconnects: list[Recorded] = []
         self.base_url = ""
 
@@ -754,6 +812,7 @@ class FakeUpstream:
             self._queue.clear()
             self.requests.clear()
             self.disconnects.clear()
+            self.refusals.clear()
             self.default = Reply(text="Hello from fake")
 
     @property
@@ -808,16 +867,22 @@ class FakeUpstream:
         rec = Recorded(path=path, headers={k.lower(): v for k, v in h.headers.items()}, body=body,
                        time=time.monotonic(), method=h.command)
         api = _APIS.get(path) if h.command == "POST" else None
+        refusal = _REFUSALS[api](body, self.issued) if api in _REFUSALS and isinstance(body, dict) else None
         with self._cond:
             self.requests.append(rec)
             self._seq += 1
             seq = self._seq
             reply = None
-            if api is not None:
+            if api is not None and refusal is None:  # a refused request consumes no reply
                 reply = self._queue.popleft() if self._queue else self.default
             self._cond.notify_all()
         conn = _Conn(self, h, rec)
         try:
+            if refusal is not None:
+                self.refusals.append(refusal)
+                self._send_json(conn, 400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                                       "message": refusal}}, {})
+                return
             if reply is None:
                 self._send_json(conn, 404, {"error": {"message": f"fake upstream: unknown path {h.command} {path}",
                                                       "type": "invalid_request_error", "param": None,
@@ -844,6 +909,7 @@ class FakeUpstream:
             return
         try:
             plan = _Plan(r, body, seq)
+            self.issued.update(filter(None, (plan.signature, r.redacted_thinking)))
         except ValueError as e:
             self._send_json(conn, 500, {"error": {"message": f"fake upstream: bad Reply: {e}",
                                                   "type": "server_error", "param": None, "code": None}}, {})
