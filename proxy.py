@@ -1232,11 +1232,13 @@ class ApiError(Exception):
     """An error answered to the client in its API's own shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None,
-                 code=None, retry_after: str | None = None, upstream_event: dict | None = None):
+                 code=None, retry_after: str | None = None, upstream_event: dict | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type_
         self.param, self.code, self.retry_after = param, code, retry_after
         self.upstream_event = upstream_event  # the bridge's error event (redacted), when upstream failed
+        self.details = details  # Anthropic's `error.details`, which the anthropic SDK acts on
         self.request_id = None  # the request's id, named in every body (as Anthropic's API does)
 
     def openai_body(self) -> dict:
@@ -1245,7 +1247,8 @@ class ApiError(Exception):
 
     def anthropic_body(self) -> dict:
         type_ = self.type if self.type in ANTHROPIC_ERROR_TYPES else "api_error"
-        return self._named({"type": "error", "error": {"type": type_, "message": self.message}})
+        error = {"type": type_, "message": self.message, **({"details": self.details} if self.details else {})}
+        return self._named({"type": "error", "error": error})
 
     def pi_body(self) -> dict:
         return self._named({"error": self.message})  # pi-agent-core's streamProxy reads only `error`
@@ -1731,7 +1734,7 @@ def chat_completion(message: dict, reason: str, completion_id: str, model_name: 
     """The final pi-ai message -> a `chat.completion` object."""
     blocks = message.get("content", [])
     text = "".join(b["text"] for b in blocks if b["type"] == "text")
-    reasoning = "".join(b["thinking"] for b in blocks if b["type"] == "thinking")
+    reasoning = "".join(b["thinking"] for b in blocks if b["type"] == "thinking" and not b.get("redacted"))
     calls = [
         {"id": b["id"], "type": "function",
          "function": {"name": b["name"], "arguments": json.dumps(b.get("arguments") or {})}}
@@ -1807,12 +1810,14 @@ class ChatChunks:
 _REASONING_ENVELOPE = "pi-proxy.2:"  # .1 envelopes carried no MAC: they read as foreign now
 
 
-def seal_reasoning(model_id: str, signature: str, key: bytes) -> str:
+def seal_reasoning(model_id: str, signature: str, key: bytes, redacted: bool = False) -> str:
     """A reasoning item's `encrypted_content`: pi-ai's signature for the thinking block (Anthropic's
-    signature; the whole upstream reasoning item for openai-responses) and the model it is valid
-    for, with a MAC under this installation's envelope key (envelope_key): pi-ai forwards what is
-    inside as is, so only what this proxy minted may come back in."""
-    payload = json.dumps({"model": model_id, "signature": signature}, separators=(",", ":"))
+    signature, or its redacted thinking's data; the whole upstream reasoning item for
+    openai-responses) and the model it is valid for, with a MAC under this installation's envelope
+    key (envelope_key): pi-ai forwards what is inside as is, so only what this proxy minted may
+    come back in."""
+    payload = json.dumps({"model": model_id, "signature": signature, **({"redacted": True} if redacted else {})},
+                         separators=(",", ":"))
     sealed = _REASONING_ENVELOPE + base64.urlsafe_b64encode(payload.encode()).decode()
     return sealed + "." + _envelope_mac(sealed, key)
 
@@ -1821,9 +1826,9 @@ def _envelope_mac(sealed: str, key: bytes) -> str:
     return base64.urlsafe_b64encode(hmac.digest(key, sealed.encode(), "sha256")).decode().rstrip("=")
 
 
-def open_reasoning(sealed: str | None, model: dict, key: bytes) -> str | None:
-    """The signature in a reasoning item, if this proxy's installation made it for this model;
-    None otherwise (foreign, forged or altered)."""
+def open_reasoning(sealed: str | None, model: dict, key: bytes) -> dict | None:
+    """The pi thinking block's signature (and redacted mark) sealed in a reasoning item, if this
+    proxy's installation made it for this model; None otherwise (foreign, forged or altered)."""
     if not sealed or not sealed.startswith(_REASONING_ENVELOPE) or "." not in sealed:
         return None
     sealed, mac = sealed.rsplit(".", 1)
@@ -1833,9 +1838,9 @@ def open_reasoning(sealed: str | None, model: dict, key: bytes) -> str | None:
         payload = json.loads(base64.urlsafe_b64decode(sealed[len(_REASONING_ENVELOPE):]))
     except (ValueError, binascii.Error):
         return None
-    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model):
+    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model) or not payload.get("signature"):
         return None
-    return payload.get("signature") or None
+    return {"thinkingSignature": payload["signature"], **({"redacted": True} if payload.get("redacted") else {})}
 
 
 def signature_out(model: dict, signature: str | None, key: bytes) -> str:
@@ -1852,7 +1857,8 @@ def signature_in(model: dict, signature: str | None, key: bytes) -> str | None:
     this installation did not make it for this model."""
     if not signature or model["api"] == "anthropic-messages":
         return signature or None
-    return open_reasoning(signature, model, key)
+    opened = open_reasoning(signature, model, key)
+    return opened and opened["thinkingSignature"]
 
 
 _A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
@@ -1983,10 +1989,41 @@ def anthropic_user_content(blocks: list, param: str) -> list:
     return content
 
 
+# Messages fields whose state lives on Anthropic's servers: nothing here can hold or run them, and
+# an answer without them would be to another conversation, so each is refused by name.
+SERVER_STATE_FIELDS = {
+    "thread": "message threads keep the conversation on Anthropic's servers and this proxy keeps none; "
+              "send the whole history in `messages`",
+    "container": "code execution containers run on Anthropic's servers, which this proxy does not reach",
+    "mcp_servers": "this proxy cannot connect the model to MCP servers; declare their tools as client tools",
+    "compaction": "server-side compaction is not available through this proxy; compact on the client",
+}
+# Tools without an input_schema are run (web search, code execution, MCP) or defined (bash, text
+# editor, computer, memory) by Anthropic: no other model can be given them. Only the tool-search
+# tools may go unsaid: every tool is then sent whole (defer_loading aside), which hides none.
+_TOOL_SEARCH = "tool_search_tool_"
+
+
+def reject_server_state(body: dict):
+    for name, reason in SERVER_STATE_FIELDS.items():
+        if name in body:
+            # The anthropic SDK's thread helpers (tool_runner) resend unthreaded on this error_code.
+            details = {"error_code": "thread_unsupported_request", "unsupported": [name]} if name == "thread" else None
+            raise ApiError(400, f"{name} is not supported: {reason}", param=name, code="unsupported_parameter",
+                           details=details)
+    for index, tool in enumerate(body.get("tools", [])):
+        kind = tool.get("type", "custom")
+        if "input_schema" not in tool and not kind.startswith(_TOOL_SEARCH):
+            raise ApiError(400, f"tools[{index}]: the {shown(kind)} tool is run or defined by Anthropic itself; "
+                                "this proxy can offer a model only tools with an input_schema",
+                           param=f"tools[{index}].type", code="unsupported_parameter")
+
+
 def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
     """An Anthropic Messages request -> a pi-ai Context. Tool results in a user turn become pi
     toolResult messages (ahead of the turn's other content); `role: "system"` messages are folded
     into the system prompt; assistant turns are stamped with the target model."""
+    reject_server_state(body)
     system = [text_of(anthropic_blocks(body.get("system", "")))]
     messages, tool_names = [], {}
     for index, message in enumerate(body["messages"]):
@@ -2040,9 +2077,9 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
     if system_prompt:
         context["systemPrompt"] = system_prompt
     tools = []
-    for tool in body.get("tools", []):
-        if "input_schema" not in tool:  # a server tool (web search, ...) that nothing here can run
-            log.debug("dropping server tool %s", tool.get("type", tool["name"]))
+    for index, tool in enumerate(body.get("tools", [])):
+        if "input_schema" not in tool:  # a tool-search tool (reject_server_state)
+            log.debug("ignoring tools[%d] (%s): every tool is sent whole", index, tool["type"])
             continue
         tools.append({"name": tool["name"], "description": tool.get("description", ""),
                       "parameters": tool["input_schema"]})
@@ -2138,7 +2175,8 @@ class AnthropicEvents:
     blocks only when the stream ends): a block is closed as soon as another one starts, and a
     later text or thinking delta for it opens a fresh block of the same kind. A tool call's
     block is never reopened (its id must stay unique), so text or thinking arriving while one is
-    open is held back until it closes."""
+    open is held back until it closes. Every thinking block ends with its signature_delta, as
+    Anthropic's do, whenever it closes; redacted thinking is a redacted_thinking block, whole."""
 
     def __init__(self, message_id: str, model_name: str, input_estimate: int, seal):
         self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
@@ -2146,6 +2184,7 @@ class AnthropicEvents:
         self.open = None  # (pi contentIndex, kind) of the block now open
         self.index = -1  # the Anthropic index of the last block started
         self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
+        self.signatures: dict[int, str] = {}  # pi contentIndex -> its thinking signature, once known
         self.streamed_arguments: set[int] = set()
         self.held: list[tuple] = []  # (contentIndex, kind, delta) held back while a tool call is open
 
@@ -2159,7 +2198,11 @@ class AnthropicEvents:
                           "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})]
         if kind == "heartbeat":
             return [("ping", {"type": "ping"})]
+        if kind == "thinking_start" and event.get("redacted"):
+            return [*self.start_block(index, "redacted_thinking", event["contentSignature"]), *self.close()]
         if kind in ("text_start", "thinking_start"):
+            if event.get("contentSignature"):  # openai-completions: known at the start, the block closes early
+                self.signatures[index] = event["contentSignature"]
             return self.start_block(index, kind.split("_")[0])
         if kind == "toolcall_start":
             self.tool_calls[index] = (client_tool_id(event["id"]), event["toolName"])
@@ -2175,11 +2218,8 @@ class AnthropicEvents:
             self.streamed_arguments.add(index)
             return [*self.ensure_open(index, "tool_use"),
                     self.delta({"type": "input_json_delta", "partial_json": event["delta"]})]
-        if kind == "thinking_end" and event.get("contentSignature") and self.open == (index, "thinking"):
-            # Only openai-completions ends a thinking block after later ones began; its
-            # "signature" is a field name, not worth a block of its own.
-            return [self.delta({"type": "signature_delta", "signature": self.seal(event["contentSignature"])}),
-                    *self.close()]
+        if kind == "thinking_end" and event.get("contentSignature"):
+            self.signatures[index] = event["contentSignature"]
         if kind == "toolcall_end" and index not in self.streamed_arguments:
             arguments = json.dumps(event["toolCall"].get("arguments") or {})
             return [*self.ensure_open(index, "tool_use"),
@@ -2193,7 +2233,7 @@ class AnthropicEvents:
                     ("message_stop", {"type": "message_stop"})]
         return []
 
-    def start_block(self, index: int, kind: str) -> list:
+    def start_block(self, index: int, kind: str, data: str = "") -> list:
         frames = self.close()
         self.index += 1
         self.open = (index, kind)
@@ -2201,6 +2241,8 @@ class AnthropicEvents:
             block = {"type": "text", "text": ""}
         elif kind == "thinking":
             block = {"type": "thinking", "thinking": "", "signature": ""}
+        elif kind == "redacted_thinking":
+            block = {"type": "redacted_thinking", "data": self.seal(data)}
         else:
             call_id, name = self.tool_calls[index]
             block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
@@ -2217,7 +2259,9 @@ class AnthropicEvents:
     def close(self) -> list:
         frames = []
         if self.open is not None:
-            self.open = None
+            (index, kind), self.open = self.open, None
+            if kind == "thinking":
+                frames.append(self.delta({"type": "signature_delta", "signature": self.seal(self.signatures.get(index, ""))}))
             frames.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         if self.held:
             held, self.held = self.held, []
@@ -2531,12 +2575,12 @@ def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict, k
         elif role == "assistant":
             turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
         elif kind == "reasoning":
-            signature = open_reasoning(item.get("encrypted_content"), model, key)
-            if signature is None:
+            opened = open_reasoning(item.get("encrypted_content"), model, key)
+            if opened is None:
                 log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(model))
                 continue
             thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
-            turn.append({"type": "thinking", "thinking": thinking, "thinkingSignature": signature})
+            turn.append({"type": "thinking", "thinking": thinking, **opened})
         elif kind in ("function_call", "custom_tool_call"):
             pi_name = pi_names.get((item.get("namespace"), item["name"]), item["name"])
             if kind == "custom_tool_call":
@@ -2656,6 +2700,10 @@ def replay_message(message: dict):
             yield from ({"type": "text_start", "contentIndex": index},
                         {"type": "text_delta", "contentIndex": index, "delta": block["text"]},
                         {"type": "text_end", "contentIndex": index})
+        elif block["type"] == "thinking" and block.get("redacted"):  # as the bridge streams it: no text
+            yield from ({"type": "thinking_start", "contentIndex": index, "redacted": True,
+                         "contentSignature": block["thinkingSignature"]},
+                        {"type": "thinking_end", "contentIndex": index})
         elif block["type"] == "thinking":
             yield from ({"type": "thinking_start", "contentIndex": index},
                         {"type": "thinking_delta", "contentIndex": index, "delta": block["thinking"]},
@@ -2685,6 +2733,7 @@ class ResponsesEvents:
         self.text = []  # the open item's text, summary or arguments so far, in pieces (joined once)
         self.calls = {}  # pi contentIndex -> (call id, pi tool name)
         self.signatures = {}  # pi contentIndex -> a thinking block's signature, known at its start
+        self.redacted = set()  # pi contentIndex of redacted thinking: a reasoning item with no summary
 
     def event(self, type_: str, **fields) -> dict:
         event = {"type": type_, **fields, "sequence_number": self.sequence}
@@ -2701,6 +2750,8 @@ class ResponsesEvents:
                 self.calls[index] = (event["id"], event["toolName"])
             if event.get("contentSignature"):
                 self.signatures[index] = event["contentSignature"]
+            if event.get("redacted"):
+                self.redacted.add(index)
             return self.start_item(index, ITEM_OF_BLOCK[kind.split("_")[0]])
         if kind == "text_delta":
             return [*self.ensure_open(index, "message"), self.delta("response.output_text.delta", event["delta"])]
@@ -2808,7 +2859,7 @@ class ResponsesEvents:
                            self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)]
             signature = signature or self.signatures.get(index)
             if signature:
-                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key)
+                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key, index in self.redacted)
         else:
             if not text:  # a call delivered whole: its arguments still have to reach the client
                 text = json.dumps(arguments or {})
