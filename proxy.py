@@ -1328,6 +1328,8 @@ def redact(text: str, secrets) -> str:
 # 8. OpenAI chat completions
 # ==================================================================================================
 
+# Where OpenAI-compatible servers put an assistant's reasoning, in the order pi-ai reads them.
+REASONING_FIELDS = ("reasoning_content", "reasoning", "reasoning_text")
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {
     "anyOf": [
@@ -1386,6 +1388,7 @@ CHAT_SCHEMA = {
                     "name": {"type": "string"},
                     "tool_calls": {"type": "array", "items": _TOOL_CALL},
                     "tool_call_id": {"type": "string"},
+                    **{name: {"type": ["string", "null"]} for name in REASONING_FIELDS},
                 },
                 "allOf": [
                     {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"]}},
@@ -1583,6 +1586,21 @@ def parse_arguments(arguments: str | None, param: str) -> dict:
     return parsed
 
 
+def chat_reasoning(message: dict, model: dict, param: str) -> list:
+    """An assistant message's reasoning (sent back by pi, LiteLLM, pydantic-ai; `reasoning` as
+    OpenRouter names it) -> a pi thinking block. For openai-completions its signature is the
+    field's name, as pi-ai's own: pi-ai replays the text in that field. Chat carries no signature
+    that Anthropic or the Responses API could check, and those upstreams drop earlier turns'
+    thinking anyway, so toward them it is dropped (pi-ai would make it visible text)."""
+    field = next((name for name in REASONING_FIELDS if message.get(name)), None)
+    if field is None:
+        return []
+    if model["api"] != "openai-completions":
+        log.debug("dropping %s.%s: %s has no unsigned reasoning", param, field, model["api"])
+        return []
+    return [{"type": "thinking", "thinking": message[field], "thinkingSignature": field}]
+
+
 def chat_to_context(body: dict, model: dict) -> dict:
     """OpenAI chat messages and tools -> a pi-ai Context. System and developer messages, wherever
     they stand, become the system prompt (pi's context has only one)."""
@@ -1596,7 +1614,7 @@ def chat_to_context(body: dict, model: dict) -> dict:
             messages.append({"role": "user", "content": content, "timestamp": 0})
         elif role == "assistant":
             calls = message.get("tool_calls") or []
-            blocks = [b for b in content if b["text"]]
+            blocks = chat_reasoning(message, model, param) + [b for b in content if b["text"]]
             for call_index, call in enumerate(calls):
                 function = call["function"]
                 tool_names[call["id"]] = function["name"]

@@ -2,6 +2,8 @@
 
 import base64
 import json
+import subprocess
+from pathlib import Path
 
 import openai
 import pytest
@@ -368,3 +370,65 @@ def test_wrong_method_and_unknown_path_answer_in_openai_shape(proxy):
 def test_healthz(proxy):
     response = requests.get(f"{proxy.url}/healthz")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+# --- reasoning sent back ------------------------------------------------------------------------------
+
+
+PI_DIRECT = Path(__file__).resolve().parent / "pi_direct.mjs"
+
+
+def pi_via_proxy(proxy, messages: list) -> dict:
+    """pi-ai's own openai-completions client (as pi uses it) pointed at the proxy: its final message."""
+    model = {"id": "fake-chat/chat-model", "name": "c", "api": "openai-completions", "provider": "pi-proxy",
+             "baseUrl": f"{proxy.url}/v1", "reasoning": True, "input": ["text"], "contextWindow": 200000,
+             "maxTokens": 8192, "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+             "compat": {"supportsReasoningEffort": True}}
+    tools = [{"name": "get_weather", "description": "Weather", "parameters": WEATHER_TOOL["function"]["parameters"]}]
+    request = {"model": model, "context": {"messages": messages, "tools": tools},
+               "options": {"apiKey": "unused", "maxRetries": 0, "reasoning": "low"}}
+    done = subprocess.run(["node", str(PI_DIRECT)], input=json.dumps(request), capture_output=True, text=True,
+                          cwd=PI_DIRECT.parent.parent, timeout=30)
+    last = json.loads(done.stdout.splitlines()[-1])
+    assert last["type"] == "done", last
+    return last["message"]
+
+
+def test_pi_keeps_its_reasoning_across_tool_calls(proxy, fake):
+    """pi talking chat completions to the proxy sends its reasoning back in `reasoning_content`:
+    an openai-completions upstream gets it there again, as from pi directly."""
+    fake.push(Reply(reasoning="I should look it up.", tool_calls=[("call_p1", "get_weather", {"city": "Lima"})]),
+              Reply(text="Mild."))
+    question = {"role": "user", "content": "Lima?", "timestamp": 0}
+    first = pi_via_proxy(proxy, [question])
+    assert [b["type"] for b in first["content"]] == ["thinking", "toolCall"]
+    result = {"role": "toolResult", "toolCallId": "call_p1", "toolName": "get_weather",
+              "content": [{"type": "text", "text": "18C"}], "isError": False, "timestamp": 0}
+    assert pi_via_proxy(proxy, [question, first, result])["content"][-1]["text"] == "Mild."
+    assistant = last_request(fake, "fake-chat/chat-model").body["messages"][1]
+    assert assistant["reasoning_content"] == "I should look it up." and assistant["tool_calls"][0]["id"] == "call_p1"
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_sent_back_is_replayed_in_its_own_field(client, fake, field):
+    model = "fake-chat/chat-model"
+    fake.push(Reply(text="ok"))
+    client.chat.completions.create(model=model, messages=[
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, field: "thinking it over",
+         "tool_calls": [{"id": "call_r", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_r", "content": "sunny"}], tools=[WEATHER_TOOL])
+    assistant = last_request(fake, model).body["messages"][1]
+    assert assistant[field] == "thinking it over"
+
+
+@pytest.mark.parametrize("model", ["fake-anthropic/claude-test", "fake-responses/gpt-test"])
+def test_reasoning_without_a_signature_does_not_reach_other_apis(client, fake, model):
+    """Chat carries no signature Anthropic or the Responses API could check (and both drop earlier
+    turns' thinking): the reasoning is dropped, never turned into text the model said."""
+    fake.push(Reply(text="ok"))
+    client.chat.completions.create(model=model, messages=[
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "SECRET-PLAN"},
+        {"role": "user", "content": "q2"}])
+    sent = json.dumps(last_request(fake, model).body)
+    assert "SECRET-PLAN" not in sent and '"a"' in sent.replace(" ", "")
