@@ -1325,6 +1325,100 @@ def redact(text: str, secrets) -> str:
 # 8. OpenAI chat completions
 # ==================================================================================================
 
+IGNORED = "x-ignored"  # a schema annotation (jsonschema skips unknown keywords): why the field is not used
+MAX_UNUSED_LOGGED = 20  # paths logged per request: a body of a million unknown keys writes a few lines
+
+
+def ignored(why: str, schema: dict | None = None) -> dict:
+    """The schema of a property accepted on purpose and not used, e.g.
+    `"store": ignored("nothing is stored", {"type": "boolean"})`: values valid per `schema` pass.
+
+    The rule: every field a client sends is honoured, translated, or knowingly ignored, and at
+    DEBUG each one that is not used is logged with its path (`messages[3].reasoning_content`). The
+    request schemas, which `validate` checks bodies against, say which is which, so every endpoint
+    gets the log line from its validator (validate -> log_unused_fields -> unused_fields):
+    - a property some applying schema describes without this mark is used; its value is walked on;
+    - a property marked with ignored(why) is logged as ignored, with `why`, and not walked into;
+    - a property no schema describes is logged as unknown (the request still goes on);
+    - an object whose schemas describe no properties (a tool's JSON Schema) is used whole, and
+      `additionalProperties` describes the names a schema does not list (it too may be ignored()).
+    A schema applies together with its `allOf` members, the `then` (or `else`) of its `if`, and the
+    `anyOf`/`oneOf` branches the value matches, so the per-type rules of blocks and items count.
+    Null values mean "unset" and are not reported. A field whose loss changes the conversation is
+    not for this mark: refuse it (400) instead. The README lists the ignored fields per endpoint."""
+    return {**(schema or {}), IGNORED: why}
+
+
+_BRANCH_VALIDATORS: dict[int, tuple] = {}  # id -> (an `if` or anyOf branch of a module schema, its validator)
+
+
+def _matches(schema, value) -> bool:
+    if not isinstance(schema, dict):
+        return bool(schema)
+    entry = _BRANCH_VALIDATORS.get(id(schema))
+    if entry is None or entry[0] is not schema:
+        entry = _BRANCH_VALIDATORS[id(schema)] = (schema, Draft202012Validator(schema))
+    return entry[1].is_valid(value)
+
+
+def _applying(schemas: list, value) -> list:
+    """`schemas` and the subschemas that apply to `value` with them (allOf, if/then/else, the
+    anyOf/oneOf branches it matches)."""
+    found, pending = [], list(schemas)
+    while pending:
+        schema = pending.pop()
+        if not isinstance(schema, dict):
+            continue
+        found.append(schema)
+        pending += schema.get("allOf", [])
+        pending += [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _matches(branch, value)]
+        if "if" in schema:
+            branch = schema.get("then" if _matches(schema["if"], value) else "else")
+            if branch is not None:
+                pending.append(branch)
+    return found
+
+
+def unused_fields(body, schema: dict):
+    """(path, why) for each field of a valid `body` that is not used, in document order: `why` is
+    the ignored() reason, or None for a field no schema describes. Nothing below such a field."""
+    pending = [(body, [schema], ())]
+    while pending:
+        value, schemas, path = pending.pop()
+        schemas = _applying(schemas, value)
+        children = []
+        if isinstance(value, dict):
+            rest = [s["additionalProperties"] for s in schemas if "additionalProperties" in s]
+            if not rest and not any("properties" in s for s in schemas):
+                continue  # described as a whole: passed on as it is
+            for name, member in value.items():
+                if member is None:
+                    continue
+                described = [s["properties"][name] for s in schemas if name in s.get("properties", {})] or rest
+                used = [s for s in described if not (isinstance(s, dict) and IGNORED in s)]
+                if used:
+                    children.append((member, used, (*path, name)))
+                else:
+                    yield json_path((*path, name)), described[0][IGNORED] if described else None
+        elif isinstance(value, list):
+            described = [s["items"] for s in schemas if "items" in s]
+            children = [(member, described, (*path, index)) for index, member in enumerate(value)]
+        pending += reversed(children)
+
+
+def log_unused_fields(body, schema: dict):
+    """At DEBUG: the fields of a request that are not used, grouped by why, at most MAX_UNUSED_LOGGED."""
+    found = list(itertools.islice(unused_fields(body, schema), MAX_UNUSED_LOGGED + 1))
+    by_reason = {}
+    for path, why in found[:MAX_UNUSED_LOGGED]:
+        by_reason.setdefault(why, []).append(path)
+    what = schema.get("title", "request")
+    for why, paths in by_reason.items():
+        log.debug("%s: ignored (%s): %s", what, "unknown to this proxy" if why is None else why, ", ".join(paths))
+    if len(found) > MAX_UNUSED_LOGGED:
+        log.debug("%s: more fields ignored; only the first %d are logged", what, MAX_UNUSED_LOGGED)
+
+
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {
     "anyOf": [
@@ -1344,7 +1438,8 @@ _CONTENT = {
                             "required": ["image_url"],
                             "properties": {
                                 "image_url": {"type": "object", "required": ["url"],
-                                              "properties": {"url": {"type": "string"}}}
+                                              "properties": {"url": {"type": "string"},
+                                                             "detail": ignored("pi-ai has no image detail level")}}
                             },
                         },
                     },
@@ -1367,6 +1462,7 @@ _TOOL_CALL = {
     },
 }
 CHAT_SCHEMA = {
+    "title": "chat completions request",
     "type": "object",
     "required": ["model", "messages"],
     "properties": {
@@ -1380,7 +1476,7 @@ CHAT_SCHEMA = {
                 "properties": {
                     "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
                     "content": _CONTENT,
-                    "name": {"type": "string"},
+                    "name": ignored("pi-ai's messages name no author", {"type": "string"}),
                     "tool_calls": {"type": "array", "items": _TOOL_CALL},
                     "tool_call_id": {"type": "string"},
                 },
@@ -1427,6 +1523,7 @@ CHAT_SCHEMA = {
                             "name": {"type": "string", "pattern": "^[a-zA-Z0-9_.-]{1,128}$"},
                             "description": {"type": "string"},
                             "parameters": {"type": "object"},
+                            "strict": ignored("pi-ai declares every tool with strict: false", {"type": "boolean"}),
                         },
                     },
                 },
@@ -1444,19 +1541,31 @@ CHAT_SCHEMA = {
         "parallel_tool_calls": {"type": "boolean"},
         "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]},
         "user": {"type": "string"},
-        "metadata": {"type": "object"},
+        "metadata": ignored("metadata of stored completions: nothing is stored", {"type": "object"}),
+        "store": ignored("nothing is stored", {"type": "boolean"}),
         "n": {"type": "integer", "minimum": 1},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0},
+        "logit_bias": {"type": "object"},
     },
 }
 CHAT_VALIDATOR = Draft202012Validator(CHAT_SCHEMA)
-CHAT_FIELDS = set(CHAT_SCHEMA["properties"]) | {"logprobs", "top_logprobs", "logit_bias"}
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]{0,63}")
 
 
 def json_path(path) -> str:
-    """jsonschema's path deque -> `messages[0].content`."""
+    """jsonschema's path deque -> `messages[0].content`. A name that is not plain (a client's
+    own keys can be anything) is quoted, escaped and cut short: `metadata["a.b\\n..."]`."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_NAME.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += "[" + json.dumps(part if len(part) <= 64 else part[:64] + "...") + "]"
     return text
 
 
@@ -1477,6 +1586,8 @@ def validate(body, validator: Draft202012Validator) -> dict:
         where = f" at {param}" if param else ""
         message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
         raise ApiError(400, f"Invalid request{where}: {message}", param=param, code="invalid_value")
+    if log.isEnabledFor(logging.DEBUG):
+        log_unused_fields(body, validator.schema)
     return body
 
 
@@ -1505,9 +1616,6 @@ def reject_unsupported(body: dict):
     for name in ("top_logprobs", "logit_bias"):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported by this proxy", param=name, code="unsupported_parameter")
-    unknown = sorted(set(body) - CHAT_FIELDS)
-    if unknown:
-        log.debug("ignoring unknown chat completion fields: %s", ", ".join(unknown))
 
 
 _DATA_URI = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.*)$", re.S)
@@ -1870,11 +1978,14 @@ _A_IMAGE = {
 }
 
 
+_A_CACHE_CONTROL = ignored("pi-ai sets its own cache breakpoints (cacheRetention)", {"type": "object"})
+
+
 def _a_blocks(allowed: list, extra_rules: list = ()) -> dict:
     rules = [{"if": {"properties": {"type": {"const": "text"}}}, "then": _A_TEXT},
              {"if": {"properties": {"type": {"const": "image"}}}, "then": _A_IMAGE}, *extra_rules]
-    return {"type": "array", "items": {"type": "object", "required": ["type"],
-                                       "properties": {"type": {"enum": allowed}}, "allOf": rules}}
+    return {"type": "array", "items": {"type": "object", "required": ["type"], "allOf": rules,
+                                       "properties": {"type": {"enum": allowed}, "cache_control": _A_CACHE_CONTROL}}}
 
 
 _A_TOOL_RESULT_CONTENT = {"anyOf": [{"type": "string"}, _a_blocks(["text", "image"])]}
@@ -1909,7 +2020,7 @@ _A_MESSAGES_PROPERTIES = {
     "system": {"anyOf": [{"type": "string"}, _a_blocks(["text"])]},
     "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-        "input_schema": {"type": "object"}}}},
+        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL}}},
     "tool_choice": {
         "type": "object", "required": ["type"],
         "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
@@ -1931,11 +2042,12 @@ _A_MESSAGES_PROPERTIES = {
     "stream": {"type": "boolean"},
 }
 MESSAGES_VALIDATOR = Draft202012Validator({
-    "type": "object", "required": ["model", "messages", "max_tokens"],
+    "title": "messages request", "type": "object", "required": ["model", "messages", "max_tokens"],
     "properties": {**_A_MESSAGES_PROPERTIES, "max_tokens": {"type": "integer", "minimum": 1}},
 })
 COUNT_TOKENS_VALIDATOR = Draft202012Validator({
-    "type": "object", "required": ["model", "messages"], "properties": _A_MESSAGES_PROPERTIES,
+    "title": "count_tokens request", "type": "object", "required": ["model", "messages"],
+    "properties": _A_MESSAGES_PROPERTIES,
 })
 
 # Tool-use ids must match ^[a-zA-Z0-9_-]+$ for Anthropic clients, but pi-ai's ids need not (the
@@ -2357,8 +2469,10 @@ def resolve_claude_model(name: str, models: dict, is_available) -> dict:
 # 10. OpenAI responses
 # ==================================================================================================
 
-_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"],
-                                                   "properties": {"type": {"type": "string"}}}}
+_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string"}, "text": {}, "refusal": {}, "image_url": {},
+    "detail": ignored("pi-ai has no image detail level"),
+    "annotations": ignored("citations of a replayed answer"), "logprobs": ignored("logprobs of a replayed answer")}}}
 _R_ITEM_RULES = {
     "message": {"required": ["role", "content"],
                 "properties": {"role": {"enum": ["user", "system", "developer", "assistant"]}, "content": _R_PARTS}},
@@ -2390,19 +2504,25 @@ _R_TOOLS = {"type": "array", "items": {
                         "then": {"required": ["name", "tools"],
                                  "properties": {"name": {"type": "string"}, "tools": {"type": "array", "items": _R_TOOL}}}}]}}
 RESPONSES_VALIDATOR = Draft202012Validator({
+    "title": "responses request",
     "type": "object",
     "required": ["model", "input"],
     "properties": {
         "model": {"type": "string", "minLength": 1},
         "input": {"type": ["string", "array"], "items": {
-            "type": "object", "properties": {"type": {"type": "string"}},
+            "type": "object",
+            "properties": {"type": {"type": "string"},
+                           "id": ignored("the id of a replayed output item"),
+                           "status": ignored("the status of a replayed output item")},
             # An item without a type is a message (OpenAI's "easy input message").
             "allOf": [{"if": {"properties": {"type": {"const": kind}}, **({} if kind == "message" else {"required": ["type"]})},
                        "then": rule} for kind, rule in _R_ITEM_RULES.items()]}},
         "instructions": {"type": "string"},
         "tools": _R_TOOLS,
         "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
-                                  {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}]},
+                                  {"type": "object", "required": ["type"],
+                                   "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                                  "namespace": {"type": "string"}}}]},
         "parallel_tool_calls": {"type": "boolean"},
         "reasoning": {"type": "object", "properties": {
             "effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", None]}}},
@@ -2855,9 +2975,13 @@ _PI_TOOL_CALL = {"required": ["id", "name", "arguments"],
 _PI_BLOCK_RULES = {"text": _PI_TEXT, "image": _PI_IMAGE, "thinking": _PI_THINKING, "toolCall": _PI_TOOL_CALL}
 
 
+_PI_OWN = {}  # the fields of pi-ai's own types not checked here (signatures, usage...): pi-ai reads them
+
+
 def _pi_blocks(allowed: list) -> dict:
     return {"type": "array", "items": {
         "type": "object", "required": ["type"], "properties": {"type": {"enum": allowed}},
+        "additionalProperties": _PI_OWN,
         "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": _PI_BLOCK_RULES[kind]}
                   for kind in allowed]}}
 
@@ -2874,21 +2998,23 @@ _PI_MESSAGE_RULES = {
                                   "content": _pi_blocks(["text", "image"]), "isError": {"type": "boolean"}}},
 }
 PI_STREAM_VALIDATOR = Draft202012Validator({
+    "title": "streamProxy request",
     "type": "object",
     "required": ["model", "context"],
     "properties": {
         "model": {"type": "object", "required": ["provider", "id"],
                   "properties": {"provider": {"type": "string", "minLength": 1},
-                                 "id": {"type": "string", "minLength": 1}}},
-        "context": {"type": "object", "required": ["messages"], "properties": {
+                                 "id": {"type": "string", "minLength": 1}},
+                  "additionalProperties": ignored("the model is this proxy's: only its provider and id are read")},
+        "context": {"type": "object", "required": ["messages"], "additionalProperties": _PI_OWN, "properties": {
             "systemPrompt": {"type": "string"},
             "messages": {"type": "array", "items": {
-                "type": "object", "required": ["role"],
+                "type": "object", "required": ["role"], "additionalProperties": _PI_OWN,
                 "properties": {"role": {"enum": list(_PI_MESSAGE_RULES)}},
                 "allOf": [{"if": {"properties": {"role": {"const": role}}}, "then": rule}
                           for role, rule in _PI_MESSAGE_RULES.items()]}},
             "tools": {"type": "array", "items": {
-                "type": "object", "required": ["name", "parameters"],
+                "type": "object", "required": ["name", "parameters"], "additionalProperties": _PI_OWN,
                 "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
                                "parameters": {"type": "object"}}}},
         }},
@@ -2902,6 +3028,7 @@ PI_STREAM_VALIDATOR = Draft202012Validator({
             "metadata": {"type": "object"},
             "maxRetryDelayMs": {"type": "integer", "minimum": 0},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "transport": ignored("the proxy makes the upstream connections"),
         }},
     },
 })
@@ -2923,10 +3050,7 @@ def pi_stream_body(body) -> dict:
 
 
 def pi_stream_options(options: dict) -> dict:
-    """The options pi-ai is given; the rest (transport, anything connection-related) is ignored."""
-    ignored = sorted(set(options) - set(PI_STREAM_OPTIONS) - {"headers"})
-    if ignored:
-        log.debug("ignoring streamProxy options: %s", ", ".join(ignored))
+    """The options pi-ai is given (PI_STREAM_VALIDATOR marks the ignored ones)."""
     if "sessionId" in options:
         check_header(None, options["sessionId"], "options.sessionId")
     for name, value in (options.get("headers") or {}).items():
