@@ -70,6 +70,7 @@ import certifi
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.monkey
 import gevent.queue
 import gevent.select
 import gevent.server
@@ -99,6 +100,21 @@ def one_line(record: logging.LogRecord) -> bool:
 
 
 log.addFilter(one_line)
+_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
+_LOOP_THREAD = _thread_ident()
+_held = gevent.monkey.get_original("_thread", "_local")()
+
+
+def hold_off_loop(record: logging.LogRecord) -> bool:
+    """A line logged in a pool thread (off_loop) is held, and logged by the loop when the work
+    comes back: the handlers' locks are gevent's, and a pool thread waiting on one hangs."""
+    if _thread_ident() == _LOOP_THREAD:
+        return True
+    _held.records.append(record)
+    return False
+
+
+log.addFilter(hold_off_loop)
 HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
 BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
@@ -3857,19 +3873,25 @@ def off_loop(function, *args):
     preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
     if request.environ.get("pi_proxy.body_size", 0) <= OFF_LOOP_BYTES:
         return function(*args)
-    result, error = gevent.get_hub().threadpool.apply(outcome, (function, args))
+    result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
+    for record in records:
+        log.handle(record)
     if error is not None:
         raise error
     return result
 
 
 def outcome(function, args) -> tuple:
-    """(result, None) or (None, the exception): raised in a pool thread, gevent would print its
-    traceback, so a client's bad request (an ApiError) would write one to the log every time."""
+    """(result, None, log records) or (None, the exception, log records), in a pool thread. An
+    exception raised there would have gevent print its traceback, so a client's bad request (an
+    ApiError) would write one to the log every time; the log records are hold_off_loop's."""
+    _held.records = []
     try:
-        return function(*args), None
+        return function(*args), None, _held.records
     except Exception as error:
-        return None, error
+        return None, error, _held.records
+    finally:
+        _held.records = None
 
 
 def read_request(config: Config, check, messages: str, tools: str) -> dict:
@@ -4052,7 +4074,7 @@ def create_app(proxy: Proxy) -> Flask:
         body = read_request(proxy.config, functools.partial(validate, validator=CHAT_VALIDATOR), "messages", "tools")
         reject_unsupported(body)
         model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = chat_to_context(body, model)
+        context = off_loop(chat_to_context, body, model)
         fetch_remote_images(context, proxy.config)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         call, opening = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
@@ -4069,9 +4091,9 @@ def create_app(proxy: Proxy) -> Flask:
     def messages():
         body = read_request(proxy.config, functools.partial(validate, validator=MESSAGES_VALIDATOR), "messages", "tools")
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = anthropic_to_context(body, model, proxy.envelope_key())
+        context = off_loop(anthropic_to_context, body, model, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
-        estimate = count_request_tokens(context, model)
+        estimate = off_loop(count_request_tokens, context, model)
         seal = functools.partial(signature_out, model, key=proxy.envelope_key())
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         try:
@@ -4092,9 +4114,9 @@ def create_app(proxy: Proxy) -> Flask:
         body = read_request(proxy.config, functools.partial(validate, validator=COUNT_TOKENS_VALIDATOR), "messages",
                             "tools")
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = anthropic_to_context(body, model, proxy.envelope_key())
+        context = off_loop(anthropic_to_context, body, model, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
-        return {"input_tokens": count_request_tokens(context, model)}
+        return {"input_tokens": off_loop(count_request_tokens, context, model)}
 
     @app.post("/api/stream")
     def pi_stream():
@@ -4118,7 +4140,7 @@ def create_app(proxy: Proxy) -> Flask:
         reject_stateful(body)
         model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
         pi_tools, tools = responses_tools(body.get("tools", []))
-        context = responses_to_context(body, model, pi_tools, tools, proxy.envelope_key())
+        context = off_loop(responses_to_context, body, model, pi_tools, tools, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
         chat = responses_as_chat(body, tools)
         frames = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
