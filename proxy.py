@@ -646,8 +646,17 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
         raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
                        "invalid_request_error", param="model", code="ambiguous_model")
-    raise ApiError(404, f"The model {shown(name)} does not exist or has no credentials configured",
-                   "not_found_error", param="model", code="model_not_found")
+    raise ApiError(404, f"The model {shown(name)} does not exist or has no credentials configured"
+                        + no_such_provider(name, models), "not_found_error", param="model", code="model_not_found")
+
+
+def no_such_provider(name: str, models: dict) -> str:
+    """Why `someprovider/model` names nothing, when its prefix is no provider's name: a prefix is
+    never a hint, so such a name never falls back to another provider's model of that id."""
+    provider = name.partition("/")[0]
+    if "/" not in name or any(model["provider"] == provider for model in models.values()):
+        return ""
+    return f" (no provider is named {shown(provider)})"
 
 
 # ==================================================================================================
@@ -2532,23 +2541,97 @@ def claude_key(name: str) -> str:
 
 def resolve_claude_model(name: str, models: dict, is_available) -> dict:
     """Model resolution for Anthropic clients: the usual rules, then the Claude model of the same
-    family and version under another spelling. Never a different version."""
+    family and version under another spelling (a `provider/` prefix: among that provider's
+    models only). Never a different version, never another provider's model."""
     try:
         return resolve_model(name.split("[", 1)[0], models, is_available)
     except ApiError as error:
         if error.status != 404:
             raise
-    key = claude_key(name.rsplit("/", 1)[-1])
-    matches = [m for m in models.values() if is_available(m["provider"]) and claude_key(m["id"]) == key]
+    provider, _, bare = name.partition("/")
+    key, bare_key = claude_key(name), claude_key(bare)
+    matches = [m for m in models.values() if is_available(m["provider"]) and (
+        claude_key(m["id"]) == key or (bare and m["provider"] == provider and claude_key(m["id"]) == bare_key))]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
-        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}")
+        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
+                       param="model", code="ambiguous_model")
     claudes = sorted(canonical_id(m) for m in models.values()
                      if is_available(m["provider"]) and "claude" in m["id"])
-    raise ApiError(404, f"model: {shown(name)} is not available. Available Claude models: "
-                        + (", ".join(claudes) if claudes else "none"), "not_found_error")
+    raise ApiError(404, f"model: {shown(name)} is not available{no_such_provider(name, models)}. Available Claude "
+                        "models: " + (", ".join(claudes) if claudes else "none"),
+                   "not_found_error", param="model", code="model_not_found")
+
+
+_CLAUDE_LINE = re.compile(r"claude-(?:[0-9.-]+-)?(opus|sonnet|haiku)\b")
+_ID_DATE = re.compile(r"-(\d{4})(\d{2})(\d{2})$")
+_SUPPORTED, _UNSUPPORTED = {"supported": True}, {"supported": False}
+ANTHROPIC_PAGE_LIMIT, ANTHROPIC_MAX_PAGE_LIMIT = 20, 1000  # as Anthropic's GET /v1/models
+LIFECYCLES = ("active", "deprecated", "retired")
+
+
+def anthropic_model(model: dict) -> dict:
+    """A model as Anthropic's Models API describes one. `capabilities` say what this proxy's
+    /v1/messages takes for it (no batches, PDFs, citations, server tools or context management).
+    The catalogue has no release dates: `created_at` is the date in the id, else the epoch (as
+    Anthropic's API gives for an unknown date)."""
+    date = _ID_DATE.search(model["id"])
+    line = _CLAUDE_LINE.search(model["id"].lower())
+    thinking = _SUPPORTED if model.get("reasoning") else _UNSUPPORTED
+    return {
+        "type": "model", "id": canonical_id(model), "display_name": model.get("name") or model["id"],
+        "created_at": "{}-{}-{}T00:00:00Z".format(*date.groups()) if date else "1970-01-01T00:00:00Z",
+        "max_input_tokens": model["contextWindow"], "max_tokens": model["maxTokens"],
+        "lifecycle": "active", "deprecated_at": None, "retires_at": None, "line": line and line.group(1),
+        "capabilities": {
+            "batch": _UNSUPPORTED, "citations": _UNSUPPORTED, "code_execution": _UNSUPPORTED,
+            "pdf_input": _UNSUPPORTED, "structured_outputs": _UNSUPPORTED,
+            "image_input": _SUPPORTED if "image" in model.get("input", []) else _UNSUPPORTED,
+            "context_management": {"supported": False, "clear_thinking_20251015": _UNSUPPORTED,
+                                   "clear_tool_uses_20250919": _UNSUPPORTED, "compact_20260112": _UNSUPPORTED},
+            "server_tools": {"supported": False, "code_execution": _UNSUPPORTED, "web_search": _UNSUPPORTED},
+            "effort": {"supported": thinking["supported"], "low": thinking, "medium": thinking, "high": thinking,
+                       "max": thinking, "xhigh": _UNSUPPORTED},
+            "thinking": {"supported": thinking["supported"],
+                         "types": {"enabled": thinking, "adaptive": thinking, "disabled": _SUPPORTED,
+                                   "between_tools": _UNSUPPORTED}},
+        },
+    }
+
+
+def anthropic_model_page(entries: list, after_id: str | None, before_id: str | None, limit: str | None,
+                         lifecycles: list) -> dict:
+    """One page of Anthropic's model list, as its API pages: `limit` (default 20, 1 to 1000) entries
+    after `after_id` or just before `before_id` (not both; an id not in the list is a 400);
+    `has_more` says whether more lie that way; `lifecycle` filters (every model here is active)."""
+    try:
+        count = ANTHROPIC_PAGE_LIMIT if limit is None else int(limit)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= ANTHROPIC_MAX_PAGE_LIMIT:
+        raise ApiError(400, f"limit: must be an integer from 1 to {ANTHROPIC_MAX_PAGE_LIMIT}", param="limit")
+    if after_id and before_id:
+        raise ApiError(400, "after_id and before_id cannot both be given", param="after_id")
+    unknown = [value for value in lifecycles if value not in LIFECYCLES]
+    if unknown:
+        raise ApiError(400, f"lifecycle: {shown(unknown[0])} is not one of {', '.join(LIFECYCLES)}", param="lifecycle")
+    if lifecycles and "active" not in lifecycles:
+        entries = []
+    ids = [entry["id"] for entry in entries]
+    for name, cursor in (("after_id", after_id), ("before_id", before_id)):
+        if cursor and cursor not in ids:
+            raise ApiError(400, f"{name}: no model has the id {shown(cursor)}", param=name)
+    if before_id:
+        end = ids.index(before_id)
+        start = max(0, end - count)
+        page, has_more = entries[start:end], start > 0
+    else:
+        start = ids.index(after_id) + 1 if after_id else 0
+        page, has_more = entries[start:start + count], start + count < len(entries)
+    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
 
 
 # ==================================================================================================
@@ -3851,7 +3934,9 @@ def watch_client(client: socket.socket, on_gone):
 
 
 def api_family(path: str) -> str:
-    if path.startswith("/v1/messages"):
+    """Whose error shape and headers a request gets; the model list is Anthropic's for Anthropic's
+    clients, which send `anthropic-version`."""
+    if path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers):
         return "anthropic"
     return "pi" if path == "/api/stream" else "openai"
 
@@ -4135,16 +4220,26 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.get("/v1/models")
     def list_models():
+        if api_family(request.path) == "anthropic":
+            args = request.args
+            return anthropic_model_page([anthropic_model(m) for m in proxy.available_models()], args.get("after_id"),
+                                        args.get("before_id"), args.get("limit"),
+                                        args.getlist("lifecycle[]") + args.getlist("lifecycle"))
         data = [model_entry(m, proxy.started) for m in proxy.available_models()]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id):
-        for model in proxy.available_models():
-            if canonical_id(model) == model_id:
-                return model_entry(model, proxy.started)
-        raise ApiError(404, f"The model {shown(model_id)} does not exist", "not_found_error", param="model",
-                       code="model_not_found")
+        """A model by any name a request may give it (canonical, a unique bare id, a Claude alias)."""
+        try:
+            model = resolve_claude_model(model_id, proxy.registry.models, proxy.is_available)
+        except ApiError as error:
+            if error.status != 401:
+                raise
+            raise ApiError(404, error.message, "not_found_error", param="model", code="model_not_found") from None
+        if api_family(request.path) == "anthropic":
+            return anthropic_model(model)
+        return model_entry(model, proxy.started)
 
     @app.post("/v1/chat/completions")
     def chat_completions():
