@@ -2424,7 +2424,8 @@ class AnthropicEvents:
         if self.open is not None:
             (index, kind), self.open = self.open, None
             if kind == "thinking":
-                frames.append(self.delta({"type": "signature_delta", "signature": self.seal(self.signatures.get(index, ""))}))
+                signature = self.seal(self.signatures.get(index, ""))
+                frames.append(self.delta({"type": "signature_delta", "signature": signature}))
             frames.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         if self.held:
             held, self.held = self.held, []

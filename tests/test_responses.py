@@ -421,7 +421,8 @@ def test_interleaved_pi_blocks_stream_one_item_at_a_time():
     assert output[2]["status"] == "incomplete", "a call cut short by another block says so"
     assert output[4]["input"] == "*** Begin" and output[4]["call_id"] == "c2"
     sealed = output[0]["encrypted_content"]
-    assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}, KEY) == {"thinkingSignature": "reasoning_content"}
+    assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}, KEY) == \
+        {"thinkingSignature": "reasoning_content"}
     assert module.open_reasoning(sealed, {"provider": "p", "id": "other"}, KEY) is None
     assert module.open_reasoning("gAAAA-not-ours", {"provider": "p", "id": "m"}, KEY) is None
     assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}, b"another installation") is None
@@ -432,8 +433,8 @@ def test_redacted_thinking_is_an_opaque_reasoning_item_that_goes_back_intact(cli
     """Anthropic's redacted thinking has no text: a reasoning item without a summary, whose
     encrypted_content brings it back to the same model as redacted_thinking again."""
     model = "fake-anthropic/claude-test"
-    fake.push(Reply(redacted_thinking="REDACTED-opaque-2==", tool_calls=[("toolu_r2", "get_weather", {"city": "Rome"})]),
-              Reply(text="Warm."))
+    fake.push(Reply(redacted_thinking="REDACTED-opaque-2==",
+                    tool_calls=[("toolu_r2", "get_weather", {"city": "Rome"})]), Reply(text="Warm."))
     request = dict(model=model, tools=[WEATHER], reasoning={"effort": "low"}, include=["reasoning.encrypted_content"])
     if stream:
         with client.responses.stream(input="Rome?", **request) as streamed:

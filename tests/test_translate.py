@@ -443,7 +443,8 @@ def test_redacted_thinking_streams_as_a_redacted_thinking_block():
     ]
     frames = check_anthropic_stream(frames_text(f for e in pi_events for f in events.translate(e)))
     starts = [d["content_block"] for n, d in frames if n == "content_block_start"]
-    assert starts == [{"type": "redacted_thinking", "data": "opaque=="}, {"type": "thinking", "thinking": "", "signature": ""}]
+    assert starts == [{"type": "redacted_thinking", "data": "opaque=="},
+                      {"type": "thinking", "thinking": "", "signature": ""}]
     assert [d["delta"] for n, d in frames if n == "content_block_delta"] == [
         {"type": "thinking_delta", "thinking": "t"}, {"type": "signature_delta", "signature": "sig"}]
 
@@ -457,7 +458,8 @@ def test_tool_ids_are_safe_and_reversible(pi_id):
 
 def test_anthropic_to_context():
     body = {"system": [{"type": "text", "text": "S"}], "tools": [
-        {"name": "f", "input_schema": {"type": "object"}}, {"type": "tool_search_tool_bm25_20251119", "name": "tool_search_tool_bm25"}],
+        {"name": "f", "input_schema": {"type": "object"}},
+        {"type": "tool_search_tool_bm25_20251119", "name": "tool_search_tool_bm25"}],
         "messages": [
             {"role": "user", "content": "q"},
             {"role": "assistant", "content": [
