@@ -650,6 +650,17 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
                         + no_such_provider(name, models), "not_found_error", param="model", code="model_not_found")
 
 
+def within_output_limit(options: dict, model: dict) -> dict:
+    """pi-ai options with `maxTokens` no higher than the model's own limit: clients ask for more
+    than a model can give (the AI SDK asks 128000 of Claude names it does not know), and the
+    upstream would answer that with a 400."""
+    limit = model.get("maxTokens")
+    if not limit or options.get("maxTokens", 0) <= limit:
+        return options
+    log.debug("max tokens %d is above the %d of %s: clamped", options["maxTokens"], limit, canonical_id(model))
+    return {**options, "maxTokens": limit}
+
+
 def no_such_provider(name: str, models: dict) -> str:
     """Why `someprovider/model` names nothing, when its prefix is no provider's name: a prefix is
     never a hint, so such a name never falls back to another provider's model of that id."""
@@ -3797,6 +3808,7 @@ class Proxy:
         nothing has reached the client yet."""
         override = request.headers.get(UPSTREAM_KEY_HEADER)
         request.environ["pi_proxy.record"].note_model(model)
+        options = within_output_limit(options, model)
         credential = Credential(override, "request header") if override else \
             self.credentials.for_provider(model["provider"])
         if credential is None:

@@ -30,8 +30,12 @@ API::
     fake.wait_for_disconnect(timeout=2.0, count=1) -> bool
     fake.wait_for_requests(count=1, timeout=2.0) -> bool
     fake.reset()                             # clear queue, requests, disconnects, refusals; default back to Hello
-    fake.refusals                            # [message] of requests refused with a 400 as the real API
-                                             #   would refuse them (see _REFUSALS); these consume no reply
+    fake.output_limits                       # {model id: max output tokens}: as the real APIs, a request
+                                             #   asking more (max_tokens, max_completion_tokens,
+                                             #   max_output_tokens) is a 400 in the API's shape; it is
+                                             #   recorded but consumes no reply
+    fake.refusals                            # [message] of the requests refused with a 400 as the real API
+                                             #   would refuse them (output_limits, _REFUSALS); none consumes a reply
     fake.issued                              # thinking signatures and redacted data sent out (never reset):
                                              #   the Anthropic fake accepts only these back
     fake.pending                             # number of queued replies not yet consumed
@@ -541,7 +545,12 @@ class _Plan:
 # --------------------------------------------------------------------------- strictness
 
 
-def _anthropic_refusal(body: dict, issued: set) -> str | None:
+def _anthropic_refusal(body: dict, issued: set) -> dict | None:
+    message = _anthropic_history_error(body, issued)
+    return message and {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+
+
+def _anthropic_history_error(body: dict, issued: set) -> str | None:
     """The message of the real Messages API's 400 for a history it rejects, or None: a
     `tool_result` not answering a `tool_use` of the message just before it, a `tool_use` left
     unanswered by the next message, a thinking block without a signature or with one this fake
@@ -579,7 +588,7 @@ def _anthropic_refusal(body: dict, issued: set) -> str | None:
     return None
 
 
-# What each API's real server refuses before answering: api -> (body, signatures issued) -> message | None.
+# What each API's real server refuses before answering: api -> (body, signatures issued) -> its 400 body | None.
 _REFUSALS = {"anthropic": _anthropic_refusal}
 
 
@@ -614,6 +623,27 @@ _ANTHROPIC_ERRORS = {
     503: ("api_error", "Service unavailable"),
     529: ("overloaded_error", "Overloaded"),
 }
+
+
+_OUTPUT_FIELDS = {"chat": ("max_completion_tokens", "max_tokens"), "anthropic": ("max_tokens",),
+                  "responses": ("max_output_tokens",)}
+
+
+def _over_output_limit(api: str, body: Any, limits: dict) -> dict | None:
+    """The real API's 400 body for a request asking more output tokens than its model can give."""
+    if not isinstance(body, dict) or body.get("model") not in limits:
+        return None
+    model, limit = body["model"], limits[body["model"]]
+    for name in _OUTPUT_FIELDS[api]:
+        asked = body.get(name)
+        if isinstance(asked, int) and asked > limit:
+            if api == "anthropic":
+                return {"type": "error", "error": {"type": "invalid_request_error", "message": (
+                    f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output tokens for {model}")}}
+            return {"error": {"message": f"{name} is too large: {asked}. This model supports at most {limit} "
+                                         f"completion tokens, whereas you provided {asked}.",
+                              "type": "invalid_request_error", "param": name, "code": "invalid_value"}}
+    return None
 
 
 def _error_body(api: str, status: int, model: str) -> dict:
@@ -758,6 +788,7 @@ class FakeUpstream:
         self.refusals: list[str] = []  # what the fake refused, as the real API would have (_REFUSALS)
         self.issued: set[str] = set()  # thinking signatures and redacted data this fake sent out
         self.disconnects: list[Recorded] = []
+        self.output_limits: dict[str, int] = {}
         self.base_url = ""
 
     # ---------------------------------------------------------------- lifecycle
@@ -867,21 +898,21 @@ class FakeUpstream:
         rec = Recorded(path=path, headers={k.lower(): v for k, v in h.headers.items()}, body=body,
                        time=time.monotonic(), method=h.command)
         api = _APIS.get(path) if h.command == "POST" else None
-        refusal = _REFUSALS[api](body, self.issued) if api in _REFUSALS and isinstance(body, dict) else None
+        refusal = api and (_over_output_limit(api, body, self.output_limits)
+                           or (api in _REFUSALS and isinstance(body, dict) and _REFUSALS[api](body, self.issued)))
         with self._cond:
             self.requests.append(rec)
             self._seq += 1
             seq = self._seq
             reply = None
-            if api is not None and refusal is None:  # a refused request consumes no reply
+            if api is not None and not refusal:  # a refused request consumes no reply
                 reply = self._queue.popleft() if self._queue else self.default
             self._cond.notify_all()
         conn = _Conn(self, h, rec)
         try:
-            if refusal is not None:
-                self.refusals.append(refusal)
-                self._send_json(conn, 400, {"type": "error", "error": {"type": "invalid_request_error",
-                                                                       "message": refusal}}, {})
+            if refusal:
+                self.refusals.append(refusal["error"]["message"])
+                self._send_json(conn, 400, refusal, {})
                 return
             if reply is None:
                 self._send_json(conn, 404, {"error": {"message": f"fake upstream: unknown path {h.command} {path}",
