@@ -2187,6 +2187,9 @@ def reject_server_state(body: dict):
                            details=details)
     for index, tool in enumerate(body.get("tools", [])):
         kind = tool.get("type", "custom")
+        if "input_schema" not in tool and kind == "custom":
+            raise ApiError(400, f"tools[{index}].input_schema: Field required", param=f"tools[{index}].input_schema",
+                           code="invalid_value")
         if "input_schema" not in tool and not kind.startswith(_TOOL_SEARCH):
             raise ApiError(400, f"tools[{index}]: the {shown(kind)} tool is run or defined by Anthropic itself; "
                                 "this proxy can offer a model only tools with an input_schema",

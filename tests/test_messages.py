@@ -552,6 +552,10 @@ def test_tools_that_anthropic_runs_or_defines_are_refused(client, fake, tool):
         client.messages.create(model="fake-anthropic/claude-test", max_tokens=50, messages=HI,
                                tools=[WEATHER, tool])
     assert caught.value.body["error"]["message"].startswith(f"tools[1]: the '{tool['type']}' tool")
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="fake-anthropic/claude-test", max_tokens=50, messages=HI,
+                               tools=[{"name": "no_schema"}])
+    assert caught.value.body["error"]["message"] == "tools[0].input_schema: Field required"
     assert not fake.requests
 
 
