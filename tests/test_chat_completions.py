@@ -378,11 +378,13 @@ def test_healthz(proxy):
 PI_DIRECT = Path(__file__).resolve().parent / "pi_direct.mjs"
 
 
-def pi_via_proxy(proxy, messages: list) -> dict:
-    """pi-ai's own openai-completions client (as pi uses it) pointed at the proxy: its final message."""
-    model = {"id": "fake-chat/chat-model", "name": "c", "api": "openai-completions", "provider": "pi-proxy",
-             "baseUrl": f"{proxy.url}/v1", "reasoning": True, "input": ["text"], "contextWindow": 200000,
-             "maxTokens": 8192, "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+def pi_via_proxy(proxy, messages: list, api: str = "openai-completions") -> dict:
+    """pi-ai's own client for `api` (as pi uses it with the proxy as a custom provider), asking
+    fake-chat/chat-model with a weather tool and reasoning on: its final message."""
+    model = {"id": "fake-chat/chat-model", "name": "c", "api": api, "provider": "pi-proxy",
+             "baseUrl": proxy.url if api == "anthropic-messages" else f"{proxy.url}/v1", "reasoning": True,
+             "input": ["text"], "contextWindow": 200000, "maxTokens": 8192,
+             "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
              "compat": {"supportsReasoningEffort": True}}
     tools = [{"name": "get_weather", "description": "Weather", "parameters": WEATHER_TOOL["function"]["parameters"]}]
     request = {"model": model, "context": {"messages": messages, "tools": tools},

@@ -14,7 +14,7 @@ import requests
 from tests.conftest import RESPONSES, RunningProxy
 from tests.fake_upstream import Reply
 from tests.sse_grammar import check_anthropic_stream
-from tests.test_chat_completions import MODELS, PIXEL, last_request
+from tests.test_chat_completions import MODELS, PIXEL, last_request, pi_via_proxy
 
 ALL_APIS = pytest.mark.parametrize("model", list(MODELS))
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
@@ -597,3 +597,20 @@ def test_redacted_thinking_comes_out_whole_and_goes_back_intact(client, fake, st
     sent = last_request(fake, model).body["messages"][1]["content"]
     assert sent[0] == {"type": "redacted_thinking", "data": "REDACTED-opaque-1=="}
     assert [b["type"] for b in sent] == ["redacted_thinking", "thinking", "tool_use"]
+
+
+def test_pi_keeps_streamed_reasoning_of_another_api_as_reasoning(proxy, fake):
+    """pi's Anthropic client streams from the proxy; the thinking of an openai-completions model
+    comes with its (sealed) signature, so pi sends it back as thinking, and the upstream gets it
+    back as reasoning_content, not as text the model said."""
+    fake.push(Reply(reasoning="Look it up first.", tool_calls=[("call_q1", "get_weather", {"city": "Quito"})]),
+              Reply(text="Fresh."))
+    question = {"role": "user", "content": "Quito?", "timestamp": 0}
+    first = pi_via_proxy(proxy, [question], "anthropic-messages")
+    assert [b["type"] for b in first["content"]] == ["thinking", "toolCall"]
+    assert first["content"][0]["thinkingSignature"].startswith("pi-proxy."), "the signature streamed, sealed"
+    result = {"role": "toolResult", "toolCallId": "call_q1", "toolName": "get_weather",
+              "content": [{"type": "text", "text": "14C"}], "isError": False, "timestamp": 0}
+    assert pi_via_proxy(proxy, [question, first, result], "anthropic-messages")["content"][-1]["text"] == "Fresh."
+    assistant = last_request(fake, "fake-chat/chat-model").body["messages"][1]
+    assert assistant["reasoning_content"] == "Look it up first." and not assistant.get("content")
