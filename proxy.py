@@ -3189,12 +3189,44 @@ def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
     return resolve_model(name, models, is_available)
 
 
+# streamProxy's client rebuilds a tool call from its id, name and arguments alone, and a message
+# from its events' stopReason and usage. So Google's thoughtSignature on a tool call, which Gemini
+# wants back with the call, travels in the call's id (`<id>|pi-thought:<signature>`, the
+# signature being base64) and is put back where pi-ai keeps it when the conversation returns.
+_THOUGHT_IN_ID = "|pi-thought:"
+
+
+def pi_stream_call_id(call_id: str, thought_signature: str | None) -> str:
+    return f"{call_id}{_THOUGHT_IN_ID}{thought_signature}" if thought_signature else call_id
+
+
+def pi_stream_context(context: dict) -> dict:
+    """A streamProxy client's context as pi-ai made it: tool call ids that carry a thoughtSignature
+    (pi_stream_call_id) become the id and the call's thoughtSignature again."""
+    messages = []
+    for message in context["messages"]:
+        if message["role"] == "assistant":
+            content = []
+            for block in message["content"]:
+                call_id, found, signature = block.get("id", "").partition(_THOUGHT_IN_ID)
+                if block["type"] == "toolCall" and found:
+                    block = {"thoughtSignature": signature, **block, "id": call_id}
+                content.append(block)
+            message = {**message, "content": content}
+        elif message["role"] == "toolResult" and _THOUGHT_IN_ID in message["toolCallId"]:
+            message = {**message, "toolCallId": message["toolCallId"].partition(_THOUGHT_IN_ID)[0]}
+        messages.append(message)
+    return {**context, "messages": messages}
+
+
 class PiStreamEvents:
     """Bridge events -> streamProxy events. The bridge already prints pi's reduced events; what
-    changes is the end (usage instead of the whole message), and what streamProxy rebuilds only
-    from deltas: a tool call delivered whole gets its arguments as one delta, and a text or
-    thinking block whose final text pi-ai trimmed (openai-responses reasoning) must not keep the
-    trailing whitespace it streamed, so that whitespace waits for the next delta or the block's end."""
+    changes is the end (usage instead of the whole message; and pi-ai's responseId, which
+    pi-agent-core 0.73.1's client does not read), a tool call's id (pi_stream_call_id), and what
+    streamProxy rebuilds only from deltas: a tool call delivered whole gets its arguments as one
+    delta, and a text or thinking block whose final text pi-ai trimmed (openai-responses reasoning)
+    must not keep the trailing whitespace it streamed, so that whitespace waits for the next delta
+    or the block's end."""
 
     def __init__(self, secrets: list):
         self.secrets = secrets
@@ -3217,6 +3249,9 @@ class PiStreamEvents:
             self.held.pop(index, None)
             end = {name: value for name, value in event.items() if name != "content"}
             return [{"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}, end] if rest else [end]
+        if kind == "toolcall_start":
+            return [{"type": kind, "contentIndex": event["contentIndex"], "toolName": event["toolName"],
+                     "id": pi_stream_call_id(event["id"], event.get("thoughtSignature"))}]
         if kind == "toolcall_delta" and event["delta"]:
             self.streamed_arguments.add(event["contentIndex"])
         if kind == "toolcall_end":
@@ -3226,7 +3261,9 @@ class PiStreamEvents:
                  "delta": json.dumps(event["toolCall"].get("arguments") or {})}]
             return [*whole, {"type": kind, "contentIndex": index}]
         if kind == "done":
-            return [{"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}]
+            done = {"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}
+            response_id = event["message"].get("responseId")
+            return [{**done, "responseId": response_id} if response_id else done]
         if kind == "error":
             message = event.get("message") or {}
             return [{"type": kind, "reason": event["reason"],
@@ -4231,7 +4268,7 @@ def create_app(proxy: Proxy) -> Flask:
         model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
         options = body.get("options", {})
         try:
-            call, opening = proxy.start(model, body["context"], pi_stream_options(options), {},
+            call, opening = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
                                         client_headers=options.get("headers"))
         except ApiError as error:
             if error.upstream_event is None:
