@@ -39,8 +39,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.conftest import RunningProxy  # noqa: E402
 from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
+from tests.helpers import RunningProxy  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 MODEL = "bench/m"

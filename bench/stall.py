@@ -16,8 +16,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.conftest import RunningProxy  # noqa: E402
 from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
+from tests.helpers import RunningProxy  # noqa: E402
 
 
 def worst_healthz(proxy, while_running) -> tuple[float, float, int]:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.fake_upstream import Reply
+from tests.helpers import ROOT
 
 
 def start_bridge(fake, reply: Reply) -> subprocess.Popen:

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.fake_upstream import Reply
-from tests.test_chat_completions import ALL_APIS
+from tests.helpers import ALL_APIS
 
 USER = [{"role": "user", "content": "hi"}]
 

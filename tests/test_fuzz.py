@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fake_upstream import Reply
+from tests.helpers import api_error, response_error
 
 settings.register_profile("default", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -134,12 +135,7 @@ def check_answer(response, family: str):
         return
     body = response.json()
     if response.status_code >= 400:
-        if family == "anthropic":
-            assert body["type"] == "error" and body["error"]["type"] and body["error"]["message"]
-        elif family == "pi":
-            assert isinstance(body["error"], str) and body["error"]  # streamProxy reads only this string
-        else:
-            assert body["error"]["type"] and body["error"]["message"]
+        api_error(body, "openai" if family == "responses" else family)
 
 
 @pytest.fixture
@@ -213,9 +209,7 @@ def test_huge_string_and_invalid_utf8_are_refused_cleanly(proxy):
 def test_wrong_methods_are_405_in_api_shape(proxy, method):
     for path in ("/v1/chat/completions", "/v1/messages"):
         response = requests.request(method, f"{proxy.url}{path}", timeout=30)
-        assert response.status_code == 405
-        body = response.json()
-        assert body.get("type") == "error" if path == "/v1/messages" else body["error"]["type"]
+        response_error(response, 405, "anthropic" if path == "/v1/messages" else "openai")
 
 
 def test_no_bridge_is_left_after_fuzzing(proxy):

@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from tests.conftest import LEAK_WATCH, ROOT, RunningProxy
 from tests.fake_bedrock import FakeBedrock
+from tests.helpers import ROOT, running_proxy
+from tests.secret_scan import LEAK_WATCH
 
 REGISTRY = ROOT / "node_modules/@mariozechner/pi-ai/dist/providers/register-builtins.js"
 REGISTERED_APIS = re.findall(r'registerApiProvider\(\{\s*api: "([^"]+)"', REGISTRY.read_text())
@@ -98,10 +99,9 @@ def proxy_to_catch_all(catch_all, tmp_path_factory):
                                 "apiKey": CODEX_KEY if api == "openai-codex-responses" else "sk-catch-all"}
                  for api in REGISTERED_APIS}
     (home / "agent" / "models.json").write_text(json.dumps({"providers": providers}))
-    running = RunningProxy(home / "agent", home / "proxy.log", {**AWS_ENV, "HTTP_PROXY": catch_all.url,
-                                                               "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"})
-    yield running
-    running.stop()
+    with running_proxy(home / "agent", home / "proxy.log", {**AWS_ENV, "HTTP_PROXY": catch_all.url,
+                                                           "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"}) as running:
+        yield running
 
 
 @pytest.mark.parametrize("api", REGISTERED_APIS)
@@ -118,8 +118,8 @@ def test_bedrock_answers_through_the_proxy(tmp_path):
     (home / "agent").mkdir(parents=True)
     with FakeBedrock(AWS_KEY, AWS_SECRET) as bedrock:
         (home / "agent" / "models.json").write_text(json.dumps({"providers": {"amazon-bedrock": {"baseUrl": bedrock.base_url}}}))
-        proxy = RunningProxy(home / "agent", home / "proxy.log", {**AWS_ENV, "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"})
-        try:
+        with running_proxy(home / "agent", home / "proxy.log",
+                           {**AWS_ENV, "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"}) as proxy:
             models = requests.get(f"{proxy.url}/v1/models", timeout=30).json()["data"]
             model = next(m["id"] for m in models if m["id"].startswith("amazon-bedrock/anthropic.claude"))
             body = {"model": model, "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 50}
@@ -127,8 +127,6 @@ def test_bedrock_answers_through_the_proxy(tmp_path):
             with requests.post(f"{proxy.url}/v1/chat/completions", json={**body, "stream": True}, stream=True,
                                timeout=60) as streamed:
                 lines = [line for line in streamed.iter_lines() if line.startswith(b"data: ")]
-        finally:
-            proxy.stop()
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == "Hello from Bedrock"
     assert answer.json()["usage"]["completion_tokens"] == 3

@@ -8,8 +8,9 @@ import sys
 import httpx2 as httpx
 import requests
 
-from tests.conftest import PROXY_PORTS, RESPONSES, ROOT, SECRETS, everything_seen, find_leaks
 from tests.fake_upstream import Reply
+from tests.helpers import ROOT
+from tests.secret_scan import PROXY_PORTS, RESPONSES, SECRETS, everything_seen, find_leaks
 
 PLANTED = "sk-planted-SECRET-9999zzzz"  # not in LEAK_WATCH: finding it here fails nothing else
 CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy import PiStreamEvents, ZERO_USAGE, addable_headers, build_registry, load_catalog
-from tests.conftest import SECRETS, models_json
+from proxy import ZERO_USAGE, PiStreamEvents, addable_headers, build_registry, load_catalog
 from tests.fake_upstream import FakeUpstream, Reply
-from tests.test_chat_completions import ALL_APIS, MODELS, PIXEL, last_request
+from tests.helpers import ALL_APIS, PIXEL, last_request, models_json, sse_json
+from tests.secret_scan import SECRETS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "tests" / "stream_proxy_client.mjs"
@@ -207,7 +207,7 @@ def raw_events(proxy, body: dict) -> list[dict]:
     lines = [line for line in response.text.split("\n") if line]
     assert all(line.startswith("data: ") for line in lines), lines
     assert "data: [DONE]" not in lines
-    return [json.loads(line[len("data: "):]) for line in lines]
+    return [event for _, event in sse_json(response.text)]
 
 
 @ALL_APIS

@@ -9,8 +9,9 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import LEAK_WATCH, RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import running_proxy
+from tests.secret_scan import LEAK_WATCH
 
 TOKEN = "proxy-usage-SECRET-4242"
 LEAK_WATCH.add(TOKEN)
@@ -21,10 +22,9 @@ HI = [{"role": "user", "content": SPOKEN}]
 @pytest.fixture(scope="module")
 def watched(agent_dir, tmp_path_factory):
     """A proxy of its own (its /usage counts only this module's requests), logging JSON lines."""
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("usage") / "proxy.log",
-                           {"PI_PROXY_LOG_FORMAT": "json", "PI_PROXY_AUTH_TOKEN": TOKEN})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("usage") / "proxy.log",
+                       {"PI_PROXY_LOG_FORMAT": "json", "PI_PROXY_AUTH_TOKEN": TOKEN}) as running:
+        yield running
 
 
 def records(proxy) -> list[dict]:
