@@ -668,7 +668,7 @@ class _Conn:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, OSError):
             self._mark_gone()
-            raise _Gone()
+            raise _Gone() from None
 
     def send_head(self, status: int, headers: dict) -> None:
         h = self.h
@@ -680,7 +680,7 @@ class _Conn:
             h.end_headers()
         except OSError:
             self._mark_gone()
-            raise _Gone()
+            raise _Gone() from None
 
 
 class FakeUpstream:

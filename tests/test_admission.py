@@ -70,7 +70,7 @@ def test_a_full_queue_and_a_long_wait_are_refused_in_each_apis_shape(narrow, fak
     refused = {"openai": post(narrow, "/v1/chat/completions", CHAT), "pi": post(narrow, "/api/stream", PI),
                "anthropic": post(narrow, "/v1/messages", MESSAGES)}
     assert time.monotonic() - started < 1.0, "a full queue refuses at once"
-    for family, response in refused.items():
+    for response in refused.values():
         assert response.headers["Retry-After"] == "5"
         assert "busy" in response.text and "1 requests are waiting" in response.text
     assert response_error(refused["openai"], 429, "openai")["code"] == "proxy_overloaded"

@@ -73,7 +73,8 @@ def test_codex_exec_runs_tools_through_the_proxy(codex_proxy, fake, tmp_path):
     workdir, home = tmp_path / "work", tmp_path / "home"
     workdir.mkdir()
     home.mkdir()
-    fake.push(Reply(text="Running it.", tool_calls=[("call_x1", "exec_command", {"cmd": "echo codex-ran-this | tee out.txt"})]),
+    fake.push(Reply(text="Running it.",
+                    tool_calls=[("call_x1", "exec_command", {"cmd": "echo codex-ran-this | tee out.txt"})]),
               Reply(tool_calls=[("call_p1", "apply_patch", {"input": PATCH})]),
               Reply(text="All done here."))
     result = run_codex(proxy.url, workdir, home, "Write out.txt, then add hello.txt.")

@@ -79,7 +79,8 @@ def test_login_to_an_enterprise_domain(tmp_path, fake, github):
 
 
 def test_logout_removes_only_that_provider(tmp_path, fake, github):
-    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(600), "openai": {"type": "api_key", "key": "k"}})
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(600),
+                                       "openai": {"type": "api_key", "key": "k"}})
     assert run_cli(agent, fake, github, "logout", "github-copilot").returncode == 0
     assert json.loads((agent / "auth.json").read_text()) == {"openai": {"type": "api_key", "key": "k"}}
     assert run_cli(agent, fake, github, "logout", "github-copilot").returncode == 1
@@ -98,7 +99,8 @@ def test_models_command_names_sources_never_secrets(tmp_path, fake, github):
 
 
 def test_expired_token_is_refreshed_and_saved_keeping_other_entries(tmp_path, start, fake, github):
-    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60), "openai": {"type": "api_key", "key": "kept"}})
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60),
+                                       "openai": {"type": "api_key", "key": "kept"}})
     fake.push(Reply(text="fresh"))
     assert ask_claude(start(agent)).content[0].text == "fresh"
     assert github.exchanges == [GITHUB_TOKEN]
@@ -112,7 +114,8 @@ def test_expired_token_is_refreshed_and_saved_keeping_other_entries(tmp_path, st
 
 
 def test_fifty_concurrent_requests_across_two_processes_refresh_once(tmp_path, start, fake, github):
-    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60), "openai": {"type": "api_key", "key": "kept"}})
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60),
+                                       "openai": {"type": "api_key", "key": "kept"}})
     # 50 bridges booting at once on two cores: allow the upstream more than the suite's usual 4 s
     proxies = [start(agent, "one", PI_PROXY_UPSTREAM_TIMEOUT_MS="60000"),
                start(agent, "two", PI_PROXY_UPSTREAM_TIMEOUT_MS="60000")]
@@ -174,7 +177,8 @@ def test_env_github_token_is_exchanged_once_and_sets_the_base_url(tmp_path, star
     client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
     fake.push(Reply(text="one"), Reply(text="two"))
     for expected in ("one", "two"):
-        reply = client.chat.completions.create(model="github-copilot/gpt-4.1", messages=[{"role": "user", "content": "x"}])
+        reply = client.chat.completions.create(model="github-copilot/gpt-4.1",
+                                               messages=[{"role": "user", "content": "x"}])
         assert reply.choices[0].message.content == expected
     assert github.exchanges == [ENV_GITHUB_TOKEN], "exchanged once, then cached"
     assert fake.requests[-1].path == "/chat/completions", "the base URL came from the token's proxy-ep"
@@ -266,11 +270,13 @@ def test_client_upstream_key_replaces_the_configured_one(client, fake):
 
 def test_client_upstream_key_unlocks_a_provider_without_credentials(client, fake):
     with pytest.raises(openai.AuthenticationError) as refused:
-        client.chat.completions.create(model="groq/llama-3.3-70b-versatile", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(model="groq/llama-3.3-70b-versatile",
+                                       messages=[{"role": "user", "content": "x"}])
     assert "No credentials for provider 'groq'" in refused.value.body["message"]
     fake.push(Reply(text="via groq", status=401))
     with pytest.raises(openai.AuthenticationError) as caught:
-        client.chat.completions.create(model="groq/llama-3.3-70b-versatile", messages=[{"role": "user", "content": "x"}],
+        client.chat.completions.create(model="groq/llama-3.3-70b-versatile",
+                                       messages=[{"role": "user", "content": "x"}],
                                        extra_headers={"X-Pi-Upstream-Api-Key": "gsk-client-SECRET-88"})
     assert "gsk-client-SECRET-88" not in caught.value.response.text
     assert fake.requests[-1].headers["authorization"] == "Bearer gsk-client-SECRET-88"

@@ -236,7 +236,8 @@ def test_an_external_proxy_is_reported_and_left_alone(pi_home, start_proxy):
     pi = Pi(home, {**env, "PI_PROXY_PORT": str(external.port), "PI_PROXY_AUTH_TOKEN": TOKEN}, extension=None)
     try:
         response, _ = pi.command({"type": "get_commands"})
-        assert [(c["name"], c["sourceInfo"]["path"]) for c in response["data"]["commands"]] == [("proxy", str(EXTENSION))]
+        commands = [(c["name"], c["sourceInfo"]["path"]) for c in response["data"]["commands"]]
+        assert commands == [("proxy", str(EXTENSION))]
         assert pi.startup_footer() == f"proxy: {url} ({len(models)} models)", "the footer shows a proxy found at start"
 
         notes, _ = pi.slash("/proxy status")
@@ -362,6 +363,7 @@ def test_flag_and_argument_completions(tmp_path):
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert loaded["paths"] == [str(EXTENSION)] and loaded["flags"] == ["proxy"]
-    completions = {prefix: items and [item["value"] for item in items] for prefix, items in loaded["completions"].items()}
+    completions = {prefix: items and [item["value"] for item in items]
+                   for prefix, items in loaded["completions"].items()}
     assert completions == {"": ["status", "start", "stop", "clients"], "st": ["status", "start", "stop"],
                            "sto": ["stop"], "c": ["clients"], "x": None}

@@ -48,7 +48,8 @@ def test_rate_limit_keeps_retry_after(client, fake, model):
 
 
 def test_upstream_400_message_reaches_the_client(client, fake):
-    fake.push(Reply(status=400, error_body={"error": {"message": "messages: field 'x' is bad", "type": "invalid_request_error"}}))
+    fake.push(Reply(status=400, error_body={"error": {"message": "messages: field 'x' is bad",
+                                                      "type": "invalid_request_error"}}))
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="fake-chat/chat-model", messages=USER)
     assert "field 'x' is bad" in caught.value.body["message"]

@@ -140,7 +140,7 @@ def test_tool_calls(fake, api):
     got = blocks(msg, "toolCall")
     assert [(b["name"], b["arguments"]) for b in got] == [("get_weather", {"city": "Paris"}),
                                                          ("add", {"a": 1, "b": 2.5})]
-    for b, (cid, _, _) in zip(got, calls):
+    for b, (cid, _, _) in zip(got, calls, strict=True):
         if api == "openai-responses":
             assert b["id"].startswith(cid + "|fc_")  # pi-ai: "<call_id>|<item id>"
         else:
@@ -293,7 +293,7 @@ def test_wire_formats(fake):
                                           json={"model": "gpt", "stream": True})))
     data = [json.loads(d) for _, d in resp]
     assert [d["sequence_number"] for d in data] == list(range(len(data)))
-    assert all(e == d["type"] for (e, _), d in zip(resp, data))
+    assert all(e == d["type"] for (e, _), d in zip(resp, data, strict=True))
     assert data[0]["type"] == "response.created" and data[-1]["type"] == "response.incomplete"
     assert data[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert data[-1]["response"]["usage"]["input_tokens"] == 5

@@ -146,7 +146,8 @@ def faulty(agent_dir, tmp_path_factory):
     """A proxy (pool of 2) whose `node` is tests' faulty one; .mode_file sets its behaviour."""
     directory = tmp_path_factory.mktemp("faulty-node")
     node = directory / "node"
-    node.write_text(FAULTY_NODE.format(node=shutil.which("node"), preload=(ROOT / "tests" / "fault_preload.mjs").as_uri()))
+    node.write_text(FAULTY_NODE.format(node=shutil.which("node"),
+                                       preload=(ROOT / "tests" / "fault_preload.mjs").as_uri()))
     node.chmod(0o755)
     mode_file = directory / "mode"
     mode_file.write_text("")
@@ -223,7 +224,8 @@ def test_bridge_crashes_at_start(faulty, mode, fake):
     assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in warm)), "killed and reaped"
     for endpoint in CLIENT_APIS:
         seen = call(faulty, endpoint, "fake-chat/chat-model")
-        assert_failed_before_content(seen, endpoint, 502, "the proxy's bridge exited unexpectedly (status 3): simulated crash")
+        assert_failed_before_content(seen, endpoint, 502,
+                                     "the proxy's bridge exited unexpectedly (status 3): simulated crash")
     assert requests.get(f"{faulty.url}/healthz", timeout=5).status_code == 200
     assert not fake.requests, "nothing reached the upstream"
     mode("")

@@ -23,8 +23,8 @@ settings.register_profile("soak", max_examples=3000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False, allow_infinity=False),
-                    st.text(max_size=30))
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40),
+                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30))
 JSON = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                       st.dictionaries(st.text(max_size=12), inner, max_size=4)),
                     max_leaves=12)
@@ -179,7 +179,8 @@ def test_pi_stream_fuzz(proxy, answering, body):
        content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]))
 def test_raw_bytes_fuzz(proxy, answering, raw, path, content_type):
     response = requests.post(f"{proxy.url}{path}", data=raw, headers={"content-type": content_type}, timeout=30)
-    check_answer(response, "anthropic" if path.startswith("/v1/messages") else "pi" if path == "/api/stream" else "openai")
+    check_answer(response,
+                 "anthropic" if path.startswith("/v1/messages") else "pi" if path == "/api/stream" else "openai")
     assert response.status_code < 500
 
 

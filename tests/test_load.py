@@ -76,7 +76,7 @@ def load_proxy(agent_dir, tmp_path_factory):
 # Each family: (path, request body, how its streamed text is read, how its stream ends).
 def chat_text(frames):
     text = ""
-    for event, data in frames:
+    for _, data in frames:
         if data == "[DONE]":
             return text, True
         choices = json.loads(data).get("choices") or [{}]

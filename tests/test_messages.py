@@ -216,7 +216,8 @@ def test_tool_call_without_arguments_gives_empty_object(client, fake, model):
 
 @ALL_APIS
 def test_parallel_tool_calls_are_separate_blocks(client, fake, model):
-    fake.push(Reply(tool_calls=[("call_a", "get_weather", '{"city": "A"}'), ("call_b", "get_weather", '{"city": "B"}')]))
+    fake.push(Reply(tool_calls=[("call_a", "get_weather", '{"city": "A"}'),
+                                ("call_b", "get_weather", '{"city": "B"}')]))
     with client.messages.stream(model=model, max_tokens=100, messages=HI, tools=[WEATHER]) as stream:
         final = stream.get_final_message()
     assert [b.input["city"] for b in final.content if b.type == "tool_use"] == ["A", "B"]
@@ -339,7 +340,8 @@ def test_upstream_errors_keep_status_in_anthropic_shape(client, fake, model, sta
 
 def test_context_overflow_reads_like_anthropic(client, fake):
     fake.push(Reply(status=400, error_body={"error": {
-        "message": "prompt token count of 250123 exceeds the limit of 200000", "code": "model_max_prompt_tokens_exceeded"}}))
+        "message": "prompt token count of 250123 exceeds the limit of 200000",
+        "code": "model_max_prompt_tokens_exceeded"}}))
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model="fake-chat/chat-model", max_tokens=10, messages=HI)
     assert caught.value.body["error"]["message"] == "prompt is too long: 250123 tokens > 200000 maximum"

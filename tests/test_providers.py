@@ -76,7 +76,8 @@ def test_no_dynamic_import_in_the_bundle_gets_a_commonjs_only_chunk():
     chunks = {path.name: path.read_text() for path in BUILD.glob("*.mjs")}
     assert chunks, "no bundle: run npm run build"
     commonjs = {name for name, text in chunks.items() if re.search(r"^export default require_\w+\(\);$", text, re.M)}
-    imports = [(name, target) for name, text in chunks.items() for target in re.findall(r'import\("\./([^"]+)"\)', text)]
+    imports = [(name, target) for name, text in chunks.items()
+               for target in re.findall(r'import\("\./([^"]+)"\)', text)]
     assert imports, "the bundle's provider chunks are loaded with import()"
     assert [(name, target) for name, target in imports if target in commonjs] == []
 
@@ -109,7 +110,8 @@ def test_provider_module_loads_from_the_bundle_and_calls_out(api, catch_all, pro
     before = len(catch_all.requests)
     response = requests.post(f"{proxy_to_catch_all.url}/v1/chat/completions", timeout=60,
                              json={"model": f"api-{api}/m", "messages": [{"role": "user", "content": "hi"}]})
-    assert catch_all.requests[before:], f"{api}: no request reached the upstream: {response.status_code} {response.text}"
+    assert catch_all.requests[before:], \
+        f"{api}: no request reached the upstream: {response.status_code} {response.text}"
     assert response.status_code >= 400 and "Cannot find module" not in response.text, response.text
 
 
@@ -117,7 +119,8 @@ def test_bedrock_answers_through_the_proxy(tmp_path):
     home = tmp_path / "home"
     (home / "agent").mkdir(parents=True)
     with FakeBedrock(AWS_KEY, AWS_SECRET) as bedrock:
-        (home / "agent" / "models.json").write_text(json.dumps({"providers": {"amazon-bedrock": {"baseUrl": bedrock.base_url}}}))
+        (home / "agent" / "models.json").write_text(
+            json.dumps({"providers": {"amazon-bedrock": {"baseUrl": bedrock.base_url}}}))
         with running_proxy(home / "agent", home / "proxy.log",
                            {**AWS_ENV, "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"}) as proxy:
             models = requests.get(f"{proxy.url}/v1/models", timeout=30).json()["data"]

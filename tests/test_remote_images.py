@@ -248,7 +248,8 @@ def test_too_many_images_are_refused(guarded, fake, images):
     response = requests.post(guarded.url + ENDPOINTS["chat"][0], json=body, timeout=30)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == "messages[0].content[17].image_url.url" and "PI_PROXY_REMOTE_IMAGE_MAX_COUNT" in error["message"]
+    assert error["param"] == "messages[0].content[17].image_url.url"
+    assert "PI_PROXY_REMOTE_IMAGE_MAX_COUNT" in error["message"]
     assert not fake.requests
 
 
@@ -257,8 +258,8 @@ def test_too_many_images_are_refused(guarded, fake, images):
 
 class Fetcher:
     def __init__(self):
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "image_fetcher.py")], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "image_fetcher.py")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
     def __call__(self, *urls, hosts=None, **config) -> dict:
         config = {"remote_image_max_bytes": MAX_BYTES, "remote_image_timeout": TIMEOUT, **config}

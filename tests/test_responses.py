@@ -164,7 +164,8 @@ def test_namespace_custom_and_hosted_tools(client, fake, model):
     assert "begin_patch" in upstream_tools, "the custom tool's grammar goes into its description"
     assert "web_search" not in upstream_tools, "hosted tools are dropped"
     function_call, custom_call = first.output
-    assert (function_call.type, function_call.name, function_call.namespace) == ("function_call", "forecast", "weather_ns")
+    assert (function_call.type, function_call.name, function_call.namespace) == \
+        ("function_call", "forecast", "weather_ns")
     assert (custom_call.type, custom_call.name, custom_call.input) == ("custom_tool_call", "apply_patch", patch)
     fake.push(Reply(text="done"))
     client.responses.create(model=model, tools=tools, input=[

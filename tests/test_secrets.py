@@ -23,7 +23,7 @@ def leaks_since(start: int) -> list:
 def test_requests_bodies_and_headers_are_scanned(fake):
     start = len(RESPONSES)
     fake.push(Reply(status=500, error_body=f"oops {PLANTED}"))
-    requests.post(f"{fake.base_url}/v1/chat/completions", json={}, timeout=10).text
+    _ = requests.post(f"{fake.base_url}/v1/chat/completions", json={}, timeout=10).text
     assert leaks_since(start), "a plain response body"
 
     start = len(RESPONSES)

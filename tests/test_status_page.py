@@ -56,7 +56,8 @@ def test_the_page_shows_totals_rows_chart_and_quota(watched, tmp_path):
     screenshot = tmp_path / "status-page.png"
     shot = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-                           "--window-size=1200,1500", "--hide-scrollbars", f"--screenshot={screenshot}", f"{proxy.url}/"],
+                           "--window-size=1200,1500", "--hide-scrollbars", f"--screenshot={screenshot}",
+                           f"{proxy.url}/"],
                           capture_output=True, text=True, timeout=90)
     assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
 

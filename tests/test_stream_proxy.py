@@ -58,7 +58,8 @@ def run_node(script: Path, payload: dict) -> list[dict]:
 def via_proxy(proxy, fake, decoy, name: str, reply: Reply, context=HI, options=None, **extra) -> tuple[list, dict]:
     """The events streamProxy emitted and the message it rebuilt."""
     fake.push(reply)
-    events = run_node(CLIENT, {"proxyUrl": proxy.url, "authToken": "any-token", "model": client_model(fake, decoy, name),
+    events = run_node(CLIENT, {"proxyUrl": proxy.url, "authToken": "any-token",
+                               "model": client_model(fake, decoy, name),
                                "context": context, "options": options or {}, **extra})
     assert events[-1]["type"] == "result", events
     return events[:-1], events[-1]["message"]
@@ -123,7 +124,8 @@ def test_tool_calls_with_argument_deltas(proxy, fake, decoy, model):
     _, expected = direct(fake, model, reply, context={**HI, "tools": TOOLS})
     assert comparable(rebuilt) == comparable(expected)
     calls = [b for b in rebuilt["content"] if b["type"] == "toolCall"]
-    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", {"city": "Paris"}),
+                                                             ("add", {"a": 1, "b": 2})]
     assert rebuilt["stopReason"] == "toolUse"
     assert sum(e["type"] == "toolcall_delta" for e in events) > 2, "arguments streamed in fragments"
 
@@ -159,7 +161,8 @@ def test_length_stop_from_the_responses_api_is_reported_though_pi_ai_misses_it(p
 @pytest.mark.parametrize("model,reply", [
     ("fake-chat/chat-model", Reply(status=429, headers={"retry-after": "3"})),
     ("fake-anthropic/claude-test", Reply(status=529)),
-    ("fake-responses/gpt-test", Reply(status=400, error_body={"error": {"message": "bad field x", "type": "invalid_request_error"}})),
+    ("fake-responses/gpt-test", Reply(status=400, error_body={"error": {"message": "bad field x",
+                                                                        "type": "invalid_request_error"}})),
     ("fake-anthropic/claude-test", Reply(text="partial answer", stream_error="Overloaded mid-stream")),
     ("fake-chat/chat-model", Reply(text="partial answer", cut_after=4)),
 ])
@@ -187,7 +190,8 @@ def test_history_from_a_rebuilt_message_round_trips(proxy, fake, decoy):
                                                          tool_calls=[("toolu_1", "get_weather", {"city": "Rome"})]),
                          context=context, options={"reasoning": "low"})
     result = {"role": "toolResult", "toolCallId": "toolu_1", "toolName": "get_weather", "isError": False,
-              "content": [{"type": "text", "text": "Sunny, 24 C"}, {"type": "image", "data": PIXEL, "mimeType": "image/png"}]}
+              "content": [{"type": "text", "text": "Sunny, 24 C"},
+                          {"type": "image", "data": PIXEL, "mimeType": "image/png"}]}
     context["messages"] = [*context["messages"], first, result]
     _, second = via_proxy(proxy, fake, decoy, name, Reply(text="It is sunny."), context=context,
                           options={"reasoning": "low"})
@@ -407,7 +411,8 @@ def test_translation_of_a_tool_call_without_deltas():
         {"type": "toolcall_start", "contentIndex": 2, "id": "c1", "toolName": "f"}]
     frames = events.translate({"type": "toolcall_end", "contentIndex": 2, "toolCall": call})
     assert [f["type"] for f in frames] == ["toolcall_delta", "toolcall_end"]
-    assert json.loads(frames[0]["delta"]) == {"x": [1, "two"]} and frames[1] == {"type": "toolcall_end", "contentIndex": 2}
+    assert json.loads(frames[0]["delta"]) == {"x": [1, "two"]}
+    assert frames[1] == {"type": "toolcall_end", "contentIndex": 2}
     # once a delta was streamed, the end carries nothing more
     events.translate({"type": "toolcall_delta", "contentIndex": 3, "delta": '{"y":'})
     assert events.translate({"type": "toolcall_end", "contentIndex": 3, "toolCall": call}) == [
