@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.fake_bedrock import FakeBedrock
-from tests.helpers import ROOT, running_proxy
+from tests.helpers import ROOT, running_proxy, sse_events
 from tests.secret_scan import LEAK_WATCH
 
 REGISTRY = ROOT / "node_modules/@mariozechner/pi-ai/dist/providers/register-builtins.js"
@@ -129,12 +129,12 @@ def test_bedrock_answers_through_the_proxy(tmp_path):
             answer = requests.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=60)
             with requests.post(f"{proxy.url}/v1/chat/completions", json={**body, "stream": True}, stream=True,
                                timeout=60) as streamed:
-                lines = [line for line in streamed.iter_lines() if line.startswith(b"data: ")]
+                events = list(sse_events(streamed))
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == "Hello from Bedrock"
     assert answer.json()["usage"]["completion_tokens"] == 3
-    deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in lines[:-1]]
-    assert "".join(filter(None, deltas)) == "Hello from Bedrock" and lines[-1] == b"data: [DONE]"
+    deltas = [json.loads(data)["choices"][0]["delta"].get("content") for _, data in events[:-1]]
+    assert "".join(filter(None, deltas)) == "Hello from Bedrock" and events[-1] == (None, "[DONE]")
     path, headers, sent = bedrock.requests[0]
     assert path == f"/model/{model.split('/', 1)[1].replace(':', '%3A')}/converse-stream"
     sent = json.loads(sent)
