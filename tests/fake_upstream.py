@@ -578,7 +578,8 @@ def _over_output_limit(api: str, body: Any, limits: dict) -> dict | None:
         if isinstance(asked, int) and asked > limit:
             if api == "anthropic":
                 return {"type": "error", "error": {"type": "invalid_request_error", "message": (
-                    f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output tokens for {model}")}}
+                    f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output tokens "
+                    f"for {model}")}}
             return {"error": {"message": f"{name} is too large: {asked}. This model supports at most {limit} "
                                          f"completion tokens, whereas you provided {asked}.",
                               "type": "invalid_request_error", "param": name, "code": "invalid_value"}}
