@@ -281,10 +281,16 @@ class RunningProxy:
         self.log.close()
 
 
+def output_limits(models: dict) -> dict:
+    """{model id: maxTokens} of a models.json's models (pi's default 16384 where none is given)."""
+    return {m["id"]: m.get("maxTokens", 16384) for spec in models["providers"].values() for m in spec.get("models", [])}
+
+
 @pytest.fixture(scope="session")
 def fake():
     upstream = FakeUpstream()
     upstream.start()
+    upstream.output_limits = output_limits(models_json(upstream.base_url))
     yield upstream
     upstream.stop()
 

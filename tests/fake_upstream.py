@@ -30,6 +30,10 @@ API::
     fake.wait_for_disconnect(timeout=2.0, count=1) -> bool
     fake.wait_for_requests(count=1, timeout=2.0) -> bool
     fake.reset()                             # clear queue, requests, disconnects; default back to Hello
+    fake.output_limits                       # {model id: max output tokens}: as the real APIs, a request
+                                             #   asking more (max_tokens, max_completion_tokens,
+                                             #   max_output_tokens) is a 400 in the API's shape; it is
+                                             #   recorded but consumes no reply
     fake.pending                             # number of queued replies not yet consumed
     fake.port
     fake.stop()                              # fast; also drops open connections
@@ -560,6 +564,27 @@ _ANTHROPIC_ERRORS = {
 }
 
 
+_OUTPUT_FIELDS = {"chat": ("max_completion_tokens", "max_tokens"), "anthropic": ("max_tokens",),
+                  "responses": ("max_output_tokens",)}
+
+
+def _over_output_limit(api: str, body: Any, limits: dict) -> dict | None:
+    """The real API's 400 body for a request asking more output tokens than its model can give."""
+    if not isinstance(body, dict) or body.get("model") not in limits:
+        return None
+    model, limit = body["model"], limits[body["model"]]
+    for name in _OUTPUT_FIELDS[api]:
+        asked = body.get(name)
+        if isinstance(asked, int) and asked > limit:
+            if api == "anthropic":
+                return {"type": "error", "error": {"type": "invalid_request_error", "message": (
+                    f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output tokens for {model}")}}
+            return {"error": {"message": f"{name} is too large: {asked}. This model supports at most {limit} "
+                                         f"completion tokens, whereas you provided {asked}.",
+                              "type": "invalid_request_error", "param": name, "code": "invalid_value"}}
+    return None
+
+
 def _error_body(api: str, status: int, model: str) -> dict:
     if api == "anthropic":
         typ, msg = _ANTHROPIC_ERRORS.get(status, ("api_error", f"Fake upstream error {status}"))
@@ -700,6 +725,7 @@ class FakeUpstream:
         self.default = Reply(text="Hello from fake")
         self.requests: list[Recorded] = []
         self.disconnects: list[Recorded] = []
+        self.output_limits: dict[str, int] = {}
         self.base_url = ""
 
     # ---------------------------------------------------------------- lifecycle
@@ -808,16 +834,20 @@ class FakeUpstream:
         rec = Recorded(path=path, headers={k.lower(): v for k, v in h.headers.items()}, body=body,
                        time=time.monotonic(), method=h.command)
         api = _APIS.get(path) if h.command == "POST" else None
+        refusal = api and _over_output_limit(api, body, self.output_limits)
         with self._cond:
             self.requests.append(rec)
             self._seq += 1
             seq = self._seq
             reply = None
-            if api is not None:
+            if api is not None and not refusal:
                 reply = self._queue.popleft() if self._queue else self.default
             self._cond.notify_all()
         conn = _Conn(self, h, rec)
         try:
+            if refusal:
+                self._send_json(conn, 400, refusal, {})
+                return
             if reply is None:
                 self._send_json(conn, 404, {"error": {"message": f"fake upstream: unknown path {h.command} {path}",
                                                       "type": "invalid_request_error", "param": None,
