@@ -542,7 +542,8 @@ class _Plan:
     def _google_parts(self) -> list[dict]:
         parts = [{"text": piece, "thought": True} for piece in self.reasoning_pieces]
         parts += [{"text": piece} for piece in self.text_pieces]
-        signature = self.r.reasoning_signature or base64.b64encode(("fakesig-" + _hex(self.seed + "ts")).encode()).decode()
+        generated = base64.b64encode(f"fakesig-{_hex(self.seed + 'ts')}".encode()).decode()
+        signature = self.r.reasoning_signature or generated
         for k, (tid, name, args) in enumerate(self.tools):
             part = {"functionCall": {"id": tid, "name": name, "args": json.loads(args or "{}")}}
             parts.append({**part, "thoughtSignature": signature} if k == 0 else part)
@@ -554,9 +555,10 @@ class _Plan:
         response = {"candidates": [candidate], "modelVersion": self.model, "responseId": "gresp-" + _hex(self.seed, 20)}
         if last:
             candidate["finishReason"] = "MAX_TOKENS" if self.stop == "length" else "STOP"
-            response["usageMetadata"] = {"promptTokenCount": u["input"] + u["cached"], "candidatesTokenCount": u["output"],
+            prompt = u["input"] + u["cached"]
+            response["usageMetadata"] = {"promptTokenCount": prompt, "candidatesTokenCount": u["output"],
                                          "cachedContentTokenCount": u["cached"], "thoughtsTokenCount": u["reasoning"],
-                                         "totalTokenCount": u["input"] + u["cached"] + u["output"] + u["reasoning"]}
+                                         "totalTokenCount": prompt + u["output"] + u["reasoning"]}
         return response
 
     def google_events(self) -> Iterator[bytes]:
@@ -579,13 +581,14 @@ def _missing_thought_signature(body: dict) -> str | None:
     if not body.get("model", "").startswith("gemini-3"):
         return None
     contents = body.get("contents") or []
-    starts = [i for i, c in enumerate(contents) if c.get("role") == "user" and any("text" in p for p in c.get("parts", []))]
+    starts = [i for i, c in enumerate(contents)
+              if c.get("role") == "user" and any("text" in p for p in c.get("parts", []))]
     for position, content in enumerate(contents[starts[-1] if starts else 0:]):
         calls = [p for p in content.get("parts", []) if "functionCall" in p] if content.get("role") == "model" else []
         if calls and not calls[0].get("thoughtSignature"):
+            name = calls[0]["functionCall"].get("name")
             return (f"Function call is missing a thought_signature in functionCall parts. This is required for tools "
-                    f"to work correctly. Additional data, function call `default_api:{calls[0]['functionCall'].get('name')}`"
-                    f", position {position + 1}.")
+                    f"to work correctly. Additional data, function call `default_api:{name}`, position {position + 1}.")
     return None
 
 
@@ -636,10 +639,11 @@ def _over_output_limit(api: str, body: Any, limits: dict) -> dict | None:
         asked = asking.get(name)
         if isinstance(asked, int) and asked > limit:
             if api == "google":
-                return _google_error(400, f"The maximum number of output tokens ({name}) is {limit}; {asked} was asked.")
+                return _google_error(400, f"The maximum number of output tokens ({name}) is {limit}; {asked} asked.")
             if api == "anthropic":
                 return {"type": "error", "error": {"type": "invalid_request_error", "message": (
-                    f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output tokens for {model}")}}
+                    f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output tokens "
+                    f"for {model}")}}
             return {"error": {"message": f"{name} is too large: {asked}. This model supports at most {limit} "
                                          f"completion tokens, whereas you provided {asked}.",
                               "type": "invalid_request_error", "param": name, "code": "invalid_value"}}
@@ -762,7 +766,7 @@ class _Conn:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, OSError):
             self._mark_gone()
-            raise _Gone()
+            raise _Gone() from None
 
     def send_head(self, status: int, headers: dict) -> None:
         h = self.h
@@ -774,7 +778,7 @@ class _Conn:
             h.end_headers()
         except OSError:
             self._mark_gone()
-            raise _Gone()
+            raise _Gone() from None
 
 
 class FakeUpstream:
@@ -905,7 +909,8 @@ class FakeUpstream:
         api = _APIS.get(path) if h.command == "POST" else None
         google = _GOOGLE_PATH.search(path) if h.command == "POST" and isinstance(body, dict) else None
         if google:  # the model and whether to stream are in the path
-            api, body = "google", {**body, "model": google.group(1), "stream": google.group(2) == "streamGenerateContent"}
+            streaming = google.group(2) == "streamGenerateContent"
+            api, body = "google", {**body, "model": google.group(1), "stream": streaming}
         refusal = api and _over_output_limit(api, body, self.output_limits)
         if api == "google" and not refusal and _missing_thought_signature(body):
             refusal = _google_error(400, _missing_thought_signature(body))

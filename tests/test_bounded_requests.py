@@ -12,8 +12,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import running_proxy
 
 CHAT, RESPONSES, MESSAGES, PI = "/v1/chat/completions", "/v1/responses", "/v1/messages", "/api/stream"
 HI = [{"role": "user", "content": "hi"}]
@@ -147,7 +147,8 @@ def bad_requests(fake) -> dict:
                                                                     "content": "r"}]}),
         "upstream 500": lambda: (fake.push(Reply(status=500)), (CHAT, chat))[1],
         "upstream 429": lambda: (fake.push(Reply(status=429, headers={"retry-after": "1"})), (CHAT, chat))[1],
-        "upstream garbage": lambda: (fake.push(Reply(text="x y z", malformed_after=1)), (CHAT, {**chat, "stream": True}))[1],
+        "upstream garbage": lambda: (fake.push(Reply(text="x y z", malformed_after=1)),
+                                     (CHAT, {**chat, "stream": True}))[1],
         "stream ok": lambda: (fake.push(Reply(text="a b c")), (RESPONSES, {"model": "fake-responses/gpt-test",
                                                                           "input": "hi", "stream": True}))[1],
         "client leaves": lambda: (fake.push(Reply(text="never", hang_after_headers=True)),
@@ -185,11 +186,10 @@ def test_no_failure_path_leaks_a_bridge(proxy, fake, steps):
 
 @pytest.fixture(scope="module")
 def capped(agent_dir, tmp_path_factory):
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "capped.log",
-                           {"PI_PROXY_MAX_MESSAGES": "20", "PI_PROXY_MAX_TOOLS": "3", "PI_PROXY_MAX_DEPTH": "12",
-                            "PI_PROXY_MAX_JSON_VALUES": "400"})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("logs") / "capped.log",
+                       {"PI_PROXY_MAX_MESSAGES": "20", "PI_PROXY_MAX_TOOLS": "3", "PI_PROXY_MAX_DEPTH": "12",
+                        "PI_PROXY_MAX_JSON_VALUES": "400"}) as running:
+        yield running
 
 
 def tools(count: int) -> list:
