@@ -341,6 +341,12 @@ def api_error(body: dict, family: str) -> dict:
     return error
 
 
+def error_family(path: str) -> str:
+    """The error shape of the endpoint at `path`: Anthropic's under /v1/messages, pi's on
+    /api/stream, OpenAI's everywhere else."""
+    return "anthropic" if path.startswith("/v1/messages") else "pi" if path == "/api/stream" else "openai"
+
+
 def response_error(response, status: int, family: str) -> dict:
     """api_error() of a requests.Response that must have `status`."""
     assert response.status_code == status, response.text

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fake_upstream import Reply
-from tests.helpers import running_proxy
+from tests.helpers import error_family, response_error, running_proxy
 
 CHAT, RESPONSES, MESSAGES, PI = "/v1/chat/completions", "/v1/responses", "/v1/messages", "/api/stream"
 HI = [{"role": "user", "content": "hi"}]
@@ -103,11 +103,10 @@ def test_deep_nesting_that_the_schema_passes_leaks_no_bridge(proxy, fake):
 def test_nan_and_infinity_are_400_naming_the_field(proxy, fake, path, body, param):
     response = requests.post(proxy.url + path, data=json.dumps(body), headers={"Content-Type": "application/json"},
                              timeout=30)
-    assert response.status_code == 400, response.text
-    message = response.json()["error"] if path == PI else response.json()["error"]["message"]
-    assert param in message and "JSON has no such number" in message
+    error = response_error(response, 400, error_family(path))
+    assert param in error["message"] and "JSON has no such number" in error["message"]
     if path != PI:
-        assert response.json()["error"]["param"] == param
+        assert error["param"] == param
     assert not fake.requests
 
 
@@ -212,11 +211,11 @@ def tools(count: int) -> list:
 ])
 def test_counts_past_the_caps_are_413_naming_the_field(capped, fake, path, body, param):
     response = requests.post(capped.url + path, json=body, timeout=30)
-    assert response.status_code == 413, response.text
-    message = response.json()["error"] if path == PI else response.json()["error"]["message"]
-    assert param in message and ("PI_PROXY_MAX_MESSAGES" in message or "PI_PROXY_MAX_TOOLS" in message)
+    error = response_error(response, 413, error_family(path))
+    assert param in error["message"]
+    assert "PI_PROXY_MAX_MESSAGES" in error["message"] or "PI_PROXY_MAX_TOOLS" in error["message"]
     if path == MESSAGES:
-        assert response.json()["error"]["type"] == "request_too_large"
+        assert error["type"] == "request_too_large"
     assert not fake.requests
 
 

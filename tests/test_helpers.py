@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from tests.helpers import alive, api_error, running_proxy, sse_events, sse_json, wait_for
+from tests.helpers import alive, api_error, error_family, running_proxy, sse_events, sse_json, wait_for
 
 # --- sse_events --------------------------------------------------------------------------------------
 
@@ -75,3 +75,9 @@ def test_running_proxy_is_healthy_inside_and_gone_after(agent_dir, tmp_path):
 def test_start_proxy_numbers_the_logs_of_proxies_with_one_name(start_proxy):
     first, second = start_proxy({"PI_PROXY_BRIDGE_POOL": "0"}), start_proxy({"PI_PROXY_BRIDGE_POOL": "0"})
     assert first.port != second.port and first.log_path != second.log_path
+
+
+def test_error_family_follows_the_path():
+    assert [error_family(path) for path in ("/v1/messages", "/v1/messages/count_tokens", "/api/stream",
+                                            "/v1/chat/completions", "/v1/responses", "/v1/models")] == \
+        ["anthropic", "anthropic", "pi", "openai", "openai", "openai"]

@@ -13,7 +13,7 @@ import requests
 import proxy
 from proxy import ApiError
 from tests.fake_upstream import Reply
-from tests.helpers import models_json
+from tests.helpers import error_family, models_json, response_error
 
 COPILOT_SONNET = "fake-copilot/claude-sonnet-4.5"
 
@@ -165,16 +165,15 @@ NOT_A_PROVIDER = [
 def test_a_prefix_that_names_no_provider_is_404_on_every_endpoint(proxy, fake, path, body):
     fake.push(Reply(text="must not be asked"))
     response = requests.post(proxy.url + path, json=body, timeout=30)
-    assert response.status_code == 404, response.text
-    error = response.json()
+    error = response_error(response, 404, error_family(path))
     if path.startswith("/v1/messages"):
-        assert error["type"] == "error" and error["error"]["type"] == "not_found_error"
-        assert "no provider is named 'someprovider'" in error["error"]["message"]
+        assert error["type"] == "not_found_error"
+        assert "no provider is named 'someprovider'" in error["message"]
     elif path == "/api/stream":
-        assert "someprovider" in error["error"]
+        assert "someprovider" in error["message"]
     else:
-        assert error["error"]["code"] == "model_not_found" and error["error"]["param"] == "model"
-        assert "no provider is named 'someprovider'" in error["error"]["message"]
+        assert error["code"] == "model_not_found" and error["param"] == "model"
+        assert "no provider is named 'someprovider'" in error["message"]
     assert not fake.requests
 
 
