@@ -1185,6 +1185,11 @@ class BridgePool:
         self._shrink_due = False
         self.refill()
 
+    def counts(self) -> dict:
+        """For GET /usage: the bridges serving requests, those waiting for one, and how many the
+        pool keeps now."""
+        return {"serving": len(self.serving), "idle": len(self.idle), "pool": self.target()}
+
     def target(self) -> int:
         """How many idle bridges the pool keeps now (size 0: none, a bridge per request)."""
         recent = min(self.demand.peak(time.monotonic()), self.DEMAND_CAP, self.admission.limit)
@@ -4081,7 +4086,7 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.get("/usage")
     def usage():
-        report = {**proxy.ledger.report(), "copilot": proxy.copilot_quota()}
+        report = {**proxy.ledger.report(), "bridges": proxy.bridges.counts(), "copilot": proxy.copilot_quota()}
         return Response(json.dumps(report), mimetype="application/json")  # fields in their order
 
     @app.route("/", methods=["GET", "HEAD"])
