@@ -646,8 +646,17 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
         raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
                        "invalid_request_error", param="model", code="ambiguous_model")
-    raise ApiError(404, f"The model {shown(name)} does not exist or has no credentials configured",
-                   "not_found_error", param="model", code="model_not_found")
+    raise ApiError(404, f"The model {shown(name)} does not exist or has no credentials configured"
+                        + no_such_provider(name, models), "not_found_error", param="model", code="model_not_found")
+
+
+def no_such_provider(name: str, models: dict) -> str:
+    """Why `someprovider/model` names nothing, when its prefix is no provider's name: a prefix is
+    never a hint, so such a name never falls back to another provider's model of that id."""
+    provider = name.partition("/")[0]
+    if "/" not in name or any(model["provider"] == provider for model in models.values()):
+        return ""
+    return f" (no provider is named {shown(provider)})"
 
 
 # ==================================================================================================
@@ -1394,6 +1403,100 @@ def redact(text: str, secrets) -> str:
 # 8. OpenAI chat completions
 # ==================================================================================================
 
+IGNORED = "x-ignored"  # a schema annotation (jsonschema skips unknown keywords): why the field is not used
+MAX_UNUSED_LOGGED = 20  # paths logged per request: a body of a million unknown keys writes a few lines
+
+
+def ignored(why: str, schema: dict | None = None) -> dict:
+    """The schema of a property accepted on purpose and not used, e.g.
+    `"store": ignored("nothing is stored", {"type": "boolean"})`: values valid per `schema` pass.
+
+    The rule: every field a client sends is honoured, translated, or knowingly ignored, and at
+    DEBUG each one that is not used is logged with its path (`messages[3].reasoning_content`). The
+    request schemas, which `validate` checks bodies against, say which is which, so every endpoint
+    gets the log line from its validator (validate -> log_unused_fields -> unused_fields):
+    - a property some applying schema describes without this mark is used; its value is walked on;
+    - a property marked with ignored(why) is logged as ignored, with `why`, and not walked into;
+    - a property no schema describes is logged as unknown (the request still goes on);
+    - an object whose schemas describe no properties (a tool's JSON Schema) is used whole, and
+      `additionalProperties` describes the names a schema does not list (it too may be ignored()).
+    A schema applies together with its `allOf` members, the `then` (or `else`) of its `if`, and the
+    `anyOf`/`oneOf` branches the value matches, so the per-type rules of blocks and items count.
+    Null values mean "unset" and are not reported. A field whose loss changes the conversation is
+    not for this mark: refuse it (400) instead. The README lists the ignored fields per endpoint."""
+    return {**(schema or {}), IGNORED: why}
+
+
+_BRANCH_VALIDATORS: dict[int, tuple] = {}  # id -> (an `if` or anyOf branch of a module schema, its validator)
+
+
+def _matches(schema, value) -> bool:
+    if not isinstance(schema, dict):
+        return bool(schema)
+    entry = _BRANCH_VALIDATORS.get(id(schema))
+    if entry is None or entry[0] is not schema:
+        entry = _BRANCH_VALIDATORS[id(schema)] = (schema, Draft202012Validator(schema))
+    return entry[1].is_valid(value)
+
+
+def _applying(schemas: list, value) -> list:
+    """`schemas` and the subschemas that apply to `value` with them (allOf, if/then/else, the
+    anyOf/oneOf branches it matches)."""
+    found, pending = [], list(schemas)
+    while pending:
+        schema = pending.pop()
+        if not isinstance(schema, dict):
+            continue
+        found.append(schema)
+        pending += schema.get("allOf", [])
+        pending += [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _matches(branch, value)]
+        if "if" in schema:
+            branch = schema.get("then" if _matches(schema["if"], value) else "else")
+            if branch is not None:
+                pending.append(branch)
+    return found
+
+
+def unused_fields(body, schema: dict):
+    """(path, why) for each field of a valid `body` that is not used, in document order: `why` is
+    the ignored() reason, or None for a field no schema describes. Nothing below such a field."""
+    pending = [(body, [schema], ())]
+    while pending:
+        value, schemas, path = pending.pop()
+        schemas = _applying(schemas, value)
+        children = []
+        if isinstance(value, dict):
+            rest = [s["additionalProperties"] for s in schemas if "additionalProperties" in s]
+            if not rest and not any("properties" in s for s in schemas):
+                continue  # described as a whole: passed on as it is
+            for name, member in value.items():
+                if member is None:
+                    continue
+                described = [s["properties"][name] for s in schemas if name in s.get("properties", {})] or rest
+                used = [s for s in described if not (isinstance(s, dict) and IGNORED in s)]
+                if used:
+                    children.append((member, used, (*path, name)))
+                else:
+                    yield json_path((*path, name)), described[0][IGNORED] if described else None
+        elif isinstance(value, list):
+            described = [s["items"] for s in schemas if "items" in s]
+            children = [(member, described, (*path, index)) for index, member in enumerate(value)]
+        pending += reversed(children)
+
+
+def log_unused_fields(body, schema: dict):
+    """At DEBUG: the fields of a request that are not used, grouped by why, at most MAX_UNUSED_LOGGED."""
+    found = list(itertools.islice(unused_fields(body, schema), MAX_UNUSED_LOGGED + 1))
+    by_reason = {}
+    for path, why in found[:MAX_UNUSED_LOGGED]:
+        by_reason.setdefault(why, []).append(path)
+    what = schema.get("title", "request")
+    for why, paths in by_reason.items():
+        log.debug("%s: ignored (%s): %s", what, "unknown to this proxy" if why is None else why, ", ".join(paths))
+    if len(found) > MAX_UNUSED_LOGGED:
+        log.debug("%s: more fields ignored; only the first %d are logged", what, MAX_UNUSED_LOGGED)
+
+
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {
     "anyOf": [
@@ -1413,7 +1516,8 @@ _CONTENT = {
                             "required": ["image_url"],
                             "properties": {
                                 "image_url": {"type": "object", "required": ["url"],
-                                              "properties": {"url": {"type": "string"}}}
+                                              "properties": {"url": {"type": "string"},
+                                                             "detail": ignored("pi-ai has no image detail level")}}
                             },
                         },
                     },
@@ -1436,6 +1540,7 @@ _TOOL_CALL = {
     },
 }
 CHAT_SCHEMA = {
+    "title": "chat completions request",
     "type": "object",
     "required": ["model", "messages"],
     "properties": {
@@ -1449,7 +1554,7 @@ CHAT_SCHEMA = {
                 "properties": {
                     "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
                     "content": _CONTENT,
-                    "name": {"type": "string"},
+                    "name": ignored("pi-ai's messages name no author", {"type": "string"}),
                     "tool_calls": {"type": "array", "items": _TOOL_CALL},
                     "tool_call_id": {"type": "string"},
                 },
@@ -1496,6 +1601,7 @@ CHAT_SCHEMA = {
                             "name": {"type": "string", "pattern": "^[a-zA-Z0-9_.-]{1,128}$"},
                             "description": {"type": "string"},
                             "parameters": {"type": "object"},
+                            "strict": ignored("pi-ai declares every tool with strict: false", {"type": "boolean"}),
                         },
                     },
                 },
@@ -1513,19 +1619,31 @@ CHAT_SCHEMA = {
         "parallel_tool_calls": {"type": "boolean"},
         "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]},
         "user": {"type": "string"},
-        "metadata": {"type": "object"},
+        "metadata": ignored("metadata of stored completions: nothing is stored", {"type": "object"}),
+        "store": ignored("nothing is stored", {"type": "boolean"}),
         "n": {"type": "integer", "minimum": 1},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0},
+        "logit_bias": {"type": "object"},
     },
 }
 CHAT_VALIDATOR = Draft202012Validator(CHAT_SCHEMA)
-CHAT_FIELDS = set(CHAT_SCHEMA["properties"]) | {"logprobs", "top_logprobs", "logit_bias"}
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]{0,63}")
 
 
 def json_path(path) -> str:
-    """jsonschema's path deque -> `messages[0].content`."""
+    """jsonschema's path deque -> `messages[0].content`. A name that is not plain (a client's
+    own keys can be anything) is quoted, escaped and cut short: `metadata["a.b\\n..."]`."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_NAME.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += "[" + json.dumps(part if len(part) <= 64 else part[:64] + "...") + "]"
     return text
 
 
@@ -1546,6 +1664,8 @@ def validate(body, validator: Draft202012Validator) -> dict:
         where = f" at {param}" if param else ""
         message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
         raise ApiError(400, f"Invalid request{where}: {message}", param=param, code="invalid_value")
+    if log.isEnabledFor(logging.DEBUG):
+        log_unused_fields(body, validator.schema)
     return body
 
 
@@ -1574,9 +1694,6 @@ def reject_unsupported(body: dict):
     for name in ("top_logprobs", "logit_bias"):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported by this proxy", param=name, code="unsupported_parameter")
-    unknown = sorted(set(body) - CHAT_FIELDS)
-    if unknown:
-        log.debug("ignoring unknown chat completion fields: %s", ", ".join(unknown))
 
 
 _DATA_URI = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.*)$", re.S)
@@ -1939,11 +2056,14 @@ _A_IMAGE = {
 }
 
 
+_A_CACHE_CONTROL = ignored("pi-ai sets its own cache breakpoints (cacheRetention)", {"type": "object"})
+
+
 def _a_blocks(allowed: list, extra_rules: list = ()) -> dict:
     rules = [{"if": {"properties": {"type": {"const": "text"}}}, "then": _A_TEXT},
              {"if": {"properties": {"type": {"const": "image"}}}, "then": _A_IMAGE}, *extra_rules]
-    return {"type": "array", "items": {"type": "object", "required": ["type"],
-                                       "properties": {"type": {"enum": allowed}}, "allOf": rules}}
+    return {"type": "array", "items": {"type": "object", "required": ["type"], "allOf": rules,
+                                       "properties": {"type": {"enum": allowed}, "cache_control": _A_CACHE_CONTROL}}}
 
 
 _A_TOOL_RESULT_CONTENT = {"anyOf": [{"type": "string"}, _a_blocks(["text", "image"])]}
@@ -1978,7 +2098,7 @@ _A_MESSAGES_PROPERTIES = {
     "system": {"anyOf": [{"type": "string"}, _a_blocks(["text"])]},
     "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-        "input_schema": {"type": "object"}}}},
+        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL}}},
     "tool_choice": {
         "type": "object", "required": ["type"],
         "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
@@ -2000,11 +2120,12 @@ _A_MESSAGES_PROPERTIES = {
     "stream": {"type": "boolean"},
 }
 MESSAGES_VALIDATOR = Draft202012Validator({
-    "type": "object", "required": ["model", "messages", "max_tokens"],
+    "title": "messages request", "type": "object", "required": ["model", "messages", "max_tokens"],
     "properties": {**_A_MESSAGES_PROPERTIES, "max_tokens": {"type": "integer", "minimum": 1}},
 })
 COUNT_TOKENS_VALIDATOR = Draft202012Validator({
-    "type": "object", "required": ["model", "messages"], "properties": _A_MESSAGES_PROPERTIES,
+    "title": "count_tokens request", "type": "object", "required": ["model", "messages"],
+    "properties": _A_MESSAGES_PROPERTIES,
 })
 
 # Tool-use ids must match ^[a-zA-Z0-9_-]+$ for Anthropic clients, but pi-ai's ids need not (the
@@ -2403,31 +2524,107 @@ def claude_key(name: str) -> str:
 
 def resolve_claude_model(name: str, models: dict, is_available) -> dict:
     """Model resolution for Anthropic clients: the usual rules, then the Claude model of the same
-    family and version under another spelling. Never a different version."""
+    family and version under another spelling (a `provider/` prefix: among that provider's
+    models only). Never a different version, never another provider's model."""
     try:
         return resolve_model(name.split("[", 1)[0], models, is_available)
     except ApiError as error:
         if error.status != 404:
             raise
-    key = claude_key(name.rsplit("/", 1)[-1])
-    matches = [m for m in models.values() if is_available(m["provider"]) and claude_key(m["id"]) == key]
+    provider, _, bare = name.partition("/")
+    key, bare_key = claude_key(name), claude_key(bare)
+    matches = [m for m in models.values() if is_available(m["provider"]) and (
+        claude_key(m["id"]) == key or (bare and m["provider"] == provider and claude_key(m["id"]) == bare_key))]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
-        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}")
+        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
+                       param="model", code="ambiguous_model")
     claudes = sorted(canonical_id(m) for m in models.values()
                      if is_available(m["provider"]) and "claude" in m["id"])
-    raise ApiError(404, f"model: {shown(name)} is not available. Available Claude models: "
-                        + (", ".join(claudes) if claudes else "none"), "not_found_error")
+    raise ApiError(404, f"model: {shown(name)} is not available{no_such_provider(name, models)}. Available Claude "
+                        "models: " + (", ".join(claudes) if claudes else "none"),
+                   "not_found_error", param="model", code="model_not_found")
+
+
+_CLAUDE_LINE = re.compile(r"claude-(?:[0-9.-]+-)?(opus|sonnet|haiku)\b")
+_ID_DATE = re.compile(r"-(\d{4})(\d{2})(\d{2})$")
+_SUPPORTED, _UNSUPPORTED = {"supported": True}, {"supported": False}
+ANTHROPIC_PAGE_LIMIT, ANTHROPIC_MAX_PAGE_LIMIT = 20, 1000  # as Anthropic's GET /v1/models
+LIFECYCLES = ("active", "deprecated", "retired")
+
+
+def anthropic_model(model: dict) -> dict:
+    """A model as Anthropic's Models API describes one. `capabilities` say what this proxy's
+    /v1/messages takes for it (no batches, PDFs, citations, server tools or context management).
+    The catalogue has no release dates: `created_at` is the date in the id, else the epoch (as
+    Anthropic's API gives for an unknown date)."""
+    date = _ID_DATE.search(model["id"])
+    line = _CLAUDE_LINE.search(model["id"].lower())
+    thinking = _SUPPORTED if model.get("reasoning") else _UNSUPPORTED
+    return {
+        "type": "model", "id": canonical_id(model), "display_name": model.get("name") or model["id"],
+        "created_at": "{}-{}-{}T00:00:00Z".format(*date.groups()) if date else "1970-01-01T00:00:00Z",
+        "max_input_tokens": model["contextWindow"], "max_tokens": model["maxTokens"],
+        "lifecycle": "active", "deprecated_at": None, "retires_at": None, "line": line and line.group(1),
+        "capabilities": {
+            "batch": _UNSUPPORTED, "citations": _UNSUPPORTED, "code_execution": _UNSUPPORTED,
+            "pdf_input": _UNSUPPORTED, "structured_outputs": _UNSUPPORTED,
+            "image_input": _SUPPORTED if "image" in model.get("input", []) else _UNSUPPORTED,
+            "context_management": {"supported": False, "clear_thinking_20251015": _UNSUPPORTED,
+                                   "clear_tool_uses_20250919": _UNSUPPORTED, "compact_20260112": _UNSUPPORTED},
+            "server_tools": {"supported": False, "code_execution": _UNSUPPORTED, "web_search": _UNSUPPORTED},
+            "effort": {"supported": thinking["supported"], "low": thinking, "medium": thinking, "high": thinking,
+                       "max": thinking, "xhigh": _UNSUPPORTED},
+            "thinking": {"supported": thinking["supported"],
+                         "types": {"enabled": thinking, "adaptive": thinking, "disabled": _SUPPORTED,
+                                   "between_tools": _UNSUPPORTED}},
+        },
+    }
+
+
+def anthropic_model_page(entries: list, after_id: str | None, before_id: str | None, limit: str | None,
+                         lifecycles: list) -> dict:
+    """One page of Anthropic's model list, as its API pages: `limit` (default 20, 1 to 1000) entries
+    after `after_id` or just before `before_id` (not both; an id not in the list is a 400);
+    `has_more` says whether more lie that way; `lifecycle` filters (every model here is active)."""
+    try:
+        count = ANTHROPIC_PAGE_LIMIT if limit is None else int(limit)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= ANTHROPIC_MAX_PAGE_LIMIT:
+        raise ApiError(400, f"limit: must be an integer from 1 to {ANTHROPIC_MAX_PAGE_LIMIT}", param="limit")
+    if after_id and before_id:
+        raise ApiError(400, "after_id and before_id cannot both be given", param="after_id")
+    unknown = [value for value in lifecycles if value not in LIFECYCLES]
+    if unknown:
+        raise ApiError(400, f"lifecycle: {shown(unknown[0])} is not one of {', '.join(LIFECYCLES)}", param="lifecycle")
+    if lifecycles and "active" not in lifecycles:
+        entries = []
+    ids = [entry["id"] for entry in entries]
+    for name, cursor in (("after_id", after_id), ("before_id", before_id)):
+        if cursor and cursor not in ids:
+            raise ApiError(400, f"{name}: no model has the id {shown(cursor)}", param=name)
+    if before_id:
+        end = ids.index(before_id)
+        start = max(0, end - count)
+        page, has_more = entries[start:end], start > 0
+    else:
+        start = ids.index(after_id) + 1 if after_id else 0
+        page, has_more = entries[start:start + count], start + count < len(entries)
+    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
 
 
 # ==================================================================================================
 # 10. OpenAI responses
 # ==================================================================================================
 
-_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"],
-                                                   "properties": {"type": {"type": "string"}}}}
+_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string"}, "text": {}, "refusal": {}, "image_url": {},
+    "detail": ignored("pi-ai has no image detail level"),
+    "annotations": ignored("citations of a replayed answer"), "logprobs": ignored("logprobs of a replayed answer")}}}
 _R_ITEM_RULES = {
     "message": {"required": ["role", "content"],
                 "properties": {"role": {"enum": ["user", "system", "developer", "assistant"]}, "content": _R_PARTS}},
@@ -2459,19 +2656,25 @@ _R_TOOLS = {"type": "array", "items": {
                         "then": {"required": ["name", "tools"],
                                  "properties": {"name": {"type": "string"}, "tools": {"type": "array", "items": _R_TOOL}}}}]}}
 RESPONSES_VALIDATOR = Draft202012Validator({
+    "title": "responses request",
     "type": "object",
     "required": ["model", "input"],
     "properties": {
         "model": {"type": "string", "minLength": 1},
         "input": {"type": ["string", "array"], "items": {
-            "type": "object", "properties": {"type": {"type": "string"}},
+            "type": "object",
+            "properties": {"type": {"type": "string"},
+                           "id": ignored("the id of a replayed output item"),
+                           "status": ignored("the status of a replayed output item")},
             # An item without a type is a message (OpenAI's "easy input message").
             "allOf": [{"if": {"properties": {"type": {"const": kind}}, **({} if kind == "message" else {"required": ["type"]})},
                        "then": rule} for kind, rule in _R_ITEM_RULES.items()]}},
         "instructions": {"type": "string"},
         "tools": _R_TOOLS,
         "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
-                                  {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}]},
+                                  {"type": "object", "required": ["type"],
+                                   "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                                  "namespace": {"type": "string"}}}]},
         "parallel_tool_calls": {"type": "boolean"},
         "reasoning": {"type": "object", "properties": {
             "effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", None]}}},
@@ -2924,9 +3127,13 @@ _PI_TOOL_CALL = {"required": ["id", "name", "arguments"],
 _PI_BLOCK_RULES = {"text": _PI_TEXT, "image": _PI_IMAGE, "thinking": _PI_THINKING, "toolCall": _PI_TOOL_CALL}
 
 
+_PI_OWN = {}  # the fields of pi-ai's own types not checked here (signatures, usage...): pi-ai reads them
+
+
 def _pi_blocks(allowed: list) -> dict:
     return {"type": "array", "items": {
         "type": "object", "required": ["type"], "properties": {"type": {"enum": allowed}},
+        "additionalProperties": _PI_OWN,
         "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": _PI_BLOCK_RULES[kind]}
                   for kind in allowed]}}
 
@@ -2943,21 +3150,23 @@ _PI_MESSAGE_RULES = {
                                   "content": _pi_blocks(["text", "image"]), "isError": {"type": "boolean"}}},
 }
 PI_STREAM_VALIDATOR = Draft202012Validator({
+    "title": "streamProxy request",
     "type": "object",
     "required": ["model", "context"],
     "properties": {
         "model": {"type": "object", "required": ["provider", "id"],
                   "properties": {"provider": {"type": "string", "minLength": 1},
-                                 "id": {"type": "string", "minLength": 1}}},
-        "context": {"type": "object", "required": ["messages"], "properties": {
+                                 "id": {"type": "string", "minLength": 1}},
+                  "additionalProperties": ignored("the model is this proxy's: only its provider and id are read")},
+        "context": {"type": "object", "required": ["messages"], "additionalProperties": _PI_OWN, "properties": {
             "systemPrompt": {"type": "string"},
             "messages": {"type": "array", "items": {
-                "type": "object", "required": ["role"],
+                "type": "object", "required": ["role"], "additionalProperties": _PI_OWN,
                 "properties": {"role": {"enum": list(_PI_MESSAGE_RULES)}},
                 "allOf": [{"if": {"properties": {"role": {"const": role}}}, "then": rule}
                           for role, rule in _PI_MESSAGE_RULES.items()]}},
             "tools": {"type": "array", "items": {
-                "type": "object", "required": ["name", "parameters"],
+                "type": "object", "required": ["name", "parameters"], "additionalProperties": _PI_OWN,
                 "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
                                "parameters": {"type": "object"}}}},
         }},
@@ -2971,6 +3180,7 @@ PI_STREAM_VALIDATOR = Draft202012Validator({
             "metadata": {"type": "object"},
             "maxRetryDelayMs": {"type": "integer", "minimum": 0},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "transport": ignored("the proxy makes the upstream connections"),
         }},
     },
 })
@@ -2992,10 +3202,7 @@ def pi_stream_body(body) -> dict:
 
 
 def pi_stream_options(options: dict) -> dict:
-    """The options pi-ai is given; the rest (transport, anything connection-related) is ignored."""
-    ignored = sorted(set(options) - set(PI_STREAM_OPTIONS) - {"headers"})
-    if ignored:
-        log.debug("ignoring streamProxy options: %s", ", ".join(ignored))
+    """The options pi-ai is given (PI_STREAM_VALIDATOR marks the ignored ones)."""
     if "sessionId" in options:
         check_header(None, options["sessionId"], "options.sessionId")
     for name, value in (options.get("headers") or {}).items():
@@ -3703,7 +3910,9 @@ def watch_client(client: socket.socket, on_gone):
 
 
 def api_family(path: str) -> str:
-    if path.startswith("/v1/messages"):
+    """Whose error shape and headers a request gets; the model list is Anthropic's for Anthropic's
+    clients, which send `anthropic-version`."""
+    if path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers):
         return "anthropic"
     return "pi" if path == "/api/stream" else "openai"
 
@@ -3987,16 +4196,26 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.get("/v1/models")
     def list_models():
+        if api_family(request.path) == "anthropic":
+            args = request.args
+            return anthropic_model_page([anthropic_model(m) for m in proxy.available_models()], args.get("after_id"),
+                                        args.get("before_id"), args.get("limit"),
+                                        args.getlist("lifecycle[]") + args.getlist("lifecycle"))
         data = [model_entry(m, proxy.started) for m in proxy.available_models()]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id):
-        for model in proxy.available_models():
-            if canonical_id(model) == model_id:
-                return model_entry(model, proxy.started)
-        raise ApiError(404, f"The model {shown(model_id)} does not exist", "not_found_error", param="model",
-                       code="model_not_found")
+        """A model by any name a request may give it (canonical, a unique bare id, a Claude alias)."""
+        try:
+            model = resolve_claude_model(model_id, proxy.registry.models, proxy.is_available)
+        except ApiError as error:
+            if error.status != 401:
+                raise
+            raise ApiError(404, error.message, "not_found_error", param="model", code="model_not_found") from None
+        if api_family(request.path) == "anthropic":
+            return anthropic_model(model)
+        return model_entry(model, proxy.started)
 
     @app.post("/v1/chat/completions")
     def chat_completions():

@@ -190,7 +190,7 @@ def test_raw_bytes_fuzz(proxy, answering, raw, path, content_type):
 @given(model_id=st.text(max_size=60))
 def test_model_lookup_path_fuzz(proxy, model_id):
     response = requests.get(f"{proxy.url}/v1/models/{requests.utils.quote(model_id, safe='')}", timeout=30)
-    assert response.status_code in (200, 404), response.text
+    assert response.status_code in (200, 400, 404), response.text  # 400: a bare id several providers offer
     assert "error" in response.json() or response.json()["object"] == "model"
 
 
