@@ -1,6 +1,7 @@
-"""Model names and the model list: Anthropic's Models API shape for Anthropic's clients (the anthropic
-SDK's models.list() and models.retrieve()), GET /v1/models/{id} resolving names as requests do, and a
-provider prefix that names no provider being a 404 everywhere, never a fallback to another provider."""
+"""Models: Anthropic's Models API shape for Anthropic's clients (the anthropic SDK's models.list()
+and models.retrieve()), GET /v1/models/{id} resolving names as requests do, a provider prefix that
+names no provider being a 404 everywhere (never a fallback to another provider), and no request
+asking a model for more output than it gives (the fake upstreams refuse it, as the real APIs do)."""
 
 import datetime
 
@@ -11,8 +12,8 @@ import requests
 
 import proxy
 from proxy import ApiError
-from tests.conftest import models_json
 from tests.fake_upstream import Reply
+from tests.helpers import error_family, models_json, response_error
 
 COPILOT_SONNET = "fake-copilot/claude-sonnet-4.5"
 
@@ -153,7 +154,8 @@ NOT_A_PROVIDER = [
                       "messages": [{"role": "user", "content": "hi"}]}),
     ("/v1/messages", {"model": "someprovider/claude-sonnet-4.5", "max_tokens": 10,
                       "messages": [{"role": "user", "content": "hi"}]}),
-    ("/v1/messages/count_tokens", {"model": "someprovider/claude-test", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/messages/count_tokens", {"model": "someprovider/claude-test",
+                                   "messages": [{"role": "user", "content": "hi"}]}),
     ("/api/stream", {"model": {"provider": "someprovider", "id": "chat-model"},
                      "context": {"messages": [{"role": "user", "content": "hi"}]}}),
 ]
@@ -163,22 +165,22 @@ NOT_A_PROVIDER = [
 def test_a_prefix_that_names_no_provider_is_404_on_every_endpoint(proxy, fake, path, body):
     fake.push(Reply(text="must not be asked"))
     response = requests.post(proxy.url + path, json=body, timeout=30)
-    assert response.status_code == 404, response.text
-    error = response.json()
+    error = response_error(response, 404, error_family(path))
     if path.startswith("/v1/messages"):
-        assert error["type"] == "error" and error["error"]["type"] == "not_found_error"
-        assert "no provider is named 'someprovider'" in error["error"]["message"]
+        assert error["type"] == "not_found_error"
+        assert "no provider is named 'someprovider'" in error["message"]
     elif path == "/api/stream":
-        assert "someprovider" in error["error"]
+        assert "someprovider" in error["message"]
     else:
-        assert error["error"]["code"] == "model_not_found" and error["error"]["param"] == "model"
-        assert "no provider is named 'someprovider'" in error["error"]["message"]
+        assert error["code"] == "model_not_found" and error["param"] == "model"
+        assert "no provider is named 'someprovider'" in error["message"]
     assert not fake.requests
 
 
 def test_a_claude_alias_under_a_provider_stays_with_that_provider(proxy, fake):
     """fake-anthropic has no Sonnet 4.5 (fake-copilot has): its prefix does not fall back."""
-    body = {"model": "fake-anthropic/claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": "fake-anthropic/claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}
     response = requests.post(proxy.url + "/v1/messages", json=body, timeout=30)
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
     assert requests.get(f"{proxy.url}/v1/models/someprovider/claude-sonnet-4-5", timeout=30).status_code == 404
@@ -186,3 +188,62 @@ def test_a_claude_alias_under_a_provider_stays_with_that_provider(proxy, fake):
     body["model"] = "fake-copilot/claude-sonnet-4-5-20250929"
     assert requests.post(proxy.url + "/v1/messages", json=body, timeout=30).json()["content"][0]["text"] == "mapped"
     assert [r.body["model"] for r in fake.requests] == ["claude-sonnet-4.5"]
+
+
+# --- a model's output limit ----------------------------------------------------------------------------
+
+
+def test_max_tokens_above_the_models_limit_is_clamped():
+    model = {"provider": "p", "id": "m", "maxTokens": 8192}
+    assert proxy.within_output_limit({"maxTokens": 128000, "temperature": 1}, model) == \
+        {"maxTokens": 8192, "temperature": 1}
+    assert proxy.within_output_limit({"maxTokens": 8192}, model) == {"maxTokens": 8192}
+    assert proxy.within_output_limit({}, model) == {}
+
+
+def test_the_fake_refuses_more_output_than_a_model_gives_as_the_real_apis_do(fake):
+    """Without it, a missing clamp would pass unnoticed."""
+    for path, body, param in [
+        ("/v1/chat/completions", {"model": "chat-model", "max_completion_tokens": 8193, "messages": []},
+         "max_completion_tokens"),
+        ("/v1/responses", {"model": "gpt-test", "max_output_tokens": 9000, "input": "hi"}, "max_output_tokens")]:
+        answer = requests.post(fake.base_url + path, json=body, timeout=10)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+    answer = requests.post(fake.base_url + "/v1/messages", json={"model": "claude-test", "max_tokens": 8193},
+                           timeout=10)
+    assert answer.status_code == 400 and answer.json()["error"]["message"].startswith("max_tokens: 8193 > 8192")
+    fake.push(Reply(text="within"))
+    answer = requests.post(fake.base_url + "/v1/messages", json={"model": "claude-test", "max_tokens": 8192},
+                           timeout=10)
+    assert answer.status_code == 200
+
+
+OVER_THE_LIMIT = [  # every endpoint and each of its names for the limit, asking 128000 of an 8192 model
+    ("/v1/chat/completions", "fake-chat/chat-model", {"max_tokens": 128000}),
+    ("/v1/chat/completions", "fake-anthropic/claude-test", {"max_completion_tokens": 128000}),
+    ("/v1/messages", "fake-copilot/claude-sonnet-4.5", {"max_tokens": 128000}),
+    ("/v1/messages", "fake-responses/gpt-test", {"max_tokens": 128000, "stream": True}),
+    ("/v1/responses", "fake-responses/gpt-test", {"max_output_tokens": 128000}),
+    ("/v1/responses", "fake-chat/chat-model", {"max_output_tokens": 128000, "stream": True}),
+    ("/api/stream", "fake-anthropic/claude-test", {"options": {"maxTokens": 128000}}),
+]
+
+
+def over_the_limit(path: str, model: str, fields: dict) -> dict:
+    hi = [{"role": "user", "content": "hi"}]
+    if path == "/api/stream":
+        provider, id_ = model.split("/")
+        return {"model": {"provider": provider, "id": id_}, "context": {"messages": hi}, **fields}
+    return {"model": model, **({"input": "hi"} if path == "/v1/responses" else {"messages": hi}), **fields}
+
+
+@pytest.mark.parametrize("path, model, fields", OVER_THE_LIMIT, ids=[f"{p}:{m}:{min(f)}" for p, m, f in OVER_THE_LIMIT])
+def test_more_output_than_the_model_gives_is_clamped_on_every_endpoint(proxy, fake, path, model, fields):
+    fake.push(Reply(text="clamped"))
+    response = requests.post(proxy.url + path, json=over_the_limit(path, model, fields), timeout=30)
+    assert response.status_code == 200, response.text
+    assert "clamped" in response.text
+    upstream = fake.requests[-1].body
+    assert [upstream[name] for name in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+            if name in upstream] == [8192]
+    assert f"max tokens 128000 is above the 8192 of {model}: clamped" in proxy.log_path.read_text()
