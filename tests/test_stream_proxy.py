@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy import PiStreamEvents, ZERO_USAGE, addable_headers, build_registry, load_catalog
+from proxy import PiStreamEvents, ZERO_USAGE, addable_headers, build_registry, load_catalog, pi_events
 from tests.conftest import SECRETS, models_json
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.test_chat_completions import ALL_APIS, MODELS, PIXEL, last_request
@@ -405,12 +405,16 @@ def test_translation_of_a_tool_call_without_deltas():
     call = {"type": "toolCall", "id": "c1", "name": "f", "arguments": {"x": [1, "two"]}}
     assert events.translate({"type": "toolcall_start", "contentIndex": 2, "id": "c1", "toolName": "f"}) == [
         {"type": "toolcall_start", "contentIndex": 2, "id": "c1", "toolName": "f"}]
-    frames = events.translate({"type": "toolcall_end", "contentIndex": 2, "toolCall": call})
+    # pi_events gives a call delivered whole its arguments as one delta
+    frames = [frame for event in pi_events([{"type": "toolcall_end", "contentIndex": 2, "toolCall": call}])
+              for frame in events.translate(event)]
     assert [f["type"] for f in frames] == ["toolcall_delta", "toolcall_end"]
     assert json.loads(frames[0]["delta"]) == {"x": [1, "two"]} and frames[1] == {"type": "toolcall_end", "contentIndex": 2}
     # once a delta was streamed, the end carries nothing more
-    events.translate({"type": "toolcall_delta", "contentIndex": 3, "delta": '{"y":'})
-    assert events.translate({"type": "toolcall_end", "contentIndex": 3, "toolCall": call}) == [
+    streamed = pi_events([{"type": "toolcall_delta", "contentIndex": 3, "delta": '{"y":'},
+                          {"type": "toolcall_end", "contentIndex": 3, "toolCall": call}])
+    events.translate(next(streamed))
+    assert events.translate(next(streamed)) == [
         {"type": "toolcall_end", "contentIndex": 3}]
 
 
