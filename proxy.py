@@ -1411,17 +1411,41 @@ class Admission:
                         "overloaded_error", code="proxy_overloaded", retry_after=self.RETRY_AFTER)
 
 
+class Demand:
+    """How many requests ran at once lately: the most at any moment of the last `window` seconds
+    (a sliding-window maximum: the deque holds (when, count) with counts decreasing)."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self.peaks: collections.deque = collections.deque()
+
+    def note(self, count: int, now: float):
+        while self.peaks and self.peaks[-1][1] <= count:
+            self.peaks.pop()
+        self.peaks.append((now, count))
+
+    def peak(self, now: float) -> int:
+        while self.peaks and self.peaks[0][0] < now - self.window:
+            self.peaks.popleft()
+        return self.peaks[0][1] if self.peaks else 0
+
+
 class BridgePool:
     """Bridges started ahead of need, so a request does not wait for node to boot and load pi-ai.
 
-    Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
-    the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
+    The pool keeps `size` bridges, or as many as requests ran at once in the last five minutes
+    (at most DEMAND_CAP): clients working in parallel then find their next bridges loaded, and a
+    quieter pool shrinks back to `size`. Each bridge waits for its one request with pi-ai and the
+    provider modules loaded. take() hands out the oldest (the likeliest to be loaded) and starts
+    a replacement in the background; an idle
     bridge that dies, or one node cannot start, is replaced a second later (a bridge that cannot
     start must not spin); drain() kills and reaps every bridge, idle or serving (retire_idle() only
     the idle ones, for a graceful shutdown). With size 0 take() spawns on demand. take() waits for
     `admission`; a bridge it hands out holds its place until its process has exited."""
 
     RESPAWN_DELAY = 1.0
+    DEMAND_WINDOW = 300.0
+    DEMAND_CAP = 8  # idle bridges cost ~57 MB each
 
     def __init__(self, command, size: int, admission: Admission, relay: Relay):
         self.command, self.size, self.admission = command, size, admission  # command() -> argv, read at each spawn
@@ -1429,40 +1453,69 @@ class BridgePool:
         self.idle: list[Bridge] = []
         self.live: set[Bridge] = set()
         self.serving: set[Bridge] = set()
+        self.demand = Demand(self.DEMAND_WINDOW)
         self.draining = False
         self._refilling = gevent.lock.Semaphore()
         self._refill_due = False
+        self._shrink_due = False
         self.refill()
+
+    def counts(self) -> dict:
+        """For GET /usage: the bridges serving requests, those waiting for one, and how many the
+        pool keeps now."""
+        return {"serving": len(self.serving), "idle": len(self.idle), "pool": self.target()}
+
+    def target(self) -> int:
+        """How many idle bridges the pool keeps now (size 0: none, a bridge per request)."""
+        recent = min(self.demand.peak(time.monotonic()), self.DEMAND_CAP, self.admission.limit)
+        return max(self.size, recent) if self.size else 0
 
     def take(self) -> Bridge:
         """The oldest idle bridge still running, else a new one; the pool refills meanwhile.
         ApiError 503 if node cannot be started (e.g. it was uninstalled since startup), 429 if
         admission refuses."""
         self.admission.enter()
-        gevent.spawn(self.refill)
         while self.idle:
             bridge = self.idle.pop(0)
             if bridge.proc.poll() is None:
-                self.serving.add(bridge)
-                return bridge
+                break
             bridge.close()
-        try:
-            bridge = self._spawn()
-        except OSError as error:
-            self.admission.leave()
-            raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
+        else:
+            try:
+                bridge = self._spawn()
+            except OSError as error:
+                self.admission.leave()
+                raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
         self.serving.add(bridge)
+        self.demand.note(len(self.serving), time.monotonic())
+        gevent.spawn(self.refill)
         return bridge
 
     def refill(self):
         with self._refilling:  # spawning yields; one refill at a time keeps the count right
-            while not self.draining and len(self.idle) < self.size:
+            target = self.target()
+            while not self.draining and len(self.idle) < target:
                 try:
                     self.idle.append(self._spawn())
                 except OSError as error:
                     if self.refill_later():
                         log.error("cannot start a bridge (retrying in %g s): %s", self.RESPAWN_DELAY, error)
                     return
+            while len(self.idle) > target:
+                self.idle.pop().close()  # the newest: the oldest are the likeliest to be loaded
+            if target > self.size:
+                self.shrink_later()
+
+    def shrink_later(self):
+        """A refill once the demand window has passed, which ends the bridges no longer needed."""
+        if self._shrink_due:
+            return
+        self._shrink_due = True
+
+        def due():
+            self._shrink_due = False
+            self.refill()
+        gevent.spawn_later(self.DEMAND_WINDOW / 4, due)
 
     def refill_later(self) -> bool:
         """One refill RESPAWN_DELAY from now, unless one is already due: failing spawns must not
@@ -3215,12 +3268,44 @@ def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
     return resolve_model(name, models, is_available)
 
 
+# streamProxy's client rebuilds a tool call from its id, name and arguments alone, and a message
+# from its events' stopReason and usage. So Google's thoughtSignature on a tool call, which Gemini
+# wants back with the call, travels in the call's id (`<id>|pi-thought:<signature>`, the
+# signature being base64) and is put back where pi-ai keeps it when the conversation returns.
+_THOUGHT_IN_ID = "|pi-thought:"
+
+
+def pi_stream_call_id(call_id: str, thought_signature: str | None) -> str:
+    return f"{call_id}{_THOUGHT_IN_ID}{thought_signature}" if thought_signature else call_id
+
+
+def pi_stream_context(context: dict) -> dict:
+    """A streamProxy client's context as pi-ai made it: tool call ids that carry a thoughtSignature
+    (pi_stream_call_id) become the id and the call's thoughtSignature again."""
+    messages = []
+    for message in context["messages"]:
+        if message["role"] == "assistant":
+            content = []
+            for block in message["content"]:
+                call_id, found, signature = block.get("id", "").partition(_THOUGHT_IN_ID)
+                if block["type"] == "toolCall" and found:
+                    block = {"thoughtSignature": signature, **block, "id": call_id}
+                content.append(block)
+            message = {**message, "content": content}
+        elif message["role"] == "toolResult" and _THOUGHT_IN_ID in message["toolCallId"]:
+            message = {**message, "toolCallId": message["toolCallId"].partition(_THOUGHT_IN_ID)[0]}
+        messages.append(message)
+    return {**context, "messages": messages}
+
+
 class PiStreamEvents:
     """Bridge events -> streamProxy events. The bridge already prints pi's reduced events; what
-    changes is the end (usage instead of the whole message), and what streamProxy rebuilds only
-    from deltas (pi_events gives every tool call its arguments as deltas): a text or thinking
-    block whose final text pi-ai trimmed (openai-responses reasoning) must not keep the trailing
-    whitespace it streamed, so that whitespace waits for the next delta or the block's end."""
+    changes is the end (usage instead of the whole message; and pi-ai's responseId, which
+    pi-agent-core 0.73.1's client does not read), a tool call's id (pi_stream_call_id), and what
+    streamProxy rebuilds only from deltas (pi_events gives every tool call its arguments as
+    deltas): a text or thinking block whose final text pi-ai trimmed (openai-responses reasoning)
+    must not keep the trailing whitespace it streamed, so that whitespace waits for the next delta
+    or the block's end."""
 
     def __init__(self, secrets: list):
         self.secrets = secrets
@@ -3242,10 +3327,15 @@ class PiStreamEvents:
             self.held.pop(index, None)
             end = {name: value for name, value in event.items() if name != "content"}
             return [{"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}, end] if rest else [end]
+        if kind == "toolcall_start":
+            return [{"type": kind, "contentIndex": event["contentIndex"], "toolName": event["toolName"],
+                     "id": pi_stream_call_id(event["id"], event.get("thoughtSignature"))}]
         if kind == "toolcall_end":
             return [{"type": kind, "contentIndex": event["contentIndex"]}]
         if kind == "done":
-            return [{"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}]
+            done = {"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}
+            response_id = event["message"].get("responseId")
+            return [{**done, "responseId": response_id} if response_id else done]
         if kind == "error":
             message = event.get("message") or {}
             return [{"type": kind, "reason": event["reason"],
@@ -4251,7 +4341,7 @@ def create_app(proxy: Proxy) -> Flask:
         model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
         options = body.get("options", {})
         try:
-            call = proxy.start(model, body["context"], pi_stream_options(options), {},
+            call = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
                                         client_headers=options.get("headers"))
         except ApiError as error:
             if error.upstream_event is None:
@@ -4284,7 +4374,7 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.get("/usage")
     def usage():
-        report = {**proxy.ledger.report(), "copilot": proxy.copilot_quota()}
+        report = {**proxy.ledger.report(), "bridges": proxy.bridges.counts(), "copilot": proxy.copilot_quota()}
         return Response(json.dumps(report), mimetype="application/json")  # fields in their order
 
     @app.route("/", methods=["GET", "HEAD"])

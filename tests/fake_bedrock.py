@@ -62,7 +62,8 @@ def sigv4_signature(secret_key: str, method: str, path: str, query: str, headers
         hashlib.sha256(body).hexdigest(),
     ])
     scope = f"{date}/{region}/bedrock/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", headers["x-amz-date"], scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", headers["x-amz-date"], scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
     key = f"AWS4{secret_key}".encode()
     for part in (date, region, "bedrock", "aws4_request"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
@@ -88,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not owner.signed_correctly(self.command, self.path, headers, body):
             return self.fail(403, "InvalidSignatureException", "The request signature we calculated does not match "
                                                                "the signature you provided.")
+        if owner.failure:
+            return self.fail(*owner.failure)
         try:
             request = json.loads(body)
             assert request["messages"] and isinstance(request["messages"], list)
@@ -125,8 +128,10 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeBedrock:
-    def __init__(self, access_key: str, secret_key: str, answer: str = "Hello from Bedrock"):
-        self.access_key, self.secret_key, self.answer = access_key, secret_key, answer
+    def __init__(self, access_key: str, secret_key: str, answer: str = "Hello from Bedrock",
+                 failure: tuple[int, str, str] | None = None):
+        """`failure`: (status, exception name, message) answered to every signed request instead."""
+        self.access_key, self.secret_key, self.answer, self.failure = access_key, secret_key, answer, failure
         self.requests: list[tuple[str, dict, bytes]] = []
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), _Handler)
@@ -140,7 +145,8 @@ class FakeBedrock:
             return False
         access_key, date, region, signed, signature = match.groups()
         signed = signed.split(";")
-        if access_key != self.access_key or not {"host", "x-amz-date"} <= set(signed) or not set(signed) <= set(headers):
+        if (access_key != self.access_key or not {"host", "x-amz-date"} <= set(signed)
+                or not set(signed) <= set(headers)):
             return False
         path, _, query = path.partition("?")
         expected = sigv4_signature(self.secret_key, method, path, query, headers, signed, body, date, region)

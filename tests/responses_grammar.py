@@ -127,7 +127,8 @@ def check_responses_stream(raw: str) -> list[dict]:
             finished.append(done)
             item = None
             continue
-        assert kind in NEXT[item["type"]][last], f"{where}: not allowed in a {item['type']} item after {last or 'its start'}"
+        assert kind in NEXT[item["type"]][last], \
+            f"{where}: not allowed in a {item['type']} item after {last or 'its start'}"
         assert event["item_id"] == item["id"], f"{where}: item_id {event['item_id']}, open is {item['id']}"
         if kind.endswith(".added"):
             part = event["part"]

@@ -12,8 +12,8 @@ import requests
 
 import proxy
 from proxy import ApiError
-from tests.conftest import models_json
 from tests.fake_upstream import Reply
+from tests.helpers import error_family, models_json, response_error
 
 COPILOT_SONNET = "fake-copilot/claude-sonnet-4.5"
 
@@ -154,7 +154,8 @@ NOT_A_PROVIDER = [
                       "messages": [{"role": "user", "content": "hi"}]}),
     ("/v1/messages", {"model": "someprovider/claude-sonnet-4.5", "max_tokens": 10,
                       "messages": [{"role": "user", "content": "hi"}]}),
-    ("/v1/messages/count_tokens", {"model": "someprovider/claude-test", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/messages/count_tokens", {"model": "someprovider/claude-test",
+                                   "messages": [{"role": "user", "content": "hi"}]}),
     ("/api/stream", {"model": {"provider": "someprovider", "id": "chat-model"},
                      "context": {"messages": [{"role": "user", "content": "hi"}]}}),
 ]
@@ -164,22 +165,22 @@ NOT_A_PROVIDER = [
 def test_a_prefix_that_names_no_provider_is_404_on_every_endpoint(proxy, fake, path, body):
     fake.push(Reply(text="must not be asked"))
     response = requests.post(proxy.url + path, json=body, timeout=30)
-    assert response.status_code == 404, response.text
-    error = response.json()
+    error = response_error(response, 404, error_family(path))
     if path.startswith("/v1/messages"):
-        assert error["type"] == "error" and error["error"]["type"] == "not_found_error"
-        assert "no provider is named 'someprovider'" in error["error"]["message"]
+        assert error["type"] == "not_found_error"
+        assert "no provider is named 'someprovider'" in error["message"]
     elif path == "/api/stream":
-        assert "someprovider" in error["error"]
+        assert "someprovider" in error["message"]
     else:
-        assert error["error"]["code"] == "model_not_found" and error["error"]["param"] == "model"
-        assert "no provider is named 'someprovider'" in error["error"]["message"]
+        assert error["code"] == "model_not_found" and error["param"] == "model"
+        assert "no provider is named 'someprovider'" in error["message"]
     assert not fake.requests
 
 
 def test_a_claude_alias_under_a_provider_stays_with_that_provider(proxy, fake):
     """fake-anthropic has no Sonnet 4.5 (fake-copilot has): its prefix does not fall back."""
-    body = {"model": "fake-anthropic/claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": "fake-anthropic/claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}
     response = requests.post(proxy.url + "/v1/messages", json=body, timeout=30)
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
     assert requests.get(f"{proxy.url}/v1/models/someprovider/claude-sonnet-4-5", timeout=30).status_code == 404
@@ -208,10 +209,12 @@ def test_the_fake_refuses_more_output_than_a_model_gives_as_the_real_apis_do(fak
         ("/v1/responses", {"model": "gpt-test", "max_output_tokens": 9000, "input": "hi"}, "max_output_tokens")]:
         answer = requests.post(fake.base_url + path, json=body, timeout=10)
         assert answer.status_code == 400 and answer.json()["error"]["param"] == param
-    answer = requests.post(fake.base_url + "/v1/messages", json={"model": "claude-test", "max_tokens": 8193}, timeout=10)
+    answer = requests.post(fake.base_url + "/v1/messages", json={"model": "claude-test", "max_tokens": 8193},
+                           timeout=10)
     assert answer.status_code == 400 and answer.json()["error"]["message"].startswith("max_tokens: 8193 > 8192")
     fake.push(Reply(text="within"))
-    answer = requests.post(fake.base_url + "/v1/messages", json={"model": "claude-test", "max_tokens": 8192}, timeout=10)
+    answer = requests.post(fake.base_url + "/v1/messages", json={"model": "claude-test", "max_tokens": 8192},
+                           timeout=10)
     assert answer.status_code == 200
 
 

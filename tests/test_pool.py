@@ -4,40 +4,21 @@ an idle bridge that dies is replaced, and nothing outlives the proxy."""
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import RunningProxy
+from proxy import Demand
 from tests.fake_upstream import Reply
+from tests.helpers import alive, running_proxy, wait_for
 
 USER = [{"role": "user", "content": "hi"}]
 
 
-def wait_for(condition, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    return condition()
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.fixture
 def pooled(agent_dir, tmp_path):
-    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "2"})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "2"}) as running:
+        yield running
 
 
 def chat(proxy, text: str = "pooled", **reply) -> requests.Response:
@@ -101,13 +82,36 @@ def test_idle_bridges_exit_when_the_proxy_dies_without_cleanup(pooled):
         "an idle bridge notices the end of its stdin and exits"
 
 
-def test_pool_size_zero_spawns_on_demand(agent_dir, tmp_path, fake):
-    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "0"})
-    try:
-        time.sleep(0.5)
-        assert running.bridges(serving=False) == []
-        fake.push(Reply(text="on demand"))
-        assert chat(running).json()["choices"][0]["message"]["content"] == "on demand"
-        assert running.wait_no_bridges() and running.bridges(serving=False) == []
-    finally:
-        running.stop()
+def test_pool_size_zero_spawns_on_demand(start_proxy, fake):
+    running = start_proxy({"PI_PROXY_BRIDGE_POOL": "0"})
+    time.sleep(0.5)
+    assert running.bridges(serving=False) == []
+    fake.push(Reply(text="on demand"))
+    assert chat(running).json()["choices"][0]["message"]["content"] == "on demand"
+    assert running.wait_no_bridges() and running.bridges(serving=False) == []
+
+
+def test_the_pool_grows_to_the_requests_that_ran_at_once(pooled, fake):
+    wait_for(lambda: len(pooled.bridges(serving=False)) == 2)
+    for _ in range(4):
+        fake.push(Reply(text="one two three", delay=0.5))
+    responses = [requests.post(f"{pooled.url}/v1/chat/completions", stream=True, timeout=30,
+                               json={"model": "fake-chat/chat-model", "messages": USER, "stream": True})
+                 for _ in range(4)]
+    assert wait_for(lambda: len(pooled.bridges()) == 4), "four requests in flight at once"
+    for response in responses:
+        assert b'"three"' in b"".join(response.iter_content(None))
+    assert wait_for(lambda: not pooled.bridges() and len(pooled.bridges(serving=False)) == 4), \
+        "four clients at once: four bridges wait for their next requests"
+
+
+def test_demand_is_the_most_requests_at_once_within_its_window():
+    demand = Demand(window=300)
+    assert demand.peak(now=0) == 0
+    for now, count in [(0, 1), (10, 4), (20, 2), (200, 3), (250, 1)]:
+        demand.note(count, now)
+    assert demand.peak(now=250) == 4
+    assert demand.peak(now=311) == 3, "the 4 at t=10 is out of the window; the 3 at t=200 is not"
+    assert demand.peak(now=501) == 1
+    assert demand.peak(now=551) == 0
+    assert len(demand.peaks) == 0

@@ -9,15 +9,13 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import record_response
 from tests.fake_upstream import Reply
+from tests.helpers import ALL_APIS, PIXEL, RecordingTransport, last_request
 from tests.responses_grammar import check_responses_stream
-from tests.test_chat_completions import MODELS, PIXEL, last_request
-from tests.test_messages import RecordingTransport
+from tests.secret_scan import record_response
 
 KEY = b"this installation's envelope key"
 
-ALL_APIS = pytest.mark.parametrize("model", list(MODELS))
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 PATCH_GRAMMAR = 'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF'
@@ -166,7 +164,8 @@ def test_namespace_custom_and_hosted_tools(client, fake, model):
     assert "begin_patch" in upstream_tools, "the custom tool's grammar goes into its description"
     assert "web_search" not in upstream_tools, "hosted tools are dropped"
     function_call, custom_call = first.output
-    assert (function_call.type, function_call.name, function_call.namespace) == ("function_call", "forecast", "weather_ns")
+    assert (function_call.type, function_call.name, function_call.namespace) == \
+        ("function_call", "forecast", "weather_ns")
     assert (custom_call.type, custom_call.name, custom_call.input) == ("custom_tool_call", "apply_patch", patch)
     fake.push(Reply(text="done"))
     client.responses.create(model=model, tools=tools, input=[
