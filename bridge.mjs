@@ -266,12 +266,24 @@ function reduce(event) {
   }
 }
 
+// Bedrock's AWS SDK makes its own connections (no fetch to watch); pi-ai keeps the exception's
+// name, or its prefix for it, at the start of the message, and that name says the HTTP status.
+const BEDROCK_STATUS = {
+  "Validation error": 400, ServiceQuotaExceededException: 400, AccessDeniedException: 403,
+  UnrecognizedClientException: 403, ResourceNotFoundException: 404, ModelTimeoutException: 408,
+  ModelErrorException: 424, "Model stream error": 424, "Throttling error": 429, ModelNotReadyException: 429,
+  "Internal server error": 500, "Service unavailable": 503,
+};
+
 function errorEvent(reason, message, model) {
   const event = { type: "error", reason, message };
   if (reason !== "error") return event;
   if (upstream.status >= 400) {
     event.status = upstream.status;
     if (upstream.retryAfter) event.retryAfter = upstream.retryAfter;
+  } else if (model.api === "bedrock-converse-stream") {
+    const status = BEDROCK_STATUS[message.errorMessage?.split(":")[0]];
+    if (status) event.status = status;
   }
   if (isContextOverflow(message, model.contextWindow)) event.overflow = true;
   return event;

@@ -1411,17 +1411,41 @@ class Admission:
                         "overloaded_error", code="proxy_overloaded", retry_after=self.RETRY_AFTER)
 
 
+class Demand:
+    """How many requests ran at once lately: the most at any moment of the last `window` seconds
+    (a sliding-window maximum: the deque holds (when, count) with counts decreasing)."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self.peaks: collections.deque = collections.deque()
+
+    def note(self, count: int, now: float):
+        while self.peaks and self.peaks[-1][1] <= count:
+            self.peaks.pop()
+        self.peaks.append((now, count))
+
+    def peak(self, now: float) -> int:
+        while self.peaks and self.peaks[0][0] < now - self.window:
+            self.peaks.popleft()
+        return self.peaks[0][1] if self.peaks else 0
+
+
 class BridgePool:
     """Bridges started ahead of need, so a request does not wait for node to boot and load pi-ai.
 
-    Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
-    the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
+    The pool keeps `size` bridges, or as many as requests ran at once in the last five minutes
+    (at most DEMAND_CAP): clients working in parallel then find their next bridges loaded, and a
+    quieter pool shrinks back to `size`. Each bridge waits for its one request with pi-ai and the
+    provider modules loaded. take() hands out the oldest (the likeliest to be loaded) and starts
+    a replacement in the background; an idle
     bridge that dies, or one node cannot start, is replaced a second later (a bridge that cannot
     start must not spin); drain() kills and reaps every bridge, idle or serving (retire_idle() only
     the idle ones, for a graceful shutdown). With size 0 take() spawns on demand. take() waits for
     `admission`; a bridge it hands out holds its place until its process has exited."""
 
     RESPAWN_DELAY = 1.0
+    DEMAND_WINDOW = 300.0
+    DEMAND_CAP = 8  # idle bridges cost ~57 MB each
 
     def __init__(self, command, size: int, admission: Admission, relay: Relay):
         self.command, self.size, self.admission = command, size, admission  # command() -> argv, read at each spawn
@@ -1429,40 +1453,69 @@ class BridgePool:
         self.idle: list[Bridge] = []
         self.live: set[Bridge] = set()
         self.serving: set[Bridge] = set()
+        self.demand = Demand(self.DEMAND_WINDOW)
         self.draining = False
         self._refilling = gevent.lock.Semaphore()
         self._refill_due = False
+        self._shrink_due = False
         self.refill()
+
+    def counts(self) -> dict:
+        """For GET /usage: the bridges serving requests, those waiting for one, and how many the
+        pool keeps now."""
+        return {"serving": len(self.serving), "idle": len(self.idle), "pool": self.target()}
+
+    def target(self) -> int:
+        """How many idle bridges the pool keeps now (size 0: none, a bridge per request)."""
+        recent = min(self.demand.peak(time.monotonic()), self.DEMAND_CAP, self.admission.limit)
+        return max(self.size, recent) if self.size else 0
 
     def take(self) -> Bridge:
         """The oldest idle bridge still running, else a new one; the pool refills meanwhile.
         ApiError 503 if node cannot be started (e.g. it was uninstalled since startup), 429 if
         admission refuses."""
         self.admission.enter()
-        gevent.spawn(self.refill)
         while self.idle:
             bridge = self.idle.pop(0)
             if bridge.proc.poll() is None:
-                self.serving.add(bridge)
-                return bridge
+                break
             bridge.close()
-        try:
-            bridge = self._spawn()
-        except OSError as error:
-            self.admission.leave()
-            raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
+        else:
+            try:
+                bridge = self._spawn()
+            except OSError as error:
+                self.admission.leave()
+                raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
         self.serving.add(bridge)
+        self.demand.note(len(self.serving), time.monotonic())
+        gevent.spawn(self.refill)
         return bridge
 
     def refill(self):
         with self._refilling:  # spawning yields; one refill at a time keeps the count right
-            while not self.draining and len(self.idle) < self.size:
+            target = self.target()
+            while not self.draining and len(self.idle) < target:
                 try:
                     self.idle.append(self._spawn())
                 except OSError as error:
                     if self.refill_later():
                         log.error("cannot start a bridge (retrying in %g s): %s", self.RESPAWN_DELAY, error)
                     return
+            while len(self.idle) > target:
+                self.idle.pop().close()  # the newest: the oldest are the likeliest to be loaded
+            if target > self.size:
+                self.shrink_later()
+
+    def shrink_later(self):
+        """A refill once the demand window has passed, which ends the bridges no longer needed."""
+        if self._shrink_due:
+            return
+        self._shrink_due = True
+
+        def due():
+            self._shrink_due = False
+            self.refill()
+        gevent.spawn_later(self.DEMAND_WINDOW / 4, due)
 
     def refill_later(self) -> bool:
         """One refill RESPAWN_DELAY from now, unless one is already due: failing spawns must not
@@ -4321,7 +4374,7 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.get("/usage")
     def usage():
-        report = {**proxy.ledger.report(), "copilot": proxy.copilot_quota()}
+        report = {**proxy.ledger.report(), "bridges": proxy.bridges.counts(), "copilot": proxy.copilot_quota()}
         return Response(json.dumps(report), mimetype="application/json")  # fields in their order
 
     @app.route("/", methods=["GET", "HEAD"])
