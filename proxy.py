@@ -402,8 +402,9 @@ def _applying(schemas: list, value) -> list:
 
 
 def unused_fields(body, schema: dict):
-    """(path, why) for each field of a valid `body` that is not used, in document order: `why` is
-    the ignored() reason, or None for a field no schema describes. Nothing below such a field."""
+    """(path, why) for each field of a valid `body` that is not used, an object's own before its
+    members': `why` is the ignored() reason, or None for a field no schema describes. Nothing
+    below such a field is walked."""
     pending = [(body, [schema], ())]
     while pending:
         value, schemas, path = pending.pop()
