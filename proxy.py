@@ -383,9 +383,25 @@ def _matches(schema, value) -> bool:
     return entry[1].is_valid(value)
 
 
+_JSON_TYPES = {"string": str, "array": list, "object": dict, "null": type(None), "boolean": bool,
+               "integer": int, "number": (int, float)}
+
+
+def _may_match(schema, value) -> bool:
+    """Whether `value` can match `schema` by its `type`, `const` and `enum` alone: a cheap first
+    look at anyOf branches, which mostly differ there (a string or an array of blocks)."""
+    if not isinstance(schema, dict):
+        return bool(schema)
+    types = schema.get("type", ())
+    types = [types] if isinstance(types, str) else types
+    if types and not isinstance(value, tuple(_JSON_TYPES[name] for name in types)):
+        return False
+    return ("const" not in schema or schema["const"] == value) and ("enum" not in schema or value in schema["enum"])
+
+
 def _applying(schemas: list, value) -> list:
     """`schemas` and the subschemas that apply to `value` with them (allOf, if/then/else, the
-    anyOf/oneOf branches it matches)."""
+    anyOf/oneOf branches it matches: validated only when a first look leaves several)."""
     found, pending = [], list(schemas)
     while pending:
         schema = pending.pop()
@@ -393,7 +409,8 @@ def _applying(schemas: list, value) -> list:
             continue
         found.append(schema)
         pending += schema.get("allOf", [])
-        pending += [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _matches(branch, value)]
+        branches = [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _may_match(branch, value)]
+        pending += [branch for branch in branches if _matches(branch, value)] if len(branches) > 1 else branches
         if "if" in schema:
             branch = schema.get("then" if _matches(schema["if"], value) else "else")
             if branch is not None:
