@@ -15,7 +15,8 @@ The file reads in the order data flows through it; a section uses only what come
    5. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
    6. Relay                the bridges' HTTP, sent upstream over pooled keep-alive connections
    7. Bridge pool          bridges started (and warmed) ahead of need; admission control; replaced, drained on shutdown
-   8. pi messages          message builders, finish_context, extras -> upstream payload, replayed messages
+   8. pi messages          message builders, finish_context, extras -> upstream payload, pi_events (the
+                           one shape of pi's events), replayed messages
    9. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
   10. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
   11. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
@@ -385,9 +386,25 @@ def _matches(schema, value) -> bool:
     return entry[1].is_valid(value)
 
 
+_JSON_TYPES = {"string": str, "array": list, "object": dict, "null": type(None), "boolean": bool,
+               "integer": int, "number": (int, float)}
+
+
+def _may_match(schema, value) -> bool:
+    """Whether `value` can match `schema` by its `type`, `const` and `enum` alone: a cheap first
+    look at anyOf branches, which mostly differ there (a string or an array of blocks)."""
+    if not isinstance(schema, dict):
+        return bool(schema)
+    types = schema.get("type", ())
+    types = [types] if isinstance(types, str) else types
+    if types and not isinstance(value, tuple(_JSON_TYPES[name] for name in types)):
+        return False
+    return ("const" not in schema or schema["const"] == value) and ("enum" not in schema or value in schema["enum"])
+
+
 def _applying(schemas: list, value) -> list:
     """`schemas` and the subschemas that apply to `value` with them (allOf, if/then/else, the
-    anyOf/oneOf branches it matches)."""
+    anyOf/oneOf branches it matches: validated only when a first look leaves several)."""
     found, pending = [], list(schemas)
     while pending:
         schema = pending.pop()
@@ -395,7 +412,8 @@ def _applying(schemas: list, value) -> list:
             continue
         found.append(schema)
         pending += schema.get("allOf", [])
-        pending += [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _matches(branch, value)]
+        branches = [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _may_match(branch, value)]
+        pending += [branch for branch in branches if _matches(branch, value)] if len(branches) > 1 else branches
         if "if" in schema:
             branch = schema.get("then" if _matches(schema["if"], value) else "else")
             if branch is not None:
@@ -404,8 +422,9 @@ def _applying(schemas: list, value) -> list:
 
 
 def unused_fields(body, schema: dict):
-    """(path, why) for each field of a valid `body` that is not used, in document order: `why` is
-    the ignored() reason, or None for a field no schema describes. Nothing below such a field."""
+    """(path, why) for each field of a valid `body` that is not used, an object's own before its
+    members': `why` is the ignored() reason, or None for a field no schema describes. Nothing
+    below such a field is walked."""
     pending = [(body, [schema], ())]
     while pending:
         value, schemas, path = pending.pop()
@@ -1714,8 +1733,26 @@ def upstream_payload(extras: dict, api: str) -> dict:
     return payload
 
 
+def pi_events(events):
+    """pi-ai's events in the one shape the translators handle: a tool call's arguments always
+    arrive as toolcall_delta events. A call the upstream delivered whole (no deltas) gets them as
+    one delta just before its toolcall_end."""
+    streamed = set()
+    for event in events:
+        if event["type"] == "toolcall_delta" and event["delta"]:
+            streamed.add(event["contentIndex"])
+        elif event["type"] == "toolcall_end" and event["contentIndex"] not in streamed:
+            yield tool_arguments_delta(event["contentIndex"], event["toolCall"])
+        yield event
+
+
+def tool_arguments_delta(index: int, tool_call: dict) -> dict:
+    return {"type": "toolcall_delta", "contentIndex": index, "delta": json.dumps(tool_call.get("arguments") or {})}
+
+
 def replay_message(message: dict):
-    """A final pi message as the events that would have streamed it (for whole replies)."""
+    """A final pi message as the events that would have streamed it (pi_events' shape), for whole
+    replies."""
     for index, block in enumerate(message.get("content", [])):
         if block["type"] == "text":
             yield from ({"type": "text_start", "contentIndex": index},
@@ -1732,6 +1769,7 @@ def replay_message(message: dict):
                          "contentSignature": block.get("thinkingSignature")})
         elif block["type"] == "toolCall":
             yield from ({"type": "toolcall_start", "contentIndex": index, "id": block["id"], "toolName": block["name"]},
+                        tool_arguments_delta(index, block),
                         {"type": "toolcall_end", "contentIndex": index, "toolCall": block})
 
 
@@ -2033,7 +2071,6 @@ class ChatChunks:
         self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
         self.include_usage = include_usage
         self.tool_index: dict[int, int] = {}  # pi contentIndex -> OpenAI tool_calls index
-        self.streamed_arguments: set[int] = set()
 
     def chunk(self, delta: dict, finish=None) -> dict:
         return {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
@@ -2052,11 +2089,7 @@ class ChatChunks:
                     "function": {"name": event["toolName"], "arguments": ""}}
             return [self.chunk({"tool_calls": [call]})]
         if kind == "toolcall_delta" and event["delta"]:
-            self.streamed_arguments.add(event["contentIndex"])
             return [self.tool_arguments(event["contentIndex"], event["delta"])]
-        if kind == "toolcall_end" and event["contentIndex"] not in self.streamed_arguments:
-            # Some upstreams deliver a call whole: its arguments still have to reach the client.
-            return [self.tool_arguments(event["contentIndex"], json.dumps(event["toolCall"].get("arguments") or {}))]
         if kind == "done":
             chunks = [self.chunk({}, finish_reason(event["message"], event["reason"]))]
             if self.include_usage:
@@ -2456,7 +2489,6 @@ class AnthropicEvents:
         self.index = -1  # the Anthropic index of the last block started
         self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
         self.signatures: dict[int, str] = {}  # pi contentIndex -> its thinking signature, once known
-        self.streamed_arguments: set[int] = set()
         self.held: list[tuple] = []  # (contentIndex, kind, delta) held back while a tool call is open
 
     def translate(self, event: dict) -> list:
@@ -2486,15 +2518,10 @@ class AnthropicEvents:
                 return []
             return [*self.ensure_open(index, block), self.delta(delta)]
         if kind == "toolcall_delta" and event["delta"]:
-            self.streamed_arguments.add(index)
             return [*self.ensure_open(index, "tool_use"),
                     self.delta({"type": "input_json_delta", "partial_json": event["delta"]})]
         if kind == "thinking_end" and event.get("contentSignature"):
             self.signatures[index] = event["contentSignature"]
-        if kind == "toolcall_end" and index not in self.streamed_arguments:
-            arguments = json.dumps(event["toolCall"].get("arguments") or {})
-            return [*self.ensure_open(index, "tool_use"),
-                    self.delta({"type": "input_json_delta", "partial_json": arguments}), *self.close()]
         if kind.endswith("_end") and self.open and self.open[0] == index:
             return self.close()
         if kind == "done":
@@ -3096,8 +3123,6 @@ class ResponsesEvents:
                 frames.append(self.event("response.function_call_arguments.delta", item_id=self.open[2]["id"],
                                          output_index=len(self.output), delta=event["delta"]))
             return frames
-        if kind == "toolcall_end" and self.is_open(index):
-            return self.finish(event["toolCall"].get("arguments") or {})
         if kind == "thinking_end" and self.is_open(index):
             return self.finish(signature=event.get("contentSignature"))
         if kind.endswith("_end") and self.is_open(index):
@@ -3172,7 +3197,7 @@ class ResponsesEvents:
     def text_part(text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
-    def finish(self, arguments: dict | None = None, signature: str | None = None) -> list:
+    def finish(self, signature: str | None = None) -> list:
         """Close the open item: its closing events and output_item.done."""
         if self.open is None:
             return []
@@ -3193,8 +3218,8 @@ class ResponsesEvents:
             if signature:
                 item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key, index in self.redacted)
         else:
-            if not text:  # a call delivered whole: its arguments still have to reach the client
-                text = json.dumps(arguments or {})
+            if not text:  # a call cut short before its first argument
+                text = "{}"
                 if item["type"] == "function_call":
                     frames.append(self.event("response.function_call_arguments.delta", **where, delta=text))
             # What was streamed cannot be taken back: a call cut short stays as it is, marked incomplete.
@@ -3376,14 +3401,13 @@ class PiStreamEvents:
     """Bridge events -> streamProxy events. The bridge already prints pi's reduced events; what
     changes is the end (usage instead of the whole message; and pi-ai's responseId, which
     pi-agent-core 0.73.1's client does not read), a tool call's id (pi_stream_call_id), and what
-    streamProxy rebuilds only from deltas: a tool call delivered whole gets its arguments as one
-    delta, and a text or thinking block whose final text pi-ai trimmed (openai-responses reasoning)
+    streamProxy rebuilds only from deltas (pi_events gives every tool call its arguments as
+    deltas): a text or thinking block whose final text pi-ai trimmed (openai-responses reasoning)
     must not keep the trailing whitespace it streamed, so that whitespace waits for the next delta
     or the block's end."""
 
     def __init__(self, secrets: list):
         self.secrets = secrets
-        self.streamed_arguments: set[int] = set()
         self.sent_length: dict[int, int] = {}  # contentIndex -> characters of text sent
         self.held: dict[int, str] = {}  # contentIndex -> trailing whitespace not sent yet
 
@@ -3405,14 +3429,8 @@ class PiStreamEvents:
         if kind == "toolcall_start":
             return [{"type": kind, "contentIndex": event["contentIndex"], "toolName": event["toolName"],
                      "id": pi_stream_call_id(event["id"], event.get("thoughtSignature"))}]
-        if kind == "toolcall_delta" and event["delta"]:
-            self.streamed_arguments.add(event["contentIndex"])
         if kind == "toolcall_end":
-            index = event["contentIndex"]
-            whole = [] if index in self.streamed_arguments else [
-                {"type": "toolcall_delta", "contentIndex": index,
-                 "delta": json.dumps(event["toolCall"].get("arguments") or {})}]
-            return [*whole, {"type": kind, "contentIndex": index}]
+            return [{"type": kind, "contentIndex": event["contentIndex"]}]
         if kind == "done":
             done = {"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}
             response_id = event["message"].get("responseId")
@@ -3917,10 +3935,10 @@ class Proxy:
         return (lambda provider: True) if request.headers.get(UPSTREAM_KEY_HEADER) else self.is_available
 
     def start(self, model: dict, context: dict, options: dict, payload: dict, heartbeat: float | None = None,
-              client_headers: dict | None = None) -> tuple["Call", list]:
-        """Start the upstream call and read it up to its first content (Call.opening). If the
-        upstream refuses a refreshable token (401), it is refreshed and the call made once more:
-        nothing has reached the client yet."""
+              client_headers: dict | None = None) -> "Call":
+        """Start the upstream call, read up to its first content (see Call). If the upstream
+        refuses a refreshable token (401), it is refreshed and the call made once more: nothing
+        has reached the client yet."""
         override = request.headers.get(UPSTREAM_KEY_HEADER)
         request.environ["pi_proxy.record"].note_model(model)
         options = within_output_limit(options, model)
@@ -3930,9 +3948,8 @@ class Proxy:
             raise ApiError(401, f"No credentials for provider {model['provider']!r}", "authentication_error")
         while True:
             bridge_request, secrets = self.stream_request(model, context, options, payload, credential, client_headers)
-            call = self.open_stream(off_loop(bridge_line, bridge_request), secrets, heartbeat)
             try:
-                return call, call.opening()
+                return self.open_stream(off_loop(bridge_line, bridge_request), secrets, heartbeat)
             except ApiError as error:
                 if error.status != 401 or not credential.refreshable:
                     raise
@@ -3991,12 +4008,14 @@ class Call:
 
     def __init__(self, bridge: Bridge, events, secrets: list):
         self.record = request.environ["pi_proxy.record"]
-        self.bridge, self.events, self.secrets = bridge, self.record.observe(events), secrets
+        self.bridge, self.secrets = bridge, secrets
         self._watcher = None
         request.environ.setdefault("pi_proxy.calls", []).append(self)
         client = request.environ.get("pi_proxy.socket")
         if client is not None:
             self._watcher = gevent.spawn(watch_client, client, self.client_gone)
+        events = pi_events(self.record.observe(events))
+        self.events = itertools.chain(self.opening(events), events)  # all of them, in pi_events' shape
 
     def client_gone(self):
         self.record.client_gone = True
@@ -4008,12 +4027,12 @@ class Call:
         error.request_id = self.record.id
         return error
 
-    def opening(self) -> list:
-        """The events up to the first piece of content (or the end). A failure before any
-        content is raised as ApiError, so the client gets the upstream's real HTTP status rather
-        than a stream that breaks at once."""
+    def opening(self, events) -> list:
+        """The events up to the first piece of content (or the end), read when the call starts. A
+        failure before any content is raised as ApiError, so the client gets the upstream's real
+        HTTP status rather than a stream that breaks at once."""
         opening = []
-        for event in self.events:
+        for event in events:
             if event["type"] == "error":
                 self.close()
                 raise self.error(event)
@@ -4024,9 +4043,9 @@ class Call:
                 break
         return opening
 
-    def final(self, opening: list) -> dict:
+    def final(self) -> dict:
         """Read the call to its last event (`done` or `error`) and close it: for whole replies."""
-        last = opening[-1]
+        last = None
         try:
             for last in self.events:  # noqa: B007 - only the last event matters
                 pass
@@ -4374,12 +4393,12 @@ def create_app(proxy: Proxy) -> Flask:
         context = off_loop(chat_to_context, body, model)
         fetch_remote_images(context, proxy.config)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        call, opening = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
+        call = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
         if body.get("stream"):
             include_usage = bool(body.get("stream_options", {}).get("include_usage"))
             chunks = ChatChunks(completion_id, body["model"], created, include_usage)
-            return sse_response(stream_chat(call, opening, chunks), call)
-        final = call.final(opening)
+            return sse_response(stream_chat(call, chunks), call)
+        final = call.final()
         if final["type"] == "error":
             raise upstream_error(final, call.secrets)
         return chat_completion(final["message"], final["reason"], completion_id, body["model"], created)
@@ -4394,14 +4413,14 @@ def create_app(proxy: Proxy) -> Flask:
         seal = functools.partial(signature_out, model, key=proxy.envelope_key())
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         try:
-            call, opening = proxy.start(model, context, anthropic_options(body),
+            call = proxy.start(model, context, anthropic_options(body),
                                         upstream_payload(anthropic_extras(body), model["api"]), PING_INTERVAL)
         except ApiError as error:
             raise anthropic_overflow(error, estimate, model) from None
         if body.get("stream"):
             frames = AnthropicEvents(message_id, body["model"], estimate, seal)
-            return sse_response(stream_anthropic(call, opening, frames), call)
-        final = call.final(opening)
+            return sse_response(stream_anthropic(call, frames), call)
+        final = call.final()
         if final["type"] == "error":
             raise anthropic_overflow(upstream_error(final, call.secrets), estimate, model)
         return anthropic_message(final, message_id, body["model"], seal)
@@ -4421,7 +4440,7 @@ def create_app(proxy: Proxy) -> Flask:
         model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
         options = body.get("options", {})
         try:
-            call, opening = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
+            call = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
                                         client_headers=options.get("headers"))
         except ApiError as error:
             if error.upstream_event is None:
@@ -4429,7 +4448,7 @@ def create_app(proxy: Proxy) -> Flask:
             # As pi-ai itself reports it: the stream's error event, whatever the upstream's status.
             frames = [sse_data(frame) for frame in PiStreamEvents([]).translate(error.upstream_event)]
             return Response(frames, mimetype="text/event-stream")
-        return sse_response(stream_pi(call, opening, PiStreamEvents(call.secrets)), call)
+        return sse_response(stream_pi(call, PiStreamEvents(call.secrets)), call)
 
     @app.post("/v1/responses")
     def responses():
@@ -4442,11 +4461,11 @@ def create_app(proxy: Proxy) -> Flask:
         chat = responses_as_chat(body, tools)
         frames = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
                                  canonical_id(model), tools, proxy.envelope_key())
-        call, opening = proxy.start(model, context, responses_options(body, chat),
+        call = proxy.start(model, context, responses_options(body, chat),
                                     upstream_payload(chat_extras(chat), model["api"]))
         if body.get("stream"):
-            return sse_response(stream_responses(call, opening, frames), call)
-        final = call.final(opening)
+            return sse_response(stream_responses(call, frames), call)
+        final = call.final()
         if final["type"] == "error":
             raise upstream_error(final, call.secrets)
         events = [{"type": "start"}, *replay_message(final["message"]), final]
@@ -4510,12 +4529,9 @@ def sse_event(name: str, payload) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-def stream_anthropic(call: Call, opening: list, frames: AnthropicEvents):
+def stream_anthropic(call: Call, frames: AnthropicEvents):
     """SSE events for a Messages stream. It always ends in message_stop or an `error` event."""
     try:
-        for event in opening:
-            for name, data in frames.translate(event):
-                yield sse_event(name, data)
         for event in call.events:
             if event["type"] == "error":
                 error = call.error(event)
@@ -4527,13 +4543,10 @@ def stream_anthropic(call: Call, opening: list, frames: AnthropicEvents):
         call.close()
 
 
-def stream_chat(call: Call, opening: list, chunks: ChatChunks):
+def stream_chat(call: Call, chunks: ChatChunks):
     """SSE frames for a chat stream. It always ends in `data: [DONE]`; a failure after the
     headers went out becomes an error chunk first."""
     try:
-        for event in opening:
-            for frame in chunks.translate(event):
-                yield sse_data(frame)
         for event in call.events:
             if event["type"] == "error":
                 error = call.error(event)
@@ -4546,25 +4559,22 @@ def stream_chat(call: Call, opening: list, chunks: ChatChunks):
         call.close()
 
 
-def stream_pi(call: Call, opening: list, events: PiStreamEvents):
+def stream_pi(call: Call, events: PiStreamEvents):
     """SSE frames for a streamProxy client. Upstream failures, also before any content, are the
     stream's final `error` event, with pi-ai's own message (as calling pi-ai directly would
     give); never `data: [DONE]`, which the client cannot parse and turns into an error."""
     try:
-        for event in itertools.chain(opening, call.events):
+        for event in call.events:
             for frame in events.translate(event):
                 yield sse_data(frame)
     finally:
         call.close()
 
 
-def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
+def stream_responses(call: Call, frames: ResponsesEvents):
     """SSE events for a Responses stream. It always ends in response.completed,
     response.incomplete or response.failed; never `data: [DONE]`."""
     try:
-        for event in opening:
-            for frame in frames.translate(event):
-                yield sse_event(frame["type"], frame)
         for event in call.events:
             translated = frames.fail(call.error(event)) if event["type"] == "error" \
                 else frames.translate(event)

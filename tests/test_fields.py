@@ -167,3 +167,13 @@ def test_every_endpoint_logs_its_ignored_fields_with_their_path(proxy, fake, ind
     assert expected in log_lines(proxy, mark)
     if path != "/v1/messages/count_tokens":
         assert fake.requests and mark not in json.dumps(fake.requests[-1].body), "an unknown field went upstream"
+
+
+def test_an_anyof_branch_is_told_apart_by_validating_it_when_its_type_does_not_tell():
+    schema = {"type": "object", "properties": {"spec": {"anyOf": [
+        {"type": "object", "required": ["a"], "properties": {"a": {}, "x": proxy.ignored("why a")}},
+        {"type": "object", "required": ["b"], "properties": {"b": {}, "x": {}}},
+        {"type": "string"}]}}}
+    assert dict(proxy.unused_fields({"spec": {"a": 1, "x": 2}}, schema)) == {"spec.x": "why a"}
+    assert dict(proxy.unused_fields({"spec": {"b": 1, "x": 2}}, schema)) == {}
+    assert dict(proxy.unused_fields({"spec": "text"}, schema)) == {}

@@ -254,7 +254,7 @@ def test_chunks_for_text_thinking_and_tools():
         {"type": "toolcall_end", "contentIndex": 3, "toolCall": {"arguments": {"b": 2}}},
         {"type": "done", "reason": "stop", "message": message},
     ]
-    out = [c for e in events for c in chunks.translate(e)]
+    out = [c for e in proxy.pi_events(events) for c in chunks.translate(e)]
     deltas = [c["choices"][0]["delta"] for c in out if c["choices"]]
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert deltas[1] == {"reasoning_content": "hm"} and deltas[2] == {"content": "Hi"}
@@ -405,7 +405,7 @@ def test_signature_and_whole_tool_arguments_are_sent_before_block_stop():
         {"type": "toolcall_end", "contentIndex": 1, "toolCall": {"arguments": {}}},
         {"type": "done", "reason": "length", "message": {"content": [], "usage": USAGE}},
     ]
-    frames = check_anthropic_stream(frames_text(f for e in pi_events for f in events.translate(e)))
+    frames = check_anthropic_stream(frames_text(f for e in proxy.pi_events(pi_events) for f in events.translate(e)))
     deltas = [d["delta"] for n, d in frames if n == "content_block_delta"]
     assert deltas[1] == {"type": "signature_delta", "signature": "sig"}
     assert deltas[2] == {"type": "input_json_delta", "partial_json": "{}"}
