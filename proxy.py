@@ -2003,6 +2003,24 @@ def chat_options(body: dict) -> dict:
     return options
 
 
+def thinking_for_history(options: dict, context: dict, model: dict) -> dict:
+    """`options` without `reasoning` when Anthropic would refuse the request with thinking on: it
+    continues a tool loop (ends in tool results) whose assistant turn does not start with signed
+    thinking, which chat completions cannot carry for Anthropic (chat_reasoning). That one turn
+    then goes without thinking, as Anthropic's own error advises, instead of failing."""
+    messages = context["messages"]
+    turns = [m for m in messages if m["role"] != "toolResult"]
+    if "reasoning" not in options or model["api"] != "anthropic-messages" or not messages \
+            or messages[-1]["role"] != "toolResult" or not turns or turns[-1]["role"] != "assistant":
+        return options
+    first = (turns[-1]["content"] or [{"type": "text"}])[0]
+    if first["type"] == "thinking" and first.get("thinkingSignature"):
+        return options
+    log.debug("thinking off for this turn: %s refuses a tool loop replayed without its signed thinking",
+              canonical_id(model))
+    return {name: value for name, value in options.items() if name not in ("reasoning", "thinkingBudgets")}
+
+
 def chat_extras(body: dict) -> dict:
     """The chat request's fields that pi-ai does not model, in neutral form (see upstream_payload)."""
     extras = {name: body[name] for name in ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty",
@@ -4393,7 +4411,8 @@ def create_app(proxy: Proxy) -> Flask:
         context = off_loop(chat_to_context, body, model)
         fetch_remote_images(context, proxy.config)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        call = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
+        options = thinking_for_history(chat_options(body), context, model)
+        call = proxy.start(model, context, options, upstream_payload(chat_extras(body), model["api"]))
         if body.get("stream"):
             include_usage = bool(body.get("stream_options", {}).get("include_usage"))
             chunks = ChatChunks(completion_id, body["model"], created, include_usage)

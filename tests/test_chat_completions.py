@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from tests.fake_upstream import Reply
-from tests.helpers import ALL_APIS, PIXEL, last_request, pi_via_proxy, sse_events
+from tests.helpers import ALL_APIS, MODELS, PIXEL, last_request, pi_via_proxy, sse_events
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -391,3 +391,22 @@ def test_reasoning_without_a_signature_does_not_reach_other_apis(client, fake, m
         {"role": "user", "content": "q2"}])
     sent = json.dumps(last_request(fake, model).body)
     assert "SECRET-PLAN" not in sent and '"a"' in sent.replace(" ", "")
+
+
+def test_a_tool_loop_to_anthropic_with_thinking_goes_on_without_thinking_for_that_turn(client, fake):
+    """Chat cannot carry Anthropic's thinking signatures, and Anthropic refuses a tool loop whose
+    assistant turn lost its signed thinking (the fake too): that turn goes without thinking."""
+    model = "fake-anthropic/claude-test"
+    fake.push(Reply(reasoning="Check the weather.", tool_calls=[("toolu_c1", "get_weather", {"city": "Bern"})]),
+              Reply(text="Cool."), Reply(reasoning="Easy.", text="Bye."))
+    messages = [{"role": "user", "content": "Bern?"}]
+    ask = dict(model=model, tools=[WEATHER_TOOL], reasoning_effort="low")
+    reply = client.chat.completions.create(messages=messages, **ask).choices[0].message
+    messages += [reply.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": reply.tool_calls[0].id, "content": "9C"}]
+    assert client.chat.completions.create(messages=messages, **ask).choices[0].message.content == "Cool."
+    messages += [{"role": "assistant", "content": "Cool."}, {"role": "user", "content": "Thanks"}]
+    assert client.chat.completions.create(messages=messages, **ask).choices[0].message.content == "Bye."
+    assert not fake.refusals, fake.refusals
+    thinking = [r.body.get("thinking", {}).get("type") for r in fake.requests if r.path == MODELS[model]]
+    assert thinking == ["enabled", "disabled", "enabled"], "off only for the turn that continues the tool loop"

@@ -453,6 +453,22 @@ def test_redacted_thinking_streams_as_a_redacted_thinking_block():
         {"type": "thinking_delta", "thinking": "t"}, {"type": "signature_delta", "signature": "sig"}]
 
 
+def test_thinking_goes_off_only_where_anthropic_would_refuse_the_tool_loop():
+    anthropic = {**MODEL, "api": "anthropic-messages"}
+    options = {"reasoning": "low", "thinkingBudgets": {"low": 2000}, "maxTokens": 10}
+    call = {"type": "toolCall", "id": "t1", "name": "f", "arguments": {}}
+    signed = {"type": "thinking", "thinking": "hm", "thinkingSignature": "sig"}
+    question, result = proxy.user_message([{"type": "text", "text": "q"}]), proxy.tool_result("t1", "f", [])
+
+    def context(*blocks, then=()):
+        return {"messages": [question, proxy.assistant_message(anthropic, list(blocks), True), result, *then]}
+    assert proxy.thinking_for_history(options, context(call), anthropic) == {"maxTokens": 10}
+    assert proxy.thinking_for_history(options, context(signed, call), anthropic) == options
+    assert proxy.thinking_for_history(options, context(call), MODEL) == options, "openai-completions needs none"
+    assert proxy.thinking_for_history(options, context(call, then=[question]), anthropic) == options, \
+        "a finished tool loop needs none"
+
+
 @pytest.mark.parametrize("pi_id", ["toolu_01ABC", "call_1|fc_2", "weird id/with:chars", "toolu_pi_looks_wrapped"])
 def test_tool_ids_are_safe_and_reversible(pi_id):
     client_id = proxy.client_tool_id(pi_id)
