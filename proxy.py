@@ -795,31 +795,13 @@ def build_registry(catalog: list, models_json: dict | None) -> Registry:
     registry = Registry()
     for name, spec in ((models_json or {}).get("providers") or {}).items():
         builtin = providers.get(name, {})
+        models = {model_id: _builtin_model(name, spec, model, registry) for model_id, model in builtin.items()}
         first_builtin = next(iter(builtin.values()), {})
-        models = {}
-        for model_id, model in builtin.items():
-            model = {**model, "baseUrl": spec.get("baseUrl", model["baseUrl"]),
-                     "compat": {**(model.get("compat") or {}), **(spec.get("compat") or {})}}
-            override = (spec.get("modelOverrides") or {}).get(model_id)
-            if override:
-                model = _apply_override(model, override)
-                if override.get("headers"):
-                    registry.model_headers[f"{name}/{model_id}"] = override["headers"]
-            models[model_id] = model
         for custom in spec.get("models") or []:
-            api = custom.get("api") or spec.get("api") or first_builtin.get("api")
-            base_url = custom.get("baseUrl") or spec.get("baseUrl") or first_builtin.get("baseUrl")
-            if not api or not base_url:
+            model = _custom_model(name, spec, custom, first_builtin)
+            if model is None:
                 continue
-            models[custom["id"]] = {
-                **CUSTOM_MODEL_DEFAULTS,
-                **{k: v for k, v in custom.items() if k not in ("headers", "compat", "baseUrl", "api")},
-                "name": custom.get("name", custom["id"]),
-                "api": api,
-                "provider": name,
-                "baseUrl": base_url,
-                "compat": {**(spec.get("compat") or {}), **(custom.get("compat") or {})},
-            }
+            models[custom["id"]] = model
             registry.model_headers.pop(f"{name}/{custom['id']}", None)
             if custom.get("headers"):
                 registry.model_headers[f"{name}/{custom['id']}"] = custom["headers"]
@@ -830,6 +812,36 @@ def build_registry(catalog: list, models_json: dict | None) -> Registry:
         for model_id, model in models.items():
             registry.models[f"{provider}/{model_id}"] = model
     return registry
+
+
+def _builtin_model(provider: str, spec: dict, model: dict, registry: Registry) -> dict:
+    """A built-in model with its provider's models.json entry applied (its override's headers go
+    to the registry)."""
+    model = {**model, "baseUrl": spec.get("baseUrl", model["baseUrl"]),
+             "compat": {**(model.get("compat") or {}), **(spec.get("compat") or {})}}
+    override = (spec.get("modelOverrides") or {}).get(model["id"])
+    if override:
+        model = _apply_override(model, override)
+        if override.get("headers"):
+            registry.model_headers[f"{provider}/{model['id']}"] = override["headers"]
+    return model
+
+
+def _custom_model(provider: str, spec: dict, custom: dict, first_builtin: dict) -> dict | None:
+    """A model models.json defines, or None when neither it nor its provider says its API and URL."""
+    api = custom.get("api") or spec.get("api") or first_builtin.get("api")
+    base_url = custom.get("baseUrl") or spec.get("baseUrl") or first_builtin.get("baseUrl")
+    if not api or not base_url:
+        return None
+    return {
+        **CUSTOM_MODEL_DEFAULTS,
+        **{k: v for k, v in custom.items() if k not in ("headers", "compat", "baseUrl", "api")},
+        "name": custom.get("name", custom["id"]),
+        "api": api,
+        "provider": provider,
+        "baseUrl": base_url,
+        "compat": {**(spec.get("compat") or {}), **(custom.get("compat") or {})},
+    }
 
 
 def _apply_override(model: dict, override: dict) -> dict:
@@ -848,26 +860,39 @@ def check_models_json(data, builtin_providers: set) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("providers"), dict):
         raise ModelsJsonError('it must be an object with a "providers" object')
     for name, spec in data["providers"].items():
-        if not isinstance(spec, dict):
-            raise ModelsJsonError(f"provider {name!r} must be an object")
-        models = spec.get("models") or []
-        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
-                                                   and m["id"] for m in models):
-            raise ModelsJsonError(f'provider {name!r}: "models" must be a list of objects with an "id"')
-        if not models and not any(spec.get(k) for k in ("baseUrl", "headers", "compat", "modelOverrides")):
-            raise ModelsJsonError(f'provider {name!r}: must specify "baseUrl", "headers", "compat", '
-                                  '"modelOverrides", or "models"')
-        if models and name not in builtin_providers:
-            for required in ("baseUrl", "apiKey"):
-                if not spec.get(required):
-                    raise ModelsJsonError(f'provider {name!r}: "{required}" is required when defining custom models')
-            for model in models:
-                if not (model.get("api") or spec.get("api")):
-                    raise ModelsJsonError(f'provider {name!r}, model {model["id"]!r}: no "api" specified')
-        for model in [*models, *(spec.get("modelOverrides") or {}).values()]:
-            for limit in ("contextWindow", "maxTokens"):
-                if limit in model and not (isinstance(model[limit], int) and model[limit] > 0):
-                    raise ModelsJsonError(f"provider {name!r}: invalid {limit}")
+        _check_provider(name, spec, builtin_providers)
+
+
+def _check_provider(name: str, spec, builtin_providers: set):
+    if not isinstance(spec, dict):
+        raise ModelsJsonError(f"provider {name!r} must be an object")
+    models = spec.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                               and m["id"] for m in models):
+        raise ModelsJsonError(f'provider {name!r}: "models" must be a list of objects with an "id"')
+    if not models and not any(spec.get(k) for k in ("baseUrl", "headers", "compat", "modelOverrides")):
+        raise ModelsJsonError(f'provider {name!r}: must specify "baseUrl", "headers", "compat", '
+                              '"modelOverrides", or "models"')
+    if models and name not in builtin_providers:
+        _check_custom_provider(name, spec, models)
+    _check_limits(name, [*models, *(spec.get("modelOverrides") or {}).values()])
+
+
+def _check_custom_provider(name: str, spec: dict, models: list):
+    """A provider pi-ai does not know: models.json must say where it is and how to talk to it."""
+    for required in ("baseUrl", "apiKey"):
+        if not spec.get(required):
+            raise ModelsJsonError(f'provider {name!r}: "{required}" is required when defining custom models')
+    for model in models:
+        if not (model.get("api") or spec.get("api")):
+            raise ModelsJsonError(f'provider {name!r}, model {model["id"]!r}: no "api" specified')
+
+
+def _check_limits(name: str, models: list):
+    for model in models:
+        for limit in ("contextWindow", "maxTokens"):
+            if limit in model and not (isinstance(model[limit], int) and model[limit] > 0):
+                raise ModelsJsonError(f"provider {name!r}: invalid {limit}")
 
 
 def read_models_json(agent_dir: Path, builtin_providers: set) -> tuple[dict | None, str | None]:
@@ -1337,28 +1362,14 @@ class Relay:
             serving = gevent.getcurrent()
             bridge.relayed.add(serving)
             watcher = gevent.spawn(watch_peer, bridge_socket, lambda: serving.kill(BridgeGone, block=False))
-            upstream_headers = {name: value for name, value in headers
-                                if name.lower() not in HOP_BY_HOP and name.lower() != RELAY_TOKEN_HEADER}
-            # urllib3 adds these two unless told to skip them: the upstream gets the bridge's own set.
-            for name in ("User-Agent", "Accept-Encoding"):
-                if not any(key.lower() == name.lower() for key in upstream_headers):
-                    upstream_headers[name] = urllib3.util.SKIP_HEADER
             try:
-                response = self.upstreams.send(method, url, upstream_headers, body, self.upstream_timeout)
+                response = self.upstreams.send(method, url, upstream_headers(headers), body, self.upstream_timeout)
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 reason = re.sub(r"\s+", " ", str(getattr(error, "reason", None) or error))[:500]
                 log.info("relay: %s %s failed: %s", method, urllib.parse.urlsplit(url).netloc, reason)
                 bridge_socket.sendall(relay_head(502, "Bad Gateway", [(RELAY_ERROR_HEADER, reason), ("content-length", "0")]))
                 return
-            # Chunked unless the upstream gave a length: either way a body cut short reads as cut.
-            headers = [(name, value) for name, value in response.headers.iteritems() if name.lower() not in HOP_BY_HOP]
-            chunked = "content-length" not in response.headers
-            bridge_socket.sendall(relay_head(response.status, response.reason or "",
-                                             [*headers, ("transfer-encoding", "chunked")] if chunked else headers))
-            while chunk := response.read1(65536):
-                bridge_socket.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if chunked:
-                bridge_socket.sendall(b"0\r\n\r\n")
+            relay_response(response, bridge_socket)
             complete = True
         except (BridgeGone, ValueError, OSError, urllib3.exceptions.HTTPError):
             pass  # the bridge went away, or the upstream broke off: the bridge sees its socket close
@@ -1371,6 +1382,31 @@ class Relay:
                     response.close()  # the connection, not only the response: it must not be reused
                 response.release_conn()
             bridge_socket.close()
+
+
+def upstream_headers(headers: list) -> dict:
+    """A bridge's request headers as the upstream gets them: the bridge's own set, minus hop-by-hop
+    headers and the relay's token."""
+    sent = {name: value for name, value in headers
+            if name.lower() not in HOP_BY_HOP and name.lower() != RELAY_TOKEN_HEADER}
+    # urllib3 adds these two unless told to skip them.
+    for name in ("User-Agent", "Accept-Encoding"):
+        if not any(key.lower() == name.lower() for key in sent):
+            sent[name] = urllib3.util.SKIP_HEADER
+    return sent
+
+
+def relay_response(response, bridge_socket: socket.socket):
+    """The upstream's response, passed to the bridge as it arrives: chunked unless the upstream
+    gave a length, so that either way a body cut short reads as cut."""
+    headers = [(name, value) for name, value in response.headers.iteritems() if name.lower() not in HOP_BY_HOP]
+    chunked = "content-length" not in response.headers
+    bridge_socket.sendall(relay_head(response.status, response.reason or "",
+                                     [*headers, ("transfer-encoding", "chunked")] if chunked else headers))
+    while chunk := response.read1(65536):
+        bridge_socket.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+    if chunked:
+        bridge_socket.sendall(b"0\r\n\r\n")
 
 
 # ==================================================================================================
@@ -1670,48 +1706,62 @@ def finish_context(model: dict, system: list, messages: list, tools: list, param
     return context
 
 
-_EXTRAS_BY_API = {
+# Extras: the fields of a client's request that pi-ai does not model, in neutral form: OpenAI chat's
+# names, plus `top_k`; `tool_choice` is "auto" | "required" | "none" | {"name": N}. Per upstream API,
+# the neutral names it has a field for; then its own vocabulary (UPSTREAM_VOCABULARY).
+EXTRAS_BY_API = {
     "openai-completions": ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "response_format",
                            "parallel_tool_calls", "user", "tool_choice"),
     "anthropic-messages": ("top_p", "top_k", "stop", "tool_choice", "parallel_tool_calls"),
     "openai-responses": ("top_p", "parallel_tool_calls", "user", "tool_choice", "response_format"),
 }
+TOOL_CHOICE_FOR_ANTHROPIC = {"auto": "auto", "required": "any", "none": "none"}  # neutral -> Anthropic's type
 
 
 def upstream_payload(extras: dict, api: str) -> dict:
     """Neutral extras -> fields merged into the upstream request body (pi-ai's onPayload), in that
-    API's own vocabulary. Neutral form: OpenAI names, plus `top_k`; `tool_choice` is "auto" |
-    "required" | "none" | {"name": N}. What an API has no field for is dropped (logged at DEBUG)."""
-    supported = _EXTRAS_BY_API.get(api, ())
+    API's own vocabulary. What an API has no field for is dropped (logged at DEBUG)."""
+    supported = EXTRAS_BY_API.get(api, ())
     dropped = sorted(set(extras) - set(supported))
     if dropped:
         log.debug("%s has no equivalent for %s; dropped", api, ", ".join(dropped))
     payload = {name: value for name, value in extras.items() if name in supported}
-    choice = payload.pop("tool_choice", None)
-    if api == "openai-completions" and choice is not None:
-        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
-    elif api == "anthropic-messages":
-        if "stop" in payload:
-            stop = payload.pop("stop")
-            payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
-        serial = payload.pop("parallel_tool_calls", None) is False
-        if choice is not None or serial:
-            kinds = {"auto": "auto", "required": "any", "none": "none"}
-            payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
-                else {"type": kinds[choice or "auto"]}
-            if serial and payload["tool_choice"]["type"] != "none":
-                payload["tool_choice"]["disable_parallel_tool_use"] = True
-    elif api == "openai-responses":
-        if choice is not None:
-            payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
-        response_format = payload.pop("response_format", None)
-        if response_format and response_format["type"] == "json_schema":
-            spec = response_format["json_schema"]
-            payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
-                                          "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
-        elif response_format and response_format["type"] == "json_object":
-            payload["text"] = {"format": {"type": "json_object"}}
+    if api in UPSTREAM_VOCABULARY:
+        UPSTREAM_VOCABULARY[api](payload, payload.pop("tool_choice", None))
     return payload
+
+
+def completions_payload(payload: dict, choice):
+    if choice is not None:
+        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
+
+
+def anthropic_payload(payload: dict, choice):
+    if "stop" in payload:
+        stop = payload.pop("stop")
+        payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    serial = payload.pop("parallel_tool_calls", None) is False  # Anthropic says so in its tool_choice
+    if choice is not None or serial:
+        payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
+            else {"type": TOOL_CHOICE_FOR_ANTHROPIC[choice or "auto"]}
+        if serial and payload["tool_choice"]["type"] != "none":
+            payload["tool_choice"]["disable_parallel_tool_use"] = True
+
+
+def responses_payload(payload: dict, choice):
+    if choice is not None:
+        payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
+    response_format = payload.pop("response_format", None)
+    if response_format and response_format["type"] == "json_schema":
+        spec = response_format["json_schema"]
+        payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
+                                      "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
+    elif response_format and response_format["type"] == "json_object":
+        payload["text"] = {"format": {"type": "json_object"}}
+
+
+UPSTREAM_VOCABULARY = {"openai-completions": completions_payload, "anthropic-messages": anthropic_payload,
+                       "openai-responses": responses_payload}
 
 
 @dataclass
@@ -2162,6 +2212,19 @@ def chat_content_to_pi(content, param: str) -> list:
     return blocks
 
 
+def chat_assistant_message(message: dict, content: list, model: dict, tool_names: dict, param: str) -> dict:
+    """An assistant message -> pi's; its tool calls' names are noted in `tool_names` (by call id)."""
+    calls = message.get("tool_calls") or []
+    blocks = [b for b in content if b["text"]]
+    for index, call in enumerate(calls):
+        function = call["function"]
+        tool_names[call["id"]] = function["name"]
+        arguments = parse_arguments(function.get("arguments"), f"{param}.tool_calls[{index}].function.arguments")
+        blocks.append({"type": "toolCall", "id": call["id"], "name": function["name"], "arguments": arguments})
+    return assistant_message(model, blocks, bool(calls))
+
+
+
 def chat_to_context(body: dict, model: dict) -> dict:
     """OpenAI chat messages and tools -> a pi-ai Context. System and developer messages, wherever
     they stand, become the system prompt (pi's context has only one)."""
@@ -2174,15 +2237,7 @@ def chat_to_context(body: dict, model: dict) -> dict:
         elif role == "user":
             messages.append(user_message(content))
         elif role == "assistant":
-            calls = message.get("tool_calls") or []
-            blocks = [b for b in content if b["text"]]
-            for call_index, call in enumerate(calls):
-                function = call["function"]
-                tool_names[call["id"]] = function["name"]
-                arguments = parse_arguments(function.get("arguments"),
-                                            f"{param}.tool_calls[{call_index}].function.arguments")
-                blocks.append({"type": "toolCall", "id": call["id"], "name": function["name"], "arguments": arguments})
-            messages.append(assistant_message(model, blocks, bool(calls)))
+            messages.append(chat_assistant_message(message, content, model, tool_names, param))
         else:
             call_id = message["tool_call_id"]
             if call_id not in tool_names:
@@ -2501,16 +2556,43 @@ def anthropic_image(block: dict, param: str) -> dict:
     return {"type": "image", "data": source["data"], "mimeType": source["media_type"]}
 
 
+ANTHROPIC_USER_BLOCKS = {  # a block in a user (or system) message -> a pi block
+    "text": lambda block, param: {"type": "text", "text": block["text"]},
+    "image": lambda block, param: anthropic_image(block, param),
+}
+
+
 def anthropic_user_content(blocks: list, param: str) -> list:
     content = []
     for index, block in enumerate(blocks):
-        if block["type"] == "text":
-            content.append({"type": "text", "text": block["text"]})
-        elif block["type"] == "image":
-            content.append(anthropic_image(block, f"{param}[{index}]"))
-        else:
+        if block["type"] not in ANTHROPIC_USER_BLOCKS:
             raise ApiError(400, f"A {block['type']} block cannot stand here", param=f"{param}[{index}].type")
+        content.append(ANTHROPIC_USER_BLOCKS[block["type"]](block, f"{param}[{index}]"))
     return content
+
+
+# The two directions side by side. A client's assistant block -> a pi block, or None (dropped): a
+# signature goes to pi-ai only if it is the upstream's own or this installation's (signature_in).
+ANTHROPIC_TO_PI_BLOCK = {
+    "text": lambda block, model, key: {"type": "text", "text": block["text"]} if block["text"] else None,
+    "thinking": lambda block, model, key: {"type": "thinking", "thinking": block["thinking"],
+                                           "thinkingSignature": signature_in(model, block.get("signature"), key)},
+    "redacted_thinking": lambda block, model, key: redacted_thinking_in(signature_in(model, block["data"], key)),
+    "tool_use": lambda block, model, key: {"type": "toolCall", "id": pi_tool_id(block["id"]), "name": block["name"],
+                                           "arguments": block.get("input") or {}},
+}
+# A block of pi's answer -> the block a stream's content_block_start opens (AnthropicEvents).
+ANTHROPIC_BLOCK_STARTS = {
+    "text": lambda events, index: {"type": "text", "text": ""},
+    "thinking": lambda events, index: {"type": "thinking", "thinking": "", "signature": ""},
+    "redacted_thinking": lambda events, index: {"type": "redacted_thinking", "data": events.redacted[index]},
+    "tool_use": lambda events, index: {"type": "tool_use", "id": events.tool_calls[index][0],
+                                       "name": events.tool_calls[index][1], "input": {}},
+}
+
+
+def redacted_thinking_in(signature: str | None) -> dict | None:
+    return {"type": "thinking", "thinking": "", "thinkingSignature": signature, "redacted": True} if signature else None
 
 
 def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
@@ -2524,42 +2606,11 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
         if message["role"] == "system":
             system.append(text_of(anthropic_user_content(blocks, param)))
         elif message["role"] == "assistant":
-            content = []
-            for block_index, block in enumerate(blocks):
-                kind = block["type"]
-                if kind == "text" and block["text"]:
-                    content.append({"type": "text", "text": block["text"]})
-                elif kind == "thinking":
-                    content.append({"type": "thinking", "thinking": block["thinking"],
-                                    "thinkingSignature": signature_in(model, block.get("signature"), key)})
-                elif kind == "redacted_thinking":
-                    signature = signature_in(model, block["data"], key)
-                    if signature:
-                        content.append({"type": "thinking", "thinking": "", "thinkingSignature": signature,
-                                        "redacted": True})
-                elif kind == "tool_use":
-                    call_id = pi_tool_id(block["id"])
-                    tool_names[call_id] = block["name"]
-                    content.append({"type": "toolCall", "id": call_id, "name": block["name"],
-                                    "arguments": block.get("input") or {}})
-                elif kind != "text":
-                    raise ApiError(400, f"A {kind} block cannot stand in an assistant message",
-                                   param=f"{param}[{block_index}].type")
+            content = anthropic_assistant_content(blocks, model, key, param)
+            tool_names.update((block["id"], block["name"]) for block in content if block["type"] == "toolCall")
             messages.append(assistant_message(model, content, any(b["type"] == "toolCall" for b in content)))
         else:
-            results = [(i, b) for i, b in enumerate(blocks) if b["type"] == "tool_result"]
-            for block_index, block in results:
-                call_id = pi_tool_id(block["tool_use_id"])
-                result = anthropic_user_content(anthropic_blocks(block.get("content", "")),
-                                                f"{param}[{block_index}].content")
-                messages.append(tool_result(call_id, tool_names.get(call_id, ""), result, bool(block.get("is_error"))))
-            rest = anthropic_user_content([b for b in blocks if b["type"] != "tool_result"], param)
-            if results and rest and model["provider"] == COPILOT:
-                # Copilot bills a turn as the user's (X-Initiator) unless it ends in tool results;
-                # Claude Code's reminders after tool results must not make it one.
-                messages[-1]["content"] = messages[-1]["content"] + rest
-            elif rest or not results:
-                messages.append(user_message(rest))
+            messages += anthropic_user_turn(blocks, tool_names, model, param)
     tools = []
     for tool in body.get("tools", []):
         if "input_schema" not in tool:  # a server tool (web search, ...) that nothing here can run
@@ -2568,6 +2619,35 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
         tools.append({"name": tool["name"], "description": tool.get("description", ""),
                       "parameters": tool["input_schema"]})
     return finish_context(model, system, messages, tools, "messages")
+
+
+def anthropic_assistant_content(blocks: list, model: dict, key: bytes, param: str) -> list:
+    content = []
+    for index, block in enumerate(blocks):
+        if block["type"] not in ANTHROPIC_TO_PI_BLOCK:
+            raise ApiError(400, f"A {block['type']} block cannot stand in an assistant message",
+                           param=f"{param}[{index}].type")
+        converted = ANTHROPIC_TO_PI_BLOCK[block["type"]](block, model, key)
+        if converted is not None:
+            content.append(converted)
+    return content
+
+
+def anthropic_user_turn(blocks: list, tool_names: dict, model: dict, param: str) -> list:
+    """A user message -> pi messages: its tool results first, then the rest of it."""
+    messages, results = [], [(i, b) for i, b in enumerate(blocks) if b["type"] == "tool_result"]
+    for index, block in results:
+        call_id = pi_tool_id(block["tool_use_id"])
+        result = anthropic_user_content(anthropic_blocks(block.get("content", "")), f"{param}[{index}].content")
+        messages.append(tool_result(call_id, tool_names.get(call_id, ""), result, bool(block.get("is_error"))))
+    rest = anthropic_user_content([b for b in blocks if b["type"] != "tool_result"], param)
+    if results and rest and model["provider"] == COPILOT:
+        # Copilot bills a turn as the user's (X-Initiator) unless it ends in tool results;
+        # Claude Code's reminders after tool results must not make it one.
+        messages[-1]["content"] = messages[-1]["content"] + rest
+    elif rest or not results:
+        messages.append(user_message(rest))
+    return messages
 
 
 def reasoning_for_budget(budget: int) -> str:
@@ -2598,14 +2678,17 @@ def anthropic_options(body: dict) -> dict:
     return options
 
 
+ANTHROPIC_TOOL_CHOICE = {kind: neutral for neutral, kind in TOOL_CHOICE_FOR_ANTHROPIC.items()}
+
+
 def anthropic_extras(body: dict) -> dict:
     extras = {name: body[name] for name in ("top_p", "top_k") if name in body}
     if body.get("stop_sequences"):
         extras["stop"] = body["stop_sequences"]
     choice = body.get("tool_choice")
     if choice:
-        kinds = {"auto": "auto", "any": "required", "none": "none"}
-        extras["tool_choice"] = {"name": choice["name"]} if choice["type"] == "tool" else kinds[choice["type"]]
+        extras["tool_choice"] = {"name": choice["name"]} if choice["type"] == "tool" \
+            else ANTHROPIC_TOOL_CHOICE[choice["type"]]
         if choice.get("disable_parallel_tool_use"):
             extras["parallel_tool_calls"] = False
     return extras
@@ -2717,15 +2800,7 @@ class AnthropicEvents:
         frames = self.close()
         self.index += 1
         self.open = (index, kind)
-        if kind == "text":
-            block = {"type": "text", "text": ""}
-        elif kind == "thinking":
-            block = {"type": "thinking", "thinking": "", "signature": ""}
-        elif kind == "redacted_thinking":
-            block = {"type": "redacted_thinking", "data": self.redacted[index]}
-        else:
-            call_id, name = self.tool_calls[index]
-            block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+        block = ANTHROPIC_BLOCK_STARTS[kind](self, index)
         frames.append(("content_block_start", {"type": "content_block_start", "index": self.index,
                                                "content_block": block}))
         return frames
@@ -3147,60 +3222,93 @@ def loose_text(item: dict) -> str:
     return ""
 
 
-def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
-    """A Responses request -> a pi-ai Context. `instructions` and system/developer messages become
-    the system prompt; consecutive output items (reasoning, assistant messages, tool calls) form one
+class ResponsesInput:
+    """A Responses request's input items -> pi messages, an item at a time (RESPONSES_INPUT_ITEMS
+    names the method that takes it). `instructions` and system/developer messages become the
+    system prompt; consecutive output items (reasoning, assistant messages, tool calls) form one
     assistant turn, stamped with the target model; reasoning items are kept only when they were
     made for this very model; items of unknown types are kept as text when they carry any."""
-    pi_names = {(tool.namespace, tool.name): pi_name for pi_name, tool in tools.items()}
-    items = body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
-    system, messages, turn, tool_names = [body.get("instructions", "")], [], [], {}
 
-    def end_turn():
-        if turn:
-            messages.append(assistant_message(model, list(turn), any(b["type"] == "toolCall" for b in turn)))
-            turn.clear()
+    def __init__(self, model: dict, tools: dict, key: bytes, instructions: str):
+        self.model, self.key = model, key
+        self.pi_names = {(tool.namespace, tool.name): pi_name for pi_name, tool in tools.items()}
+        self.system, self.messages, self.turn, self.tool_names = [instructions], [], [], {}
 
-    for index, item in enumerate(items):
-        kind, param = item.get("type", "message"), f"input[{index}]"
-        role = item.get("role") if kind == "message" else None
-        if role in ("system", "developer"):
-            system.append(text_of(response_parts_to_pi(item["content"], f"{param}.content")))
-        elif role == "assistant":
-            turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
-        elif kind == "reasoning":
-            signature = open_reasoning(item.get("encrypted_content"), model, key)
-            if signature is None:
-                log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(model))
-                continue
-            thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
-            turn.append({"type": "thinking", "thinking": thinking, "thinkingSignature": signature})
-        elif kind in ("function_call", "custom_tool_call"):
-            pi_name = pi_names.get((item.get("namespace"), item["name"]), item["name"])
-            if kind == "custom_tool_call":
-                arguments = {CUSTOM_INPUT: item.get("input", "")}
-            else:
-                arguments = parse_arguments(item.get("arguments"), f"{param}.arguments")
-            tool_names[item["call_id"]] = pi_name
-            turn.append({"type": "toolCall", "id": item["call_id"], "name": pi_name, "arguments": arguments})
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            end_turn()
-            if item["call_id"] not in tool_names:
-                raise ApiError(400, f"call_id {item['call_id']!r} does not answer any earlier tool call",
-                               param=f"{param}.call_id")
-            messages.append(tool_result(item["call_id"], tool_names[item["call_id"]],
-                                        response_parts_to_pi(item["output"], f"{param}.output")))
+    def end_turn(self):
+        if self.turn:
+            self.messages.append(assistant_message(self.model, self.turn,
+                                                   any(block["type"] == "toolCall" for block in self.turn)))
+            self.turn = []
+
+    def system_text(self, item: dict, param: str):
+        self.system.append(text_of(response_parts_to_pi(item["content"], f"{param}.content")))
+
+    def assistant_text(self, item: dict, param: str):
+        self.turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
+
+    def user_input(self, item: dict, param: str):
+        self.end_turn()
+        content = response_parts_to_pi(item["content"], f"{param}.content")
+        if content:
+            self.messages.append(user_message(content))
+
+    def reasoning(self, item: dict, param: str):
+        signature = open_reasoning(item.get("encrypted_content"), self.model, self.key)
+        if signature is None:
+            log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(self.model))
+            return
+        thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
+        self.turn.append({"type": "thinking", "thinking": thinking, "thinkingSignature": signature})
+
+    def tool_call(self, item: dict, param: str):
+        pi_name = self.pi_names.get((item.get("namespace"), item["name"]), item["name"])
+        if item["type"] == "custom_tool_call":
+            arguments = {CUSTOM_INPUT: item.get("input", "")}
         else:
-            end_turn()
-            content = response_parts_to_pi(item["content"], f"{param}.content") if role == "user" else []
-            if role != "user":
-                text = loose_text(item)
-                log.debug("input item %s of type %s kept as %s", param, kind, "text" if text else "nothing")
-                content = [{"type": "text", "text": text}] if text else []
-            if content:
-                messages.append(user_message(content))
-    end_turn()
-    return finish_context(model, system, messages, pi_tools, "input", responses_format(body))
+            arguments = parse_arguments(item.get("arguments"), f"{param}.arguments")
+        self.tool_names[item["call_id"]] = pi_name
+        self.turn.append({"type": "toolCall", "id": item["call_id"], "name": pi_name, "arguments": arguments})
+
+    def tool_output(self, item: dict, param: str):
+        self.end_turn()
+        if item["call_id"] not in self.tool_names:
+            raise ApiError(400, f"call_id {item['call_id']!r} does not answer any earlier tool call",
+                           param=f"{param}.call_id")
+        self.messages.append(tool_result(item["call_id"], self.tool_names[item["call_id"]],
+                                         response_parts_to_pi(item["output"], f"{param}.output")))
+
+    def other(self, item: dict, param: str):
+        self.end_turn()
+        text = loose_text(item)
+        log.debug("input item %s of type %s kept as %s", param, item.get("type", "message"),
+                  "text" if text else "nothing")
+        if text:
+            self.messages.append(user_message([{"type": "text", "text": text}]))
+
+
+RESPONSES_INPUT_ITEMS = {  # (item type, a message's role) -> the ResponsesInput method that takes the item
+    ("message", "system"): ResponsesInput.system_text,
+    ("message", "developer"): ResponsesInput.system_text,
+    ("message", "assistant"): ResponsesInput.assistant_text,
+    ("message", "user"): ResponsesInput.user_input,
+    ("reasoning", None): ResponsesInput.reasoning,
+    ("function_call", None): ResponsesInput.tool_call,
+    ("custom_tool_call", None): ResponsesInput.tool_call,
+    ("function_call_output", None): ResponsesInput.tool_output,
+    ("custom_tool_call_output", None): ResponsesInput.tool_output,
+}
+
+
+def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
+    """A Responses request -> a pi-ai Context (see ResponsesInput)."""
+    items = body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
+    history = ResponsesInput(model, tools, key, body.get("instructions", ""))
+    for index, item in enumerate(items):
+        kind = item.get("type", "message")
+        take = RESPONSES_INPUT_ITEMS.get((kind, item.get("role") if kind == "message" else None), ResponsesInput.other)
+        take(history, item, f"input[{index}]")
+    history.end_turn()
+    return finish_context(model, history.system, history.messages, pi_tools, "input", responses_format(body))
 
 
 def responses_format(body: dict) -> dict | None:
