@@ -271,11 +271,13 @@ class ApiError(Exception):
     """An error answered to the client in its API's own shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None,
-                 code=None, retry_after: str | None = None, upstream_event: dict | None = None):
+                 code=None, retry_after: str | None = None, upstream_event: dict | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type_
         self.param, self.code, self.retry_after = param, code, retry_after
         self.upstream_event = upstream_event  # the bridge's error event (redacted), when upstream failed
+        self.details = details  # Anthropic's `error.details`, which the anthropic SDK acts on
         self.request_id = None  # the request's id, named in every body (as Anthropic's API does)
 
     def openai_body(self) -> dict:
@@ -284,7 +286,8 @@ class ApiError(Exception):
 
     def anthropic_body(self) -> dict:
         type_ = self.type if self.type in ANTHROPIC_ERROR_TYPES else "api_error"
-        return self._named({"type": "error", "error": {"type": type_, "message": self.message}})
+        error = {"type": type_, "message": self.message, **({"details": self.details} if self.details else {})}
+        return self._named({"type": "error", "error": error})
 
     def pi_body(self) -> dict:
         return self._named({"error": self.message})  # pi-agent-core's streamProxy reads only `error`
@@ -1828,11 +1831,12 @@ def replay_message(message: dict):
             yield from ({"type": "text_start", "contentIndex": index},
                         {"type": "text_delta", "contentIndex": index, "delta": block["text"]},
                         {"type": "text_end", "contentIndex": index})
+        elif block["type"] == "thinking" and block.get("redacted"):  # as the bridge streams it: no text
+            yield from ({"type": "thinking_start", "contentIndex": index, "redacted": True,
+                         "contentSignature": block["thinkingSignature"]},
+                        {"type": "thinking_end", "contentIndex": index})
         elif block["type"] == "thinking":
-            start = {"type": "thinking_start", "contentIndex": index}
-            if block.get("redacted"):  # so a Messages reply gives it back as a redacted_thinking block
-                start |= {"redacted": True, "contentSignature": block.get("thinkingSignature")}
-            yield from (start,
+            yield from ({"type": "thinking_start", "contentIndex": index},
                         {"type": "thinking_delta", "contentIndex": index, "delta": block["thinking"]},
                         {"type": "thinking_end", "contentIndex": index,
                          "contentSignature": block.get("thinkingSignature")})
@@ -2065,6 +2069,8 @@ def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -
 # 10. OpenAI chat completions
 # ==================================================================================================
 
+# Where OpenAI-compatible servers put an assistant's reasoning, in the order pi-ai reads them.
+REASONING_FIELDS = ("reasoning_content", "reasoning", "reasoning_text")
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {
     "anyOf": [
@@ -2125,6 +2131,7 @@ CHAT_SCHEMA = {
                     "name": ignored("pi-ai's messages name no author", {"type": "string"}),
                     "tool_calls": {"type": "array", "items": _TOOL_CALL},
                     "tool_call_id": {"type": "string"},
+                    **{name: {"type": ["string", "null"]} for name in REASONING_FIELDS},
                 },
                 "allOf": [
                     {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"]}},
@@ -2230,10 +2237,25 @@ def chat_content_to_pi(content, param: str) -> list:
     return blocks
 
 
+def chat_reasoning(message: dict, model: dict, param: str) -> list:
+    """An assistant message's reasoning (sent back by pi, LiteLLM, pydantic-ai; `reasoning` as
+    OpenRouter names it) -> a pi thinking block. For openai-completions its signature is the
+    field's name, as pi-ai's own: pi-ai replays the text in that field. Chat carries no signature
+    that Anthropic or the Responses API could check, and those upstreams drop earlier turns'
+    thinking anyway, so toward them it is dropped (pi-ai would make it visible text)."""
+    field = next((name for name in REASONING_FIELDS if message.get(name)), None)
+    if field is None:
+        return []
+    if model["api"] != "openai-completions":
+        log.debug("dropping %s.%s: %s has no unsigned reasoning", param, field, model["api"])
+        return []
+    return [{"type": "thinking", "thinking": message[field], "thinkingSignature": field}]
+
+
 def chat_assistant_message(message: dict, content: list, model: dict, tool_names: dict, param: str) -> dict:
     """An assistant message -> pi's; its tool calls' names are noted in `tool_names` (by call id)."""
     calls = message.get("tool_calls") or []
-    blocks = [b for b in content if b["text"]]
+    blocks = chat_reasoning(message, model, param) + [b for b in content if b["text"]]
     for index, call in enumerate(calls):
         function = call["function"]
         tool_names[call["id"]] = function["name"]
@@ -2402,12 +2424,14 @@ def prepare_chat(body: dict, model: dict, proxy, run) -> Exchange:
 _REASONING_ENVELOPE = "pi-proxy.2:"  # .1 envelopes carried no MAC: they read as foreign now
 
 
-def seal_reasoning(model_id: str, signature: str, key: bytes) -> str:
+def seal_reasoning(model_id: str, signature: str, key: bytes, redacted: bool = False) -> str:
     """A reasoning item's `encrypted_content`: pi-ai's signature for the thinking block (Anthropic's
-    signature; the whole upstream reasoning item for openai-responses) and the model it is valid
-    for, with a MAC under this installation's envelope key (envelope_key): pi-ai forwards what is
-    inside as is, so only what this proxy minted may come back in."""
-    payload = json.dumps({"model": model_id, "signature": signature}, separators=(",", ":"))
+    signature, or its redacted thinking's data; the whole upstream reasoning item for
+    openai-responses) and the model it is valid for, with a MAC under this installation's envelope
+    key (envelope_key): pi-ai forwards what is inside as is, so only what this proxy minted may
+    come back in."""
+    payload = json.dumps({"model": model_id, "signature": signature, **({"redacted": True} if redacted else {})},
+                         separators=(",", ":"))
     sealed = _REASONING_ENVELOPE + base64.urlsafe_b64encode(payload.encode()).decode()
     return sealed + "." + _envelope_mac(sealed, key)
 
@@ -2416,9 +2440,9 @@ def _envelope_mac(sealed: str, key: bytes) -> str:
     return base64.urlsafe_b64encode(hmac.digest(key, sealed.encode(), "sha256")).decode().rstrip("=")
 
 
-def open_reasoning(sealed: str | None, model: dict, key: bytes) -> str | None:
-    """The signature in a reasoning item, if this proxy's installation made it for this model;
-    None otherwise (foreign, forged or altered)."""
+def open_reasoning(sealed: str | None, model: dict, key: bytes) -> dict | None:
+    """The pi thinking block's signature (and redacted mark) sealed in a reasoning item, if this
+    proxy's installation made it for this model; None otherwise (foreign, forged or altered)."""
     if not sealed or not sealed.startswith(_REASONING_ENVELOPE) or "." not in sealed:
         return None
     sealed, mac = sealed.rsplit(".", 1)
@@ -2428,9 +2452,9 @@ def open_reasoning(sealed: str | None, model: dict, key: bytes) -> str | None:
         payload = json.loads(base64.urlsafe_b64decode(sealed[len(_REASONING_ENVELOPE):]))
     except (ValueError, binascii.Error):
         return None
-    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model):
+    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model) or not payload.get("signature"):
         return None
-    return payload.get("signature") or None
+    return {"thinkingSignature": payload["signature"], **({"redacted": True} if payload.get("redacted") else {})}
 
 
 def signature_out(model: dict, signature: str | None, key: bytes) -> str:
@@ -2447,7 +2471,8 @@ def signature_in(model: dict, signature: str | None, key: bytes) -> str | None:
     this installation did not make it for this model."""
     if not signature or model["api"] == "anthropic-messages":
         return signature or None
-    return open_reasoning(signature, model, key)
+    opened = open_reasoning(signature, model, key)
+    return opened and opened["thinkingSignature"]
 
 
 _A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
@@ -2507,7 +2532,8 @@ _A_MESSAGES_PROPERTIES = {
     "system": {"anyOf": [{"type": "string"}, _a_blocks(["text"])]},
     "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL}}},
+        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL,
+        "defer_loading": ignored("every tool is sent whole", {"type": "boolean"})}}},
     "tool_choice": {
         "type": "object", "required": ["type"],
         "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
@@ -2527,6 +2553,13 @@ _A_MESSAGES_PROPERTIES = {
     "stop_sequences": {"type": "array", "items": {"type": "string"}},
     "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}},
     "stream": {"type": "boolean"},
+    # Server-side settings whose absence changes no conversation (reject_server_state refuses the others).
+    "context_management": ignored("the whole history goes upstream; nothing is cleared from it", {"type": "object"}),
+    "cache_control": _A_CACHE_CONTROL,
+    "service_tier": ignored("the upstream's own tier", {"type": "string"}),
+    "speed": ignored("the upstream's own speed", {"type": "string"}),
+    "inference_geo": ignored("the upstream's own region", {"type": "string"}),
+    "diagnostics": ignored("no prompt-cache diagnostics", {"type": "object"}),
 }
 MESSAGES_VALIDATOR = Draft202012Validator({
     "title": "messages request", "type": "object", "required": ["model", "messages", "max_tokens"],
@@ -2589,6 +2622,39 @@ def anthropic_user_content(blocks: list, param: str) -> list:
     return content
 
 
+# Messages fields whose state lives on Anthropic's servers: nothing here can hold or run them, and
+# an answer without them would be to another conversation, so each is refused by name.
+SERVER_STATE_FIELDS = {
+    "thread": "message threads keep the conversation on Anthropic's servers and this proxy keeps none; "
+              "send the whole history in `messages`",
+    "container": "code execution containers run on Anthropic's servers, which this proxy does not reach",
+    "mcp_servers": "this proxy cannot connect the model to MCP servers; declare their tools as client tools",
+    "compaction": "server-side compaction is not available through this proxy; compact on the client",
+}
+# Tools without an input_schema are run (web search, code execution, MCP) or defined (bash, text
+# editor, computer, memory) by Anthropic: no other model can be given them. Only the tool-search
+# tools may go unsaid: every tool is then sent whole (defer_loading aside), which hides none.
+_TOOL_SEARCH = "tool_search_tool_"
+
+
+def reject_server_state(body: dict):
+    for name, reason in SERVER_STATE_FIELDS.items():
+        if name in body:
+            # The anthropic SDK's thread helpers (tool_runner) resend unthreaded on this error_code.
+            details = {"error_code": "thread_unsupported_request", "unsupported": [name]} if name == "thread" else None
+            raise ApiError(400, f"{name} is not supported: {reason}", param=name, code="unsupported_parameter",
+                           details=details)
+    for index, tool in enumerate(body.get("tools", [])):
+        kind = tool.get("type", "custom")
+        if "input_schema" not in tool and kind == "custom":
+            raise ApiError(400, f"tools[{index}].input_schema: Field required", param=f"tools[{index}].input_schema",
+                           code="invalid_value")
+        if "input_schema" not in tool and not kind.startswith(_TOOL_SEARCH):
+            raise ApiError(400, f"tools[{index}]: the {shown(kind)} tool is run or defined by Anthropic itself; "
+                                "this proxy can offer a model only tools with an input_schema",
+                           param=f"tools[{index}].type", code="unsupported_parameter")
+
+
 # The two directions side by side. A client's assistant block -> a pi block, or None (dropped): a
 # signature goes to pi-ai only if it is the upstream's own or this installation's (signature_in).
 ANTHROPIC_TO_PI_BLOCK = {
@@ -2600,12 +2666,12 @@ ANTHROPIC_TO_PI_BLOCK = {
                                            "arguments": block.get("input") or {}},
 }
 # A block of pi's answer -> the block a stream's content_block_start opens (AnthropicEvents).
-ANTHROPIC_BLOCK_STARTS = {
-    "text": lambda events, index: {"type": "text", "text": ""},
-    "thinking": lambda events, index: {"type": "thinking", "thinking": "", "signature": ""},
-    "redacted_thinking": lambda events, index: {"type": "redacted_thinking", "data": events.redacted[index]},
-    "tool_use": lambda events, index: {"type": "tool_use", "id": events.tool_calls[index][0],
-                                       "name": events.tool_calls[index][1], "input": {}},
+ANTHROPIC_BLOCK_STARTS = {  # (the translator, pi contentIndex, a redacted block's data) -> the block
+    "text": lambda events, index, data: {"type": "text", "text": ""},
+    "thinking": lambda events, index, data: {"type": "thinking", "thinking": "", "signature": ""},
+    "redacted_thinking": lambda events, index, data: {"type": "redacted_thinking", "data": events.seal(data)},
+    "tool_use": lambda events, index, data: {"type": "tool_use", "id": events.tool_calls[index][0],
+                                             "name": events.tool_calls[index][1], "input": {}},
 }
 
 
@@ -2617,6 +2683,7 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
     """An Anthropic Messages request -> a pi-ai Context. Tool results in a user turn become pi
     toolResult messages (ahead of the turn's other content); `role: "system"` messages are folded
     into the system prompt; assistant turns are stamped with the target model."""
+    reject_server_state(body)
     system = [text_of(anthropic_blocks(body.get("system", "")))]
     messages, tool_names = [], {}
     for index, message in enumerate(body["messages"]):
@@ -2630,9 +2697,9 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
         else:
             messages += anthropic_user_turn(blocks, tool_names, model, param)
     tools = []
-    for tool in body.get("tools", []):
-        if "input_schema" not in tool:  # a server tool (web search, ...) that nothing here can run
-            log.debug("dropping server tool %s", tool.get("type", tool["name"]))
+    for index, tool in enumerate(body.get("tools", [])):
+        if "input_schema" not in tool:  # a tool-search tool (reject_server_state)
+            log.debug("ignoring tools[%d] (%s): every tool is sent whole", index, tool["type"])
             continue
         tools.append({"name": tool["name"], "description": tool.get("description", ""),
                       "parameters": tool["input_schema"]})
@@ -2760,8 +2827,8 @@ class AnthropicEvents:
     blocks only when the stream ends): a block is closed as soon as another one starts, and a
     later text or thinking delta for it opens a fresh block of the same kind. A tool call's
     block is never reopened (its id must stay unique), so text or thinking arriving while one is
-    open is held back until it closes. (A redacted thinking block becomes one only in a whole
-    reply: pi's stream does not tell it from another; replay_message does.)"""
+    open is held back until it closes. Every thinking block ends with its signature_delta, as
+    Anthropic's do, whenever it closes; redacted thinking is a redacted_thinking block, whole."""
 
     def __init__(self, message_id: str, model_name: str, input_estimate: int, seal):
         self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
@@ -2769,8 +2836,8 @@ class AnthropicEvents:
         self.open = None  # (pi contentIndex, kind) of the block now open
         self.index = -1  # the Anthropic index of the last block started
         self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
+        self.signatures: dict[int, str] = {}  # pi contentIndex -> its thinking signature, once known
         self.held: list[tuple] = []  # (contentIndex, kind, delta) held back while a tool call is open
-        self.redacted: dict[int, str] = {}  # pi contentIndex -> a redacted thinking block's data
 
     def translate(self, event: dict) -> list:
         kind, index = event["type"], event.get("contentIndex")
@@ -2783,14 +2850,15 @@ class AnthropicEvents:
         if kind == "heartbeat":
             return [("ping", {"type": "ping"})]
         if kind == "thinking_start" and event.get("redacted"):
-            self.redacted[index] = self.seal(event.get("contentSignature"))
-            return self.start_block(index, "redacted_thinking")
+            return [*self.start_block(index, "redacted_thinking", event["contentSignature"]), *self.close()]
         if kind in ("text_start", "thinking_start"):
+            if event.get("contentSignature"):  # openai-completions: known at the start, the block closes early
+                self.signatures[index] = event["contentSignature"]
             return self.start_block(index, kind.split("_")[0])
         if kind == "toolcall_start":
             self.tool_calls[index] = (client_tool_id(event["id"]), event["toolName"])
             return self.start_block(index, "tool_use")
-        if kind in ("text_delta", "thinking_delta") and index not in self.redacted:
+        if kind in ("text_delta", "thinking_delta"):
             block = kind.split("_")[0]
             delta = {"type": kind, block: event["delta"]}
             if self.open and self.open[1] == "tool_use":
@@ -2800,11 +2868,8 @@ class AnthropicEvents:
         if kind == "toolcall_delta" and event["delta"]:
             return [*self.ensure_open(index, "tool_use"),
                     self.delta({"type": "input_json_delta", "partial_json": event["delta"]})]
-        if kind == "thinking_end" and event.get("contentSignature") and self.open == (index, "thinking"):
-            # Only openai-completions ends a thinking block after later ones began; its
-            # "signature" is a field name, not worth a block of its own.
-            return [self.delta({"type": "signature_delta", "signature": self.seal(event["contentSignature"])}),
-                    *self.close()]
+        if kind == "thinking_end" and event.get("contentSignature"):
+            self.signatures[index] = event["contentSignature"]
         if kind.endswith("_end") and self.open and self.open[0] == index:
             return self.close()
         if kind == "done":
@@ -2814,11 +2879,11 @@ class AnthropicEvents:
                     ("message_stop", {"type": "message_stop"})]
         return []
 
-    def start_block(self, index: int, kind: str) -> list:
+    def start_block(self, index: int, kind: str, data: str = "") -> list:
         frames = self.close()
         self.index += 1
         self.open = (index, kind)
-        block = ANTHROPIC_BLOCK_STARTS[kind](self, index)
+        block = ANTHROPIC_BLOCK_STARTS[kind](self, index, data)
         frames.append(("content_block_start", {"type": "content_block_start", "index": self.index,
                                                "content_block": block}))
         return frames
@@ -2832,7 +2897,10 @@ class AnthropicEvents:
     def close(self) -> list:
         frames = []
         if self.open is not None:
-            self.open = None
+            (index, kind), self.open = self.open, None
+            if kind == "thinking":
+                signature = self.seal(self.signatures.get(index, ""))
+                frames.append(self.delta({"type": "signature_delta", "signature": signature}))
             frames.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         if self.held:
             held, self.held = self.held, []
@@ -3271,12 +3339,12 @@ class ResponsesInput:
             self.messages.append(user_message(content))
 
     def reasoning(self, item: dict, param: str):
-        signature = open_reasoning(item.get("encrypted_content"), self.model, self.key)
-        if signature is None:
+        opened = open_reasoning(item.get("encrypted_content"), self.model, self.key)
+        if opened is None:
             log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(self.model))
             return
         thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
-        self.turn.append({"type": "thinking", "thinking": thinking, "thinkingSignature": signature})
+        self.turn.append({"type": "thinking", "thinking": thinking, **opened})
 
     def tool_call(self, item: dict, param: str):
         pi_name = self.pi_names.get((item.get("namespace"), item["name"]), item["name"])
@@ -3418,6 +3486,7 @@ class ResponsesEvents:
         self.text = []  # the open item's text, summary or arguments so far, in pieces (joined once)
         self.calls = {}  # pi contentIndex -> (call id, pi tool name)
         self.signatures = {}  # pi contentIndex -> a thinking block's signature, known at its start
+        self.redacted = set()  # pi contentIndex of redacted thinking: a reasoning item with no summary
 
     def event(self, type_: str, **fields) -> dict:
         event = {"type": type_, **fields, "sequence_number": self.sequence}
@@ -3434,6 +3503,8 @@ class ResponsesEvents:
                 self.calls[index] = (event["id"], event["toolName"])
             if event.get("contentSignature"):
                 self.signatures[index] = event["contentSignature"]
+            if event.get("redacted"):
+                self.redacted.add(index)
             return self.start_item(index, ITEM_OF_BLOCK[kind.split("_")[0]])
         if kind == "text_delta":
             return [*self.ensure_open(index, "message"), self.delta("response.output_text.delta", event["delta"])]
@@ -3539,7 +3610,7 @@ class ResponsesEvents:
                            self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)]
             signature = signature or self.signatures.get(index)
             if signature:
-                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key)
+                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key, index in self.redacted)
         else:
             if not text:  # a call cut short before its first argument
                 text = "{}"

@@ -30,13 +30,13 @@ def unused(body, schema) -> dict:
 def test_unknown_and_ignored_fields_are_found_at_every_depth():
     body = {"model": "m", "thread": {"type": "create"}, "store": True, "messages": [
         {"role": "user", "content": "hi", "name": "bob"},
-        {"role": "assistant", "content": None, "reasoning_content": "because",
+        {"role": "assistant", "content": None, "reasoning_content": "because", "reasoning_details": [],
          "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}", "extra": 1}}]},
         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "r", "odd": True}]}]}
     assert unused(body, CHAT) == {
         "thread": None, "store": proxy.CHAT_SCHEMA["properties"]["store"][proxy.IGNORED],
         "messages[0].name": "pi-ai's messages name no author",
-        "messages[1].reasoning_content": None,
+        "messages[1].reasoning_details": None,
         "messages[1].tool_calls[0].function.extra": None,
         "messages[2].content[0].odd": None}
 
