@@ -15,19 +15,20 @@ The file reads in the order data flows through it; a section uses only what come
    5. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
    6. Relay                the bridges' HTTP, sent upstream over pooled keep-alive connections
    7. Bridge pool          bridges started (and warmed) ahead of need; admission control; replaced, drained on shutdown
-   8. pi messages          message builders, finish_context, extras -> upstream payload, pi_events (the
-                           one shape of pi's events), replayed messages
-   9. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
-  10. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
-  11. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
-  12. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
-  13. Remote images        images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
+   8. pi messages          message builders, finish_context, extras -> upstream payload, Exchange (a request
+                           translated), pi_events (the one shape of pi's events), replayed messages
+   9. Remote images        images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
+  10. OpenAI chat          one section per client API: request schema, request -> pi context, options and
+  11. Anthropic messages   extras, pi events -> the API's stream (a translator: translate, fail), and the
+  12. OpenAI responses     prepare function that makes a request an Exchange. Messages also: count_tokens'
+  13. pi streamProxy       estimate, Claude model names; streamProxy: pi-agent-core's protocol
   14. Usage                a record per request: its log line, the totals behind GET /usage
-  15. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
+  15. HTTP                 the Flask app: Proxy and Call, CLIENT_APIS (one row per client API) served by
+                           one route and one SSE generator; authentication, client-disconnect detection
   16. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
   17. Main                 command line (serve, login, logout, models) and the gevent server
 
-Translation functions in sections 8-12 are pure: tests call them without HTTP or node.
+Translation functions in sections 8 and 10-13 are pure: tests call them without HTTP or node.
 tests/test_code_shape.py keeps the order: no section uses a name defined in a later one.
 """
 
@@ -66,6 +67,7 @@ import time
 import urllib.parse
 import uuid
 import zlib
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +164,7 @@ class Config:
     max_messages: int = 100_000  # messages (Responses: input items) in one request
     max_tools: int = 5_000  # tools declared in one request
     max_json_values: int = 5_000_000  # values (array members and object fields) in one request body
-    remote_images: bool = False  # fetch images given by http(s) URL (section 13)
+    remote_images: bool = False  # fetch images given by http(s) URL (section 9)
     remote_image_max_bytes: int = 20_000_000  # per image, decompressed
     remote_image_max_count: int = 16  # images given by URL in one request
     remote_image_max_total_bytes: int = 50_000_000  # all of one request's fetched images, decompressed
@@ -814,31 +816,13 @@ def build_registry(catalog: list, models_json: dict | None) -> Registry:
     registry = Registry()
     for name, spec in ((models_json or {}).get("providers") or {}).items():
         builtin = providers.get(name, {})
+        models = {model_id: _builtin_model(name, spec, model, registry) for model_id, model in builtin.items()}
         first_builtin = next(iter(builtin.values()), {})
-        models = {}
-        for model_id, model in builtin.items():
-            model = {**model, "baseUrl": spec.get("baseUrl", model["baseUrl"]),
-                     "compat": {**(model.get("compat") or {}), **(spec.get("compat") or {})}}
-            override = (spec.get("modelOverrides") or {}).get(model_id)
-            if override:
-                model = _apply_override(model, override)
-                if override.get("headers"):
-                    registry.model_headers[f"{name}/{model_id}"] = override["headers"]
-            models[model_id] = model
         for custom in spec.get("models") or []:
-            api = custom.get("api") or spec.get("api") or first_builtin.get("api")
-            base_url = custom.get("baseUrl") or spec.get("baseUrl") or first_builtin.get("baseUrl")
-            if not api or not base_url:
+            model = _custom_model(name, spec, custom, first_builtin)
+            if model is None:
                 continue
-            models[custom["id"]] = {
-                **CUSTOM_MODEL_DEFAULTS,
-                **{k: v for k, v in custom.items() if k not in ("headers", "compat", "baseUrl", "api")},
-                "name": custom.get("name", custom["id"]),
-                "api": api,
-                "provider": name,
-                "baseUrl": base_url,
-                "compat": {**(spec.get("compat") or {}), **(custom.get("compat") or {})},
-            }
+            models[custom["id"]] = model
             registry.model_headers.pop(f"{name}/{custom['id']}", None)
             if custom.get("headers"):
                 registry.model_headers[f"{name}/{custom['id']}"] = custom["headers"]
@@ -849,6 +833,36 @@ def build_registry(catalog: list, models_json: dict | None) -> Registry:
         for model_id, model in models.items():
             registry.models[f"{provider}/{model_id}"] = model
     return registry
+
+
+def _builtin_model(provider: str, spec: dict, model: dict, registry: Registry) -> dict:
+    """A built-in model with its provider's models.json entry applied (its override's headers go
+    to the registry)."""
+    model = {**model, "baseUrl": spec.get("baseUrl", model["baseUrl"]),
+             "compat": {**(model.get("compat") or {}), **(spec.get("compat") or {})}}
+    override = (spec.get("modelOverrides") or {}).get(model["id"])
+    if override:
+        model = _apply_override(model, override)
+        if override.get("headers"):
+            registry.model_headers[f"{provider}/{model['id']}"] = override["headers"]
+    return model
+
+
+def _custom_model(provider: str, spec: dict, custom: dict, first_builtin: dict) -> dict | None:
+    """A model models.json defines, or None when neither it nor its provider says its API and URL."""
+    api = custom.get("api") or spec.get("api") or first_builtin.get("api")
+    base_url = custom.get("baseUrl") or spec.get("baseUrl") or first_builtin.get("baseUrl")
+    if not api or not base_url:
+        return None
+    return {
+        **CUSTOM_MODEL_DEFAULTS,
+        **{k: v for k, v in custom.items() if k not in ("headers", "compat", "baseUrl", "api")},
+        "name": custom.get("name", custom["id"]),
+        "api": api,
+        "provider": provider,
+        "baseUrl": base_url,
+        "compat": {**(spec.get("compat") or {}), **(custom.get("compat") or {})},
+    }
 
 
 def _apply_override(model: dict, override: dict) -> dict:
@@ -867,26 +881,39 @@ def check_models_json(data, builtin_providers: set) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("providers"), dict):
         raise ModelsJsonError('it must be an object with a "providers" object')
     for name, spec in data["providers"].items():
-        if not isinstance(spec, dict):
-            raise ModelsJsonError(f"provider {name!r} must be an object")
-        models = spec.get("models") or []
-        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
-                                                   and m["id"] for m in models):
-            raise ModelsJsonError(f'provider {name!r}: "models" must be a list of objects with an "id"')
-        if not models and not any(spec.get(k) for k in ("baseUrl", "headers", "compat", "modelOverrides")):
-            raise ModelsJsonError(f'provider {name!r}: must specify "baseUrl", "headers", "compat", '
-                                  '"modelOverrides", or "models"')
-        if models and name not in builtin_providers:
-            for required in ("baseUrl", "apiKey"):
-                if not spec.get(required):
-                    raise ModelsJsonError(f'provider {name!r}: "{required}" is required when defining custom models')
-            for model in models:
-                if not (model.get("api") or spec.get("api")):
-                    raise ModelsJsonError(f'provider {name!r}, model {model["id"]!r}: no "api" specified')
-        for model in [*models, *(spec.get("modelOverrides") or {}).values()]:
-            for limit in ("contextWindow", "maxTokens"):
-                if limit in model and not (isinstance(model[limit], int) and model[limit] > 0):
-                    raise ModelsJsonError(f"provider {name!r}: invalid {limit}")
+        _check_provider(name, spec, builtin_providers)
+
+
+def _check_provider(name: str, spec, builtin_providers: set):
+    if not isinstance(spec, dict):
+        raise ModelsJsonError(f"provider {name!r} must be an object")
+    models = spec.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                               and m["id"] for m in models):
+        raise ModelsJsonError(f'provider {name!r}: "models" must be a list of objects with an "id"')
+    if not models and not any(spec.get(k) for k in ("baseUrl", "headers", "compat", "modelOverrides")):
+        raise ModelsJsonError(f'provider {name!r}: must specify "baseUrl", "headers", "compat", '
+                              '"modelOverrides", or "models"')
+    if models and name not in builtin_providers:
+        _check_custom_provider(name, spec, models)
+    _check_limits(name, [*models, *(spec.get("modelOverrides") or {}).values()])
+
+
+def _check_custom_provider(name: str, spec: dict, models: list):
+    """A provider pi-ai does not know: models.json must say where it is and how to talk to it."""
+    for required in ("baseUrl", "apiKey"):
+        if not spec.get(required):
+            raise ModelsJsonError(f'provider {name!r}: "{required}" is required when defining custom models')
+    for model in models:
+        if not (model.get("api") or spec.get("api")):
+            raise ModelsJsonError(f'provider {name!r}, model {model["id"]!r}: no "api" specified')
+
+
+def _check_limits(name: str, models: list):
+    for model in models:
+        for limit in ("contextWindow", "maxTokens"):
+            if limit in model and not (isinstance(model[limit], int) and model[limit] > 0):
+                raise ModelsJsonError(f"provider {name!r}: invalid {limit}")
 
 
 def read_models_json(agent_dir: Path, builtin_providers: set) -> tuple[dict | None, str | None]:
@@ -1356,28 +1383,14 @@ class Relay:
             serving = gevent.getcurrent()
             bridge.relayed.add(serving)
             watcher = gevent.spawn(watch_peer, bridge_socket, lambda: serving.kill(BridgeGone, block=False))
-            upstream_headers = {name: value for name, value in headers
-                                if name.lower() not in HOP_BY_HOP and name.lower() != RELAY_TOKEN_HEADER}
-            # urllib3 adds these two unless told to skip them: the upstream gets the bridge's own set.
-            for name in ("User-Agent", "Accept-Encoding"):
-                if not any(key.lower() == name.lower() for key in upstream_headers):
-                    upstream_headers[name] = urllib3.util.SKIP_HEADER
             try:
-                response = self.upstreams.send(method, url, upstream_headers, body, self.upstream_timeout)
+                response = self.upstreams.send(method, url, upstream_headers(headers), body, self.upstream_timeout)
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 reason = re.sub(r"\s+", " ", str(getattr(error, "reason", None) or error))[:500]
                 log.info("relay: %s %s failed: %s", method, urllib.parse.urlsplit(url).netloc, reason)
                 bridge_socket.sendall(relay_head(502, "Bad Gateway", [(RELAY_ERROR_HEADER, reason), ("content-length", "0")]))
                 return
-            # Chunked unless the upstream gave a length: either way a body cut short reads as cut.
-            headers = [(name, value) for name, value in response.headers.iteritems() if name.lower() not in HOP_BY_HOP]
-            chunked = "content-length" not in response.headers
-            bridge_socket.sendall(relay_head(response.status, response.reason or "",
-                                             [*headers, ("transfer-encoding", "chunked")] if chunked else headers))
-            while chunk := response.read1(65536):
-                bridge_socket.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if chunked:
-                bridge_socket.sendall(b"0\r\n\r\n")
+            relay_response(response, bridge_socket)
             complete = True
         except (BridgeGone, ValueError, OSError, urllib3.exceptions.HTTPError):
             pass  # the bridge went away, or the upstream broke off: the bridge sees its socket close
@@ -1390,6 +1403,31 @@ class Relay:
                     response.close()  # the connection, not only the response: it must not be reused
                 response.release_conn()
             bridge_socket.close()
+
+
+def upstream_headers(headers: list) -> dict:
+    """A bridge's request headers as the upstream gets them: the bridge's own set, minus hop-by-hop
+    headers and the relay's token."""
+    sent = {name: value for name, value in headers
+            if name.lower() not in HOP_BY_HOP and name.lower() != RELAY_TOKEN_HEADER}
+    # urllib3 adds these two unless told to skip them.
+    for name in ("User-Agent", "Accept-Encoding"):
+        if not any(key.lower() == name.lower() for key in sent):
+            sent[name] = urllib3.util.SKIP_HEADER
+    return sent
+
+
+def relay_response(response, bridge_socket: socket.socket):
+    """The upstream's response, passed to the bridge as it arrives: chunked unless the upstream
+    gave a length, so that either way a body cut short reads as cut."""
+    headers = [(name, value) for name, value in response.headers.iteritems() if name.lower() not in HOP_BY_HOP]
+    chunked = "content-length" not in response.headers
+    bridge_socket.sendall(relay_head(response.status, response.reason or "",
+                                     [*headers, ("transfer-encoding", "chunked")] if chunked else headers))
+    while chunk := response.read1(65536):
+        bridge_socket.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+    if chunked:
+        bridge_socket.sendall(b"0\r\n\r\n")
 
 
 # ==================================================================================================
@@ -1689,48 +1727,77 @@ def finish_context(model: dict, system: list, messages: list, tools: list, param
     return context
 
 
-_EXTRAS_BY_API = {
+# Extras: the fields of a client's request that pi-ai does not model, in neutral form: OpenAI chat's
+# names, plus `top_k`; `tool_choice` is "auto" | "required" | "none" | {"name": N}. Per upstream API,
+# the neutral names it has a field for; then its own vocabulary (UPSTREAM_VOCABULARY).
+EXTRAS_BY_API = {
     "openai-completions": ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "response_format",
                            "parallel_tool_calls", "user", "tool_choice"),
     "anthropic-messages": ("top_p", "top_k", "stop", "tool_choice", "parallel_tool_calls"),
     "openai-responses": ("top_p", "parallel_tool_calls", "user", "tool_choice", "response_format"),
 }
+TOOL_CHOICE_FOR_ANTHROPIC = {"auto": "auto", "required": "any", "none": "none"}  # neutral -> Anthropic's type
 
 
 def upstream_payload(extras: dict, api: str) -> dict:
     """Neutral extras -> fields merged into the upstream request body (pi-ai's onPayload), in that
-    API's own vocabulary. Neutral form: OpenAI names, plus `top_k`; `tool_choice` is "auto" |
-    "required" | "none" | {"name": N}. What an API has no field for is dropped (logged at DEBUG)."""
-    supported = _EXTRAS_BY_API.get(api, ())
+    API's own vocabulary. What an API has no field for is dropped (logged at DEBUG)."""
+    supported = EXTRAS_BY_API.get(api, ())
     dropped = sorted(set(extras) - set(supported))
     if dropped:
         log.debug("%s has no equivalent for %s; dropped", api, ", ".join(dropped))
     payload = {name: value for name, value in extras.items() if name in supported}
-    choice = payload.pop("tool_choice", None)
-    if api == "openai-completions" and choice is not None:
-        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
-    elif api == "anthropic-messages":
-        if "stop" in payload:
-            stop = payload.pop("stop")
-            payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
-        serial = payload.pop("parallel_tool_calls", None) is False
-        if choice is not None or serial:
-            kinds = {"auto": "auto", "required": "any", "none": "none"}
-            payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
-                else {"type": kinds[choice or "auto"]}
-            if serial and payload["tool_choice"]["type"] != "none":
-                payload["tool_choice"]["disable_parallel_tool_use"] = True
-    elif api == "openai-responses":
-        if choice is not None:
-            payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
-        response_format = payload.pop("response_format", None)
-        if response_format and response_format["type"] == "json_schema":
-            spec = response_format["json_schema"]
-            payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
-                                          "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
-        elif response_format and response_format["type"] == "json_object":
-            payload["text"] = {"format": {"type": "json_object"}}
+    if api in UPSTREAM_VOCABULARY:
+        UPSTREAM_VOCABULARY[api](payload, payload.pop("tool_choice", None))
     return payload
+
+
+def completions_payload(payload: dict, choice):
+    if choice is not None:
+        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
+
+
+def anthropic_payload(payload: dict, choice):
+    if "stop" in payload:
+        stop = payload.pop("stop")
+        payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    serial = payload.pop("parallel_tool_calls", None) is False  # Anthropic says so in its tool_choice
+    if choice is not None or serial:
+        payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
+            else {"type": TOOL_CHOICE_FOR_ANTHROPIC[choice or "auto"]}
+        if serial and payload["tool_choice"]["type"] != "none":
+            payload["tool_choice"]["disable_parallel_tool_use"] = True
+
+
+def responses_payload(payload: dict, choice):
+    if choice is not None:
+        payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
+    response_format = payload.pop("response_format", None)
+    if response_format and response_format["type"] == "json_schema":
+        spec = response_format["json_schema"]
+        payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
+                                      "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
+    elif response_format and response_format["type"] == "json_object":
+        payload["text"] = {"format": {"type": "json_object"}}
+
+
+UPSTREAM_VOCABULARY = {"openai-completions": completions_payload, "anthropic-messages": anthropic_payload,
+                       "openai-responses": responses_payload}
+
+
+@dataclass
+class Exchange:
+    """A client's request, translated: what the bridge is asked (context, options, the upstream
+    payload) and the translator that answers pi's events in the client's API (see CLIENT_APIS)."""
+
+    context: dict
+    options: dict
+    payload: dict  # upstream_payload: fields pi-ai does not model, in the upstream API's vocabulary
+    translator: object  # pi events -> the client API's frames: translate(event), fail(ApiError)
+    stream: bool = True  # False: a whole reply, assembled from the translator's frames
+    heartbeat: float | None = None  # seconds of upstream silence between `heartbeat` events
+    client_headers: dict | None = None  # a streamProxy client's own headers (addable_headers)
+    refused: Callable[[ApiError], ApiError] | None = None  # rewords a failure before any content
 
 
 def pi_events(events):
@@ -1748,6 +1815,12 @@ def pi_events(events):
 
 def tool_arguments_delta(index: int, tool_call: dict) -> dict:
     return {"type": "toolcall_delta", "contentIndex": index, "delta": json.dumps(tool_call.get("arguments") or {})}
+
+
+def replayed(translator, done: dict) -> list:
+    """The frames a translator makes of a `done` event's final message, replayed (whole replies)."""
+    events = [{"type": "start"}, *replay_message(done["message"]), done]
+    return [frame for event in events for frame in translator.translate(event)]
 
 
 def replay_message(message: dict):
@@ -1774,7 +1847,226 @@ def replay_message(message: dict):
 
 
 # ==================================================================================================
-# 9. OpenAI chat completions
+# 9. Remote images
+# ==================================================================================================
+# An image given by http(s) URL is fetched here, only with PI_PROXY_REMOTE_IMAGES=1: the proxy may
+# sit inside a network the client cannot see, so every address a host name resolves to (at every
+# redirect hop) must be public, and the connection goes to the very address that was checked.
+# A request's images are fetched at once, under one deadline and one byte budget (decompressed);
+# what went wrong is told as "refused" (the proxy's own rules) or "failed", never what another
+# host answered or what a name resolves to (the operator's log at INFO has the details).
+
+REMOTE_IMAGE_REDIRECTS = 3
+REMOTE_IMAGE_CONNECT_TIMEOUT = 3.0  # seconds, within the whole fetch's time cap
+_REDIRECTS = (301, 302, 303, 307, 308)
+_INFLATED = {"gzip": 47, "x-gzip": 47, "deflate": 47}  # zlib wbits: gzip or zlib header, found out
+
+
+class RemoteImageRefused(Exception):
+    """Why a remote image was not used; fetch_remote_images turns it into a 400 naming the field."""
+
+
+class ImageFailed(RemoteImageRefused):
+    """The fetch failed on the other side; the details go to the log, not to the client."""
+
+    def __init__(self, detail: str):
+        super().__init__("fetching it failed")
+        self.detail = detail
+
+
+def image_type(data: bytes) -> str | None:
+    """The image type the bytes really are (the types every provider accepts), or None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def address_refusal(address: str) -> str | None:
+    """Why an image may not be fetched from this IP address, or None if it is public."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):  # IPv4 wrapped in IPv6 is judged as that IPv4
+        ip = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else ip)
+    kinds = [("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+             ("unspecified", ip.is_unspecified), ("private", ip.is_private), ("reserved", ip.is_reserved),
+             ("non-public", not ip.is_global)]
+    kind = next((kind for kind, found in kinds if found), None)
+    return kind and f"{address} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
+
+
+def checked_addresses(host: str, port: int, resolve=socket.getaddrinfo) -> list:
+    """The addresses `host` resolves to, if every one of them is allowed. A refusal names an
+    address only when the URL itself gave it."""
+    try:
+        infos = resolve(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ImageFailed(f"{host} does not resolve") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for address in addresses:
+        refusal = address_refusal(address)
+        if refusal and host == address:
+            raise RemoteImageRefused(f"refused: {refusal}")
+        if refusal:
+            log.info("remote image refused: %s resolves to %s", host, address)
+            raise RemoteImageRefused(f"refused: {host} resolves to a non-public address")
+    if not addresses:
+        raise ImageFailed(f"{host} does not resolve")
+    return addresses
+
+
+class PinnedAdapter(HTTPAdapter):
+    """Connects to the address that was checked, whatever DNS answers by now; the Host header,
+    TLS server name and certificate check still use the URL's host name."""
+
+    def __init__(self, address: str):
+        super().__init__(max_retries=0)
+        self.address = address
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        if host_params["scheme"] == "https":
+            pool_kwargs = {**pool_kwargs, "server_hostname": host_params["host"],
+                           "assert_hostname": host_params["host"]}
+        return {**host_params, "host": self.address}, pool_kwargs
+
+
+class ImageBudget:
+    """The bytes a request's images may still take, together (decompressed)."""
+
+    def __init__(self, total: int):
+        self.total, self.left = total, total
+
+    def take(self, count: int):
+        self.left -= count
+        if self.left < 0:
+            raise RemoteImageRefused(f"refused: the request's images together are larger than {self.total} bytes")
+
+
+def fetch_remote_images(context: dict, config: Config, addresses=checked_addresses):
+    """Replace the image blocks that name a URL (image_from_url) with the fetched images: all at
+    once, within remote_image_timeout and the byte budget; the first failure, in request order of
+    finishing, refuses the request and stops the other fetches. `addresses(host, port)` is the
+    checked resolver (checked_addresses). A request without such images costs one scan."""
+    pending = [(blocks, index) for message in context["messages"] if message["role"] != "assistant"
+               for blocks in [message["content"]] for index, block in enumerate(blocks) if "url" in block]
+    if not pending:
+        return
+    first = pending[0][0][pending[0][1]]["param"]
+    if not config.remote_images:
+        raise ApiError(400, f"The image at {first} is given by URL, and this proxy fetches none (its operator can "
+                            "allow it with PI_PROXY_REMOTE_IMAGES=1); send the image as base64 data", param=first,
+                       code="unsupported_image_url")
+    if len(pending) > config.remote_image_max_count:
+        blocks, index = pending[config.remote_image_max_count]
+        raise ApiError(400, f"The request gives {len(pending)} images by URL; this proxy fetches at most "
+                            f"{config.remote_image_max_count} (PI_PROXY_REMOTE_IMAGE_MAX_COUNT)",
+                       param=blocks[index]["param"], code="too_many_images")
+    budget = ImageBudget(config.remote_image_max_total_bytes)
+    fetches = {gevent.spawn(fetch_image, blocks[index]["url"], config, budget, addresses): (blocks, index)
+               for blocks, index in pending}
+    try:
+        for fetch in gevent.iwait(list(fetches), timeout=config.remote_image_timeout):
+            blocks, index = fetches[fetch]
+            if isinstance(fetch.exception, RemoteImageRefused):
+                refuse(blocks[index]["param"], fetch.exception)
+            blocks[index] = fetch.get()
+        late = [where for fetch, where in fetches.items() if not fetch.ready()]
+        if late:
+            blocks, index = late[0]
+            refuse(blocks[index]["param"], RemoteImageRefused(
+                f"refused: fetching the request's images took longer than {config.remote_image_timeout:g} s"))
+    finally:
+        gevent.killall(list(fetches), block=False)
+
+
+def refuse(param: str, refused: RemoteImageRefused):
+    if isinstance(refused, ImageFailed):
+        log.info("remote image at %s: %s", param, refused.detail)
+    raise ApiError(400, f"The image at {param} could not be used: {refused}", param=param,
+                   code="invalid_image_url") from None
+
+
+def fetch_image(url: str, config: Config, budget: ImageBudget, addresses) -> dict:
+    """GET an image under the size caps, following a few redirects, each one checked."""
+    try:
+        for _ in range(REMOTE_IMAGE_REDIRECTS + 1):
+            response = fetch_checked(url, config, addresses)
+            with response:
+                if response.status_code not in _REDIRECTS or "location" not in response.headers:
+                    return image_in(response, config.remote_image_max_bytes, budget)
+                url = urllib.parse.urljoin(url, response.headers["location"])
+    except requests.RequestException as error:
+        raise ImageFailed(shown(str(error), 200)) from None
+    raise RemoteImageRefused(f"refused: more than {REMOTE_IMAGE_REDIRECTS} redirects")
+
+
+def fetch_checked(url: str, config: Config, addresses) -> requests.Response:
+    """One GET, without following redirects, to an address of the URL's host that passed the check."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RemoteImageRefused(f"refused: only http and https URLs are fetched, not {shown(url, 100)}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise RemoteImageRefused("refused: the URL's port is not a number") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    headers = {"Host": host + (f":{parts.port}" if parts.port else ""), "Accept": "image/*",
+               "Accept-Encoding": ", ".join(_INFLATED)}
+    checked = addresses(parts.hostname, port)
+    for attempt, address in enumerate(checked, 1):
+        with requests.Session() as session:
+            session.trust_env = False  # an HTTP(S)_PROXY would connect elsewhere than the checked address
+            session.mount(f"{parts.scheme}://", PinnedAdapter(address))
+            try:
+                return session.get(url, headers=headers, allow_redirects=False, stream=True,
+                                   timeout=(min(REMOTE_IMAGE_CONNECT_TIMEOUT, config.remote_image_timeout),
+                                            config.remote_image_timeout))
+            except requests.ConnectionError:
+                if attempt == len(checked):
+                    raise
+
+
+def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -> dict:
+    """The response's body as a pi image block, if it is an image no larger than max_bytes once
+    decompressed (inflated here step by step, never past the cap: a small gzip body can be huge)."""
+    if response.status_code != 200:
+        raise ImageFailed(f"the server answered HTTP {response.status_code}")
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type.startswith("image/"):
+        raise ImageFailed(f"the server sent {shown(content_type or 'no content type', 60)}, not an image")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity" and encoding not in _INFLATED:
+        raise ImageFailed(f"the server sent a body encoded as {shown(encoding, 30)}")
+    too_large = RemoteImageRefused(f"refused: the image is larger than {max_bytes} bytes")
+    length = response.headers.get("content-length", "")
+    if encoding == "identity" and length.isdigit() and int(length) > max_bytes:
+        raise too_large
+    inflater = zlib.decompressobj(_INFLATED[encoding]) if encoding in _INFLATED else None
+    data = bytearray()
+    try:
+        for chunk in response.raw.stream(65536, decode_content=False):
+            while chunk:
+                piece, chunk = (inflater.decompress(chunk, max_bytes - len(data) + 1), inflater.unconsumed_tail) \
+                    if inflater else (chunk, b"")
+                data += piece
+                budget.take(len(piece))
+                if len(data) > max_bytes:
+                    raise too_large
+    except zlib.error:
+        raise ImageFailed(f"the {encoding} body does not decompress") from None
+    mime_type = image_type(bytes(data[:16]))
+    if mime_type is None:
+        raise ImageFailed(f"the bytes sent as {shown(content_type, 60)} are not a PNG, JPEG, GIF or WebP image")
+    return {"type": "image", "data": base64.b64encode(data).decode(), "mimeType": mime_type}
+
+
+# ==================================================================================================
+# 10. OpenAI chat completions
 # ==================================================================================================
 
 # Where OpenAI-compatible servers put an assistant's reasoning, in the order pi-ai reads them.
@@ -1913,7 +2205,11 @@ CHAT_SCHEMA = {
 CHAT_VALIDATOR = Draft202012Validator(CHAT_SCHEMA)
 
 
-def reject_unsupported(body: dict):
+def chat_body(body) -> dict:
+    return reject_unsupported(validate(body, CHAT_VALIDATOR))
+
+
+def reject_unsupported(body: dict) -> dict:
     """Features pi-ai cannot honour are refused by name rather than silently ignored."""
     if body.get("n", 1) != 1:
         raise ApiError(400, "n > 1 is not supported by this proxy", param="n", code="unsupported_parameter")
@@ -1922,6 +2218,7 @@ def reject_unsupported(body: dict):
     for name in ("top_logprobs", "logit_bias"):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported by this proxy", param=name, code="unsupported_parameter")
+    return body
 
 
 def chat_content_to_pi(content, param: str) -> list:
@@ -1955,6 +2252,19 @@ def chat_reasoning(message: dict, model: dict, param: str) -> list:
     return [{"type": "thinking", "thinking": message[field], "thinkingSignature": field}]
 
 
+def chat_assistant_message(message: dict, content: list, model: dict, tool_names: dict, param: str) -> dict:
+    """An assistant message -> pi's; its tool calls' names are noted in `tool_names` (by call id)."""
+    calls = message.get("tool_calls") or []
+    blocks = chat_reasoning(message, model, param) + [b for b in content if b["text"]]
+    for index, call in enumerate(calls):
+        function = call["function"]
+        tool_names[call["id"]] = function["name"]
+        arguments = parse_arguments(function.get("arguments"), f"{param}.tool_calls[{index}].function.arguments")
+        blocks.append({"type": "toolCall", "id": call["id"], "name": function["name"], "arguments": arguments})
+    return assistant_message(model, blocks, bool(calls))
+
+
+
 def chat_to_context(body: dict, model: dict) -> dict:
     """OpenAI chat messages and tools -> a pi-ai Context. System and developer messages, wherever
     they stand, become the system prompt (pi's context has only one)."""
@@ -1967,15 +2277,7 @@ def chat_to_context(body: dict, model: dict) -> dict:
         elif role == "user":
             messages.append(user_message(content))
         elif role == "assistant":
-            calls = message.get("tool_calls") or []
-            blocks = chat_reasoning(message, model, param) + [b for b in content if b["text"]]
-            for call_index, call in enumerate(calls):
-                function = call["function"]
-                tool_names[call["id"]] = function["name"]
-                arguments = parse_arguments(function.get("arguments"),
-                                            f"{param}.tool_calls[{call_index}].function.arguments")
-                blocks.append({"type": "toolCall", "id": call["id"], "name": function["name"], "arguments": arguments})
-            messages.append(assistant_message(model, blocks, bool(calls)))
+            messages.append(chat_assistant_message(message, content, model, tool_names, param))
         else:
             call_id = message["tool_call_id"]
             if call_id not in tool_names:
@@ -2053,30 +2355,28 @@ def finish_reason(message: dict, reason: str) -> str:
     return FINISH_REASONS.get(reason, "stop")
 
 
-def chat_completion(message: dict, reason: str, completion_id: str, model_name: str, created: int) -> dict:
-    """The final pi-ai message -> a `chat.completion` object."""
-    blocks = message.get("content", [])
-    text = "".join(b["text"] for b in blocks if b["type"] == "text")
-    reasoning = "".join(b["thinking"] for b in blocks if b["type"] == "thinking" and not b.get("redacted"))
-    calls = [
-        {"id": b["id"], "type": "function",
-         "function": {"name": b["name"], "arguments": json.dumps(b.get("arguments") or {})}}
-        for b in blocks if b["type"] == "toolCall"
-    ]
+def completion_of(chunks: list) -> dict:
+    """A `chat.completion` object: the chunks of a stream put together, as a client would."""
+    text, reasoning, calls, finish = [], [], {}, None
+    for chunk in chunks[:-1]:
+        choice = chunk["choices"][0]
+        delta, finish = choice["delta"], choice["finish_reason"] or finish
+        text.append(delta.get("content") or "")
+        reasoning.append(delta.get("reasoning_content") or "")
+        for call in delta.get("tool_calls", []):
+            if call["index"] not in calls:
+                calls[call["index"]] = {"id": call["id"], "type": "function",
+                                        "function": {"name": call["function"]["name"], "arguments": ""}}
+            calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+    text, reasoning, calls = "".join(text), "".join(reasoning), list(calls.values())
     reply = {"role": "assistant", "content": text if text or not calls else None}
     if reasoning:
         reply["reasoning_content"] = reasoning
     if calls:
         reply["tool_calls"] = calls
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model_name,
-        "choices": [{"index": 0, "message": reply, "finish_reason": finish_reason(message, reason),
-                     "logprobs": None}],
-        "usage": chat_usage(message.get("usage", {})),
-    }
+    return {"id": chunks[-1]["id"], "object": "chat.completion", "created": chunks[-1]["created"],
+            "model": chunks[-1]["model"], "choices": [{"index": 0, "message": reply, "finish_reason": finish,
+                                                      "logprobs": None}], "usage": chunks[-1]["usage"]}
 
 
 class ChatChunks:
@@ -2119,12 +2419,27 @@ class ChatChunks:
         call = {"index": self.tool_index[content_index], "function": {"arguments": arguments}}
         return self.chunk({"tool_calls": [call]})
 
+    @staticmethod
+    def fail(error: ApiError) -> list:
+        """A failure after the headers went out: an error chunk (`data: [DONE]` follows)."""
+        return [error.openai_body()]
+
+
+def prepare_chat(body: dict, model: dict, proxy, run) -> Exchange:
+    context = run(chat_to_context, body, model)
+    fetch_remote_images(context, proxy.config)
+    stream = bool(body.get("stream"))
+    include_usage = bool(body.get("stream_options", {}).get("include_usage")) or not stream
+    chunks = ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", body["model"], int(time.time()), include_usage)
+    options = thinking_for_history(chat_options(body), context, model)
+    return Exchange(context, options, upstream_payload(chat_extras(body), model["api"]), chunks, stream)
+
 
 # ==================================================================================================
-# 10. Anthropic messages
+# 11. Anthropic messages
 # ==================================================================================================
 
-# Envelopes: what the proxy hands out that pi-ai would forward as it is (sections 10 and 11).
+# Envelopes: what the proxy hands out that pi-ai would forward as it is (sections 11 and 12).
 _REASONING_ENVELOPE = "pi-proxy.2:"  # .1 envelopes carried no MAC: they read as foreign now
 
 
@@ -2274,6 +2589,10 @@ COUNT_TOKENS_VALIDATOR = Draft202012Validator({
     "properties": _A_MESSAGES_PROPERTIES,
 })
 
+
+def messages_body(body) -> dict:
+    return validate(body, MESSAGES_VALIDATOR)
+
 # Tool-use ids must match ^[a-zA-Z0-9_-]+$ for Anthropic clients, but pi-ai's ids need not (the
 # Responses API's are "call_x|fc_y"). Such ids are wrapped reversibly, so results still pair.
 _SAFE_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
@@ -2307,15 +2626,18 @@ def anthropic_image(block: dict, param: str) -> dict:
     return {"type": "image", "data": source["data"], "mimeType": source["media_type"]}
 
 
+ANTHROPIC_USER_BLOCKS = {  # a block in a user (or system) message -> a pi block
+    "text": lambda block, param: {"type": "text", "text": block["text"]},
+    "image": lambda block, param: anthropic_image(block, param),
+}
+
+
 def anthropic_user_content(blocks: list, param: str) -> list:
     content = []
     for index, block in enumerate(blocks):
-        if block["type"] == "text":
-            content.append({"type": "text", "text": block["text"]})
-        elif block["type"] == "image":
-            content.append(anthropic_image(block, f"{param}[{index}]"))
-        else:
+        if block["type"] not in ANTHROPIC_USER_BLOCKS:
             raise ApiError(400, f"A {block['type']} block cannot stand here", param=f"{param}[{index}].type")
+        content.append(ANTHROPIC_USER_BLOCKS[block["type"]](block, f"{param}[{index}]"))
     return content
 
 
@@ -2352,6 +2674,30 @@ def reject_server_state(body: dict):
                            param=f"tools[{index}].type", code="unsupported_parameter")
 
 
+# The two directions side by side. A client's assistant block -> a pi block, or None (dropped): a
+# signature goes to pi-ai only if it is the upstream's own or this installation's (signature_in).
+ANTHROPIC_TO_PI_BLOCK = {
+    "text": lambda block, model, key: {"type": "text", "text": block["text"]} if block["text"] else None,
+    "thinking": lambda block, model, key: {"type": "thinking", "thinking": block["thinking"],
+                                           "thinkingSignature": signature_in(model, block.get("signature"), key)},
+    "redacted_thinking": lambda block, model, key: redacted_thinking_in(signature_in(model, block["data"], key)),
+    "tool_use": lambda block, model, key: {"type": "toolCall", "id": pi_tool_id(block["id"]), "name": block["name"],
+                                           "arguments": block.get("input") or {}},
+}
+# A block of pi's answer -> the block a stream's content_block_start opens (AnthropicEvents).
+ANTHROPIC_BLOCK_STARTS = {  # (the translator, pi contentIndex, a redacted block's data) -> the block
+    "text": lambda events, index, data: {"type": "text", "text": ""},
+    "thinking": lambda events, index, data: {"type": "thinking", "thinking": "", "signature": ""},
+    "redacted_thinking": lambda events, index, data: {"type": "redacted_thinking", "data": events.seal(data)},
+    "tool_use": lambda events, index, data: {"type": "tool_use", "id": events.tool_calls[index][0],
+                                             "name": events.tool_calls[index][1], "input": {}},
+}
+
+
+def redacted_thinking_in(signature: str | None) -> dict | None:
+    return {"type": "thinking", "thinking": "", "thinkingSignature": signature, "redacted": True} if signature else None
+
+
 def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
     """An Anthropic Messages request -> a pi-ai Context. Tool results in a user turn become pi
     toolResult messages (ahead of the turn's other content); `role: "system"` messages are folded
@@ -2364,42 +2710,11 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
         if message["role"] == "system":
             system.append(text_of(anthropic_user_content(blocks, param)))
         elif message["role"] == "assistant":
-            content = []
-            for block_index, block in enumerate(blocks):
-                kind = block["type"]
-                if kind == "text" and block["text"]:
-                    content.append({"type": "text", "text": block["text"]})
-                elif kind == "thinking":
-                    content.append({"type": "thinking", "thinking": block["thinking"],
-                                    "thinkingSignature": signature_in(model, block.get("signature"), key)})
-                elif kind == "redacted_thinking":
-                    signature = signature_in(model, block["data"], key)
-                    if signature:
-                        content.append({"type": "thinking", "thinking": "", "thinkingSignature": signature,
-                                        "redacted": True})
-                elif kind == "tool_use":
-                    call_id = pi_tool_id(block["id"])
-                    tool_names[call_id] = block["name"]
-                    content.append({"type": "toolCall", "id": call_id, "name": block["name"],
-                                    "arguments": block.get("input") or {}})
-                elif kind != "text":
-                    raise ApiError(400, f"A {kind} block cannot stand in an assistant message",
-                                   param=f"{param}[{block_index}].type")
+            content = anthropic_assistant_content(blocks, model, key, param)
+            tool_names.update((block["id"], block["name"]) for block in content if block["type"] == "toolCall")
             messages.append(assistant_message(model, content, any(b["type"] == "toolCall" for b in content)))
         else:
-            results = [(i, b) for i, b in enumerate(blocks) if b["type"] == "tool_result"]
-            for block_index, block in results:
-                call_id = pi_tool_id(block["tool_use_id"])
-                result = anthropic_user_content(anthropic_blocks(block.get("content", "")),
-                                                f"{param}[{block_index}].content")
-                messages.append(tool_result(call_id, tool_names.get(call_id, ""), result, bool(block.get("is_error"))))
-            rest = anthropic_user_content([b for b in blocks if b["type"] != "tool_result"], param)
-            if results and rest and model["provider"] == COPILOT:
-                # Copilot bills a turn as the user's (X-Initiator) unless it ends in tool results;
-                # Claude Code's reminders after tool results must not make it one.
-                messages[-1]["content"] = messages[-1]["content"] + rest
-            elif rest or not results:
-                messages.append(user_message(rest))
+            messages += anthropic_user_turn(blocks, tool_names, model, param)
     tools = []
     for index, tool in enumerate(body.get("tools", [])):
         if "input_schema" not in tool:  # a tool-search tool (reject_server_state)
@@ -2408,6 +2723,35 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
         tools.append({"name": tool["name"], "description": tool.get("description", ""),
                       "parameters": tool["input_schema"]})
     return finish_context(model, system, messages, tools, "messages")
+
+
+def anthropic_assistant_content(blocks: list, model: dict, key: bytes, param: str) -> list:
+    content = []
+    for index, block in enumerate(blocks):
+        if block["type"] not in ANTHROPIC_TO_PI_BLOCK:
+            raise ApiError(400, f"A {block['type']} block cannot stand in an assistant message",
+                           param=f"{param}[{index}].type")
+        converted = ANTHROPIC_TO_PI_BLOCK[block["type"]](block, model, key)
+        if converted is not None:
+            content.append(converted)
+    return content
+
+
+def anthropic_user_turn(blocks: list, tool_names: dict, model: dict, param: str) -> list:
+    """A user message -> pi messages: its tool results first, then the rest of it."""
+    messages, results = [], [(i, b) for i, b in enumerate(blocks) if b["type"] == "tool_result"]
+    for index, block in results:
+        call_id = pi_tool_id(block["tool_use_id"])
+        result = anthropic_user_content(anthropic_blocks(block.get("content", "")), f"{param}[{index}].content")
+        messages.append(tool_result(call_id, tool_names.get(call_id, ""), result, bool(block.get("is_error"))))
+    rest = anthropic_user_content([b for b in blocks if b["type"] != "tool_result"], param)
+    if results and rest and model["provider"] == COPILOT:
+        # Copilot bills a turn as the user's (X-Initiator) unless it ends in tool results;
+        # Claude Code's reminders after tool results must not make it one.
+        messages[-1]["content"] = messages[-1]["content"] + rest
+    elif rest or not results:
+        messages.append(user_message(rest))
+    return messages
 
 
 def reasoning_for_budget(budget: int) -> str:
@@ -2438,14 +2782,17 @@ def anthropic_options(body: dict) -> dict:
     return options
 
 
+ANTHROPIC_TOOL_CHOICE = {kind: neutral for neutral, kind in TOOL_CHOICE_FOR_ANTHROPIC.items()}
+
+
 def anthropic_extras(body: dict) -> dict:
     extras = {name: body[name] for name in ("top_p", "top_k") if name in body}
     if body.get("stop_sequences"):
         extras["stop"] = body["stop_sequences"]
     choice = body.get("tool_choice")
     if choice:
-        kinds = {"auto": "auto", "any": "required", "none": "none"}
-        extras["tool_choice"] = {"name": choice["name"]} if choice["type"] == "tool" else kinds[choice["type"]]
+        extras["tool_choice"] = {"name": choice["name"]} if choice["type"] == "tool" \
+            else ANTHROPIC_TOOL_CHOICE[choice["type"]]
         if choice.get("disable_parallel_tool_use"):
             extras["parallel_tool_calls"] = False
     return extras
@@ -2469,25 +2816,27 @@ def anthropic_usage(usage: dict) -> dict:
             "cache_creation_input_tokens": usage.get("cacheWrite", 0)}
 
 
-def anthropic_block(block: dict, seal) -> dict:
-    if block["type"] == "text":
-        return {"type": "text", "text": block["text"]}
-    if block["type"] == "thinking":
-        if block.get("redacted"):
-            return {"type": "redacted_thinking", "data": seal(block.get("thinkingSignature"))}
-        return {"type": "thinking", "thinking": block["thinking"], "signature": seal(block.get("thinkingSignature"))}
-    return {"type": "tool_use", "id": client_tool_id(block["id"]), "name": block["name"],
-            "input": block.get("arguments") or {}}
+ANTHROPIC_DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature"}
 
 
-def anthropic_message(done: dict, message_id: str, model_name: str, seal) -> dict:
-    """A bridge `done` event -> an Anthropic `message` object."""
-    message = done["message"]
-    return {
-        "id": message_id, "type": "message", "role": "assistant", "model": model_name,
-        "content": [anthropic_block(b, seal) for b in message.get("content", [])],
-        **anthropic_stop(done), "usage": anthropic_usage(message.get("usage", {})),
-    }
+def message_of(frames: list) -> dict:
+    """An Anthropic `message` object: the events of a stream put together, as a client would."""
+    message, arguments = None, collections.defaultdict(str)  # block index -> its input's JSON
+    for name, data in frames:
+        if name == "message_start":
+            message = data["message"]
+        elif name == "content_block_start":
+            message["content"].append(dict(data["content_block"]))
+        elif name == "content_block_delta" and data["delta"]["type"] == "input_json_delta":
+            arguments[data["index"]] += data["delta"]["partial_json"]
+        elif name == "content_block_delta":
+            field = ANTHROPIC_DELTA_FIELDS[data["delta"]["type"]]
+            message["content"][data["index"]][field] += data["delta"][field]
+        elif name == "message_delta":
+            message.update(data["delta"], usage=data["usage"])
+    for index, text in arguments.items():
+        message["content"][index]["input"] = json.loads(text)
+    return message
 
 
 class AnthropicEvents:
@@ -2553,15 +2902,7 @@ class AnthropicEvents:
         frames = self.close()
         self.index += 1
         self.open = (index, kind)
-        if kind == "text":
-            block = {"type": "text", "text": ""}
-        elif kind == "thinking":
-            block = {"type": "thinking", "thinking": "", "signature": ""}
-        elif kind == "redacted_thinking":
-            block = {"type": "redacted_thinking", "data": self.seal(data)}
-        else:
-            call_id, name = self.tool_calls[index]
-            block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+        block = ANTHROPIC_BLOCK_STARTS[kind](self, index, data)
         frames.append(("content_block_start", {"type": "content_block_start", "index": self.index,
                                                "content_block": block}))
         return frames
@@ -2586,6 +2927,10 @@ class AnthropicEvents:
                 frames += [*self.ensure_open(index, kind), self.delta(delta)]
             frames += self.close()
         return frames
+
+    @staticmethod
+    def fail(error: ApiError) -> list:
+        return [("error", error.anthropic_body())]
 
 
 # Token estimate (count_tokens and message_start). No tokenizer for current Claude models exists
@@ -2801,8 +3146,20 @@ def anthropic_overflow(error: ApiError, estimate: int, model: dict) -> ApiError:
     return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", code="context_length_exceeded")
 
 
+def prepare_messages(body: dict, model: dict, proxy, run) -> Exchange:
+    key = proxy.envelope_key()
+    context = run(anthropic_to_context, body, model, key)
+    fetch_remote_images(context, proxy.config)
+    estimate = run(count_request_tokens, context, model)
+    events = AnthropicEvents(f"msg_{uuid.uuid4().hex[:24]}", body["model"], estimate,
+                             functools.partial(signature_out, model, key=key))
+    return Exchange(context, anthropic_options(body), upstream_payload(anthropic_extras(body), model["api"]), events,
+                    bool(body.get("stream")), PING_INTERVAL,
+                    refused=functools.partial(anthropic_overflow, estimate=estimate, model=model))
+
+
 # ==================================================================================================
-# 11. OpenAI responses
+# 12. OpenAI responses
 # ==================================================================================================
 
 _R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"], "properties": {
@@ -2881,7 +3238,11 @@ RESPONSES_VALIDATOR = Draft202012Validator({
 })
 
 
-def reject_stateful(body: dict):
+def responses_body(body) -> dict:
+    return reject_stateful(validate(body, RESPONSES_VALIDATOR))
+
+
+def reject_stateful(body: dict) -> dict:
     """Nothing is stored here, so nothing can be referred to later."""
     for name in ("previous_response_id", "conversation"):
         if body.get(name):
@@ -2890,6 +3251,7 @@ def reject_stateful(body: dict):
     if body.get("background"):
         raise ApiError(400, "background responses are not supported by this proxy", param="background",
                        code="unsupported_parameter")
+    return body
 
 
 @dataclass(frozen=True)
@@ -2965,60 +3327,93 @@ def loose_text(item: dict) -> str:
     return ""
 
 
-def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
-    """A Responses request -> a pi-ai Context. `instructions` and system/developer messages become
-    the system prompt; consecutive output items (reasoning, assistant messages, tool calls) form one
+class ResponsesInput:
+    """A Responses request's input items -> pi messages, an item at a time (RESPONSES_INPUT_ITEMS
+    names the method that takes it). `instructions` and system/developer messages become the
+    system prompt; consecutive output items (reasoning, assistant messages, tool calls) form one
     assistant turn, stamped with the target model; reasoning items are kept only when they were
     made for this very model; items of unknown types are kept as text when they carry any."""
-    pi_names = {(tool.namespace, tool.name): pi_name for pi_name, tool in tools.items()}
-    items = body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
-    system, messages, turn, tool_names = [body.get("instructions", "")], [], [], {}
 
-    def end_turn():
-        if turn:
-            messages.append(assistant_message(model, list(turn), any(b["type"] == "toolCall" for b in turn)))
-            turn.clear()
+    def __init__(self, model: dict, tools: dict, key: bytes, instructions: str):
+        self.model, self.key = model, key
+        self.pi_names = {(tool.namespace, tool.name): pi_name for pi_name, tool in tools.items()}
+        self.system, self.messages, self.turn, self.tool_names = [instructions], [], [], {}
 
-    for index, item in enumerate(items):
-        kind, param = item.get("type", "message"), f"input[{index}]"
-        role = item.get("role") if kind == "message" else None
-        if role in ("system", "developer"):
-            system.append(text_of(response_parts_to_pi(item["content"], f"{param}.content")))
-        elif role == "assistant":
-            turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
-        elif kind == "reasoning":
-            opened = open_reasoning(item.get("encrypted_content"), model, key)
-            if opened is None:
-                log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(model))
-                continue
-            thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
-            turn.append({"type": "thinking", "thinking": thinking, **opened})
-        elif kind in ("function_call", "custom_tool_call"):
-            pi_name = pi_names.get((item.get("namespace"), item["name"]), item["name"])
-            if kind == "custom_tool_call":
-                arguments = {CUSTOM_INPUT: item.get("input", "")}
-            else:
-                arguments = parse_arguments(item.get("arguments"), f"{param}.arguments")
-            tool_names[item["call_id"]] = pi_name
-            turn.append({"type": "toolCall", "id": item["call_id"], "name": pi_name, "arguments": arguments})
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            end_turn()
-            if item["call_id"] not in tool_names:
-                raise ApiError(400, f"call_id {item['call_id']!r} does not answer any earlier tool call",
-                               param=f"{param}.call_id")
-            messages.append(tool_result(item["call_id"], tool_names[item["call_id"]],
-                                        response_parts_to_pi(item["output"], f"{param}.output")))
+    def end_turn(self):
+        if self.turn:
+            self.messages.append(assistant_message(self.model, self.turn,
+                                                   any(block["type"] == "toolCall" for block in self.turn)))
+            self.turn = []
+
+    def system_text(self, item: dict, param: str):
+        self.system.append(text_of(response_parts_to_pi(item["content"], f"{param}.content")))
+
+    def assistant_text(self, item: dict, param: str):
+        self.turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
+
+    def user_input(self, item: dict, param: str):
+        self.end_turn()
+        content = response_parts_to_pi(item["content"], f"{param}.content")
+        if content:
+            self.messages.append(user_message(content))
+
+    def reasoning(self, item: dict, param: str):
+        opened = open_reasoning(item.get("encrypted_content"), self.model, self.key)
+        if opened is None:
+            log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(self.model))
+            return
+        thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
+        self.turn.append({"type": "thinking", "thinking": thinking, **opened})
+
+    def tool_call(self, item: dict, param: str):
+        pi_name = self.pi_names.get((item.get("namespace"), item["name"]), item["name"])
+        if item["type"] == "custom_tool_call":
+            arguments = {CUSTOM_INPUT: item.get("input", "")}
         else:
-            end_turn()
-            content = response_parts_to_pi(item["content"], f"{param}.content") if role == "user" else []
-            if role != "user":
-                text = loose_text(item)
-                log.debug("input item %s of type %s kept as %s", param, kind, "text" if text else "nothing")
-                content = [{"type": "text", "text": text}] if text else []
-            if content:
-                messages.append(user_message(content))
-    end_turn()
-    return finish_context(model, system, messages, pi_tools, "input", responses_format(body))
+            arguments = parse_arguments(item.get("arguments"), f"{param}.arguments")
+        self.tool_names[item["call_id"]] = pi_name
+        self.turn.append({"type": "toolCall", "id": item["call_id"], "name": pi_name, "arguments": arguments})
+
+    def tool_output(self, item: dict, param: str):
+        self.end_turn()
+        if item["call_id"] not in self.tool_names:
+            raise ApiError(400, f"call_id {item['call_id']!r} does not answer any earlier tool call",
+                           param=f"{param}.call_id")
+        self.messages.append(tool_result(item["call_id"], self.tool_names[item["call_id"]],
+                                         response_parts_to_pi(item["output"], f"{param}.output")))
+
+    def other(self, item: dict, param: str):
+        self.end_turn()
+        text = loose_text(item)
+        log.debug("input item %s of type %s kept as %s", param, item.get("type", "message"),
+                  "text" if text else "nothing")
+        if text:
+            self.messages.append(user_message([{"type": "text", "text": text}]))
+
+
+RESPONSES_INPUT_ITEMS = {  # (item type, a message's role) -> the ResponsesInput method that takes the item
+    ("message", "system"): ResponsesInput.system_text,
+    ("message", "developer"): ResponsesInput.system_text,
+    ("message", "assistant"): ResponsesInput.assistant_text,
+    ("message", "user"): ResponsesInput.user_input,
+    ("reasoning", None): ResponsesInput.reasoning,
+    ("function_call", None): ResponsesInput.tool_call,
+    ("custom_tool_call", None): ResponsesInput.tool_call,
+    ("function_call_output", None): ResponsesInput.tool_output,
+    ("custom_tool_call_output", None): ResponsesInput.tool_output,
+}
+
+
+def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
+    """A Responses request -> a pi-ai Context (see ResponsesInput)."""
+    items = body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
+    history = ResponsesInput(model, tools, key, body.get("instructions", ""))
+    for index, item in enumerate(items):
+        kind = item.get("type", "message")
+        take = RESPONSES_INPUT_ITEMS.get((kind, item.get("role") if kind == "message" else None), ResponsesInput.other)
+        take(history, item, f"input[{index}]")
+    history.end_turn()
+    return finish_context(model, history.system, history.messages, pi_tools, "input", responses_format(body))
 
 
 def responses_format(body: dict) -> dict | None:
@@ -3263,8 +3658,25 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
+def prepare_responses(body: dict, model: dict, proxy, run) -> Exchange:
+    key = proxy.envelope_key()
+    pi_tools, tools = responses_tools(body.get("tools", []))
+    context = run(responses_to_context, body, model, pi_tools, tools, key)
+    fetch_remote_images(context, proxy.config)
+    chat = responses_as_chat(body, tools)
+    events = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
+                             canonical_id(model), tools, key)
+    return Exchange(context, responses_options(body, chat), upstream_payload(chat_extras(chat), model["api"]), events,
+                    bool(body.get("stream")))
+
+
+def response_of(frames: list) -> dict:
+    """The `response` object: the terminal event's."""
+    return frames[-1]["response"]
+
+
 # ==================================================================================================
-# 12. pi streamProxy
+# 13. pi streamProxy
 # ==================================================================================================
 # pi-agent-core's streamProxy(model, context, {proxyUrl, authToken}) posts {model, context,
 # options} to /api/stream and rebuilds the message from pi's own events, reduced (no `partial`).
@@ -3424,8 +3836,8 @@ class PiStreamEvents:
     must not keep the trailing whitespace it streamed, so that whitespace waits for the next delta
     or the block's end."""
 
-    def __init__(self, secrets: list):
-        self.secrets = secrets
+    def __init__(self, secrets=()):
+        self.secrets = secrets  # redacted from error messages (those of Call.error already are)
         self.sent_length: dict[int, int] = {}  # contentIndex -> characters of text sent
         self.held: dict[int, str] = {}  # contentIndex -> trailing whitespace not sent yet
 
@@ -3460,224 +3872,16 @@ class PiStreamEvents:
                      "usage": message.get("usage") or ZERO_USAGE}]
         return [event]
 
-
-# ==================================================================================================
-# 13. Remote images
-# ==================================================================================================
-# An image given by http(s) URL is fetched here, only with PI_PROXY_REMOTE_IMAGES=1: the proxy may
-# sit inside a network the client cannot see, so every address a host name resolves to (at every
-# redirect hop) must be public, and the connection goes to the very address that was checked.
-# A request's images are fetched at once, under one deadline and one byte budget (decompressed);
-# what went wrong is told as "refused" (the proxy's own rules) or "failed", never what another
-# host answered or what a name resolves to (the operator's log at INFO has the details).
-
-REMOTE_IMAGE_REDIRECTS = 3
-REMOTE_IMAGE_CONNECT_TIMEOUT = 3.0  # seconds, within the whole fetch's time cap
-_REDIRECTS = (301, 302, 303, 307, 308)
-_INFLATED = {"gzip": 47, "x-gzip": 47, "deflate": 47}  # zlib wbits: gzip or zlib header, found out
+    def fail(self, error: ApiError) -> list:
+        """An upstream failure, before any content too: the stream's final `error` event, with pi-ai's
+        own message, as calling pi-ai directly would give."""
+        return self.translate(error.upstream_event)
 
 
-class RemoteImageRefused(Exception):
-    """Why a remote image was not used; fetch_remote_images turns it into a 400 naming the field."""
-
-
-class ImageFailed(RemoteImageRefused):
-    """The fetch failed on the other side; the details go to the log, not to the client."""
-
-    def __init__(self, detail: str):
-        super().__init__("fetching it failed")
-        self.detail = detail
-
-
-def image_type(data: bytes) -> str | None:
-    """The image type the bytes really are (the types every provider accepts), or None."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
-
-
-def address_refusal(address: str) -> str | None:
-    """Why an image may not be fetched from this IP address, or None if it is public."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address):  # IPv4 wrapped in IPv6 is judged as that IPv4
-        ip = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else ip)
-    kinds = [("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-             ("unspecified", ip.is_unspecified), ("private", ip.is_private), ("reserved", ip.is_reserved),
-             ("non-public", not ip.is_global)]
-    kind = next((kind for kind, found in kinds if found), None)
-    return kind and f"{address} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
-
-
-def checked_addresses(host: str, port: int, resolve=socket.getaddrinfo) -> list:
-    """The addresses `host` resolves to, if every one of them is allowed. A refusal names an
-    address only when the URL itself gave it."""
-    try:
-        infos = resolve(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise ImageFailed(f"{host} does not resolve") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
-    for address in addresses:
-        refusal = address_refusal(address)
-        if refusal and host == address:
-            raise RemoteImageRefused(f"refused: {refusal}")
-        if refusal:
-            log.info("remote image refused: %s resolves to %s", host, address)
-            raise RemoteImageRefused(f"refused: {host} resolves to a non-public address")
-    if not addresses:
-        raise ImageFailed(f"{host} does not resolve")
-    return addresses
-
-
-class PinnedAdapter(HTTPAdapter):
-    """Connects to the address that was checked, whatever DNS answers by now; the Host header,
-    TLS server name and certificate check still use the URL's host name."""
-
-    def __init__(self, address: str):
-        super().__init__(max_retries=0)
-        self.address = address
-
-    def build_connection_pool_key_attributes(self, request, verify, cert=None):
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
-        if host_params["scheme"] == "https":
-            pool_kwargs = {**pool_kwargs, "server_hostname": host_params["host"],
-                           "assert_hostname": host_params["host"]}
-        return {**host_params, "host": self.address}, pool_kwargs
-
-
-class ImageBudget:
-    """The bytes a request's images may still take, together (decompressed)."""
-
-    def __init__(self, total: int):
-        self.total, self.left = total, total
-
-    def take(self, count: int):
-        self.left -= count
-        if self.left < 0:
-            raise RemoteImageRefused(f"refused: the request's images together are larger than {self.total} bytes")
-
-
-def fetch_remote_images(context: dict, config: Config, addresses=checked_addresses):
-    """Replace the image blocks that name a URL (image_from_url) with the fetched images: all at
-    once, within remote_image_timeout and the byte budget; the first failure, in request order of
-    finishing, refuses the request and stops the other fetches. `addresses(host, port)` is the
-    checked resolver (checked_addresses). A request without such images costs one scan."""
-    pending = [(blocks, index) for message in context["messages"] if message["role"] != "assistant"
-               for blocks in [message["content"]] for index, block in enumerate(blocks) if "url" in block]
-    if not pending:
-        return
-    first = pending[0][0][pending[0][1]]["param"]
-    if not config.remote_images:
-        raise ApiError(400, f"The image at {first} is given by URL, and this proxy fetches none (its operator can "
-                            "allow it with PI_PROXY_REMOTE_IMAGES=1); send the image as base64 data", param=first,
-                       code="unsupported_image_url")
-    if len(pending) > config.remote_image_max_count:
-        blocks, index = pending[config.remote_image_max_count]
-        raise ApiError(400, f"The request gives {len(pending)} images by URL; this proxy fetches at most "
-                            f"{config.remote_image_max_count} (PI_PROXY_REMOTE_IMAGE_MAX_COUNT)",
-                       param=blocks[index]["param"], code="too_many_images")
-    budget = ImageBudget(config.remote_image_max_total_bytes)
-    fetches = {gevent.spawn(fetch_image, blocks[index]["url"], config, budget, addresses): (blocks, index)
-               for blocks, index in pending}
-    try:
-        for fetch in gevent.iwait(list(fetches), timeout=config.remote_image_timeout):
-            blocks, index = fetches[fetch]
-            if isinstance(fetch.exception, RemoteImageRefused):
-                refuse(blocks[index]["param"], fetch.exception)
-            blocks[index] = fetch.get()
-        late = [where for fetch, where in fetches.items() if not fetch.ready()]
-        if late:
-            blocks, index = late[0]
-            refuse(blocks[index]["param"], RemoteImageRefused(
-                f"refused: fetching the request's images took longer than {config.remote_image_timeout:g} s"))
-    finally:
-        gevent.killall(list(fetches), block=False)
-
-
-def refuse(param: str, refused: RemoteImageRefused):
-    if isinstance(refused, ImageFailed):
-        log.info("remote image at %s: %s", param, refused.detail)
-    raise ApiError(400, f"The image at {param} could not be used: {refused}", param=param,
-                   code="invalid_image_url") from None
-
-
-def fetch_image(url: str, config: Config, budget: ImageBudget, addresses) -> dict:
-    """GET an image under the size caps, following a few redirects, each one checked."""
-    try:
-        for _ in range(REMOTE_IMAGE_REDIRECTS + 1):
-            response = fetch_checked(url, config, addresses)
-            with response:
-                if response.status_code not in _REDIRECTS or "location" not in response.headers:
-                    return image_in(response, config.remote_image_max_bytes, budget)
-                url = urllib.parse.urljoin(url, response.headers["location"])
-    except requests.RequestException as error:
-        raise ImageFailed(shown(str(error), 200)) from None
-    raise RemoteImageRefused(f"refused: more than {REMOTE_IMAGE_REDIRECTS} redirects")
-
-
-def fetch_checked(url: str, config: Config, addresses) -> requests.Response:
-    """One GET, without following redirects, to an address of the URL's host that passed the check."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RemoteImageRefused(f"refused: only http and https URLs are fetched, not {shown(url, 100)}")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise RemoteImageRefused("refused: the URL's port is not a number") from None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    headers = {"Host": host + (f":{parts.port}" if parts.port else ""), "Accept": "image/*",
-               "Accept-Encoding": ", ".join(_INFLATED)}
-    checked = addresses(parts.hostname, port)
-    for attempt, address in enumerate(checked, 1):
-        with requests.Session() as session:
-            session.trust_env = False  # an HTTP(S)_PROXY would connect elsewhere than the checked address
-            session.mount(f"{parts.scheme}://", PinnedAdapter(address))
-            try:
-                return session.get(url, headers=headers, allow_redirects=False, stream=True,
-                                   timeout=(min(REMOTE_IMAGE_CONNECT_TIMEOUT, config.remote_image_timeout),
-                                            config.remote_image_timeout))
-            except requests.ConnectionError:
-                if attempt == len(checked):
-                    raise
-
-
-def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -> dict:
-    """The response's body as a pi image block, if it is an image no larger than max_bytes once
-    decompressed (inflated here step by step, never past the cap: a small gzip body can be huge)."""
-    if response.status_code != 200:
-        raise ImageFailed(f"the server answered HTTP {response.status_code}")
-    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not content_type.startswith("image/"):
-        raise ImageFailed(f"the server sent {shown(content_type or 'no content type', 60)}, not an image")
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity" and encoding not in _INFLATED:
-        raise ImageFailed(f"the server sent a body encoded as {shown(encoding, 30)}")
-    too_large = RemoteImageRefused(f"refused: the image is larger than {max_bytes} bytes")
-    length = response.headers.get("content-length", "")
-    if encoding == "identity" and length.isdigit() and int(length) > max_bytes:
-        raise too_large
-    inflater = zlib.decompressobj(_INFLATED[encoding]) if encoding in _INFLATED else None
-    data = bytearray()
-    try:
-        for chunk in response.raw.stream(65536, decode_content=False):
-            while chunk:
-                piece, chunk = (inflater.decompress(chunk, max_bytes - len(data) + 1), inflater.unconsumed_tail) \
-                    if inflater else (chunk, b"")
-                data += piece
-                budget.take(len(piece))
-                if len(data) > max_bytes:
-                    raise too_large
-    except zlib.error:
-        raise ImageFailed(f"the {encoding} body does not decompress") from None
-    mime_type = image_type(bytes(data[:16]))
-    if mime_type is None:
-        raise ImageFailed(f"the bytes sent as {shown(content_type, 60)} are not a PNG, JPEG, GIF or WebP image")
-    return {"type": "image", "data": base64.b64encode(data).decode(), "mimeType": mime_type}
+def prepare_pi(body: dict, model: dict, proxy, run) -> Exchange:
+    options = body.get("options", {})
+    return Exchange(pi_stream_context(body["context"]), pi_stream_options(options), {}, PiStreamEvents(),
+                    client_headers=options.get("headers"))
 
 
 # ==================================================================================================
@@ -3687,8 +3891,6 @@ def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -
 # by its Call, finished when the response's last byte is written (the response's close). Finishing
 # writes the request's log line and adds it to the Ledger behind GET /usage.
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/messages": "messages", "/v1/responses": "responses",
-             "/api/stream": "api/stream", "/v1/messages/count_tokens": "count_tokens"}
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{8,128}")  # an incoming x-request-id reused only if it matches
 TOKEN_KINDS = {"input": "input", "output": "output", "cacheRead": "cache_read", "cacheWrite": "cache_write"}
 ERROR_OUTCOMES = {*ERROR_TYPES.values(), "api_error", "timeout_error", "error"}  # failures inside a 200 stream
@@ -3907,6 +4109,18 @@ def sse_data(payload) -> bytes:
 UPSTREAM_KEY_HEADER = "X-Pi-Upstream-Api-Key"  # a client's own upstream key, for this request only
 
 
+@dataclass
+class ClientRequest:
+    """What the code below the routes needs of an API request, read from Flask's `request` once, by
+    its route: Proxy and Call never read Flask's globals."""
+
+    record: "RequestRecord"
+    upstream_key: str | None = None  # UPSTREAM_KEY_HEADER: the client's own key for the upstream
+    connection: socket.socket | None = None  # the client's socket: a Call watches it (watch_client)
+    body_size: int = 0  # a large request's work is done off the loop (off_loop)
+    calls: list = field(default_factory=list)  # its Calls that no response owns yet (create_app's close_calls)
+
+
 class Proxy:
     """The server's state: configuration, models and credentials, and how to run the bridge."""
 
@@ -3948,26 +4162,26 @@ class Proxy:
         available = {provider for provider in providers if self.is_available(provider)}  # once each
         return [m for m in self.registry.models.values() if m["provider"] in available]
 
-    def model_availability(self):
+    def model_availability(self, upstream_key: str | None):
         """Which providers a request may use: all of them when it brings its own upstream key."""
-        return (lambda provider: True) if request.headers.get(UPSTREAM_KEY_HEADER) else self.is_available
+        return (lambda provider: True) if upstream_key else self.is_available
 
-    def start(self, model: dict, context: dict, options: dict, payload: dict, heartbeat: float | None = None,
-              client_headers: dict | None = None) -> "Call":
+    def start(self, model: dict, exchange: Exchange, client: ClientRequest) -> "Call":
         """Start the upstream call, read up to its first content (see Call). If the upstream
         refuses a refreshable token (401), it is refreshed and the call made once more: nothing
         has reached the client yet."""
-        override = request.headers.get(UPSTREAM_KEY_HEADER)
-        request.environ["pi_proxy.record"].note_model(model)
-        options = within_output_limit(options, model)
-        credential = Credential(override, "request header") if override else \
+        client.record.note_model(model)
+        options = within_output_limit(exchange.options, model)
+        credential = Credential(client.upstream_key, "request header") if client.upstream_key else \
             self.credentials.for_provider(model["provider"])
         if credential is None:
             raise ApiError(401, f"No credentials for provider {model['provider']!r}", "authentication_error")
         while True:
-            bridge_request, secrets = self.stream_request(model, context, options, payload, credential, client_headers)
+            bridge_request, secrets = self.stream_request(model, exchange.context, options, exchange.payload,
+                                                          credential, exchange.client_headers)
             try:
-                return self.open_stream(off_loop(bridge_line, bridge_request), secrets, heartbeat)
+                line = off_loop(client.body_size, bridge_line, bridge_request)
+                return self.open_stream(line, secrets, exchange.heartbeat, client)
             except ApiError as error:
                 if error.status != 401 or not credential.refreshable:
                     raise
@@ -4004,13 +4218,13 @@ class Proxy:
         apis = {api for provider, apis in self.apis_by_provider.items() if self.is_available(provider) for api in apis}
         return [self.node, str(bridge_script()), *(["--warm-up"] if self.config.bridge_warm_up else []), *sorted(apis)]
 
-    def open_stream(self, line: bytes, secrets: list, heartbeat: float | None = None) -> "Call":
+    def open_stream(self, line: bytes, secrets: list, heartbeat: float | None, client: ClientRequest) -> "Call":
         """A bridge taken from the pool and given its request line; from here on the request's
         Call owns it (see Call)."""
         bridge = self.bridges.take()
         try:
             bridge.send(line)
-            return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets)
+            return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets, client)
         except BaseException:
             bridge.close()
             raise
@@ -4020,18 +4234,17 @@ class Call:
     """One upstream call in flight: the bridge, its events, and the client connection it serves.
     If the client goes away, the bridge is killed at once, even while the upstream is silent.
 
-    Nothing taken is lost: each Call is listed in its request's environ until a streaming
+    Nothing taken is lost: each Call is listed in its request's `calls` until a streaming
     response takes it over (sse_response); whatever ends the request otherwise (a whole reply, an
     error, any exception) closes the Calls still listed (create_app's close_calls)."""
 
-    def __init__(self, bridge: Bridge, events, secrets: list):
-        self.record = request.environ["pi_proxy.record"]
+    def __init__(self, bridge: Bridge, events, secrets: list, client: ClientRequest):
+        self.client, self.record = client, client.record
         self.bridge, self.secrets = bridge, secrets
         self._watcher = None
-        request.environ.setdefault("pi_proxy.calls", []).append(self)
-        client = request.environ.get("pi_proxy.socket")
-        if client is not None:
-            self._watcher = gevent.spawn(watch_client, client, self.client_gone)
+        client.calls.append(self)
+        if client.connection is not None:
+            self._watcher = gevent.spawn(watch_client, client.connection, self.client_gone)
         events = pi_events(self.record.observe(events))
         self.events = itertools.chain(self.opening(events), events)  # all of them, in pi_events' shape
 
@@ -4093,14 +4306,6 @@ def watch_client(client: socket.socket, on_gone):
     if gone:
         log.info("client disconnected; stopping its upstream call")
         on_gone()
-
-
-def api_family(path: str) -> str:
-    """Whose error shape and headers a request gets; the model list is Anthropic's for Anthropic's
-    clients, which send `anthropic-version`."""
-    if path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers):
-        return "anthropic"
-    return "pi" if path == "/api/stream" else "openai"
 
 
 def wants_status_page() -> bool:
@@ -4184,18 +4389,17 @@ def read_body(limit: int) -> bytes:
         raise ApiError(400, f"The request body could not be read: {error}") from None
     if len(raw) > limit:
         raise too_large
-    request.environ["pi_proxy.body_size"] = len(raw)
     return raw
 
 
 OFF_LOOP_BYTES = 100_000  # a request larger than this is parsed, checked and serialised off the loop
 
 
-def off_loop(function, *args):
-    """function(*args); for a large request, in gevent's thread pool, so that the loop serves
-    the other clients meanwhile. The GIL still lets the loop run: pure Python (jsonschema) is
-    preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
-    if request.environ.get("pi_proxy.body_size", 0) <= OFF_LOOP_BYTES:
+def off_loop(body_size: int, function, *args):
+    """function(*args); for a large request (of body_size bytes), in gevent's thread pool, so that
+    the loop serves the other clients meanwhile. The GIL still lets the loop run: pure Python
+    (jsonschema) is preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
+    if body_size <= OFF_LOOP_BYTES:
         return function(*args)
     result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
     for record in records:
@@ -4218,14 +4422,20 @@ def outcome(function, args) -> tuple:
         _held.records = None
 
 
-def read_request(config: Config, check, messages: str, tools: str) -> dict:
+def client_request() -> ClientRequest:
+    """The API request's values the code below its route needs (see ClientRequest)."""
+    return ClientRequest(request.environ["pi_proxy.record"], request.headers.get(UPSTREAM_KEY_HEADER),
+                         request.environ.get("pi_proxy.socket"), calls=request.environ.setdefault("pi_proxy.calls", []))
+
+
+def read_request(config: Config, check, messages: str, tools: str, client: ClientRequest) -> dict:
     """The request's JSON body: parsed, within the caps, then checked (validated) by `check`.
     `messages` and `tools` are where this API keeps its messages and its tools."""
-    body = off_loop(parse_body, read_body(config.max_body_size))
-    record = request.environ.get("pi_proxy.record")
-    if record is not None:
-        record.note_body(body)
-    return off_loop(checked_body, body, config, check, messages, tools)
+    raw = read_body(config.max_body_size)
+    client.body_size = len(raw)
+    body = off_loop(client.body_size, parse_body, raw)
+    client.record.note_body(body)
+    return off_loop(client.body_size, checked_body, body, config, check, messages, tools)
 
 
 def checked_body(body, config: Config, check, messages: str, tools: str) -> dict:
@@ -4283,6 +4493,119 @@ def linked_path(link) -> str:
         link, key = link
         parts.appendleft(key)
     return json_path(parts)
+
+
+def sse_response(frames, call: Call) -> Response:
+    response = Response(coalesce(frames, call.bridge), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # Runs even if the client vanished before the first frame (a generator's finally would not).
+    response.call_on_close(call.close)
+    call.client.calls.remove(call)  # the response owns it now
+    return response
+
+
+COALESCED_BYTES = 65536  # at most this much per write; then the other clients get their turn
+
+
+def coalesce(frames, bridge: Bridge):
+    """One socket write for all the frames of the events the bridge has already printed (it
+    prints a tick's events at once), instead of one write per frame; nothing waits for more.
+    A backlog of events goes out in writes of COALESCED_BYTES, with the loop given to the other
+    clients between them: a write to a socket that can take it never does that by itself."""
+    batch, size = [], 0
+    for frame in frames:
+        batch.append(frame)
+        size += len(frame)
+        if not bridge.lines.qsize() or size >= COALESCED_BYTES:
+            yield b"".join(batch)
+            if size >= COALESCED_BYTES:
+                gevent.sleep(0)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
+
+
+def sse_event(name: str, payload) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_sse(call: Call, translator, api: "ClientApi"):
+    """Any client API's SSE body: its translator's frames for each of the call's events. It always
+    ends as the API's protocol says: an upstream failure becomes the translator's error frames
+    (fail), then the API's trailer, if it has one (chat: `data: [DONE]`)."""
+    encode = api.encode
+    try:
+        for event in call.events:
+            if event["type"] == "error":
+                yield from map(encode, translator.fail(call.error(event)))
+                break
+            yield from map(encode, translator.translate(event))
+        if api.trailer:
+            yield api.trailer
+    finally:
+        call.close()
+
+
+def sse_named(frame: tuple) -> bytes:
+    """An Anthropic frame, (event name, data)."""
+    return sse_event(*frame)
+
+
+def sse_typed(frame: dict) -> bytes:
+    """A Responses frame, named by its type."""
+    return sse_event(frame["type"], frame)
+
+
+@dataclass(frozen=True)
+class ClientApi:
+    """One client API: how its request becomes a pi call (an Exchange) and how the answer is sent.
+    Adding an API: its section (request schema and translation, a translator with translate and
+    fail, a prepare function), then a row in CLIENT_APIS."""
+
+    name: str  # in usage records and log lines
+    family: str  # its error shape (error_response): "openai", "anthropic" or "pi"
+    check: Callable  # the request body -> the validated body, or ApiError 400
+    messages: str  # where the body keeps its messages, and its tools (check_caps)
+    tools: str
+    resolve: Callable  # (the requested model, the registry's models, is_available) -> a pi model
+    prepare: Callable  # (body, pi model, Proxy, run) -> Exchange; run(f, *args): f's work, off the loop if large
+    encode: Callable[[object], bytes]  # a translator's frame -> SSE bytes
+    whole: Callable[[list], dict] | None = None  # a whole reply's frames -> the reply; None: it always streams
+    trailer: bytes = b""  # after a stream's last frame
+    fails_in_stream: bool = False  # an upstream failure before any content is also the stream's error event
+
+
+CLIENT_APIS = {
+    "/v1/chat/completions": ClientApi(
+        "chat", "openai", chat_body, "messages", "tools", resolve_model, prepare_chat, sse_data,
+        whole=completion_of, trailer=b"data: [DONE]\n\n"),
+    "/v1/messages": ClientApi(
+        "messages", "anthropic", messages_body, "messages", "tools", resolve_claude_model, prepare_messages,
+        sse_named, whole=message_of),
+    "/v1/responses": ClientApi(
+        "responses", "openai", responses_body, "input", "tools", resolve_model, prepare_responses, sse_typed,
+        whole=response_of),
+    "/api/stream": ClientApi(
+        "api/stream", "pi", pi_stream_body, "context.messages", "context.tools", lookup_pi_model, prepare_pi,
+        sse_data, fails_in_stream=True),
+}
+ENDPOINTS = {path: api.name for path, api in CLIENT_APIS.items()} | {"/v1/messages/count_tokens": "count_tokens"}
+
+
+def api_family(path: str) -> str:
+    """Whose error shape and headers a request gets (error_response): its client API's, or, for the
+    other paths (count_tokens, the model list, a path that does not exist), that of the API whose
+    prefix it has."""
+    if path in CLIENT_APIS:
+        return CLIENT_APIS[path].family
+    # The model list is Anthropic's for Anthropic's clients, which send `anthropic-version`.
+    if path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers):
+        return "anthropic"
+    return "openai"
+
+
+def model_entry(model: dict, created: int) -> dict:
+    return {"id": canonical_id(model), "object": "model", "created": created, "owned_by": model["provider"]}
 
 
 def create_app(proxy: Proxy) -> Flask:
@@ -4403,92 +4726,41 @@ def create_app(proxy: Proxy) -> Flask:
             return anthropic_model(model)
         return model_entry(model, proxy.started)
 
-    @app.post("/v1/chat/completions")
-    def chat_completions():
-        body = read_request(proxy.config, functools.partial(validate, validator=CHAT_VALIDATOR), "messages", "tools")
-        reject_unsupported(body)
-        model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = off_loop(chat_to_context, body, model)
-        fetch_remote_images(context, proxy.config)
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        options = thinking_for_history(chat_options(body), context, model)
-        call = proxy.start(model, context, options, upstream_payload(chat_extras(body), model["api"]))
-        if body.get("stream"):
-            include_usage = bool(body.get("stream_options", {}).get("include_usage"))
-            chunks = ChatChunks(completion_id, body["model"], created, include_usage)
-            return sse_response(stream_chat(call, chunks), call)
-        final = call.final()
-        if final["type"] == "error":
-            raise upstream_error(final, call.secrets)
-        return chat_completion(final["message"], final["reason"], completion_id, body["model"], created)
-
-    @app.post("/v1/messages")
-    def messages():
-        body = read_request(proxy.config, functools.partial(validate, validator=MESSAGES_VALIDATOR), "messages", "tools")
-        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = off_loop(anthropic_to_context, body, model, proxy.envelope_key())
-        fetch_remote_images(context, proxy.config)
-        estimate = off_loop(count_request_tokens, context, model)
-        seal = functools.partial(signature_out, model, key=proxy.envelope_key())
-        message_id = f"msg_{uuid.uuid4().hex[:24]}"
+    def client_api(api: ClientApi):
+        """Every client API's route (CLIENT_APIS): its request read once, made a pi call, and its
+        answer streamed or assembled whole."""
+        client = client_request()
+        body = read_request(proxy.config, api.check, api.messages, api.tools, client)
+        model = api.resolve(body["model"], proxy.registry.models, proxy.model_availability(client.upstream_key))
+        exchange = api.prepare(body, model, proxy, functools.partial(off_loop, client.body_size))
+        refused = exchange.refused or (lambda error: error)
         try:
-            call = proxy.start(model, context, anthropic_options(body),
-                                        upstream_payload(anthropic_extras(body), model["api"]), PING_INTERVAL)
+            call = proxy.start(model, exchange, client)
         except ApiError as error:
-            raise anthropic_overflow(error, estimate, model) from None
-        if body.get("stream"):
-            frames = AnthropicEvents(message_id, body["model"], estimate, seal)
-            return sse_response(stream_anthropic(call, frames), call)
+            if api.fails_in_stream and error.upstream_event is not None:
+                return Response([api.encode(frame) for frame in exchange.translator.fail(error)],
+                                mimetype="text/event-stream")
+            raise refused(error) from None
+        if exchange.stream:
+            return sse_response(stream_sse(call, exchange.translator, api), call)
         final = call.final()
         if final["type"] == "error":
-            raise anthropic_overflow(upstream_error(final, call.secrets), estimate, model)
-        return anthropic_message(final, message_id, body["model"], seal)
+            raise refused(upstream_error(final, call.secrets))
+        return api.whole(replayed(exchange.translator, final))
+
+    for path, api in CLIENT_APIS.items():
+        app.add_url_rule(path, path, functools.partial(client_api, api), methods=["POST"])
 
     @app.post("/v1/messages/count_tokens")
     def count_tokens():
+        client = client_request()
         body = read_request(proxy.config, functools.partial(validate, validator=COUNT_TOKENS_VALIDATOR), "messages",
-                            "tools")
-        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = off_loop(anthropic_to_context, body, model, proxy.envelope_key())
+                            "tools", client)
+        availability = proxy.model_availability(client.upstream_key)
+        model = resolve_claude_model(body["model"], proxy.registry.models, availability)
+        context = off_loop(client.body_size, anthropic_to_context, body, model, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
-        return {"input_tokens": off_loop(count_request_tokens, context, model)}
-
-    @app.post("/api/stream")
-    def pi_stream():
-        body = read_request(proxy.config, pi_stream_body, "context.messages", "context.tools")
-        model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
-        options = body.get("options", {})
-        try:
-            call = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
-                                        client_headers=options.get("headers"))
-        except ApiError as error:
-            if error.upstream_event is None:
-                raise
-            # As pi-ai itself reports it: the stream's error event, whatever the upstream's status.
-            frames = [sse_data(frame) for frame in PiStreamEvents([]).translate(error.upstream_event)]
-            return Response(frames, mimetype="text/event-stream")
-        return sse_response(stream_pi(call, PiStreamEvents(call.secrets)), call)
-
-    @app.post("/v1/responses")
-    def responses():
-        body = read_request(proxy.config, functools.partial(validate, validator=RESPONSES_VALIDATOR), "input", "tools")
-        reject_stateful(body)
-        model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
-        pi_tools, tools = responses_tools(body.get("tools", []))
-        context = off_loop(responses_to_context, body, model, pi_tools, tools, proxy.envelope_key())
-        fetch_remote_images(context, proxy.config)
-        chat = responses_as_chat(body, tools)
-        frames = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
-                                 canonical_id(model), tools, proxy.envelope_key())
-        call = proxy.start(model, context, responses_options(body, chat),
-                                    upstream_payload(chat_extras(chat), model["api"]))
-        if body.get("stream"):
-            return sse_response(stream_responses(call, frames), call)
-        final = call.final()
-        if final["type"] == "error":
-            raise upstream_error(final, call.secrets)
-        events = [{"type": "start"}, *replay_message(final["message"]), final]
-        return [frame for event in events for frame in frames.translate(event)][-1]["response"]
+        return {"input_tokens": off_loop(client.body_size, count_request_tokens, context, model)}
 
     @app.get("/usage")
     def usage():
@@ -4508,99 +4780,6 @@ def create_app(proxy: Proxy) -> Flask:
         return {}  # Claude Code's telemetry: accepted and dropped
 
     return app
-
-
-def model_entry(model: dict, created: int) -> dict:
-    return {"id": canonical_id(model), "object": "model", "created": created, "owned_by": model["provider"]}
-
-
-def sse_response(frames, call: Call) -> Response:
-    response = Response(coalesce(frames, call.bridge), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    # Runs even if the client vanished before the first frame (a generator's finally would not).
-    response.call_on_close(call.close)
-    request.environ["pi_proxy.calls"].remove(call)  # the response owns it now
-    return response
-
-
-COALESCED_BYTES = 65536  # at most this much per write; then the other clients get their turn
-
-
-def coalesce(frames, bridge: Bridge):
-    """One socket write for all the frames of the events the bridge has already printed (it
-    prints a tick's events at once), instead of one write per frame; nothing waits for more.
-    A backlog of events goes out in writes of COALESCED_BYTES, with the loop given to the other
-    clients between them: a write to a socket that can take it never does that by itself."""
-    batch, size = [], 0
-    for frame in frames:
-        batch.append(frame)
-        size += len(frame)
-        if not bridge.lines.qsize() or size >= COALESCED_BYTES:
-            yield b"".join(batch)
-            if size >= COALESCED_BYTES:
-                gevent.sleep(0)
-            batch, size = [], 0
-    if batch:
-        yield b"".join(batch)
-
-
-def sse_event(name: str, payload) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-def stream_anthropic(call: Call, frames: AnthropicEvents):
-    """SSE events for a Messages stream. It always ends in message_stop or an `error` event."""
-    try:
-        for event in call.events:
-            if event["type"] == "error":
-                error = call.error(event)
-                yield sse_event("error", error.anthropic_body())
-                break
-            for name, data in frames.translate(event):
-                yield sse_event(name, data)
-    finally:
-        call.close()
-
-
-def stream_chat(call: Call, chunks: ChatChunks):
-    """SSE frames for a chat stream. It always ends in `data: [DONE]`; a failure after the
-    headers went out becomes an error chunk first."""
-    try:
-        for event in call.events:
-            if event["type"] == "error":
-                error = call.error(event)
-                yield sse_data(error.openai_body())
-                break
-            for frame in chunks.translate(event):
-                yield sse_data(frame)
-        yield b"data: [DONE]\n\n"
-    finally:
-        call.close()
-
-
-def stream_pi(call: Call, events: PiStreamEvents):
-    """SSE frames for a streamProxy client. Upstream failures, also before any content, are the
-    stream's final `error` event, with pi-ai's own message (as calling pi-ai directly would
-    give); never `data: [DONE]`, which the client cannot parse and turns into an error."""
-    try:
-        for event in call.events:
-            for frame in events.translate(event):
-                yield sse_data(frame)
-    finally:
-        call.close()
-
-
-def stream_responses(call: Call, frames: ResponsesEvents):
-    """SSE events for a Responses stream. It always ends in response.completed,
-    response.incomplete or response.failed; never `data: [DONE]`."""
-    try:
-        for event in call.events:
-            translated = frames.fail(call.error(event)) if event["type"] == "error" \
-                else frames.translate(event)
-            for frame in translated:
-                yield sse_event(frame["type"], frame)
-    finally:
-        call.close()
 
 
 # ==================================================================================================
