@@ -2956,33 +2956,18 @@ def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
 
 
 class PiStreamEvents:
-    """Bridge events -> streamProxy events. The bridge already prints pi's reduced events; what
-    changes is the end (usage instead of the whole message), and what streamProxy rebuilds only
-    from deltas: a tool call delivered whole gets its arguments as one delta, and a text or
-    thinking block whose final text pi-ai trimmed (openai-responses reasoning) must not keep the
-    trailing whitespace it streamed, so that whitespace waits for the next delta or the block's end."""
+    """Bridge events (settled: see settled_text) -> streamProxy events. The bridge already prints
+    pi's reduced events; what changes is the end (usage instead of the whole message), and what
+    streamProxy rebuilds only from deltas: a tool call delivered whole gets its arguments as one delta."""
 
     def __init__(self, secrets: list):
         self.secrets = secrets
         self.streamed_arguments: set[int] = set()
-        self.sent_length: dict[int, int] = {}  # contentIndex -> characters of text sent
-        self.held: dict[int, str] = {}  # contentIndex -> trailing whitespace not sent yet
 
     def translate(self, event: dict) -> list:
         kind = event["type"]
-        if kind in ("text_delta", "thinking_delta"):
-            index = event["contentIndex"]
-            text = self.held.pop(index, "") + event["delta"]
-            sent = text.rstrip()
-            self.held[index] = text[len(sent):]
-            self.sent_length[index] = self.sent_length.get(index, 0) + len(sent)
-            return [{**event, "delta": sent}] if sent else []
         if kind in ("text_end", "thinking_end"):
-            index = event["contentIndex"]
-            rest = event["content"][self.sent_length.pop(index, 0):]
-            self.held.pop(index, None)
-            end = {name: value for name, value in event.items() if name != "content"}
-            return [{"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}, end] if rest else [end]
+            return [{name: value for name, value in event.items() if name != "content"}]
         if kind == "toolcall_delta" and event["delta"]:
             self.streamed_arguments.add(event["contentIndex"])
         if kind == "toolcall_end":
@@ -3556,6 +3541,29 @@ class Proxy:
 UPSTREAM_KEY_HEADER = "X-Pi-Upstream-Api-Key"  # a client's own upstream key, for this request only
 
 
+def settled_text(events):
+    """A call's events with each text and thinking block's trailing whitespace held back until its
+    next delta or its end, where the block's final text decides what is left to send: pi-ai's
+    openai-responses reasoning streams "\n\n" after every summary part, the last one too, but its
+    final text drops that one. So on every endpoint the streamed text equals the final text."""
+    sent, held = {}, {}  # contentIndex -> characters of text sent; trailing whitespace not sent yet
+    for event in events:
+        kind, index = event["type"], event.get("contentIndex")
+        if kind in ("text_delta", "thinking_delta"):
+            text = held.pop(index, "") + event["delta"]
+            settled = text.rstrip()
+            held[index], sent[index] = text[len(settled):], sent.get(index, 0) + len(settled)
+            if settled:
+                yield {**event, "delta": settled}
+            continue
+        if kind in ("text_end", "thinking_end"):
+            final, whitespace = event.get("content"), held.pop(index, "")
+            rest = whitespace if final is None else final[sent.pop(index, 0):]
+            if rest:
+                yield {"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}
+        yield event
+
+
 class Call:
     """One upstream call in flight: the bridge, its events, and the client connection it serves.
     If the client goes away, the bridge is killed at once, even while the upstream is silent.
@@ -3566,7 +3574,7 @@ class Call:
 
     def __init__(self, bridge: Bridge, events, secrets: list):
         self.record = request.environ["pi_proxy.record"]
-        self.bridge, self.events, self.secrets = bridge, self.record.observe(events), secrets
+        self.bridge, self.events, self.secrets = bridge, self.record.observe(settled_text(events)), secrets
         self._watcher = None
         request.environ.setdefault("pi_proxy.calls", []).append(self)
         client = request.environ.get("pi_proxy.socket")

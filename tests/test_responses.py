@@ -12,6 +12,7 @@ import requests
 from tests.conftest import record_response
 from tests.fake_upstream import Reply
 from tests.responses_grammar import check_responses_stream
+from tests.sse_grammar import check_anthropic_stream
 from tests.test_chat_completions import MODELS, PIXEL, last_request
 from tests.test_messages import RecordingTransport
 
@@ -206,7 +207,7 @@ def test_reasoning_round_trips_to_the_same_model_only(client, fake, model):
         summary = "".join(e.delta for e in stream if e.type == "response.reasoning_summary_text.delta")
         first = stream.get_final_response()
     reasoning, message = first.output
-    assert reasoning.type == "reasoning" and reasoning.summary[0].text.strip() == "Let me think."
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == "Let me think."
     assert summary == reasoning.summary[0].text and message.content[0].text == "42"
     history = [{"role": "user", "content": "question"}, *as_input(first.output), {"role": "user", "content": "more"}]
     fake.push(Reply(text="43"))
@@ -223,6 +224,37 @@ def test_reasoning_round_trips_to_the_same_model_only(client, fake, model):
     sent_elsewhere = sent_text(fake, other)
     assert "sig-XYZ-123" not in sent_elsewhere and "Let me think." not in sent_elsewhere, \
         "reasoning made for another model is dropped"
+
+
+def streamed_and_final_reasoning(proxy, endpoint: str, body: dict) -> tuple[str, str]:
+    """The reasoning text an endpoint streams, and the one its whole reply carries."""
+    url = f"{proxy.url}{endpoint}"
+    streamed = requests.post(url, json={**body, "stream": True}, timeout=30)
+    whole = requests.post(url, json=body, timeout=30).json()
+    assert streamed.status_code == 200, streamed.text
+    if endpoint == "/v1/messages":
+        frames = check_anthropic_stream(streamed.text)
+        return ("".join(d["delta"]["thinking"] for name, d in frames if d.get("delta", {}).get("type") == "thinking_delta"),
+                whole["content"][0]["thinking"])
+    if endpoint == "/v1/chat/completions":
+        chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+        return ("".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"]),
+                whole["choices"][0]["message"]["reasoning_content"])
+    events = check_responses_stream(streamed.text)
+    return ("".join(e["delta"] for e in events if e["type"] == "response.reasoning_summary_text.delta"),
+            whole["output"][0]["summary"][0]["text"])
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/responses", "/v1/chat/completions", "/v1/messages"])
+def test_streamed_reasoning_equals_the_final_reasoning(proxy, fake, endpoint):
+    """pi-ai's openai-responses provider streams "\n\n" after the reasoning; its final text has none."""
+    body = {"model": "fake-responses/gpt-test", "max_tokens": 100, "reasoning_effort": "low"}
+    body |= {"input": "q", "reasoning": {"effort": "low"}} if endpoint == "/v1/responses" else \
+        {"messages": [{"role": "user", "content": "q"}]}
+    fake.push(Reply(reasoning="First I think. Then I answer.", text="42"),
+              Reply(reasoning="First I think. Then I answer.", text="42"))
+    streamed, final = streamed_and_final_reasoning(proxy, endpoint, body)
+    assert streamed == final == "First I think. Then I answer."
 
 
 def test_foreign_reasoning_items_are_dropped(client, fake):
