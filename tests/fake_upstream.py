@@ -98,6 +98,11 @@ Reply fields (all optional):
                         the request body does not have ``"stream": true``).
     model               str, model name to report (default: echo the request's "model").
 
+Strict where the real APIs are (a fake that accepts what they reject hides bugs):
+    responses: a ``function_call`` input item whose id this fake made together with a reasoning item
+               is refused (400, OpenAI's wording) unless that reasoning item (by id) is in the input
+               too: OpenAI's rule for replayed reasoning models' tool calls.
+
 Observed pi-ai 0.73.1 behaviour (see tests/test_fake_upstream.py): HTTP errors read
 "<status> <error.message>" for the OpenAI APIs but "<status> <whole JSON body>" for Anthropic;
 refused/garbage -> "Connection error."; abrupt cut -> "terminated"; a *clean* early end is an error
@@ -231,8 +236,9 @@ def _hex(seed: str, n: int = 24) -> str:
 class _Plan:
     """A Reply resolved for one request."""
 
-    def __init__(self, reply: Reply, body: Any, seq: int):
+    def __init__(self, reply: Reply, body: Any, seq: int, reasoning_of: dict | None = None):
         self.r = reply
+        self.reasoning_of = {} if reasoning_of is None else reasoning_of  # filled with the calls made
         self.body = body if isinstance(body, dict) else {}
         self.model = reply.model or self.body.get("model") or "fake-model"
         self.seed = f"{seq}-{time.time_ns()}"
@@ -433,6 +439,8 @@ class _Plan:
         for k, (tid, name, args) in enumerate(self.tools):
             items.append({"id": "fc_" + _hex(self.seed + f"fc{k}", 32), "type": "function_call",
                           "status": "completed", "arguments": args, "call_id": tid, "name": name})
+            if self.r.reasoning:
+                self.reasoning_of[items[-1]["id"]] = items[0]["id"]
         if final_status == "incomplete" and items and "status" in items[-1]:
             items[-1]["status"] = "incomplete"
         return items
@@ -700,6 +708,7 @@ class FakeUpstream:
         self.default = Reply(text="Hello from fake")
         self.requests: list[Recorded] = []
         self.disconnects: list[Recorded] = []
+        self.reasoning_of: dict[str, str] = {}  # responses: function_call id -> its reasoning item's id
         self.base_url = ""
 
     # ---------------------------------------------------------------- lifecycle
@@ -754,6 +763,7 @@ class FakeUpstream:
             self._queue.clear()
             self.requests.clear()
             self.disconnects.clear()
+            self.reasoning_of.clear()
             self.default = Reply(text="Hello from fake")
 
     @property
@@ -812,12 +822,16 @@ class FakeUpstream:
             self.requests.append(rec)
             self._seq += 1
             seq = self._seq
+            refusal = self._refusal(api, body)
             reply = None
-            if api is not None:
+            if api is not None and refusal is None:
                 reply = self._queue.popleft() if self._queue else self.default
             self._cond.notify_all()
         conn = _Conn(self, h, rec)
         try:
+            if refusal is not None:
+                self._send_json(conn, 400, refusal, {})
+                return
             if reply is None:
                 self._send_json(conn, 404, {"error": {"message": f"fake upstream: unknown path {h.command} {path}",
                                                       "type": "invalid_request_error", "param": None,
@@ -826,6 +840,20 @@ class FakeUpstream:
             self._reply(conn, api, reply, body, seq)
         except _Gone:
             h.close_connection = True
+
+    def _refusal(self, api: str | None, body: Any) -> dict | None:
+        """The 400 body the real API would answer this request with, or None."""
+        if api != "responses" or not isinstance(body, dict) or not isinstance(body.get("input"), list):
+            return None
+        ids = {item.get("id") for item in body["input"] if isinstance(item, dict)}
+        for item in body["input"]:
+            if isinstance(item, dict) and item.get("type") == "function_call" and item.get("id") in self.reasoning_of:
+                reasoning = self.reasoning_of[item["id"]]
+                if reasoning not in ids:
+                    return {"error": {"message": f"Item '{item['id']}' of type 'function_call' was provided without "
+                                                 f"its required 'reasoning' item: '{reasoning}'.",
+                                      "type": "invalid_request_error", "param": "input", "code": None}}
+        return None
 
     def _send_json(self, conn: _Conn, status: int, obj: Any, extra: dict) -> None:
         data = _dumps(obj)
@@ -843,7 +871,7 @@ class FakeUpstream:
             h.close_connection = True
             return
         try:
-            plan = _Plan(r, body, seq)
+            plan = _Plan(r, body, seq, self.reasoning_of)
         except ValueError as e:
             self._send_json(conn, 500, {"error": {"message": f"fake upstream: bad Reply: {e}",
                                                   "type": "server_error", "param": None, "code": None}}, {})

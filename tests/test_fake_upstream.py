@@ -415,3 +415,28 @@ def test_client_close_during_first_byte_delay_is_recorded(fake):
     t0 = time.monotonic()
     s.close()
     assert fake.wait_for_disconnect(2.0) and fake.disconnects[0].time - t0 < 2.0
+
+
+HI = {"role": "user", "content": "hi"}
+
+
+def test_responses_refuses_a_function_call_without_its_reasoning_item(fake):
+    """As OpenAI does: a tool call the model made while reasoning goes back only with that reasoning."""
+    fake.push(Reply(reasoning="Think.", tool_calls=[("call_1", "get_weather", {"city": "Paris"})]))
+    output = requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": "hi"}, timeout=10).json()["output"]
+    reasoning, call = output
+    answer = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+    refused = requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": [HI, call, answer]}, timeout=10)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == (f"Item '{call['id']}' of type 'function_call' was provided without "
+                                                  f"its required 'reasoning' item: '{reasoning['id']}'.")
+    assert fake.pending == 0 and len(fake.requests) == 2, "a refused request consumes no reply"
+    fake.push(Reply(text="Sunny."))
+    accepted = requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": [HI, reasoning, call, answer]},
+                             timeout=10)
+    assert accepted.status_code == 200 and accepted.json()["output"][0]["content"][0]["text"] == "Sunny."
+    fake.push(Reply(tool_calls=[("call_2", "get_weather", {"city": "Rome"})]))
+    [plain_call] = requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": "hi"}, timeout=10).json()["output"]
+    alone = requests.post(f"{fake.base_url}/v1/responses", timeout=10, json={"model": "m", "input": [
+        HI, plain_call, {"type": "function_call_output", "call_id": "call_2", "output": "rain"}]})
+    assert alone.status_code == 200, "a call made without reasoning needs none"
