@@ -178,6 +178,38 @@ def test_namespace_custom_and_hosted_tools(client, fake, model):
     assert "rainy" in sent and "patch applied" in sent and "a.txt" in sent
 
 
+SHELL_ACTION = {"command": ["ls", "-la"], "working_directory": "/tmp", "timeout_ms": 5000}
+
+
+@ALL_APIS
+def test_local_shell_is_a_function_upstream_and_a_local_shell_call_here(proxy, fake, model):
+    fake.push(Reply(tool_calls=[("call_s1", "local_shell", SHELL_ACTION)]))
+    events = raw_stream(proxy, {"model": model, "input": "list files", "tools": [{"type": "local_shell"}]})
+    [call] = events[-1]["response"]["output"]
+    assert call["type"] == "local_shell_call" and call["id"].startswith("lsh_") and call["status"] == "completed"
+    assert call["action"] == {"type": "exec", "env": {}, **SHELL_ACTION} and call["call_id"].startswith("call_s1")
+    upstream_tools = json.dumps(last_request(fake, model).body["tools"])
+    assert "local_shell" in upstream_tools and "working_directory" in upstream_tools
+    fake.push(Reply(text="Two files."))
+    response = requests.post(f"{proxy.url}/v1/responses", timeout=30, json={
+        "model": model, "tools": [{"type": "local_shell"}], "store": False, "input": [
+            {"role": "user", "content": "list files"}, call,
+            {"type": "local_shell_call_output", "id": call["call_id"], "output": "a.txt b.txt"}]})
+    assert response.status_code == 200 and response.json()["output"][0]["content"][0]["text"] == "Two files."
+    sent = sent_text(fake, model)
+    assert "a.txt b.txt" in sent and "/tmp" in sent and "call_s1" in sent, "the call and its output went back"
+
+
+@pytest.mark.parametrize("kind", ["file_search", "code_interpreter", "computer_use_preview", "image_generation", "mcp"])
+def test_hosted_tools_the_proxy_cannot_provide_are_400(proxy, fake, kind):
+    response = requests.post(f"{proxy.url}/v1/responses", timeout=10, json={
+        "model": "fake-chat/chat-model", "input": "hi", "tools": [WEATHER, {"type": "web_search"}, {"type": kind}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "tools[2].type", "unsupported_tool")
+    assert repr(kind) in error["message"] and fake.requests == []
+
+
 def test_output_for_an_unknown_call_is_400(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model="fake-chat/chat-model", input=[
@@ -191,8 +223,7 @@ def test_unknown_input_items_are_kept_as_text(client, fake):
     client.responses.create(model=model, input=[
         {"role": "user", "content": "hi"},
         {"type": "web_search_call", "id": "ws_1", "status": "completed"},
-        {"type": "mystery_item", "text": "remember the mystery text"},
-        {"type": "item_reference", "id": "msg_x"}])
+        {"type": "mystery_item", "text": "remember the mystery text"}])
     assert "remember the mystery text" in sent_text(fake, model)
 
 
@@ -389,12 +420,6 @@ def test_secrets_never_leak(client, fake):
 # --- validation --------------------------------------------------------------------------------------
 
 
-def test_previous_response_id_is_refused_as_stateless(client):
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(model="fake-chat/chat-model", input="hi", previous_response_id="resp_123")
-    assert caught.value.body["param"] == "previous_response_id" and "stateless" in caught.value.message
-
-
 @pytest.mark.parametrize("body, param", [
     ({"input": "hi"}, "model"),
     ({"model": "fake-chat/chat-model"}, "input"),
@@ -424,7 +449,7 @@ def test_unknown_model_is_404(client):
 
 def test_interleaved_pi_blocks_stream_one_item_at_a_time():
     import proxy as module
-    tools = {"apply_patch": module.ClientTool("apply_patch", custom=True),
+    tools = {"apply_patch": module.ClientTool("apply_patch", kind="custom"),
              "forecast": module.ClientTool("forecast", namespace="weather_ns")}
     frames = module.ResponsesEvents(module.response_object({"model": "m", "input": "x"}, "resp_1", 0), "p/m", tools,
                                     KEY)
