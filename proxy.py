@@ -70,6 +70,7 @@ import certifi
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.monkey
 import gevent.queue
 import gevent.select
 import gevent.server
@@ -99,6 +100,21 @@ def one_line(record: logging.LogRecord) -> bool:
 
 
 log.addFilter(one_line)
+_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
+_LOOP_THREAD = _thread_ident()
+_held = gevent.monkey.get_original("_thread", "_local")()
+
+
+def hold_off_loop(record: logging.LogRecord) -> bool:
+    """A line logged in a pool thread (off_loop) is held, and logged by the loop when the work
+    comes back: the handlers' locks are gevent's, and a pool thread waiting on one hangs."""
+    if _thread_ident() == _LOOP_THREAD:
+        return True
+    _held.records.append(record)
+    return False
+
+
+log.addFilter(hold_off_loop)
 HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
 BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
@@ -1329,6 +1345,100 @@ def redact(text: str, secrets) -> str:
 # 8. OpenAI chat completions
 # ==================================================================================================
 
+IGNORED = "x-ignored"  # a schema annotation (jsonschema skips unknown keywords): why the field is not used
+MAX_UNUSED_LOGGED = 20  # paths logged per request: a body of a million unknown keys writes a few lines
+
+
+def ignored(why: str, schema: dict | None = None) -> dict:
+    """The schema of a property accepted on purpose and not used, e.g.
+    `"store": ignored("nothing is stored", {"type": "boolean"})`: values valid per `schema` pass.
+
+    The rule: every field a client sends is honoured, translated, or knowingly ignored, and at
+    DEBUG each one that is not used is logged with its path (`messages[3].reasoning_content`). The
+    request schemas, which `validate` checks bodies against, say which is which, so every endpoint
+    gets the log line from its validator (validate -> log_unused_fields -> unused_fields):
+    - a property some applying schema describes without this mark is used; its value is walked on;
+    - a property marked with ignored(why) is logged as ignored, with `why`, and not walked into;
+    - a property no schema describes is logged as unknown (the request still goes on);
+    - an object whose schemas describe no properties (a tool's JSON Schema) is used whole, and
+      `additionalProperties` describes the names a schema does not list (it too may be ignored()).
+    A schema applies together with its `allOf` members, the `then` (or `else`) of its `if`, and the
+    `anyOf`/`oneOf` branches the value matches, so the per-type rules of blocks and items count.
+    Null values mean "unset" and are not reported. A field whose loss changes the conversation is
+    not for this mark: refuse it (400) instead. The README lists the ignored fields per endpoint."""
+    return {**(schema or {}), IGNORED: why}
+
+
+_BRANCH_VALIDATORS: dict[int, tuple] = {}  # id -> (an `if` or anyOf branch of a module schema, its validator)
+
+
+def _matches(schema, value) -> bool:
+    if not isinstance(schema, dict):
+        return bool(schema)
+    entry = _BRANCH_VALIDATORS.get(id(schema))
+    if entry is None or entry[0] is not schema:
+        entry = _BRANCH_VALIDATORS[id(schema)] = (schema, Draft202012Validator(schema))
+    return entry[1].is_valid(value)
+
+
+def _applying(schemas: list, value) -> list:
+    """`schemas` and the subschemas that apply to `value` with them (allOf, if/then/else, the
+    anyOf/oneOf branches it matches)."""
+    found, pending = [], list(schemas)
+    while pending:
+        schema = pending.pop()
+        if not isinstance(schema, dict):
+            continue
+        found.append(schema)
+        pending += schema.get("allOf", [])
+        pending += [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _matches(branch, value)]
+        if "if" in schema:
+            branch = schema.get("then" if _matches(schema["if"], value) else "else")
+            if branch is not None:
+                pending.append(branch)
+    return found
+
+
+def unused_fields(body, schema: dict):
+    """(path, why) for each field of a valid `body` that is not used, in document order: `why` is
+    the ignored() reason, or None for a field no schema describes. Nothing below such a field."""
+    pending = [(body, [schema], ())]
+    while pending:
+        value, schemas, path = pending.pop()
+        schemas = _applying(schemas, value)
+        children = []
+        if isinstance(value, dict):
+            rest = [s["additionalProperties"] for s in schemas if "additionalProperties" in s]
+            if not rest and not any("properties" in s for s in schemas):
+                continue  # described as a whole: passed on as it is
+            for name, member in value.items():
+                if member is None:
+                    continue
+                described = [s["properties"][name] for s in schemas if name in s.get("properties", {})] or rest
+                used = [s for s in described if not (isinstance(s, dict) and IGNORED in s)]
+                if used:
+                    children.append((member, used, (*path, name)))
+                else:
+                    yield json_path((*path, name)), described[0][IGNORED] if described else None
+        elif isinstance(value, list):
+            described = [s["items"] for s in schemas if "items" in s]
+            children = [(member, described, (*path, index)) for index, member in enumerate(value)]
+        pending += reversed(children)
+
+
+def log_unused_fields(body, schema: dict):
+    """At DEBUG: the fields of a request that are not used, grouped by why, at most MAX_UNUSED_LOGGED."""
+    found = list(itertools.islice(unused_fields(body, schema), MAX_UNUSED_LOGGED + 1))
+    by_reason = {}
+    for path, why in found[:MAX_UNUSED_LOGGED]:
+        by_reason.setdefault(why, []).append(path)
+    what = schema.get("title", "request")
+    for why, paths in by_reason.items():
+        log.debug("%s: ignored (%s): %s", what, "unknown to this proxy" if why is None else why, ", ".join(paths))
+    if len(found) > MAX_UNUSED_LOGGED:
+        log.debug("%s: more fields ignored; only the first %d are logged", what, MAX_UNUSED_LOGGED)
+
+
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {
     "anyOf": [
@@ -1348,7 +1458,8 @@ _CONTENT = {
                             "required": ["image_url"],
                             "properties": {
                                 "image_url": {"type": "object", "required": ["url"],
-                                              "properties": {"url": {"type": "string"}}}
+                                              "properties": {"url": {"type": "string"},
+                                                             "detail": ignored("pi-ai has no image detail level")}}
                             },
                         },
                     },
@@ -1371,6 +1482,7 @@ _TOOL_CALL = {
     },
 }
 CHAT_SCHEMA = {
+    "title": "chat completions request",
     "type": "object",
     "required": ["model", "messages"],
     "properties": {
@@ -1384,7 +1496,7 @@ CHAT_SCHEMA = {
                 "properties": {
                     "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
                     "content": _CONTENT,
-                    "name": {"type": "string"},
+                    "name": ignored("pi-ai's messages name no author", {"type": "string"}),
                     "tool_calls": {"type": "array", "items": _TOOL_CALL},
                     "tool_call_id": {"type": "string"},
                 },
@@ -1431,6 +1543,7 @@ CHAT_SCHEMA = {
                             "name": {"type": "string", "pattern": "^[a-zA-Z0-9_.-]{1,128}$"},
                             "description": {"type": "string"},
                             "parameters": {"type": "object"},
+                            "strict": ignored("pi-ai declares every tool with strict: false", {"type": "boolean"}),
                         },
                     },
                 },
@@ -1448,19 +1561,31 @@ CHAT_SCHEMA = {
         "parallel_tool_calls": {"type": "boolean"},
         "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]},
         "user": {"type": "string"},
-        "metadata": {"type": "object"},
+        "metadata": ignored("metadata of stored completions: nothing is stored", {"type": "object"}),
+        "store": ignored("nothing is stored", {"type": "boolean"}),
         "n": {"type": "integer", "minimum": 1},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0},
+        "logit_bias": {"type": "object"},
     },
 }
 CHAT_VALIDATOR = Draft202012Validator(CHAT_SCHEMA)
-CHAT_FIELDS = set(CHAT_SCHEMA["properties"]) | {"logprobs", "top_logprobs", "logit_bias"}
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]{0,63}")
 
 
 def json_path(path) -> str:
-    """jsonschema's path deque -> `messages[0].content`."""
+    """jsonschema's path deque -> `messages[0].content`. A name that is not plain (a client's
+    own keys can be anything) is quoted, escaped and cut short: `metadata["a.b\\n..."]`."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_NAME.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += "[" + json.dumps(part if len(part) <= 64 else part[:64] + "...") + "]"
     return text
 
 
@@ -1481,6 +1606,8 @@ def validate(body, validator: Draft202012Validator) -> dict:
         where = f" at {param}" if param else ""
         message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
         raise ApiError(400, f"Invalid request{where}: {message}", param=param, code="invalid_value")
+    if log.isEnabledFor(logging.DEBUG):
+        log_unused_fields(body, validator.schema)
     return body
 
 
@@ -1509,9 +1636,6 @@ def reject_unsupported(body: dict):
     for name in ("top_logprobs", "logit_bias"):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported by this proxy", param=name, code="unsupported_parameter")
-    unknown = sorted(set(body) - CHAT_FIELDS)
-    if unknown:
-        log.debug("ignoring unknown chat completion fields: %s", ", ".join(unknown))
 
 
 _DATA_URI = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.*)$", re.S)
@@ -1874,11 +1998,14 @@ _A_IMAGE = {
 }
 
 
+_A_CACHE_CONTROL = ignored("pi-ai sets its own cache breakpoints (cacheRetention)", {"type": "object"})
+
+
 def _a_blocks(allowed: list, extra_rules: list = ()) -> dict:
     rules = [{"if": {"properties": {"type": {"const": "text"}}}, "then": _A_TEXT},
              {"if": {"properties": {"type": {"const": "image"}}}, "then": _A_IMAGE}, *extra_rules]
-    return {"type": "array", "items": {"type": "object", "required": ["type"],
-                                       "properties": {"type": {"enum": allowed}}, "allOf": rules}}
+    return {"type": "array", "items": {"type": "object", "required": ["type"], "allOf": rules,
+                                       "properties": {"type": {"enum": allowed}, "cache_control": _A_CACHE_CONTROL}}}
 
 
 _A_TOOL_RESULT_CONTENT = {"anyOf": [{"type": "string"}, _a_blocks(["text", "image"])]}
@@ -1913,7 +2040,7 @@ _A_MESSAGES_PROPERTIES = {
     "system": {"anyOf": [{"type": "string"}, _a_blocks(["text"])]},
     "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-        "input_schema": {"type": "object"}}}},
+        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL}}},
     "tool_choice": {
         "type": "object", "required": ["type"],
         "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
@@ -1935,11 +2062,12 @@ _A_MESSAGES_PROPERTIES = {
     "stream": {"type": "boolean"},
 }
 MESSAGES_VALIDATOR = Draft202012Validator({
-    "type": "object", "required": ["model", "messages", "max_tokens"],
+    "title": "messages request", "type": "object", "required": ["model", "messages", "max_tokens"],
     "properties": {**_A_MESSAGES_PROPERTIES, "max_tokens": {"type": "integer", "minimum": 1}},
 })
 COUNT_TOKENS_VALIDATOR = Draft202012Validator({
-    "type": "object", "required": ["model", "messages"], "properties": _A_MESSAGES_PROPERTIES,
+    "title": "count_tokens request", "type": "object", "required": ["model", "messages"],
+    "properties": _A_MESSAGES_PROPERTIES,
 })
 
 # Tool-use ids must match ^[a-zA-Z0-9_-]+$ for Anthropic clients, but pi-ai's ids need not (the
@@ -2361,8 +2489,10 @@ def resolve_claude_model(name: str, models: dict, is_available) -> dict:
 # 10. OpenAI responses
 # ==================================================================================================
 
-_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"],
-                                                   "properties": {"type": {"type": "string"}}}}
+_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string"}, "text": {}, "refusal": {}, "image_url": {},
+    "detail": ignored("pi-ai has no image detail level"),
+    "annotations": ignored("citations of a replayed answer"), "logprobs": ignored("logprobs of a replayed answer")}}}
 _R_ITEM_RULES = {
     "message": {"required": ["role", "content"],
                 "properties": {"role": {"enum": ["user", "system", "developer", "assistant"]}, "content": _R_PARTS}},
@@ -2379,10 +2509,10 @@ _R_ITEM_RULES = {
     "reasoning": {"properties": {"summary": {"type": "array", "items": {"type": "object"}},
                                  "encrypted_content": {"type": ["string", "null"]}}},
     "item_reference": {"required": ["id"], "properties": {"id": {"type": "string"}}},
-    "local_shell_call": {"required": ["call_id", "action"],
-                         "properties": {"call_id": {"type": "string"}, "action": {
-                             "type": "object", "required": ["command"],
-                             "properties": {"command": {"type": "array", "items": {"type": "string"}}}}}},
+    "local_shell_call": {"required": ["call_id", "action"], "properties": {"call_id": {"type": "string"}, "action": {
+        "type": "object", "required": ["command"],
+        "properties": {"type": {"const": "exec"}, "command": {"type": "array", "items": {"type": "string"}},
+                       "env": {"type": "object"}, "working_directory": {}, "timeout_ms": {}, "user": {}}}}},
     # OpenAI's reference names the call by `id`, the AI SDK by `call_id`.
     "local_shell_call_output": {"required": ["output"], "anyOf": [{"required": ["call_id"]}, {"required": ["id"]}],
                                 "properties": {"call_id": {"type": "string"}, "id": {"type": "string"},
@@ -2403,19 +2533,25 @@ _R_TOOLS = {"type": "array", "items": {
                         "then": {"required": ["name", "tools"],
                                  "properties": {"name": {"type": "string"}, "tools": {"type": "array", "items": _R_TOOL}}}}]}}
 RESPONSES_VALIDATOR = Draft202012Validator({
+    "title": "responses request",
     "type": "object",
     "required": ["model", "input"],
     "properties": {
         "model": {"type": "string", "minLength": 1},
         "input": {"type": ["string", "array"], "items": {
-            "type": "object", "properties": {"type": {"type": "string"}},
+            "type": "object",
+            "properties": {"type": {"type": "string"},
+                           "id": ignored("the id of a replayed output item"),
+                           "status": ignored("the status of a replayed output item")},
             # An item without a type is a message (OpenAI's "easy input message").
             "allOf": [{"if": {"properties": {"type": {"const": kind}}, **({} if kind == "message" else {"required": ["type"]})},
                        "then": rule} for kind, rule in _R_ITEM_RULES.items()]}},
         "instructions": {"type": "string"},
         "tools": _R_TOOLS,
         "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
-                                  {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}]},
+                                  {"type": "object", "required": ["type"],
+                                   "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                                  "namespace": {"type": "string"}}}]},
         "parallel_tool_calls": {"type": "boolean"},
         "reasoning": {"type": "object", "properties": {
             "effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", None]}}},
@@ -3037,9 +3173,13 @@ _PI_TOOL_CALL = {"required": ["id", "name", "arguments"],
 _PI_BLOCK_RULES = {"text": _PI_TEXT, "image": _PI_IMAGE, "thinking": _PI_THINKING, "toolCall": _PI_TOOL_CALL}
 
 
+_PI_OWN = {}  # the fields of pi-ai's own types not checked here (signatures, usage...): pi-ai reads them
+
+
 def _pi_blocks(allowed: list) -> dict:
     return {"type": "array", "items": {
         "type": "object", "required": ["type"], "properties": {"type": {"enum": allowed}},
+        "additionalProperties": _PI_OWN,
         "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": _PI_BLOCK_RULES[kind]}
                   for kind in allowed]}}
 
@@ -3056,21 +3196,23 @@ _PI_MESSAGE_RULES = {
                                   "content": _pi_blocks(["text", "image"]), "isError": {"type": "boolean"}}},
 }
 PI_STREAM_VALIDATOR = Draft202012Validator({
+    "title": "streamProxy request",
     "type": "object",
     "required": ["model", "context"],
     "properties": {
         "model": {"type": "object", "required": ["provider", "id"],
                   "properties": {"provider": {"type": "string", "minLength": 1},
-                                 "id": {"type": "string", "minLength": 1}}},
-        "context": {"type": "object", "required": ["messages"], "properties": {
+                                 "id": {"type": "string", "minLength": 1}},
+                  "additionalProperties": ignored("the model is this proxy's: only its provider and id are read")},
+        "context": {"type": "object", "required": ["messages"], "additionalProperties": _PI_OWN, "properties": {
             "systemPrompt": {"type": "string"},
             "messages": {"type": "array", "items": {
-                "type": "object", "required": ["role"],
+                "type": "object", "required": ["role"], "additionalProperties": _PI_OWN,
                 "properties": {"role": {"enum": list(_PI_MESSAGE_RULES)}},
                 "allOf": [{"if": {"properties": {"role": {"const": role}}}, "then": rule}
                           for role, rule in _PI_MESSAGE_RULES.items()]}},
             "tools": {"type": "array", "items": {
-                "type": "object", "required": ["name", "parameters"],
+                "type": "object", "required": ["name", "parameters"], "additionalProperties": _PI_OWN,
                 "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
                                "parameters": {"type": "object"}}}},
         }},
@@ -3084,6 +3226,7 @@ PI_STREAM_VALIDATOR = Draft202012Validator({
             "metadata": {"type": "object"},
             "maxRetryDelayMs": {"type": "integer", "minimum": 0},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "transport": ignored("the proxy makes the upstream connections"),
         }},
     },
 })
@@ -3105,10 +3248,7 @@ def pi_stream_body(body) -> dict:
 
 
 def pi_stream_options(options: dict) -> dict:
-    """The options pi-ai is given; the rest (transport, anything connection-related) is ignored."""
-    ignored = sorted(set(options) - set(PI_STREAM_OPTIONS) - {"headers"})
-    if ignored:
-        log.debug("ignoring streamProxy options: %s", ", ".join(ignored))
+    """The options pi-ai is given (PI_STREAM_VALIDATOR marks the ignored ones)."""
     if "sessionId" in options:
         check_header(None, options["sessionId"], "options.sessionId")
     for name, value in (options.get("headers") or {}).items():
@@ -3924,19 +4064,25 @@ def off_loop(function, *args):
     preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
     if request.environ.get("pi_proxy.body_size", 0) <= OFF_LOOP_BYTES:
         return function(*args)
-    result, error = gevent.get_hub().threadpool.apply(outcome, (function, args))
+    result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
+    for record in records:
+        log.handle(record)
     if error is not None:
         raise error
     return result
 
 
 def outcome(function, args) -> tuple:
-    """(result, None) or (None, the exception): raised in a pool thread, gevent would print its
-    traceback, so a client's bad request (an ApiError) would write one to the log every time."""
+    """(result, None, log records) or (None, the exception, log records), in a pool thread. An
+    exception raised there would have gevent print its traceback, so a client's bad request (an
+    ApiError) would write one to the log every time; the log records are hold_off_loop's."""
+    _held.records = []
     try:
-        return function(*args), None
+        return function(*args), None, _held.records
     except Exception as error:
-        return None, error
+        return None, error, _held.records
+    finally:
+        _held.records = None
 
 
 def read_request(config: Config, check, messages: str, tools: str) -> dict:
@@ -4119,7 +4265,7 @@ def create_app(proxy: Proxy) -> Flask:
         body = read_request(proxy.config, functools.partial(validate, validator=CHAT_VALIDATOR), "messages", "tools")
         reject_unsupported(body)
         model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = chat_to_context(body, model)
+        context = off_loop(chat_to_context, body, model)
         fetch_remote_images(context, proxy.config)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         call, opening = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
@@ -4136,9 +4282,9 @@ def create_app(proxy: Proxy) -> Flask:
     def messages():
         body = read_request(proxy.config, functools.partial(validate, validator=MESSAGES_VALIDATOR), "messages", "tools")
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = anthropic_to_context(body, model, proxy.envelope_key())
+        context = off_loop(anthropic_to_context, body, model, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
-        estimate = count_request_tokens(context, model)
+        estimate = off_loop(count_request_tokens, context, model)
         seal = functools.partial(signature_out, model, key=proxy.envelope_key())
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         try:
@@ -4159,9 +4305,9 @@ def create_app(proxy: Proxy) -> Flask:
         body = read_request(proxy.config, functools.partial(validate, validator=COUNT_TOKENS_VALIDATOR), "messages",
                             "tools")
         model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = anthropic_to_context(body, model, proxy.envelope_key())
+        context = off_loop(anthropic_to_context, body, model, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
-        return {"input_tokens": count_request_tokens(context, model)}
+        return {"input_tokens": off_loop(count_request_tokens, context, model)}
 
     @app.post("/api/stream")
     def pi_stream():
@@ -4185,8 +4331,8 @@ def create_app(proxy: Proxy) -> Flask:
         reject_stateful(body)
         model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
         pi_tools, tools = responses_tools(body.get("tools", []))
-        items = stored_input(body, proxy.response_store, proxy.config.max_body_size)
-        context = responses_to_context(body, items, model, pi_tools, tools, proxy.envelope_key())
+        items = stored_input(body, proxy.response_store, proxy.config.max_body_size)  # the store lives on the loop
+        context = off_loop(responses_to_context, body, items, model, pi_tools, tools, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
         chat = responses_as_chat(body, tools)
         # Kept as sent: its item_reference entries are resolved again when a later response chains onto it.

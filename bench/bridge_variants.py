@@ -1,5 +1,5 @@
-"""How a bridge process spends CPU and memory, for each way of running it (the README's
-"Lean bridge" table). Run from the repository root: .venv/bin/python bench/bridge_variants.py
+"""How a bridge process spends CPU and memory, for each way of running it (docs/performance.md,
+"Where a bridge's time goes"). Run from the repository root: .venv/bin/python bench/bridge_variants.py
 
 Each variant is a node command line. N rounds, each running every variant once (interleaved, so
 that the machine's load weighs on all alike): spawn the bridge and, after it has loaded (1.5 s

@@ -6,9 +6,9 @@ answer during the large request (the worst stall), next to the same client's slo
 nothing else going on. Not a test: run `.venv/bin/python bench/stall.py [scenario words...]`."""
 
 import json
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -20,29 +20,34 @@ from tests.conftest import RunningProxy  # noqa: E402
 from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
 
 
+POLLER = """
+import sys, time, requests
+url, slowest, count = sys.argv[1], 0.0, 0
+with requests.Session() as session:
+    print("ready", flush=True)
+    while not sys.stdin.closed and select.select([sys.stdin], [], [], 0)[0] == []:
+        started = time.perf_counter()
+        session.get(url, timeout=600)
+        slowest, count = max(slowest, time.perf_counter() - started), count + 1
+print(slowest * 1000, count, flush=True)
+"""
+
+
 def worst_healthz(proxy, while_running) -> tuple[float, float, int]:
-    """(slowest /healthz in ms while `while_running()` runs, its duration in s, /healthz answered)."""
-    done, slowest, count = threading.Event(), [0.0], [0]
-
-    def poll():
-        with requests.Session() as session:
-            while not done.is_set():
-                started = time.perf_counter()
-                session.get(f"{proxy.url}/healthz", timeout=600)
-                slowest[0] = max(slowest[0], time.perf_counter() - started)
-                count[0] += 1
-
-    poller = threading.Thread(target=poll)
-    poller.start()
+    """(slowest /healthz in ms while `while_running()` runs, its duration in s, /healthz answered).
+    The client asking /healthz is a process of its own: as a thread here it would share this
+    process's GIL with the fake upstream, which parses the large request meanwhile, and measure that."""
+    poller = subprocess.Popen([sys.executable, "-c", "import select\n" + POLLER, f"{proxy.url}/healthz"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    poller.stdout.readline()
     time.sleep(0.3)
     started = time.perf_counter()
     try:
         while_running()
     finally:
         duration = time.perf_counter() - started
-        done.set()
-        poller.join()
-    return slowest[0] * 1000, duration, count[0]
+        slowest, count = poller.communicate("stop\n")[0].split()
+    return float(slowest), duration, int(count)
 
 
 def post(proxy, path: str, data: bytes, stream: bool = False):

@@ -286,6 +286,29 @@ def test_client_text_cannot_forge_log_lines(proxy, fake):
     assert "\\r\\n" + forged in log
 
 
+def test_lines_logged_off_the_loop_reach_the_log(proxy, fake):
+    """Large requests are translated in pool threads, several at once here: what the translation
+    logs (at DEBUG, 300 lines each) reaches the log through the loop, and no thread hangs on the
+    log's lock (gevent's: a pool thread waiting for it while another holds it never wakes)."""
+    padding = [{"role": "user", "content": "p" * 1000}] * 120  # over 100 KB: translated off the loop
+    def send(index, results):
+        body = {"model": "fake-responses/gpt-test",
+                "input": [*padding, *[{"type": f"odd-{index}", "text": "t"}] * 300, {"role": "user", "content": "hi"}]}
+        results[index] = requests.post(proxy.url + RESPONSES, json=body, timeout=60).status_code
+    for _ in range(4):
+        fake.push(Reply(text="ok"))
+    results = {}
+    threads = [threading.Thread(target=send, args=(index, results)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {index: 200 for index in range(4)}
+    log = proxy.log_path.read_text()
+    for index in range(4):
+        assert log.count(f"of type odd-{index} kept as text") == 300
+
+
 @pytest.mark.parametrize("body", [
     b'{"model": "fake-chat/chat-model", "messages": [' + b" " * 200_000,  # not JSON
     json.dumps({"model": "fake-chat/chat-model", "messages": [{"role": "nobody"}] * 8000}).encode(),  # schema

@@ -4,7 +4,7 @@ and correct, the proxy's memory bounded, and no process or file descriptor left 
 
 `make test` runs a small version (30 concurrent streams, 300 sequential requests); `make soak`
 (SOAK=1) the full one: 200 concurrent streams, 5,000 sequential requests and a 10-minute stream.
-Each test prints its figures (run pytest with -s to see them); README "Load and soak" records them.
+Each test prints its figures (run pytest with -s to see them); docs/reliability.md ("Load and soak") records them.
 """
 
 import collections
@@ -32,7 +32,7 @@ POOL = 4
 #   and may grow by at most 8 MB over the rest: a leak of 2 KB per request would show at 5,000.
 RSS_GROWTH_LIMIT = 8 * 2**20
 # - Peak RSS under concurrency: the proxy holds one greenlet, one socket and one bridge's pipes per
-#   stream; 200 streams measured well under this (README "Load and soak").
+#   stream; 200 streams measured well under this (docs/reliability.md, "Load and soak").
 PEAK_RSS_LIMIT = 400 * 2**20
 # - File descriptors and children are counted with the pool full and no request in flight: they
 #   must be exactly what they were at the start.
