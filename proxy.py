@@ -2518,6 +2518,8 @@ _R_ITEM_RULES = {
                                 "properties": {"call_id": {"type": "string"}, "id": {"type": "string"},
                                                "output": {"type": "string"}}},
 }
+HOSTED_TOOLS_DROPPED = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
+                        "tool_search")  # they only add facts the model would look up (Codex always declares web_search)
 _R_TOOL_RULES = {
     "function": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
                                                       "description": {"type": ["string", "null"]},
@@ -2527,7 +2529,9 @@ _R_TOOL_RULES = {
                                                     "format": {"type": "object"}}},
 }
 _R_TOOL = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}},
-           "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": rule} for kind, rule in _R_TOOL_RULES.items()]}
+           "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": rule} for kind, rule in _R_TOOL_RULES.items()]
+           + [{"if": {"properties": {"type": {"enum": list(HOSTED_TOOLS_DROPPED)}}},
+               "then": {"additionalProperties": ignored("a hosted tool this proxy drops: nothing here can run it")}}]}
 _R_TOOLS = {"type": "array", "items": {
     "allOf": [_R_TOOL, {"if": {"properties": {"type": {"const": "namespace"}}},
                         "then": {"required": ["name", "tools"],
@@ -2597,51 +2601,52 @@ class ResponseStore:
 
     def __init__(self, max_bytes: int, max_age: float, clock=time.monotonic):
         self.max_bytes, self.max_age, self.clock = max_bytes, max_age, clock
-        self.entries = collections.OrderedDict()  # id -> (expiry, JSON text), least recently used first
+        # ("item" or "response", id) -> (expiry, JSON text), least recently used first
+        self.entries = collections.OrderedDict()
         self.size = 0
 
-    def put(self, id_: str, value):
+    def put(self, key: tuple, value):
         data = json.dumps(value, separators=(",", ":")).encode()
         if len(data) + self.ENTRY_BYTES > self.max_bytes:
-            log.debug("not storing %s: %d bytes are more than the store holds", id_, len(data))
+            log.debug("not storing %s %s: %d bytes are more than the store holds", *key, len(data))
             return
-        self.entries[id_] = (self.clock() + self.max_age, data)
+        self.entries[key] = (self.clock() + self.max_age, data)
         self.size += len(data) + self.ENTRY_BYTES
         while self.entries and (self.size > self.max_bytes or self.expired(next(iter(self.entries)))):
             self.drop(next(iter(self.entries)))
 
-    def get(self, id_: str, budget: "ByteBudget"):
-        """The value stored under `id_` (charged to `budget`), or None."""
-        if id_ not in self.entries:
+    def get(self, key: tuple, budget: "ByteBudget"):
+        """The value stored under `key` (charged to `budget`), or None."""
+        if key not in self.entries:
             return None
-        if self.expired(id_):
-            self.drop(id_)
+        if self.expired(key):
+            self.drop(key)
             return None
-        self.entries.move_to_end(id_)
-        data = self.entries[id_][1]
+        self.entries.move_to_end(key)
+        data = self.entries[key][1]
         budget.charge(len(data))
         return json.loads(data)
 
-    def expired(self, id_: str) -> bool:
-        return self.entries[id_][0] <= self.clock()
+    def expired(self, key: tuple) -> bool:
+        return self.entries[key][0] <= self.clock()
 
-    def drop(self, id_: str):
-        self.size -= len(self.entries.pop(id_)[1]) + self.ENTRY_BYTES
+    def drop(self, key: tuple):
+        self.size -= len(self.entries.pop(key)[1]) + self.ENTRY_BYTES
 
     def keep(self, response: dict, input_items: list, previous: str | None):
         """A finished response: its output items under their ids; under its own id, its previous
         response, its input as sent and its output's ids (what previous_response_id brings back)."""
         for item in response["output"]:
-            self.put(item["id"], item)
-        self.put(response["id"], {"previous": previous, "input": input_items,
-                                  "output": [item["id"] for item in response["output"]]})
+            self.put(("item", item["id"]), item)
+        self.put(("response", response["id"]), {"previous": previous, "input": input_items,
+                                                "output": [item["id"] for item in response["output"]]})
 
     def history(self, response_id: str, budget: "ByteBudget") -> list | None:
         """As OpenAI defines previous_response_id: the response's input items and output items,
         after those of its own previous response, and so on; None if any of it is forgotten."""
         chain = []
         while response_id is not None:
-            record = self.get(response_id, budget)
+            record = self.get(("response", response_id), budget)
             if record is None:
                 return None
             chain.append(record)
@@ -2649,7 +2654,7 @@ class ResponseStore:
         items = []
         for record in reversed(chain):
             for item in [*record["input"], *({"type": "item_reference", "id": id_} for id_ in record["output"])]:
-                item = self.get(item["id"], budget) if item.get("type") == "item_reference" else item
+                item = self.get(("item", item["id"]), budget) if item.get("type") == "item_reference" else item
                 if item is None:
                     return None
                 items.append(item)
@@ -2690,7 +2695,7 @@ def stored_input(body: dict, store: ResponseStore, max_bytes: int) -> list:
         items += [("previous_response_id", item) for item in history]
     for index, item in enumerate(input_items(body)):
         if item.get("type") == "item_reference":
-            found = store.get(item["id"], budget)
+            found = store.get(("item", item["id"]), budget)
             if found is None:
                 raise ApiError(400, f"Item with id {shown(item['id'])} not found. This proxy keeps the "
                                     "items it produced in memory for a limited time and size, and forgets them when "
@@ -2717,8 +2722,8 @@ LOCAL_SHELL_PARAMETERS = {"type": "object", "required": ["command"], "properties
     "working_directory": {"type": "string"}, "timeout_ms": {"type": "integer"},
     "env": {"type": "object", "additionalProperties": {"type": "string"}}, "user": {"type": "string"}}}
 # Tools that OpenAI runs on its servers. Without them the model answers another question (it cannot
-# search the user's files, run code, see the screen, draw, or reach the MCP server): a 400. Web search
-# only adds facts, and Codex always declares it: dropped.
+# search the user's files, run code, see the screen, draw, or reach the MCP server): a 400. Others,
+# web search above all (HOSTED_TOOLS_DROPPED), are dropped.
 HOSTED_TOOLS_REFUSED = {"file_search", "code_interpreter", "computer_use_preview", "computer_use", "image_generation",
                         "mcp"}
 

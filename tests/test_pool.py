@@ -53,7 +53,7 @@ def test_a_request_is_served_by_a_bridge_started_before_it(pooled, fake):
                              json={"model": "fake-chat/chat-model", "messages": USER, "stream": True})
     serving = wait_for(pooled.bridges)
     assert len(serving) == 1 and serving[0] in idle, "the serving bridge was one of the idle ones"
-    assert b'"six"' in b"".join(response.iter_content(None))
+    assert b'six"' in b"".join(response.iter_content(None)), "the whole reply arrives"
 
 
 def test_the_pool_refills_after_use(pooled, fake):

@@ -185,31 +185,39 @@ def item(id_: str, text: str = "") -> dict:
     return {"id": id_, "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
 
 
+def put(store, id_: str, text: str = ""):
+    store.put(("item", id_), item(id_, text))
+
+
+def get(store, id_: str):
+    return store.get(("item", id_), budget())
+
+
 def test_store_is_bounded_by_bytes_least_recently_used_first():
     entry = len(json.dumps(item("a", "x" * 100), separators=(",", ":"))) + module.ResponseStore.ENTRY_BYTES
     store = module.ResponseStore(3 * entry, 60, Clock())
     for id_ in "abc":
-        store.put(id_, item(id_, "x" * 100))
+        put(store, id_, "x" * 100)
     assert store.size == 3 * entry
-    assert store.get("a", budget())["id"] == "a"  # used: b is now the least recently used
-    store.put("d", item("d", "x" * 100))
-    assert [id_ for id_ in "abcd" if store.get(id_, budget())] == ["a", "c", "d"] and store.size <= 3 * entry
-    store.put("huge", item("huge", "x" * 10 * entry))
-    assert store.get("huge", budget()) is None and store.get("a", budget()), "too large for the store: not kept"
+    assert get(store, "a")["id"] == "a"  # used: b is now the least recently used
+    put(store, "d", "x" * 100)
+    assert [id_ for id_ in "abcd" if get(store, id_)] == ["a", "c", "d"] and store.size <= 3 * entry
+    put(store, "huge", "x" * 10 * entry)
+    assert get(store, "huge") is None and get(store, "a"), "too large for the store: not kept"
 
 
 def test_store_forgets_after_its_age():
     clock = Clock()
     store = module.ResponseStore(10**6, 60, clock)
-    store.put("old", item("old"))
+    put(store, "old")
     clock.now += 30
-    store.put("young", item("young"))
+    put(store, "young")
     clock.now += 31
-    assert store.get("old", budget()) is None and store.get("young", budget())["id"] == "young"
+    assert get(store, "old") is None and get(store, "young")["id"] == "young"
     assert store.size == len(json.dumps(item("young"), separators=(",", ":"))) + module.ResponseStore.ENTRY_BYTES
     clock.now += 60
-    store.put("new", item("new"))
-    assert list(store.entries) == ["new"], "expired entries go when a new one comes"
+    put(store, "new")
+    assert list(store.entries) == [("item", "new")], "expired entries go when a new one comes"
 
 
 def test_history_chains_previous_responses_and_resolves_references():
@@ -227,7 +235,11 @@ def test_history_chains_previous_responses_and_resolves_references():
     with pytest.raises(module.ApiError) as caught:
         module.stored_input({"previous_response_id": "resp_2", "input": "q3"}, store, 100)
     assert caught.value.status == 413, "what references expand to is bounded like a request body"
-    store.drop("msg_1")
+    with pytest.raises(module.ApiError) as caught:
+        module.stored_input({"previous_response_id": "msg_1", "input": [{"type": "item_reference", "id": "resp_1"}]},
+                            store, 10**6)
+    assert caught.value.param == "previous_response_id", "items and responses are not each other"
+    store.drop(("item", "msg_1"))
     assert store.history("resp_2", budget()) is None, "a chain with a forgotten link is not answered in part"
     with pytest.raises(module.ApiError) as caught:
         module.stored_input({"input": [{"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_1"}]},

@@ -482,3 +482,26 @@ def test_interleaved_pi_blocks_stream_one_item_at_a_time():
     assert module.open_reasoning(sealed, {"provider": "p", "id": "other"}, KEY) is None
     assert module.open_reasoning("gAAAA-not-ours", {"provider": "p", "id": "m"}, KEY) is None
     assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}, b"another installation") is None
+
+
+@pytest.mark.parametrize("arguments, action", [
+    ('{"command": ["ls"], "env": {"A": "1"}, "user": null, "extra": 1}', {"type": "exec", "command": ["ls"], "env": {"A": "1"}}),
+    ('{"command": []}', None), ('{"command": "ls -la"}', None), ('{"command": ["ls", 5]}', None), ('{"comm', None),
+    ('["ls"]', None)])
+def test_local_shell_action_needs_a_command(arguments, action):
+    import proxy as module
+    assert module.local_shell_action(arguments) == action
+
+
+def test_a_local_shell_call_without_a_command_is_incomplete():
+    import proxy as module
+    tools = {"local_shell": module.ClientTool("local_shell", kind="local_shell")}
+    frames = module.ResponsesEvents(module.response_object({"model": "m", "input": "x"}, "resp_1", 0), "p/m", tools, KEY)
+    pi_events = [{"type": "start"}, {"type": "toolcall_start", "contentIndex": 0, "id": "c1", "toolName": "local_shell"},
+                 {"type": "toolcall_delta", "contentIndex": 0, "delta": '{"cmd": "ls"}'},
+                 {"type": "toolcall_end", "contentIndex": 0, "toolCall": {"arguments": {"cmd": "ls"}}},
+                 {"type": "done", "reason": "toolUse", "message": {"usage": {}}}]
+    raw = "".join(module.sse_event(f["type"], f).decode() for e in pi_events for f in frames.translate(e))
+    [call] = check_responses_stream(raw)[-1]["response"]["output"]
+    assert (call["type"], call["status"], call["action"]) == ("local_shell_call", "incomplete",
+                                                              {"type": "exec", "command": [], "env": {}})
