@@ -1,9 +1,10 @@
 # make run   installs what the proxy needs and runs it
-# make test  installs what the tests need too (test clients, Codex CLI) and runs them
+# make test  installs what the tests need too (test clients, Codex CLI, ruff), runs make lint, then the tests
+# make lint  ruff over the whole tree (ruff.toml: pyflakes, pycodestyle, bugbear, import order)
 # make soak  the long load and fuzz runs (30-45 minutes): 200 concurrent streams, 5,000 requests,
 #            a 10-minute stream, thousands of fuzzed bodies per endpoint; the proxies' logs stay in
 #            soak-logs/ (its own --basetemp: other pytest runs cannot clean it up mid-run)
-# make bench installs what the proxy needs and runs the benchmark (bench/results.json, a table):
+# make bench installs what the proxy and the tests' fakes need and runs the benchmark (bench/results.json, a table):
 #            loopback, then WAN (TLS and 50 ms round trip); make bench-wan runs only the WAN one
 #            (docs/performance.md: the scenarios, their options, the idle measurement)
 PYTHON ?= python3
@@ -11,13 +12,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 
-.PHONY: install install-test chromium run test soak bench bench-wan
+.PHONY: install install-test chromium run lint test soak bench bench-wan
 install: $(VENV)/.installed node_modules/.installed build/bridge.mjs
-install-test: $(VENV)/.installed node_modules/.installed-dev build/bridge.mjs
+install-test: $(VENV)/.installed-test node_modules/.installed-dev build/bridge.mjs
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+# The tests' packages (pytest, the SDKs, hypothesis, ruff) on top of the proxy's.
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
 # Runtime packages only: the devDependencies (pi-agent-core, the pi coding agent, the Codex CLI) serve the tests.
@@ -38,7 +44,11 @@ build/bridge.mjs: bridge.mjs web-fetch.mjs node_modules/.installed
 run: install
 	$(PY) proxy.py
 
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+
 test: install-test chromium
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q tests
 
 # tests/test_browser.py drives Debian's chromium. Installing it may fail (no root, no apt, no mirror):
@@ -52,8 +62,8 @@ soak: install-test
 	SOAK=1 $(PY) -m pytest -q -s --basetemp=soak-logs/load tests/test_load.py
 	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -q --hypothesis-show-statistics --basetemp=soak-logs/fuzz tests/test_fuzz.py
 
-bench: install
+bench: install-test
 	$(PY) bench/bench.py
 
-bench-wan: install
+bench-wan: install-test
 	$(PY) bench/bench.py wan

@@ -28,7 +28,8 @@
 //            {"type":"text_end|thinking_end","contentIndex":i,"content":s,"contentSignature"?:s}
 //            content: the block's final text, which pi-ai may make differ from its deltas
 //            (openai-responses streams "\n\n" after each reasoning summary part, then drops the last).
-//            {"type":"toolcall_start","contentIndex":i,"id":s,"toolName":s}
+//            {"type":"toolcall_start","contentIndex":i,"id":s,"toolName":s,"thoughtSignature"?:s}
+//            (thoughtSignature: Google's, known when the call starts)
 //            {"type":"toolcall_end","contentIndex":i,"toolCall":ToolCall}
 //            then exactly one of
 //            {"type":"done","reason":"stop|length|toolUse","message":AssistantMessage,
@@ -251,7 +252,8 @@ function reduce(event) {
     }
     case "toolcall_start": {
       const block = event.partial.content[contentIndex];
-      return { type, contentIndex, id: block?.id ?? "", toolName: block?.name ?? "" };
+      const reduced = { type, contentIndex, id: block?.id ?? "", toolName: block?.name ?? "" };
+      return block?.thoughtSignature ? { ...reduced, thoughtSignature: block.thoughtSignature } : reduced;
     }
     case "toolcall_end":
       return { type, contentIndex, toolCall: event.toolCall };

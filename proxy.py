@@ -5,26 +5,29 @@ every request is answered by a short-lived `node bridge.mjs` process that calls
 @mariozechner/pi-ai and prints its events as JSON lines.
 Python owns HTTP, configuration, credentials and translation; the bridge only talks to pi-ai.
 
-The file reads in the order data flows through it:
+The file reads in the order data flows through it; a section uses only what comes before it:
 
    1. Configuration        flags and PI_PROXY_* environment variables
-   2. pi's config files    models.json (JSON with comments), auth.json and its lock, resolving keys
-   3. Model registry       pi-ai's catalogue merged with models.json; availability; name -> model
-   4. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
-   5. Relay                the bridges' HTTP, sent upstream over pooled keep-alive connections
-   6. Bridge pool          bridges started (and warmed) ahead of need; admission control; replaced, drained on shutdown
-   7. Errors               ApiError and the mapping of upstream failures to HTTP statuses
-   8. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
-   9. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
-  10. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
-  11. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
-  12. Remote images       images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
-  13. Usage                a record per request: its log line, the totals behind GET /usage
-  14. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
-  15. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
-  16. Main                 command line (serve, login, logout, models) and the gevent server
+   2. Errors and helpers   ApiError, upstream failures -> HTTP statuses; request validation (and the DEBUG
+                           log of fields not used), header checks
+   3. pi's config files    models.json (JSON with comments), auth.json and its lock, resolving keys
+   4. Model registry       pi-ai's catalogue merged with models.json; availability; name -> model
+   5. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
+   6. Relay                the bridges' HTTP, sent upstream over pooled keep-alive connections
+   7. Bridge pool          bridges started (and warmed) ahead of need; admission control; replaced, drained on shutdown
+   8. pi messages          message builders, finish_context, extras -> upstream payload, replayed messages
+   9. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
+  10. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
+  11. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
+  12. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
+  13. Remote images        images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
+  14. Usage                a record per request: its log line, the totals behind GET /usage
+  15. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
+  16. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
+  17. Main                 command line (serve, login, logout, models) and the gevent server
 
-Translation functions in sections 7-11 are pure: tests call them without HTTP or node.
+Translation functions in sections 8-12 are pure: tests call them without HTTP or node.
+tests/test_code_shape.py keeps the order: no section uses a name defined in a later one.
 """
 
 if __name__ == "__main__":
@@ -119,7 +122,7 @@ HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
 BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
 BRIDGE_SOURCES = (BRIDGE_SCRIPT, HERE / "web-fetch.mjs")  # what the bundle is built from, pi-ai aside
-STATUS_PAGE = HERE / "status.html"  # GET / from a browser: reads /usage (section 14)
+STATUS_PAGE = HERE / "status.html"  # GET / from a browser: reads /usage (section 15)
 
 
 # ==================================================================================================
@@ -153,12 +156,12 @@ class Config:
     bridge_pool: int = 2
     bridge_warm_up: bool = True  # pooled bridges run each API's request path once before their request
     shutdown_grace_s: float = 8.0  # under `docker stop`'s 10 s before its SIGKILL
-    # What one request may ask of the proxy (checked before schema validation: section 13)
+    # What one request may ask of the proxy (checked before schema validation: section 15)
     max_depth: int = 64  # nesting of arrays and objects in a request body
     max_messages: int = 100_000  # messages (Responses: input items) in one request
     max_tools: int = 5_000  # tools declared in one request
     max_json_values: int = 5_000_000  # values (array members and object fields) in one request body
-    remote_images: bool = False  # fetch images given by http(s) URL (section 12)
+    remote_images: bool = False  # fetch images given by http(s) URL (section 13)
     remote_image_max_bytes: int = 20_000_000  # per image, decompressed
     remote_image_max_count: int = 16  # images given by URL in one request
     remote_image_max_total_bytes: int = 50_000_000  # all of one request's fetched images, decompressed
@@ -246,7 +249,258 @@ def comma_list(text: str) -> list[str]:
 
 
 # ==================================================================================================
-# 2. pi's config files
+# 2. Errors and helpers
+# ==================================================================================================
+# Used everywhere below: ApiError (answered in the client's API's own error shape), how an upstream
+# failure becomes one, and the checks every API applies to what a client sends (validate, against
+# request schemas that mark the fields knowingly ignored).
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_ERROR_TYPES = {*ERROR_TYPES.values(), "api_error"}
+STATUS_OF_TYPE = {type_: status for status, type_ in ERROR_TYPES.items()} | {"api_error": 500}
+
+
+class ApiError(Exception):
+    """An error answered to the client in its API's own shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None,
+                 code=None, retry_after: str | None = None, upstream_event: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type_
+        self.param, self.code, self.retry_after = param, code, retry_after
+        self.upstream_event = upstream_event  # the bridge's error event (redacted), when upstream failed
+        self.request_id = None  # the request's id, named in every body (as Anthropic's API does)
+
+    def openai_body(self) -> dict:
+        return self._named({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                      "code": self.code}})
+
+    def anthropic_body(self) -> dict:
+        type_ = self.type if self.type in ANTHROPIC_ERROR_TYPES else "api_error"
+        return self._named({"type": "error", "error": {"type": type_, "message": self.message}})
+
+    def pi_body(self) -> dict:
+        return self._named({"error": self.message})  # pi-agent-core's streamProxy reads only `error`
+
+    def _named(self, body: dict) -> dict:
+        return {**body, "request_id": self.request_id} if self.request_id else body
+
+
+_STATUS_PREFIX = re.compile(r"^(\d{3}) (.*)$", re.S)
+
+
+def parse_upstream_message(text: str) -> tuple[int | None, str]:
+    """pi-ai's error message -> (status, readable message). The SDKs write "<status> <message>";
+    Anthropic's "<status> <its whole JSON error body>"; an in-stream error may be that JSON alone,
+    whose error type then tells the status."""
+    found = _STATUS_PREFIX.match(text)
+    status, rest = (int(found.group(1)), found.group(2)) if found else (None, text)
+    try:
+        error = json.loads(rest).get("error")
+    except (ValueError, AttributeError):
+        return status, rest
+    if not isinstance(error, dict) or not error.get("message"):
+        return status, rest
+    return status or STATUS_OF_TYPE.get(error.get("type")), error["message"]
+
+
+def upstream_error(event: dict, secrets=()) -> ApiError:
+    """A bridge `error` event -> the ApiError a client should see. The status the upstream sent
+    is kept (the bridge observes it; pi-ai's message carries it too); transport failures become
+    502 and silence 504; a failure of the bridge itself keeps its own status (502, or 503 when the
+    proxy ended it to shut down). The (redacted) event stays attached for clients that want pi's
+    own form."""
+    raw = redact((event.get("message") or {}).get("errorMessage") or "upstream error", secrets)
+    redacted = {**event, "message": {**(event.get("message") or {}), "errorMessage": raw}}
+    parsed_status, message = parse_upstream_message(raw)
+    status = event.get("status") or parsed_status
+    if event.get("local"):  # the bridge failed, or the proxy ended it: its own status and words
+        type_ = "api_error"
+    elif event.get("timeout") or (status is None and re.search(r"timed? ?out", message, re.I)):
+        status, message, type_ = 504, f"Upstream timed out: {message}", "timeout_error"
+    elif status is None:
+        status, message, type_ = 502, f"Upstream request failed: {message}", "api_error"
+    elif event.get("overflow"):
+        return ApiError(400, message, code="context_length_exceeded", upstream_event=redacted)
+    elif status == 408:
+        status, type_ = 504, "timeout_error"
+    else:
+        status = status if status >= 400 else 502
+        type_ = ERROR_TYPES.get(status, "api_error")
+    return ApiError(status, message, type_, retry_after=event.get("retryAfter"), upstream_event=redacted)
+
+
+def shown(value: str, limit: int = 100) -> str:
+    """A client's value quoted in an error message, cut short: errors never echo huge input."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def redact(text: str, secrets) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+IGNORED = "x-ignored"  # a schema annotation (jsonschema skips unknown keywords): why the field is not used
+MAX_UNUSED_LOGGED = 20  # paths logged per request: a body of a million unknown keys writes a few lines
+
+
+def ignored(why: str, schema: dict | None = None) -> dict:
+    """The schema of a property accepted on purpose and not used, e.g.
+    `"store": ignored("nothing is stored", {"type": "boolean"})`: values valid per `schema` pass.
+
+    The rule: every field a client sends is honoured, translated, or knowingly ignored, and at
+    DEBUG each one that is not used is logged with its path (`messages[3].reasoning_content`). The
+    request schemas, which `validate` checks bodies against, say which is which, so every endpoint
+    gets the log line from its validator (validate -> log_unused_fields -> unused_fields):
+    - a property some applying schema describes without this mark is used; its value is walked on;
+    - a property marked with ignored(why) is logged as ignored, with `why`, and not walked into;
+    - a property no schema describes is logged as unknown (the request still goes on);
+    - an object whose schemas describe no properties (a tool's JSON Schema) is used whole, and
+      `additionalProperties` describes the names a schema does not list (it too may be ignored()).
+    A schema applies together with its `allOf` members, the `then` (or `else`) of its `if`, and the
+    `anyOf`/`oneOf` branches the value matches, so the per-type rules of blocks and items count.
+    Null values mean "unset" and are not reported. A field whose loss changes the conversation is
+    not for this mark: refuse it (400) instead. The README lists the ignored fields per endpoint."""
+    return {**(schema or {}), IGNORED: why}
+
+
+_BRANCH_VALIDATORS: dict[int, tuple] = {}  # id -> (an `if` or anyOf branch of a module schema, its validator)
+
+
+def _matches(schema, value) -> bool:
+    if not isinstance(schema, dict):
+        return bool(schema)
+    entry = _BRANCH_VALIDATORS.get(id(schema))
+    if entry is None or entry[0] is not schema:
+        entry = _BRANCH_VALIDATORS[id(schema)] = (schema, Draft202012Validator(schema))
+    return entry[1].is_valid(value)
+
+
+def _applying(schemas: list, value) -> list:
+    """`schemas` and the subschemas that apply to `value` with them (allOf, if/then/else, the
+    anyOf/oneOf branches it matches)."""
+    found, pending = [], list(schemas)
+    while pending:
+        schema = pending.pop()
+        if not isinstance(schema, dict):
+            continue
+        found.append(schema)
+        pending += schema.get("allOf", [])
+        pending += [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _matches(branch, value)]
+        if "if" in schema:
+            branch = schema.get("then" if _matches(schema["if"], value) else "else")
+            if branch is not None:
+                pending.append(branch)
+    return found
+
+
+def unused_fields(body, schema: dict):
+    """(path, why) for each field of a valid `body` that is not used, in document order: `why` is
+    the ignored() reason, or None for a field no schema describes. Nothing below such a field."""
+    pending = [(body, [schema], ())]
+    while pending:
+        value, schemas, path = pending.pop()
+        schemas = _applying(schemas, value)
+        children = []
+        if isinstance(value, dict):
+            rest = [s["additionalProperties"] for s in schemas if "additionalProperties" in s]
+            if not rest and not any("properties" in s for s in schemas):
+                continue  # described as a whole: passed on as it is
+            for name, member in value.items():
+                if member is None:
+                    continue
+                described = [s["properties"][name] for s in schemas if name in s.get("properties", {})] or rest
+                used = [s for s in described if not (isinstance(s, dict) and IGNORED in s)]
+                if used:
+                    children.append((member, used, (*path, name)))
+                else:
+                    yield json_path((*path, name)), described[0][IGNORED] if described else None
+        elif isinstance(value, list):
+            described = [s["items"] for s in schemas if "items" in s]
+            children = [(member, described, (*path, index)) for index, member in enumerate(value)]
+        pending += reversed(children)
+
+
+def log_unused_fields(body, schema: dict):
+    """At DEBUG: the fields of a request that are not used, grouped by why, at most MAX_UNUSED_LOGGED."""
+    found = list(itertools.islice(unused_fields(body, schema), MAX_UNUSED_LOGGED + 1))
+    by_reason = {}
+    for path, why in found[:MAX_UNUSED_LOGGED]:
+        by_reason.setdefault(why, []).append(path)
+    what = schema.get("title", "request")
+    for why, paths in by_reason.items():
+        log.debug("%s: ignored (%s): %s", what, "unknown to this proxy" if why is None else why, ", ".join(paths))
+    if len(found) > MAX_UNUSED_LOGGED:
+        log.debug("%s: more fields ignored; only the first %d are logged", what, MAX_UNUSED_LOGGED)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]{0,63}")
+
+
+def json_path(path) -> str:
+    """jsonschema's path deque -> `messages[0].content`. A name that is not plain (a client's
+    own keys can be anything) is quoted, escaped and cut short: `metadata["a.b\\n..."]`."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_NAME.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += "[" + json.dumps(part if len(part) <= 64 else part[:64] + "...") + "]"
+    return text
+
+
+def validate(body, validator: Draft202012Validator) -> dict:
+    """The request body with nulls dropped (clients send `"stop": null` for "unset"), or ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object")
+    body = {key: value for key, value in body.items() if value is not None}
+    try:
+        error = best_match(validator.iter_errors(body))
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
+    if error is not None:
+        path = list(error.absolute_path)
+        if error.validator == "required":  # name the missing field, not its parent
+            path.append(next(name for name in error.validator_value if name not in error.instance))
+        param = json_path(path) or None
+        where = f" at {param}" if param else ""
+        message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
+        raise ApiError(400, f"Invalid request{where}: {message}", param=param, code="invalid_value")
+    if log.isEnabledFor(logging.DEBUG):
+        log_unused_fields(body, validator.schema)
+    return body
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_NOT_IN_HEADER_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+
+
+def check_header(name: str | None, value: str, param: str):
+    """A client's value that pi-ai sends as an HTTP header (session ids, streamProxy's headers):
+    one the upstream's HTTP client would refuse (control characters such as CR/LF, characters
+    past U+00FF) is the client's 400, not a failed upstream call."""
+    if name is not None and not _HEADER_NAME.match(name):
+        raise ApiError(400, f"{param}: {shown(name)} is not a valid HTTP header name", param=param,
+                       code="invalid_value")
+    if _NOT_IN_HEADER_VALUE.search(value):
+        raise ApiError(400, f"{param} goes to the upstream as an HTTP header: it may not hold control characters "
+                            "or characters past U+00FF", param=param, code="invalid_value")
+
+
+# ==================================================================================================
+# 3. pi's config files
 # ==================================================================================================
 
 _JSON_STRING_OR_COMMENT = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*')
@@ -500,7 +754,7 @@ class Credentials:
 
 
 # ==================================================================================================
-# 3. Model registry
+# 4. Model registry
 # ==================================================================================================
 
 CUSTOM_MODEL_DEFAULTS = {
@@ -650,12 +904,32 @@ def resolve_model(name: str, models: dict, is_available) -> dict:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
         raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
                        "invalid_request_error", param="model", code="ambiguous_model")
-    raise ApiError(404, f"The model {shown(name)} does not exist or has no credentials configured",
-                   "not_found_error", param="model", code="model_not_found")
+    raise ApiError(404, f"The model {shown(name)} does not exist or has no credentials configured"
+                        + no_such_provider(name, models), "not_found_error", param="model", code="model_not_found")
+
+
+def within_output_limit(options: dict, model: dict) -> dict:
+    """pi-ai options with `maxTokens` no higher than the model's own limit: clients ask for more
+    than a model can give (the AI SDK asks 128000 of Claude names it does not know), and the
+    upstream would answer that with a 400."""
+    limit = model.get("maxTokens")
+    if not limit or options.get("maxTokens", 0) <= limit:
+        return options
+    log.debug("max tokens %d is above the %d of %s: clamped", options["maxTokens"], limit, canonical_id(model))
+    return {**options, "maxTokens": limit}
+
+
+def no_such_provider(name: str, models: dict) -> str:
+    """Why `someprovider/model` names nothing, when its prefix is no provider's name: a prefix is
+    never a hint, so such a name never falls back to another provider's model of that id."""
+    provider = name.partition("/")[0]
+    if "/" not in name or any(model["provider"] == provider for model in models.values()):
+        return ""
+    return f" (no provider is named {shown(provider)})"
 
 
 # ==================================================================================================
-# 4. Bridge
+# 5. Bridge
 # ==================================================================================================
 
 
@@ -926,7 +1200,7 @@ def load_catalog(node: str) -> list:
 
 
 # ==================================================================================================
-# 5. Relay
+# 6. Relay
 # ==================================================================================================
 # Bridges do no network I/O of their own (web-fetch.mjs): each HTTP request a pooled bridge makes
 # comes here over a Unix socket in a directory only this user may enter, naming its bridge with
@@ -1101,7 +1375,7 @@ class Relay:
 
 
 # ==================================================================================================
-# 6. Bridge pool
+# 7. Bridge pool
 # ==================================================================================================
 
 
@@ -1244,200 +1518,170 @@ class BridgePool:
 
 
 # ==================================================================================================
-# 7. Errors
+# 8. pi messages
 # ==================================================================================================
+# What every client API's translation builds on: pi's messages as the request translators make them,
+# finish_context (the end of every request -> context translation), the extras the upstream gets in
+# its own vocabulary (upstream_payload), and a final message replayed as pi events.
+
+_DATA_URI = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.*)$", re.S)
 
 
-class ApiError(Exception):
-    """An error answered to the client in its API's own shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None,
-                 code=None, retry_after: str | None = None, upstream_event: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
-        self.param, self.code, self.retry_after = param, code, retry_after
-        self.upstream_event = upstream_event  # the bridge's error event (redacted), when upstream failed
-        self.request_id = None  # the request's id, named in every body (as Anthropic's API does)
-
-    def openai_body(self) -> dict:
-        return self._named({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                      "code": self.code}})
-
-    def anthropic_body(self) -> dict:
-        type_ = self.type if self.type in ANTHROPIC_ERROR_TYPES else "api_error"
-        return self._named({"type": "error", "error": {"type": type_, "message": self.message}})
-
-    def pi_body(self) -> dict:
-        return self._named({"error": self.message})  # pi-agent-core's streamProxy reads only `error`
-
-    def _named(self, body: dict) -> dict:
-        return {**body, "request_id": self.request_id} if self.request_id else body
-
-
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    529: "overloaded_error",
-}
-ANTHROPIC_ERROR_TYPES = {*ERROR_TYPES.values(), "api_error"}
-STATUS_OF_TYPE = {type_: status for status, type_ in ERROR_TYPES.items()} | {"api_error": 500}
-_STATUS_PREFIX = re.compile(r"^(\d{3}) (.*)$", re.S)
-
-
-def parse_upstream_message(text: str) -> tuple[int | None, str]:
-    """pi-ai's error message -> (status, readable message). The SDKs write "<status> <message>";
-    Anthropic's "<status> <its whole JSON error body>"; an in-stream error may be that JSON alone,
-    whose error type then tells the status."""
-    found = _STATUS_PREFIX.match(text)
-    status, rest = (int(found.group(1)), found.group(2)) if found else (None, text)
+def image_from_url(url: str, param: str) -> dict:
+    """A data: URI -> a pi image block; an http(s) URL -> a block that names it, fetched later
+    (fetch_remote_images) or refused."""
+    if url[:8].lower().startswith(("http://", "https://")):
+        return {"type": "image", "url": url, "param": param}
+    found = _DATA_URI.match(url)
+    if not found:
+        raise ApiError(400, "Images must be base64 data: URIs or http(s) URLs", param=param,
+                       code="unsupported_image_url")
     try:
-        error = json.loads(rest).get("error")
-    except (ValueError, AttributeError):
-        return status, rest
-    if not isinstance(error, dict) or not error.get("message"):
-        return status, rest
-    return status or STATUS_OF_TYPE.get(error.get("type")), error["message"]
+        base64.b64decode(found.group(2), validate=True)
+    except binascii.Error:
+        raise ApiError(400, "The image data is not valid base64", param=param, code="invalid_image") from None
+    return {"type": "image", "data": found.group(2), "mimeType": found.group(1)}
 
 
-def upstream_error(event: dict, secrets=()) -> ApiError:
-    """A bridge `error` event -> the ApiError a client should see. The status the upstream sent
-    is kept (the bridge observes it; pi-ai's message carries it too); transport failures become
-    502 and silence 504; a failure of the bridge itself keeps its own status (502, or 503 when the
-    proxy ended it to shut down). The (redacted) event stays attached for clients that want pi's
-    own form."""
-    raw = redact((event.get("message") or {}).get("errorMessage") or "upstream error", secrets)
-    redacted = {**event, "message": {**(event.get("message") or {}), "errorMessage": raw}}
-    parsed_status, message = parse_upstream_message(raw)
-    status = event.get("status") or parsed_status
-    if event.get("local"):  # the bridge failed, or the proxy ended it: its own status and words
-        type_ = "api_error"
-    elif event.get("timeout") or (status is None and re.search(r"timed? ?out", message, re.I)):
-        status, message, type_ = 504, f"Upstream timed out: {message}", "timeout_error"
-    elif status is None:
-        status, message, type_ = 502, f"Upstream request failed: {message}", "api_error"
-    elif event.get("overflow"):
-        return ApiError(400, message, code="context_length_exceeded", upstream_event=redacted)
-    elif status == 408:
-        status, type_ = 504, "timeout_error"
-    else:
-        status = status if status >= 400 else 502
-        type_ = ERROR_TYPES.get(status, "api_error")
-    return ApiError(status, message, type_, retry_after=event.get("retryAfter"), upstream_event=redacted)
+def text_of(blocks: list) -> str:
+    return "".join(block["text"] for block in blocks if block["type"] == "text")
 
 
-def shown(value: str, limit: int = 100) -> str:
-    """A client's value quoted in an error message, cut short: errors never echo huge input."""
-    return repr(value if len(value) <= limit else value[:limit] + "...")
+ZERO_USAGE = {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "totalTokens": 0,
+              "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "total": 0}}
 
 
-def redact(text: str, secrets) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "[redacted]")
-    return text
+def user_message(content: list) -> dict:
+    return {"role": "user", "content": content, "timestamp": 0}
+
+
+def assistant_message(model: dict, content: list, has_tool_calls: bool) -> dict:
+    """History rebuilt from a client is stamped with the target model, so pi-ai treats it as that
+    model's own output."""
+    return {
+        "role": "assistant",
+        "content": content,
+        "api": model["api"],
+        "provider": model["provider"],
+        "model": model["id"],
+        "usage": ZERO_USAGE,
+        "stopReason": "toolUse" if has_tool_calls else "stop",
+        "timestamp": 0,
+    }
+
+
+def tool_result(call_id: str, tool_name: str, content: list, is_error: bool = False) -> dict:
+    return {"role": "toolResult", "toolCallId": call_id, "toolName": tool_name, "content": content,
+            "isError": is_error, "timestamp": 0}
+
+
+def parse_arguments(arguments: str | None, param: str) -> dict:
+    if not arguments or not arguments.strip():
+        return {}
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        raise ApiError(400, "Tool call arguments must be a JSON object", param=param) from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "Tool call arguments must be a JSON object", param=param)
+    return parsed
+
+
+def json_instruction(response_format: dict) -> str:
+    """APIs without a JSON mode get the request for JSON as an instruction instead."""
+    schema = response_format.get("json_schema", {}).get("schema")
+    if schema:
+        return "Respond only with a JSON value that conforms to this JSON Schema:\n" + json.dumps(schema)
+    return "Respond only with a valid JSON object."
+
+
+JSON_MODE_APIS = ("openai-completions", "openai-responses")  # upstream APIs with a JSON mode of their own
+
+
+def finish_context(model: dict, system: list, messages: list, tools: list, param: str,
+                   response_format: dict | None = None) -> dict:
+    """The end of every request -> context translation: the images checked against the model,
+    the system prompt's parts (and a JSON instruction where the upstream has no JSON mode) joined
+    into pi's one system prompt, the tools."""
+    if "image" not in model.get("input", []) and any(
+            block["type"] == "image" for message in messages if message["role"] != "assistant"
+            for block in message["content"]):
+        raise ApiError(400, f"The model {canonical_id(model)!r} does not accept images", param=param)
+    if response_format and response_format["type"] != "text" and model["api"] not in JSON_MODE_APIS:
+        system = [*system, json_instruction(response_format)]
+    context = {"messages": messages}
+    system_prompt = "\n\n".join(part for part in system if part)
+    if system_prompt:
+        context["systemPrompt"] = system_prompt
+    if tools:
+        context["tools"] = tools
+    return context
+
+
+_EXTRAS_BY_API = {
+    "openai-completions": ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "response_format",
+                           "parallel_tool_calls", "user", "tool_choice"),
+    "anthropic-messages": ("top_p", "top_k", "stop", "tool_choice", "parallel_tool_calls"),
+    "openai-responses": ("top_p", "parallel_tool_calls", "user", "tool_choice", "response_format"),
+}
+
+
+def upstream_payload(extras: dict, api: str) -> dict:
+    """Neutral extras -> fields merged into the upstream request body (pi-ai's onPayload), in that
+    API's own vocabulary. Neutral form: OpenAI names, plus `top_k`; `tool_choice` is "auto" |
+    "required" | "none" | {"name": N}. What an API has no field for is dropped (logged at DEBUG)."""
+    supported = _EXTRAS_BY_API.get(api, ())
+    dropped = sorted(set(extras) - set(supported))
+    if dropped:
+        log.debug("%s has no equivalent for %s; dropped", api, ", ".join(dropped))
+    payload = {name: value for name, value in extras.items() if name in supported}
+    choice = payload.pop("tool_choice", None)
+    if api == "openai-completions" and choice is not None:
+        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
+    elif api == "anthropic-messages":
+        if "stop" in payload:
+            stop = payload.pop("stop")
+            payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+        serial = payload.pop("parallel_tool_calls", None) is False
+        if choice is not None or serial:
+            kinds = {"auto": "auto", "required": "any", "none": "none"}
+            payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
+                else {"type": kinds[choice or "auto"]}
+            if serial and payload["tool_choice"]["type"] != "none":
+                payload["tool_choice"]["disable_parallel_tool_use"] = True
+    elif api == "openai-responses":
+        if choice is not None:
+            payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
+        response_format = payload.pop("response_format", None)
+        if response_format and response_format["type"] == "json_schema":
+            spec = response_format["json_schema"]
+            payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
+                                          "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
+        elif response_format and response_format["type"] == "json_object":
+            payload["text"] = {"format": {"type": "json_object"}}
+    return payload
+
+
+def replay_message(message: dict):
+    """A final pi message as the events that would have streamed it (for whole replies)."""
+    for index, block in enumerate(message.get("content", [])):
+        if block["type"] == "text":
+            yield from ({"type": "text_start", "contentIndex": index},
+                        {"type": "text_delta", "contentIndex": index, "delta": block["text"]},
+                        {"type": "text_end", "contentIndex": index})
+        elif block["type"] == "thinking":
+            yield from ({"type": "thinking_start", "contentIndex": index},
+                        {"type": "thinking_delta", "contentIndex": index, "delta": block["thinking"]},
+                        {"type": "thinking_end", "contentIndex": index,
+                         "contentSignature": block.get("thinkingSignature")})
+        elif block["type"] == "toolCall":
+            yield from ({"type": "toolcall_start", "contentIndex": index, "id": block["id"], "toolName": block["name"]},
+                        {"type": "toolcall_end", "contentIndex": index, "toolCall": block})
 
 
 # ==================================================================================================
-# 8. OpenAI chat completions
+# 9. OpenAI chat completions
 # ==================================================================================================
-
-IGNORED = "x-ignored"  # a schema annotation (jsonschema skips unknown keywords): why the field is not used
-MAX_UNUSED_LOGGED = 20  # paths logged per request: a body of a million unknown keys writes a few lines
-
-
-def ignored(why: str, schema: dict | None = None) -> dict:
-    """The schema of a property accepted on purpose and not used, e.g.
-    `"store": ignored("nothing is stored", {"type": "boolean"})`: values valid per `schema` pass.
-
-    The rule: every field a client sends is honoured, translated, or knowingly ignored, and at
-    DEBUG each one that is not used is logged with its path (`messages[3].reasoning_content`). The
-    request schemas, which `validate` checks bodies against, say which is which, so every endpoint
-    gets the log line from its validator (validate -> log_unused_fields -> unused_fields):
-    - a property some applying schema describes without this mark is used; its value is walked on;
-    - a property marked with ignored(why) is logged as ignored, with `why`, and not walked into;
-    - a property no schema describes is logged as unknown (the request still goes on);
-    - an object whose schemas describe no properties (a tool's JSON Schema) is used whole, and
-      `additionalProperties` describes the names a schema does not list (it too may be ignored()).
-    A schema applies together with its `allOf` members, the `then` (or `else`) of its `if`, and the
-    `anyOf`/`oneOf` branches the value matches, so the per-type rules of blocks and items count.
-    Null values mean "unset" and are not reported. A field whose loss changes the conversation is
-    not for this mark: refuse it (400) instead. The README lists the ignored fields per endpoint."""
-    return {**(schema or {}), IGNORED: why}
-
-
-_BRANCH_VALIDATORS: dict[int, tuple] = {}  # id -> (an `if` or anyOf branch of a module schema, its validator)
-
-
-def _matches(schema, value) -> bool:
-    if not isinstance(schema, dict):
-        return bool(schema)
-    entry = _BRANCH_VALIDATORS.get(id(schema))
-    if entry is None or entry[0] is not schema:
-        entry = _BRANCH_VALIDATORS[id(schema)] = (schema, Draft202012Validator(schema))
-    return entry[1].is_valid(value)
-
-
-def _applying(schemas: list, value) -> list:
-    """`schemas` and the subschemas that apply to `value` with them (allOf, if/then/else, the
-    anyOf/oneOf branches it matches)."""
-    found, pending = [], list(schemas)
-    while pending:
-        schema = pending.pop()
-        if not isinstance(schema, dict):
-            continue
-        found.append(schema)
-        pending += schema.get("allOf", [])
-        pending += [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _matches(branch, value)]
-        if "if" in schema:
-            branch = schema.get("then" if _matches(schema["if"], value) else "else")
-            if branch is not None:
-                pending.append(branch)
-    return found
-
-
-def unused_fields(body, schema: dict):
-    """(path, why) for each field of a valid `body` that is not used, in document order: `why` is
-    the ignored() reason, or None for a field no schema describes. Nothing below such a field."""
-    pending = [(body, [schema], ())]
-    while pending:
-        value, schemas, path = pending.pop()
-        schemas = _applying(schemas, value)
-        children = []
-        if isinstance(value, dict):
-            rest = [s["additionalProperties"] for s in schemas if "additionalProperties" in s]
-            if not rest and not any("properties" in s for s in schemas):
-                continue  # described as a whole: passed on as it is
-            for name, member in value.items():
-                if member is None:
-                    continue
-                described = [s["properties"][name] for s in schemas if name in s.get("properties", {})] or rest
-                used = [s for s in described if not (isinstance(s, dict) and IGNORED in s)]
-                if used:
-                    children.append((member, used, (*path, name)))
-                else:
-                    yield json_path((*path, name)), described[0][IGNORED] if described else None
-        elif isinstance(value, list):
-            described = [s["items"] for s in schemas if "items" in s]
-            children = [(member, described, (*path, index)) for index, member in enumerate(value)]
-        pending += reversed(children)
-
-
-def log_unused_fields(body, schema: dict):
-    """At DEBUG: the fields of a request that are not used, grouped by why, at most MAX_UNUSED_LOGGED."""
-    found = list(itertools.islice(unused_fields(body, schema), MAX_UNUSED_LOGGED + 1))
-    by_reason = {}
-    for path, why in found[:MAX_UNUSED_LOGGED]:
-        by_reason.setdefault(why, []).append(path)
-    what = schema.get("title", "request")
-    for why, paths in by_reason.items():
-        log.debug("%s: ignored (%s): %s", what, "unknown to this proxy" if why is None else why, ", ".join(paths))
-    if len(found) > MAX_UNUSED_LOGGED:
-        log.debug("%s: more fields ignored; only the first %d are logged", what, MAX_UNUSED_LOGGED)
-
 
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {
@@ -1572,61 +1816,6 @@ CHAT_SCHEMA = {
 CHAT_VALIDATOR = Draft202012Validator(CHAT_SCHEMA)
 
 
-_PLAIN_NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]{0,63}")
-
-
-def json_path(path) -> str:
-    """jsonschema's path deque -> `messages[0].content`. A name that is not plain (a client's
-    own keys can be anything) is quoted, escaped and cut short: `metadata["a.b\\n..."]`."""
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif _PLAIN_NAME.fullmatch(part):
-            text += f".{part}" if text else part
-        else:
-            text += "[" + json.dumps(part if len(part) <= 64 else part[:64] + "...") + "]"
-    return text
-
-
-def validate(body, validator: Draft202012Validator) -> dict:
-    """The request body with nulls dropped (clients send `"stop": null` for "unset"), or ApiError."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object")
-    body = {key: value for key, value in body.items() if value is not None}
-    try:
-        error = best_match(validator.iter_errors(body))
-    except RecursionError:
-        raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
-    if error is not None:
-        path = list(error.absolute_path)
-        if error.validator == "required":  # name the missing field, not its parent
-            path.append(next(name for name in error.validator_value if name not in error.instance))
-        param = json_path(path) or None
-        where = f" at {param}" if param else ""
-        message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
-        raise ApiError(400, f"Invalid request{where}: {message}", param=param, code="invalid_value")
-    if log.isEnabledFor(logging.DEBUG):
-        log_unused_fields(body, validator.schema)
-    return body
-
-
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_NOT_IN_HEADER_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
-
-
-def check_header(name: str | None, value: str, param: str):
-    """A client's value that pi-ai sends as an HTTP header (session ids, streamProxy's headers):
-    one the upstream's HTTP client would refuse (control characters such as CR/LF, characters
-    past U+00FF) is the client's 400, not a failed upstream call."""
-    if name is not None and not _HEADER_NAME.match(name):
-        raise ApiError(400, f"{param}: {shown(name)} is not a valid HTTP header name", param=param,
-                       code="invalid_value")
-    if _NOT_IN_HEADER_VALUE.search(value):
-        raise ApiError(400, f"{param} goes to the upstream as an HTTP header: it may not hold control characters "
-                            "or characters past U+00FF", param=param, code="invalid_value")
-
-
 def reject_unsupported(body: dict):
     """Features pi-ai cannot honour are refused by name rather than silently ignored."""
     if body.get("n", 1) != 1:
@@ -1636,25 +1825,6 @@ def reject_unsupported(body: dict):
     for name in ("top_logprobs", "logit_bias"):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported by this proxy", param=name, code="unsupported_parameter")
-
-
-_DATA_URI = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.*)$", re.S)
-
-
-def image_from_url(url: str, param: str) -> dict:
-    """A data: URI -> a pi image block; an http(s) URL -> a block that names it, fetched later
-    (fetch_remote_images) or refused."""
-    if url[:8].lower().startswith(("http://", "https://")):
-        return {"type": "image", "url": url, "param": param}
-    found = _DATA_URI.match(url)
-    if not found:
-        raise ApiError(400, "Images must be base64 data: URIs or http(s) URLs", param=param,
-                       code="unsupported_image_url")
-    try:
-        base64.b64decode(found.group(2), validate=True)
-    except binascii.Error:
-        raise ApiError(400, "The image data is not valid base64", param=param, code="invalid_image") from None
-    return {"type": "image", "data": found.group(2), "mimeType": found.group(1)}
 
 
 def chat_content_to_pi(content, param: str) -> list:
@@ -1673,41 +1843,6 @@ def chat_content_to_pi(content, param: str) -> list:
     return blocks
 
 
-def text_of(blocks: list) -> str:
-    return "".join(block["text"] for block in blocks if block["type"] == "text")
-
-
-ZERO_USAGE = {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "totalTokens": 0,
-              "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "total": 0}}
-
-
-def assistant_message(model: dict, content: list, has_tool_calls: bool) -> dict:
-    """History rebuilt from a client is stamped with the target model, so pi-ai treats it as that
-    model's own output."""
-    return {
-        "role": "assistant",
-        "content": content,
-        "api": model["api"],
-        "provider": model["provider"],
-        "model": model["id"],
-        "usage": ZERO_USAGE,
-        "stopReason": "toolUse" if has_tool_calls else "stop",
-        "timestamp": 0,
-    }
-
-
-def parse_arguments(arguments: str | None, param: str) -> dict:
-    if not arguments or not arguments.strip():
-        return {}
-    try:
-        parsed = json.loads(arguments)
-    except ValueError:
-        raise ApiError(400, "Tool call arguments must be a JSON object", param=param) from None
-    if not isinstance(parsed, dict):
-        raise ApiError(400, "Tool call arguments must be a JSON object", param=param)
-    return parsed
-
-
 def chat_to_context(body: dict, model: dict) -> dict:
     """OpenAI chat messages and tools -> a pi-ai Context. System and developer messages, wherever
     they stand, become the system prompt (pi's context has only one)."""
@@ -1718,7 +1853,7 @@ def chat_to_context(body: dict, model: dict) -> dict:
         if role in ("system", "developer"):
             system.append(text_of(content))
         elif role == "user":
-            messages.append({"role": "user", "content": content, "timestamp": 0})
+            messages.append(user_message(content))
         elif role == "assistant":
             calls = message.get("tool_calls") or []
             blocks = [b for b in content if b["text"]]
@@ -1734,34 +1869,11 @@ def chat_to_context(body: dict, model: dict) -> dict:
             if call_id not in tool_names:
                 raise ApiError(400, f"tool_call_id {call_id!r} does not answer any earlier assistant tool call",
                                param=f"{param}.tool_call_id")
-            messages.append({"role": "toolResult", "toolCallId": call_id, "toolName": tool_names[call_id],
-                             "content": [b for b in content if b["type"] == "text"], "isError": False,
-                             "timestamp": 0})
-    if any(b["type"] == "image" for m in messages if m["role"] == "user" for b in m["content"]) \
-            and "image" not in model.get("input", []):
-        raise ApiError(400, f"The model {canonical_id(model)!r} does not accept images", param="messages")
-    context = {"messages": messages}
-    system_prompt = "\n\n".join(part for part in system if part)
-    if body.get("response_format", {}).get("type") in ("json_object", "json_schema") \
-            and model["api"] not in ("openai-completions", "openai-responses"):
-        system_prompt = "\n\n".join(filter(None, [system_prompt, json_instruction(body["response_format"])]))
-    if system_prompt:
-        context["systemPrompt"] = system_prompt
-    if body.get("tools"):
-        context["tools"] = [
-            {"name": t["function"]["name"], "description": t["function"].get("description", ""),
-             "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}}}
-            for t in body["tools"]
-        ]
-    return context
-
-
-def json_instruction(response_format: dict) -> str:
-    """APIs without a JSON mode get the request for JSON as an instruction instead."""
-    schema = response_format.get("json_schema", {}).get("schema")
-    if schema:
-        return "Respond only with a JSON value that conforms to this JSON Schema:\n" + json.dumps(schema)
-    return "Respond only with a valid JSON object."
+            messages.append(tool_result(call_id, tool_names[call_id], [b for b in content if b["type"] == "text"]))
+    tools = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+              "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+             for t in body.get("tools", [])]
+    return finish_context(model, system, messages, tools, "messages", body.get("response_format"))
 
 
 def chat_options(body: dict) -> dict:
@@ -1787,50 +1899,6 @@ def chat_extras(body: dict) -> dict:
     if choice is not None:
         extras["tool_choice"] = {"name": choice["function"]["name"]} if isinstance(choice, dict) else choice
     return extras
-
-
-_EXTRAS_BY_API = {
-    "openai-completions": ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "response_format",
-                           "parallel_tool_calls", "user", "tool_choice"),
-    "anthropic-messages": ("top_p", "top_k", "stop", "tool_choice", "parallel_tool_calls"),
-    "openai-responses": ("top_p", "parallel_tool_calls", "user", "tool_choice", "response_format"),
-}
-
-
-def upstream_payload(extras: dict, api: str) -> dict:
-    """Neutral extras -> fields merged into the upstream request body (pi-ai's onPayload), in that
-    API's own vocabulary. Neutral form: OpenAI names, plus `top_k`; `tool_choice` is "auto" |
-    "required" | "none" | {"name": N}. What an API has no field for is dropped (logged at DEBUG)."""
-    supported = _EXTRAS_BY_API.get(api, ())
-    dropped = sorted(set(extras) - set(supported))
-    if dropped:
-        log.debug("%s has no equivalent for %s; dropped", api, ", ".join(dropped))
-    payload = {name: value for name, value in extras.items() if name in supported}
-    choice = payload.pop("tool_choice", None)
-    if api == "openai-completions" and choice is not None:
-        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
-    elif api == "anthropic-messages":
-        if "stop" in payload:
-            stop = payload.pop("stop")
-            payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
-        serial = payload.pop("parallel_tool_calls", None) is False
-        if choice is not None or serial:
-            kinds = {"auto": "auto", "required": "any", "none": "none"}
-            payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
-                else {"type": kinds[choice or "auto"]}
-            if serial and payload["tool_choice"]["type"] != "none":
-                payload["tool_choice"]["disable_parallel_tool_use"] = True
-    elif api == "openai-responses":
-        if choice is not None:
-            payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
-        response_format = payload.pop("response_format", None)
-        if response_format and response_format["type"] == "json_schema":
-            spec = response_format["json_schema"]
-            payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
-                                          "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
-        elif response_format and response_format["type"] == "json_object":
-            payload["text"] = {"format": {"type": "json_object"}}
-    return payload
 
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "toolUse": "tool_calls"}
@@ -1928,10 +1996,10 @@ class ChatChunks:
 
 
 # ==================================================================================================
-# 9. Anthropic messages
+# 10. Anthropic messages
 # ==================================================================================================
 
-# Envelopes: what the proxy hands out that pi-ai would forward as it is (sections 9 and 10).
+# Envelopes: what the proxy hands out that pi-ai would forward as it is (sections 10 and 11).
 _REASONING_ENVELOPE = "pi-proxy.2:"  # .1 envelopes carried no MAC: they read as foreign now
 
 
@@ -2154,23 +2222,14 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
                 call_id = pi_tool_id(block["tool_use_id"])
                 result = anthropic_user_content(anthropic_blocks(block.get("content", "")),
                                                 f"{param}[{block_index}].content")
-                messages.append({"role": "toolResult", "toolCallId": call_id,
-                                 "toolName": tool_names.get(call_id, ""), "content": result,
-                                 "isError": bool(block.get("is_error")), "timestamp": 0})
+                messages.append(tool_result(call_id, tool_names.get(call_id, ""), result, bool(block.get("is_error"))))
             rest = anthropic_user_content([b for b in blocks if b["type"] != "tool_result"], param)
             if results and rest and model["provider"] == COPILOT:
                 # Copilot bills a turn as the user's (X-Initiator) unless it ends in tool results;
                 # Claude Code's reminders after tool results must not make it one.
                 messages[-1]["content"] = messages[-1]["content"] + rest
             elif rest or not results:
-                messages.append({"role": "user", "content": rest, "timestamp": 0})
-    if any(b["type"] == "image" for m in messages if m["role"] != "assistant" for b in m["content"]) \
-            and "image" not in model.get("input", []):
-        raise ApiError(400, f"The model {canonical_id(model)!r} does not accept images", param="messages")
-    context = {"messages": messages}
-    system_prompt = "\n\n".join(part for part in system if part)
-    if system_prompt:
-        context["systemPrompt"] = system_prompt
+                messages.append(user_message(rest))
     tools = []
     for tool in body.get("tools", []):
         if "input_schema" not in tool:  # a server tool (web search, ...) that nothing here can run
@@ -2178,9 +2237,7 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
             continue
         tools.append({"name": tool["name"], "description": tool.get("description", ""),
                       "parameters": tool["input_schema"]})
-    if tools:
-        context["tools"] = tools
-    return context
+    return finish_context(model, system, messages, tools, "messages")
 
 
 def reasoning_for_budget(budget: int) -> str:
@@ -2466,27 +2523,114 @@ def claude_key(name: str) -> str:
 
 def resolve_claude_model(name: str, models: dict, is_available) -> dict:
     """Model resolution for Anthropic clients: the usual rules, then the Claude model of the same
-    family and version under another spelling. Never a different version."""
+    family and version under another spelling (a `provider/` prefix: among that provider's
+    models only). Never a different version, never another provider's model."""
     try:
         return resolve_model(name.split("[", 1)[0], models, is_available)
     except ApiError as error:
         if error.status != 404:
             raise
-    key = claude_key(name.rsplit("/", 1)[-1])
-    matches = [m for m in models.values() if is_available(m["provider"]) and claude_key(m["id"]) == key]
+    provider, _, bare = name.partition("/")
+    key, bare_key = claude_key(name), claude_key(bare)
+    matches = [m for m in models.values() if is_available(m["provider"]) and (
+        claude_key(m["id"]) == key or (bare and m["provider"] == provider and claude_key(m["id"]) == bare_key))]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         candidates = ", ".join(sorted(canonical_id(m) for m in matches))
-        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}")
+        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
+                       param="model", code="ambiguous_model")
     claudes = sorted(canonical_id(m) for m in models.values()
                      if is_available(m["provider"]) and "claude" in m["id"])
-    raise ApiError(404, f"model: {shown(name)} is not available. Available Claude models: "
-                        + (", ".join(claudes) if claudes else "none"), "not_found_error")
+    raise ApiError(404, f"model: {shown(name)} is not available{no_such_provider(name, models)}. Available Claude "
+                        "models: " + (", ".join(claudes) if claudes else "none"),
+                   "not_found_error", param="model", code="model_not_found")
+
+
+_CLAUDE_LINE = re.compile(r"claude-(?:[0-9.-]+-)?(opus|sonnet|haiku)\b")
+_ID_DATE = re.compile(r"-(\d{4})(\d{2})(\d{2})$")
+_SUPPORTED, _UNSUPPORTED = {"supported": True}, {"supported": False}
+ANTHROPIC_PAGE_LIMIT, ANTHROPIC_MAX_PAGE_LIMIT = 20, 1000  # as Anthropic's GET /v1/models
+LIFECYCLES = ("active", "deprecated", "retired")
+
+
+def anthropic_model(model: dict) -> dict:
+    """A model as Anthropic's Models API describes one. `capabilities` say what this proxy's
+    /v1/messages takes for it (no batches, PDFs, citations, server tools or context management).
+    The catalogue has no release dates: `created_at` is the date in the id, else the epoch (as
+    Anthropic's API gives for an unknown date)."""
+    date = _ID_DATE.search(model["id"])
+    line = _CLAUDE_LINE.search(model["id"].lower())
+    thinking = _SUPPORTED if model.get("reasoning") else _UNSUPPORTED
+    return {
+        "type": "model", "id": canonical_id(model), "display_name": model.get("name") or model["id"],
+        "created_at": "{}-{}-{}T00:00:00Z".format(*date.groups()) if date else "1970-01-01T00:00:00Z",
+        "max_input_tokens": model["contextWindow"], "max_tokens": model["maxTokens"],
+        "lifecycle": "active", "deprecated_at": None, "retires_at": None, "line": line and line.group(1),
+        "capabilities": {
+            "batch": _UNSUPPORTED, "citations": _UNSUPPORTED, "code_execution": _UNSUPPORTED,
+            "pdf_input": _UNSUPPORTED, "structured_outputs": _UNSUPPORTED,
+            "image_input": _SUPPORTED if "image" in model.get("input", []) else _UNSUPPORTED,
+            "context_management": {"supported": False, "clear_thinking_20251015": _UNSUPPORTED,
+                                   "clear_tool_uses_20250919": _UNSUPPORTED, "compact_20260112": _UNSUPPORTED},
+            "server_tools": {"supported": False, "code_execution": _UNSUPPORTED, "web_search": _UNSUPPORTED},
+            "effort": {"supported": thinking["supported"], "low": thinking, "medium": thinking, "high": thinking,
+                       "max": thinking, "xhigh": _UNSUPPORTED},
+            "thinking": {"supported": thinking["supported"],
+                         "types": {"enabled": thinking, "adaptive": thinking, "disabled": _SUPPORTED,
+                                   "between_tools": _UNSUPPORTED}},
+        },
+    }
+
+
+def anthropic_model_page(entries: list, after_id: str | None, before_id: str | None, limit: str | None,
+                         lifecycles: list) -> dict:
+    """One page of Anthropic's model list, as its API pages: `limit` (default 20, 1 to 1000) entries
+    after `after_id` or just before `before_id` (not both; an id not in the list is a 400);
+    `has_more` says whether more lie that way; `lifecycle` filters (every model here is active)."""
+    try:
+        count = ANTHROPIC_PAGE_LIMIT if limit is None else int(limit)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= ANTHROPIC_MAX_PAGE_LIMIT:
+        raise ApiError(400, f"limit: must be an integer from 1 to {ANTHROPIC_MAX_PAGE_LIMIT}", param="limit")
+    if after_id and before_id:
+        raise ApiError(400, "after_id and before_id cannot both be given", param="after_id")
+    unknown = [value for value in lifecycles if value not in LIFECYCLES]
+    if unknown:
+        raise ApiError(400, f"lifecycle: {shown(unknown[0])} is not one of {', '.join(LIFECYCLES)}", param="lifecycle")
+    if lifecycles and "active" not in lifecycles:
+        entries = []
+    ids = [entry["id"] for entry in entries]
+    for name, cursor in (("after_id", after_id), ("before_id", before_id)):
+        if cursor and cursor not in ids:
+            raise ApiError(400, f"{name}: no model has the id {shown(cursor)}", param=name)
+    if before_id:
+        end = ids.index(before_id)
+        start = max(0, end - count)
+        page, has_more = entries[start:end], start > 0
+    else:
+        start = ids.index(after_id) + 1 if after_id else 0
+        page, has_more = entries[start:start + count], start + count < len(entries)
+    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+
+
+PING_INTERVAL = 10.0  # seconds of upstream silence between Anthropic `ping` events
+_TWO_NUMBERS = re.compile(r"(\d+)\D+?(\d+)")
+
+
+def anthropic_overflow(error: ApiError, estimate: int, model: dict) -> ApiError:
+    """Claude Code recognises a context overflow only by Anthropic's wording."""
+    if error.code != "context_length_exceeded" or error.message.startswith("prompt is too long"):
+        return error
+    numbers = _TWO_NUMBERS.search(error.message)
+    used, limit = (numbers.groups() if numbers else (estimate, model["contextWindow"]))
+    return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", code="context_length_exceeded")
 
 
 # ==================================================================================================
-# 10. OpenAI responses
+# 11. OpenAI responses
 # ==================================================================================================
 
 _R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"], "properties": {
@@ -2842,10 +2986,8 @@ def responses_to_context(body: dict, items: list, model: dict, pi_tools: list, t
             if call_id not in tool_names:
                 raise ApiError(400, f"call_id {call_id!r} does not answer any earlier tool call",
                                param=f"{param}.{'call_id' if 'call_id' in item else 'id'}")
-            messages.append({"role": "toolResult", "toolCallId": call_id,
-                             "toolName": tool_names[call_id],
-                             "content": response_parts_to_pi(item["output"], f"{param}.output"),
-                             "isError": False, "timestamp": 0})
+            messages.append(tool_result(call_id, tool_names[call_id],
+                                        response_parts_to_pi(item["output"], f"{param}.output")))
         else:
             end_turn()
             content = response_parts_to_pi(item["content"], f"{param}.content") if role == "user" else []
@@ -2854,21 +2996,9 @@ def responses_to_context(body: dict, items: list, model: dict, pi_tools: list, t
                 log.debug("input item %s of type %s kept as %s", param, kind, "text" if text else "nothing")
                 content = [{"type": "text", "text": text}] if text else []
             if content:
-                messages.append({"role": "user", "content": content, "timestamp": 0})
+                messages.append(user_message(content))
     end_turn()
-    if any(b["type"] == "image" for m in messages if m["role"] != "assistant" for b in m["content"]) \
-            and "image" not in model.get("input", []):
-        raise ApiError(400, f"The model {canonical_id(model)!r} does not accept images", param="input")
-    response_format = responses_format(body)
-    if response_format and model["api"] not in ("openai-completions", "openai-responses"):
-        system.append(json_instruction(response_format))
-    context = {"messages": messages}
-    system_prompt = "\n\n".join(part for part in system if part)
-    if system_prompt:
-        context["systemPrompt"] = system_prompt
-    if pi_tools:
-        context["tools"] = pi_tools
-    return context
+    return finish_context(model, system, messages, pi_tools, "input", responses_format(body))
 
 
 def responses_format(body: dict) -> dict | None:
@@ -2946,23 +3076,6 @@ def failure_code(error: ApiError) -> str:
     if error.status == 429:
         return "rate_limit_exceeded"
     return error.code or ("server_error" if error.status >= 500 else error.type)
-
-
-def replay_message(message: dict):
-    """A final pi message as the events that would have streamed it (for whole replies)."""
-    for index, block in enumerate(message.get("content", [])):
-        if block["type"] == "text":
-            yield from ({"type": "text_start", "contentIndex": index},
-                        {"type": "text_delta", "contentIndex": index, "delta": block["text"]},
-                        {"type": "text_end", "contentIndex": index})
-        elif block["type"] == "thinking":
-            yield from ({"type": "thinking_start", "contentIndex": index},
-                        {"type": "thinking_delta", "contentIndex": index, "delta": block["thinking"]},
-                        {"type": "thinking_end", "contentIndex": index,
-                         "contentSignature": block.get("thinkingSignature")})
-        elif block["type"] == "toolCall":
-            yield from ({"type": "toolcall_start", "contentIndex": index, "id": block["id"], "toolName": block["name"]},
-                        {"type": "toolcall_end", "contentIndex": index, "toolCall": block})
 
 
 ITEM_OF_BLOCK = {"text": "message", "thinking": "reasoning", "toolcall": "tool"}
@@ -3161,7 +3274,7 @@ def _is_json_object(text: str) -> bool:
 
 
 # ==================================================================================================
-# 11. pi streamProxy
+# 12. pi streamProxy
 # ==================================================================================================
 # pi-agent-core's streamProxy(model, context, {proxyUrl, authToken}) posts {model, context,
 # options} to /api/stream and rebuilds the message from pi's own events, reduced (no `partial`).
@@ -3282,10 +3395,42 @@ def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
     return resolve_model(name, models, is_available)
 
 
+# streamProxy's client rebuilds a tool call from its id, name and arguments alone, and a message
+# from its events' stopReason and usage. So Google's thoughtSignature on a tool call, which Gemini
+# wants back with the call, travels in the call's id (`<id>|pi-thought:<signature>`, the
+# signature being base64) and is put back where pi-ai keeps it when the conversation returns.
+_THOUGHT_IN_ID = "|pi-thought:"
+
+
+def pi_stream_call_id(call_id: str, thought_signature: str | None) -> str:
+    return f"{call_id}{_THOUGHT_IN_ID}{thought_signature}" if thought_signature else call_id
+
+
+def pi_stream_context(context: dict) -> dict:
+    """A streamProxy client's context as pi-ai made it: tool call ids that carry a thoughtSignature
+    (pi_stream_call_id) become the id and the call's thoughtSignature again."""
+    messages = []
+    for message in context["messages"]:
+        if message["role"] == "assistant":
+            content = []
+            for block in message["content"]:
+                call_id, found, signature = block.get("id", "").partition(_THOUGHT_IN_ID)
+                if block["type"] == "toolCall" and found:
+                    block = {"thoughtSignature": signature, **block, "id": call_id}
+                content.append(block)
+            message = {**message, "content": content}
+        elif message["role"] == "toolResult" and _THOUGHT_IN_ID in message["toolCallId"]:
+            message = {**message, "toolCallId": message["toolCallId"].partition(_THOUGHT_IN_ID)[0]}
+        messages.append(message)
+    return {**context, "messages": messages}
+
+
 class PiStreamEvents:
     """Bridge events (settled: see settled_text) -> streamProxy events. The bridge already prints
-    pi's reduced events; what changes is the end (usage instead of the whole message), and what
-    streamProxy rebuilds only from deltas: a tool call delivered whole gets its arguments as one delta."""
+    pi's reduced events; what changes is the end (usage instead of the whole message; and pi-ai's
+    responseId, which pi-agent-core 0.73.1's client does not read), a tool call's id
+    (pi_stream_call_id), and what streamProxy rebuilds only from deltas: a tool call delivered
+    whole gets its arguments as one delta."""
 
     def __init__(self, secrets: list):
         self.secrets = secrets
@@ -3295,6 +3440,9 @@ class PiStreamEvents:
         kind = event["type"]
         if kind in ("text_end", "thinking_end"):
             return [{name: value for name, value in event.items() if name != "content"}]
+        if kind == "toolcall_start":
+            return [{"type": kind, "contentIndex": event["contentIndex"], "toolName": event["toolName"],
+                     "id": pi_stream_call_id(event["id"], event.get("thoughtSignature"))}]
         if kind == "toolcall_delta" and event["delta"]:
             self.streamed_arguments.add(event["contentIndex"])
         if kind == "toolcall_end":
@@ -3304,7 +3452,9 @@ class PiStreamEvents:
                  "delta": json.dumps(event["toolCall"].get("arguments") or {})}]
             return [*whole, {"type": kind, "contentIndex": index}]
         if kind == "done":
-            return [{"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}]
+            done = {"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}
+            response_id = event["message"].get("responseId")
+            return [{**done, "responseId": response_id} if response_id else done]
         if kind == "error":
             message = event.get("message") or {}
             return [{"type": kind, "reason": event["reason"],
@@ -3314,7 +3464,7 @@ class PiStreamEvents:
 
 
 # ==================================================================================================
-# 12. Remote images
+# 13. Remote images
 # ==================================================================================================
 # An image given by http(s) URL is fetched here, only with PI_PROXY_REMOTE_IMAGES=1: the proxy may
 # sit inside a network the client cannot see, so every address a host name resolves to (at every
@@ -3533,7 +3683,7 @@ def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -
 
 
 # ==================================================================================================
-# 13. Usage
+# 14. Usage
 # ==================================================================================================
 # One RequestRecord per API request: created when the request is admitted, fed the bridge's events
 # by its Call, finished when the response's last byte is written (the response's close). Finishing
@@ -3748,12 +3898,15 @@ def quota_lines(quota: dict) -> list:
 
 
 # ==================================================================================================
-# 14. HTTP
+# 15. HTTP
 # ==================================================================================================
 
 
 def sse_data(payload) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+UPSTREAM_KEY_HEADER = "X-Pi-Upstream-Api-Key"  # a client's own upstream key, for this request only
 
 
 class Proxy:
@@ -3809,6 +3962,7 @@ class Proxy:
         nothing has reached the client yet."""
         override = request.headers.get(UPSTREAM_KEY_HEADER)
         request.environ["pi_proxy.record"].note_model(model)
+        options = within_output_limit(options, model)
         credential = Credential(override, "request header") if override else \
             self.credentials.for_provider(model["provider"])
         if credential is None:
@@ -3864,9 +4018,6 @@ class Proxy:
         except BaseException:
             bridge.close()
             raise
-
-
-UPSTREAM_KEY_HEADER = "X-Pi-Upstream-Api-Key"  # a client's own upstream key, for this request only
 
 
 def settled_text(events):
@@ -3970,7 +4121,9 @@ def watch_client(client: socket.socket, on_gone):
 
 
 def api_family(path: str) -> str:
-    if path.startswith("/v1/messages"):
+    """Whose error shape and headers a request gets; the model list is Anthropic's for Anthropic's
+    clients, which send `anthropic-version`."""
+    if path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers):
         return "anthropic"
     return "pi" if path == "/api/stream" else "openai"
 
@@ -4254,16 +4407,26 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.get("/v1/models")
     def list_models():
+        if api_family(request.path) == "anthropic":
+            args = request.args
+            return anthropic_model_page([anthropic_model(m) for m in proxy.available_models()], args.get("after_id"),
+                                        args.get("before_id"), args.get("limit"),
+                                        args.getlist("lifecycle[]") + args.getlist("lifecycle"))
         data = [model_entry(m, proxy.started) for m in proxy.available_models()]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id):
-        for model in proxy.available_models():
-            if canonical_id(model) == model_id:
-                return model_entry(model, proxy.started)
-        raise ApiError(404, f"The model {shown(model_id)} does not exist", "not_found_error", param="model",
-                       code="model_not_found")
+        """A model by any name a request may give it (canonical, a unique bare id, a Claude alias)."""
+        try:
+            model = resolve_claude_model(model_id, proxy.registry.models, proxy.is_available)
+        except ApiError as error:
+            if error.status != 401:
+                raise
+            raise ApiError(404, error.message, "not_found_error", param="model", code="model_not_found") from None
+        if api_family(request.path) == "anthropic":
+            return anthropic_model(model)
+        return model_entry(model, proxy.started)
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -4320,7 +4483,7 @@ def create_app(proxy: Proxy) -> Flask:
         model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
         options = body.get("options", {})
         try:
-            call, opening = proxy.start(model, body["context"], pi_stream_options(options), {},
+            call, opening = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
                                         client_headers=options.get("headers"))
         except ApiError as error:
             if error.upstream_event is None:
@@ -4373,19 +4536,6 @@ def create_app(proxy: Proxy) -> Flask:
         return {}  # Claude Code's telemetry: accepted and dropped
 
     return app
-
-
-PING_INTERVAL = 10.0  # seconds of upstream silence between Anthropic `ping` events
-_TWO_NUMBERS = re.compile(r"(\d+)\D+?(\d+)")
-
-
-def anthropic_overflow(error: ApiError, estimate: int, model: dict) -> ApiError:
-    """Claude Code recognises a context overflow only by Anthropic's wording."""
-    if error.code != "context_length_exceeded" or error.message.startswith("prompt is too long"):
-        return error
-    numbers = _TWO_NUMBERS.search(error.message)
-    used, limit = (numbers.groups() if numbers else (estimate, model["contextWindow"]))
-    return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", code="context_length_exceeded")
 
 
 def model_entry(model: dict, created: int) -> dict:
@@ -4491,7 +4641,7 @@ def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
 
 
 # ==================================================================================================
-# 15. Shutdown
+# 16. Shutdown
 # ==================================================================================================
 
 
@@ -4536,7 +4686,7 @@ def shut_down(server: WSGIServer, in_flight: InFlight, bridges: "BridgePool", gr
 
 
 # ==================================================================================================
-# 16. Main
+# 17. Main
 # ==================================================================================================
 
 

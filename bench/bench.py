@@ -39,8 +39,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.conftest import RunningProxy  # noqa: E402
 from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
+from tests.helpers import RunningProxy  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 MODEL = "bench/m"
@@ -124,7 +124,7 @@ def throughput(fake, proxy, clients: int, seconds: float) -> dict:
         done, errors = [0], [0]
         deadline = time.perf_counter() + seconds
 
-        def client():
+        def client(url=url, model=model, deadline=deadline, done=done, errors=errors):
             session = requests.Session()
             while time.perf_counter() < deadline:
                 response = session.post(url, json={"model": model, "messages": USER}, timeout=60)
@@ -187,7 +187,8 @@ def proxy_settings() -> dict:
     """The proxy's environment beyond the test defaults: the bench's own PI_PROXY_* variables
     (e.g. PI_PROXY_BRIDGE_POOL=4 make bench-wan) over these."""
     return {"PI_PROXY_LOG_LEVEL": "WARNING", "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000",
-            **{name: value for name, value in os.environ.items() if name.startswith("PI_PROXY_") and name != "PI_PROXY_PORT"}}
+            **{name: value for name, value in os.environ.items()
+               if name.startswith("PI_PROXY_") and name != "PI_PROXY_PORT"}}
 
 
 def models_json(fake_url: str) -> dict:
@@ -244,8 +245,9 @@ def loopback_table(results: dict) -> str:
     rows.append(f"| CPU per 20-token stream: bridge | {cpu['bridge_cpu_s'] * 1000:.0f} ms | | |")
     rows.append(f"| CPU per 20-token stream: proxy.py | {cpu['proxy_cpu_s'] * 1000:.1f} ms | | |")
     if "bookkeeping" in results:
+        bookkeeping = results["bookkeeping"]
         rows.append(f"| of which the request's record, usage and log line (text / JSON) | "
-                    f"{results['bookkeeping']['text_cpu_ms']:.3f} / {results['bookkeeping']['json_cpu_ms']:.3f} ms | | |")
+                    f"{bookkeeping['text_cpu_ms']:.3f} / {bookkeeping['json_cpu_ms']:.3f} ms | | |")
     for clients, figures in tp.items():
         rows.append(f"| short requests/s, {clients} clients | {figures['proxy']['requests_per_s']:.1f} "
                     f"({figures['proxy']['errors']} errors) | {figures['direct']['requests_per_s']:.0f} | |")

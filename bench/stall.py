@@ -16,9 +16,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.conftest import RunningProxy  # noqa: E402
 from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
-
+from tests.helpers import RunningProxy, models_json  # noqa: E402
 
 POLLER = """
 import sys, time, requests
@@ -79,7 +78,6 @@ def main():
     with FakeUpstream() as fake, tempfile.TemporaryDirectory() as home:
         agent_dir = Path(home) / "agent"
         agent_dir.mkdir()
-        from tests.conftest import models_json
         (agent_dir / "models.json").write_text(json.dumps(models_json(fake.base_url)))
         proxy = RunningProxy(agent_dir, Path(home) / "proxy.log", {"PI_PROXY_LOG_LEVEL": "WARNING",
                                                                       "PI_PROXY_MAX_BODY_SIZE": "52428800",

@@ -62,7 +62,8 @@ def sigv4_signature(secret_key: str, method: str, path: str, query: str, headers
         hashlib.sha256(body).hexdigest(),
     ])
     scope = f"{date}/{region}/bedrock/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", headers["x-amz-date"], scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", headers["x-amz-date"], scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
     key = f"AWS4{secret_key}".encode()
     for part in (date, region, "bedrock", "aws4_request"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
@@ -140,7 +141,8 @@ class FakeBedrock:
             return False
         access_key, date, region, signed, signature = match.groups()
         signed = signed.split(";")
-        if access_key != self.access_key or not {"host", "x-amz-date"} <= set(signed) or not set(signed) <= set(headers):
+        if (access_key != self.access_key or not {"host", "x-amz-date"} <= set(signed)
+                or not set(signed) <= set(headers)):
             return False
         path, _, query = path.partition("?")
         expected = sigv4_signature(self.secret_key, method, path, query, headers, signed, body, date, region)

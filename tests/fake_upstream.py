@@ -6,6 +6,11 @@ official ``openai`` / ``@anthropic-ai/sdk`` SDKs (as used by pi-ai) parse:
     POST /v1/chat/completions   OpenAI Chat Completions  (``data: {chunk}`` ... ``data: [DONE]``)
     POST /v1/messages           Anthropic Messages       (``event: X`` / ``data: {...}``)
     POST /v1/responses          OpenAI Responses         (``event: X`` / ``data: {..., sequence_number}``)
+    POST .../models/M:streamGenerateContent   Google Generative AI   (``data: {GenerateContentResponse}``;
+                                :generateContent answers whole). Strict as Gemini 3 is: in the current
+                                turn, a model step's first functionCall must carry its thoughtSignature
+                                (400 INVALID_ARGUMENT otherwise). Tool calls carry their ids, and the
+                                first one of a step the signature (reasoning_signature, else generated).
 
 Any other path -> 404 (OpenAI error shape); it is still recorded but does not consume a reply.
 Streams use HTTP/1.1 chunked transfer encoding (keep-alive), like the real APIs.
@@ -15,6 +20,7 @@ baseUrl to give pi-ai for each model ``api`` (the SDKs append the path):
     "openai-responses"    -> fake.base_url + "/v1"   (openai SDK appends /responses)
     "anthropic-messages"  -> fake.base_url           (anthropic SDK appends /v1/messages;
                                                        with "/v1" you get /v1/v1/messages -> 404)
+    "google-generative-ai" -> fake.base_url + "/v1beta"
 
 API::
 
@@ -30,6 +36,10 @@ API::
     fake.wait_for_disconnect(timeout=2.0, count=1) -> bool
     fake.wait_for_requests(count=1, timeout=2.0) -> bool
     fake.reset()                             # clear queue, requests, disconnects; default back to Hello
+    fake.output_limits                       # {model id: max output tokens}: as the real APIs, a request
+                                             #   asking more (max_tokens, max_completion_tokens,
+                                             #   max_output_tokens) is a 400 in the API's shape; it is
+                                             #   recorded but consumes no reply
     fake.pending                             # number of queued replies not yet consumed
     fake.port
     fake.stop()                              # fast; also drops open connections
@@ -115,6 +125,7 @@ Disconnect detection: while sleeping (first_byte_delay, delay, hang) the socket 
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import hashlib
@@ -534,6 +545,60 @@ class _Plan:
         status = self._resp_status()
         return self._resp_obj(status, self._resp_items(status), self._resp_usage())
 
+    # ---------------------------------------------------------------- google generative ai
+
+    def _google_parts(self) -> list[dict]:
+        parts = [{"text": piece, "thought": True} for piece in self.reasoning_pieces]
+        parts += [{"text": piece} for piece in self.text_pieces]
+        generated = base64.b64encode(f"fakesig-{_hex(self.seed + 'ts')}".encode()).decode()
+        signature = self.r.reasoning_signature or generated
+        for k, (tid, name, args) in enumerate(self.tools):
+            part = {"functionCall": {"id": tid, "name": name, "args": json.loads(args or "{}")}}
+            parts.append({**part, "thoughtSignature": signature} if k == 0 else part)
+        return parts
+
+    def _google_response(self, parts: list[dict], last: bool) -> dict:
+        u = self.usage
+        candidate = {"content": {"parts": parts, "role": "model"}, "index": 0}
+        response = {"candidates": [candidate], "modelVersion": self.model, "responseId": "gresp-" + _hex(self.seed, 20)}
+        if last:
+            candidate["finishReason"] = "MAX_TOKENS" if self.stop == "length" else "STOP"
+            prompt = u["input"] + u["cached"]
+            response["usageMetadata"] = {"promptTokenCount": prompt, "candidatesTokenCount": u["output"],
+                                         "cachedContentTokenCount": u["cached"], "thoughtsTokenCount": u["reasoning"],
+                                         "totalTokenCount": prompt + u["output"] + u["reasoning"]}
+        return response
+
+    def google_events(self) -> Iterator[bytes]:
+        parts = self._google_parts()
+        for k, part in enumerate(parts):
+            yield _sse(None, self._google_response([part], k == len(parts) - 1))
+        if not parts:
+            yield _sse(None, self._google_response([], True))
+
+    def google_json(self) -> dict:
+        return self._google_response(self._google_parts(), True)
+
+
+_GOOGLE_PATH = re.compile(r"/models/([^/:]+):(streamGenerateContent|generateContent)$")
+
+
+def _missing_thought_signature(body: dict) -> str | None:
+    """Gemini 3's 400 for a function call of the current turn (since the last user text) whose step
+    lost its thoughtSignature: only the first functionCall of a step carries one."""
+    if not body.get("model", "").startswith("gemini-3"):
+        return None
+    contents = body.get("contents") or []
+    starts = [i for i, c in enumerate(contents)
+              if c.get("role") == "user" and any("text" in p for p in c.get("parts", []))]
+    for position, content in enumerate(contents[starts[-1] if starts else 0:]):
+        calls = [p for p in content.get("parts", []) if "functionCall" in p] if content.get("role") == "model" else []
+        if calls and not calls[0].get("thoughtSignature"):
+            name = calls[0]["functionCall"].get("name")
+            return (f"Function call is missing a thought_signature in functionCall parts. This is required for tools "
+                    f"to work correctly. Additional data, function call `default_api:{name}`, position {position + 1}.")
+    return None
+
 
 # GitHub Copilot serves the OpenAI APIs without the /v1 prefix.
 _APIS = {CHAT_PATH: "chat", MESSAGES_PATH: "anthropic", RESPONSES_PATH: "responses",
@@ -568,7 +633,40 @@ _ANTHROPIC_ERRORS = {
 }
 
 
+_OUTPUT_FIELDS = {"chat": ("max_completion_tokens", "max_tokens"), "anthropic": ("max_tokens",),
+                  "responses": ("max_output_tokens",), "google": ("maxOutputTokens",)}
+
+
+def _over_output_limit(api: str, body: Any, limits: dict) -> dict | None:
+    """The real API's 400 body for a request asking more output tokens than its model can give."""
+    if not isinstance(body, dict) or body.get("model") not in limits:
+        return None
+    model, limit = body["model"], limits[body["model"]]
+    asking = body.get("generationConfig") or {} if api == "google" else body
+    for name in _OUTPUT_FIELDS[api]:
+        asked = asking.get(name)
+        if isinstance(asked, int) and asked > limit:
+            if api == "google":
+                return _google_error(400, f"The maximum number of output tokens ({name}) is {limit}; {asked} asked.")
+            if api == "anthropic":
+                return {"type": "error", "error": {"type": "invalid_request_error", "message": (
+                    f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output tokens "
+                    f"for {model}")}}
+            return {"error": {"message": f"{name} is too large: {asked}. This model supports at most {limit} "
+                                         f"completion tokens, whereas you provided {asked}.",
+                              "type": "invalid_request_error", "param": name, "code": "invalid_value"}}
+    return None
+
+
+def _google_error(status: int, message: str) -> dict:
+    names = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+             429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+    return {"error": {"code": status, "message": message, "status": names.get(status, "INTERNAL")}}
+
+
 def _error_body(api: str, status: int, model: str) -> dict:
+    if api == "google":
+        return _google_error(status, f"Fake upstream error {status}")
     if api == "anthropic":
         typ, msg = _ANTHROPIC_ERRORS.get(status, ("api_error", f"Fake upstream error {status}"))
         return {"type": "error", "error": {"type": typ, "message": msg.format(model=model)},
@@ -676,7 +774,7 @@ class _Conn:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, OSError):
             self._mark_gone()
-            raise _Gone()
+            raise _Gone() from None
 
     def send_head(self, status: int, headers: dict) -> None:
         h = self.h
@@ -688,7 +786,7 @@ class _Conn:
             h.end_headers()
         except OSError:
             self._mark_gone()
-            raise _Gone()
+            raise _Gone() from None
 
 
 class FakeUpstream:
@@ -708,6 +806,7 @@ class FakeUpstream:
         self.default = Reply(text="Hello from fake")
         self.requests: list[Recorded] = []
         self.disconnects: list[Recorded] = []
+        self.output_limits: dict[str, int] = {}
         self.reasoning_of: dict[str, str] = {}  # responses: function_call id -> its reasoning item's id
         self.base_url = ""
 
@@ -818,18 +917,24 @@ class FakeUpstream:
         rec = Recorded(path=path, headers={k.lower(): v for k, v in h.headers.items()}, body=body,
                        time=time.monotonic(), method=h.command)
         api = _APIS.get(path) if h.command == "POST" else None
+        google = _GOOGLE_PATH.search(path) if h.command == "POST" and isinstance(body, dict) else None
+        if google:  # the model and whether to stream are in the path
+            streaming = google.group(2) == "streamGenerateContent"
+            api, body = "google", {**body, "model": google.group(1), "stream": streaming}
+        refusal = api and (_over_output_limit(api, body, self.output_limits) or self._missing_reasoning(api, body))
+        if api == "google" and not refusal and _missing_thought_signature(body):
+            refusal = _google_error(400, _missing_thought_signature(body))
         with self._cond:
             self.requests.append(rec)
             self._seq += 1
             seq = self._seq
-            refusal = self._refusal(api, body)
             reply = None
-            if api is not None and refusal is None:
+            if api is not None and not refusal:
                 reply = self._queue.popleft() if self._queue else self.default
             self._cond.notify_all()
         conn = _Conn(self, h, rec)
         try:
-            if refusal is not None:
+            if refusal:
                 self._send_json(conn, 400, refusal, {})
                 return
             if reply is None:
@@ -841,8 +946,8 @@ class FakeUpstream:
         except _Gone:
             h.close_connection = True
 
-    def _refusal(self, api: str | None, body: Any) -> dict | None:
-        """The 400 body the real API would answer this request with, or None."""
+    def _missing_reasoning(self, api: str, body: Any) -> dict | None:
+        """OpenAI's 400 body for a function_call sent back without the reasoning item it came with."""
         if api != "responses" or not isinstance(body, dict) or not isinstance(body.get("input"), list):
             return None
         ids = {item.get("id") for item in body["input"] if isinstance(item, dict)}
@@ -893,7 +998,7 @@ class FakeUpstream:
         if not streaming and not r.hang_after_headers:
             try:
                 obj = {"chat": plan.chat_json, "anthropic": plan.anthropic_json,
-                       "responses": plan.responses_json}[api]()
+                       "responses": plan.responses_json, "google": plan.google_json}[api]()
             except ValueError as e:
                 obj = {"error": {"message": f"fake upstream: bad Reply: {e}", "type": "server_error"}}
                 self._send_json(conn, 500, obj, id_header)
@@ -916,7 +1021,7 @@ class FakeUpstream:
             conn.wait(float("inf"))
             return  # not reached: wait(inf) only ends by raising _Gone
         events = {"chat": plan.chat_events, "anthropic": plan.anthropic_events,
-                  "responses": plan.responses_events}[api]()
+                  "responses": plan.responses_events, "google": plan.google_events}[api]()
         limit = r.cut_after
         sent = 0
         buf: list[bytes] = []

@@ -110,7 +110,7 @@ def check_responses_stream(raw: str) -> list[dict]:
             if item["type"] in ("function_call", "custom_tool_call"):
                 assert item["call_id"] and item["name"], f"{where}: a tool call needs call_id and name"
             if item["type"] == "local_shell_call":
-                assert item["call_id"] and item["action"]["type"] == "exec", f"{where}: a shell call needs call_id, action"
+                assert item["call_id"] and item["action"]["type"] == "exec", f"{where}: a shell call's call_id, action"
             last, text = "", ""
             continue
         assert item is not None, f"{where}: an item event outside any item"
@@ -136,7 +136,8 @@ def check_responses_stream(raw: str) -> list[dict]:
             finished.append(done)
             item = None
             continue
-        assert kind in NEXT[item["type"]][last], f"{where}: not allowed in a {item['type']} item after {last or 'its start'}"
+        assert kind in NEXT[item["type"]][last], \
+            f"{where}: not allowed in a {item['type']} item after {last or 'its start'}"
         assert event["item_id"] == item["id"], f"{where}: item_id {event['item_id']}, open is {item['id']}"
         if kind.endswith(".added"):
             part = event["part"]

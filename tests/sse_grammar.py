@@ -7,6 +7,8 @@ anywhere. Or, at any point, an `error` event, which must be the last. Nothing ma
 
 import json
 
+from tests.helpers import sse_events
+
 DELTAS_FOR_BLOCK = {
     "text": {"text_delta"},
     "thinking": {"thinking_delta", "signature_delta"},
@@ -16,18 +18,14 @@ STOP_REASONS = {"end_turn", "max_tokens", "tool_use", "stop_sequence"}
 
 
 def parse_frames(raw: str) -> list[tuple[str, dict]]:
+    """The (event name, JSON data) frames of a stream where each frame has one event and one data line."""
     frames = []
-    for block in raw.replace("\r\n", "\n").split("\n\n"):
-        if not block.strip():
-            continue
-        lines = block.split("\n")
-        names = [line[len("event: "):] for line in lines if line.startswith("event: ")]
-        datas = [line[len("data: "):] for line in lines if line.startswith("data: ")]
-        assert len(names) == 1 and len(datas) == 1, f"a frame needs one event and one data line: {block!r}"
-        assert datas[0] != "[DONE]", "Anthropic streams never send [DONE]"
-        data = json.loads(datas[0])
-        assert data["type"] == names[0], f"event name {names[0]} but data type {data['type']}"
-        frames.append((names[0], data))
+    for name, data in sse_events(raw):
+        assert name is not None and "\n" not in data, f"a frame needs one event and one data line: {name!r} {data!r}"
+        assert data != "[DONE]", "Anthropic streams never send [DONE]"
+        payload = json.loads(data)
+        assert payload["type"] == name, f"event name {name} but data type {payload['type']}"
+        frames.append((name, payload))
     return frames
 
 

@@ -9,8 +9,8 @@ import pytest
 import requests
 
 from proxy import default_max_bridges
-from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import response_error, running_proxy
 
 CHAT = {"model": "fake-chat/chat-model", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": "fake-anthropic/claude-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
@@ -22,11 +22,10 @@ QUEUE_TIMEOUT = 3.0
 @pytest.fixture(scope="module")
 def narrow(agent_dir, tmp_path_factory):
     """One bridge at a time, one request waiting, for QUEUE_TIMEOUT seconds."""
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "narrow.log", {
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("logs") / "narrow.log", {
         "PI_PROXY_MAX_BRIDGES": "1", "PI_PROXY_QUEUE_SIZE": "1", "PI_PROXY_QUEUE_TIMEOUT_S": str(QUEUE_TIMEOUT),
-        "PI_PROXY_UPSTREAM_TIMEOUT_MS": "10000"})
-    yield running
-    running.stop()
+        "PI_PROXY_UPSTREAM_TIMEOUT_MS": "10000"}) as running:
+        yield running
 
 
 def in_background(call) -> dict:
@@ -71,14 +70,12 @@ def test_a_full_queue_and_a_long_wait_are_refused_in_each_apis_shape(narrow, fak
     refused = {"openai": post(narrow, "/v1/chat/completions", CHAT), "pi": post(narrow, "/api/stream", PI),
                "anthropic": post(narrow, "/v1/messages", MESSAGES)}
     assert time.monotonic() - started < 1.0, "a full queue refuses at once"
-    for family, response in refused.items():
+    for response in refused.values():
         assert response.headers["Retry-After"] == "5"
         assert "busy" in response.text and "1 requests are waiting" in response.text
-    assert refused["openai"].status_code == 429
-    assert refused["openai"].json()["error"]["code"] == "proxy_overloaded"
-    assert refused["pi"].status_code == 429 and isinstance(refused["pi"].json()["error"], str)
-    assert refused["anthropic"].status_code == 529
-    assert refused["anthropic"].json()["error"]["type"] == "overloaded_error"
+    assert response_error(refused["openai"], 429, "openai")["code"] == "proxy_overloaded"
+    response_error(refused["pi"], 429, "pi")
+    assert response_error(refused["anthropic"], 529, "anthropic")["type"] == "overloaded_error"
     assert max(healthz_time(narrow) for _ in range(5)) < 0.5, "healthz never waits for a bridge"
 
     queued["thread"].join()
@@ -105,23 +102,20 @@ def test_a_waiting_request_is_served_when_a_bridge_ends(narrow, fake):
     assert post(narrow, "/v1/chat/completions", CHAT).status_code == 200, "the places are given back"
 
 
-def test_healthz_stays_fast_under_load(agent_dir, tmp_path, fake):
+def test_healthz_stays_fast_under_load(start_proxy, fake):
     """Eight slow streams over a limit of two: six wait, and /healthz answers at once all along."""
-    running = RunningProxy(agent_dir, tmp_path / "load.log", {"PI_PROXY_MAX_BRIDGES": "2"})
-    try:
-        fake.default = Reply(text=" ".join(["w"] * 10), delay=0.1)
-        streams = [in_background(lambda: post(running, "/v1/chat/completions", {**CHAT, "stream": True}))
-                   for _ in range(8)]
-        wait_serving(running, 2)
-        timings = []
-        while any(s["thread"].is_alive() for s in streams):
-            timings.append(healthz_time(running))
-            assert len(running.bridges()) <= 2
-            time.sleep(0.05)
-        assert all(s["result"].status_code == 200 and "[DONE]" in s["result"].text for s in streams)
-        assert len(timings) > 5 and max(timings) < 0.5, timings
-    finally:
-        running.stop()
+    running = start_proxy({"PI_PROXY_MAX_BRIDGES": "2"}, name="load")
+    fake.default = Reply(text=" ".join(["w"] * 10), delay=0.1)
+    streams = [in_background(lambda: post(running, "/v1/chat/completions", {**CHAT, "stream": True}))
+               for _ in range(8)]
+    wait_serving(running, 2)
+    timings = []
+    while any(s["thread"].is_alive() for s in streams):
+        timings.append(healthz_time(running))
+        assert len(running.bridges()) <= 2
+        time.sleep(0.05)
+    assert all(s["result"].status_code == 200 and "[DONE]" in s["result"].text for s in streams)
+    assert len(timings) > 5 and max(timings) < 0.5, timings
 
 
 def test_the_default_limit_follows_memory_and_cores():

@@ -12,8 +12,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import error_family, response_error, running_proxy
 
 CHAT, RESPONSES, MESSAGES, PI = "/v1/chat/completions", "/v1/responses", "/v1/messages", "/api/stream"
 HI = [{"role": "user", "content": "hi"}]
@@ -103,11 +103,10 @@ def test_deep_nesting_that_the_schema_passes_leaks_no_bridge(proxy, fake):
 def test_nan_and_infinity_are_400_naming_the_field(proxy, fake, path, body, param):
     response = requests.post(proxy.url + path, data=json.dumps(body), headers={"Content-Type": "application/json"},
                              timeout=30)
-    assert response.status_code == 400, response.text
-    message = response.json()["error"] if path == PI else response.json()["error"]["message"]
-    assert param in message and "JSON has no such number" in message
+    error = response_error(response, 400, error_family(path))
+    assert param in error["message"] and "JSON has no such number" in error["message"]
     if path != PI:
-        assert response.json()["error"]["param"] == param
+        assert error["param"] == param
     assert not fake.requests
 
 
@@ -147,7 +146,8 @@ def bad_requests(fake) -> dict:
                                                                     "content": "r"}]}),
         "upstream 500": lambda: (fake.push(Reply(status=500)), (CHAT, chat))[1],
         "upstream 429": lambda: (fake.push(Reply(status=429, headers={"retry-after": "1"})), (CHAT, chat))[1],
-        "upstream garbage": lambda: (fake.push(Reply(text="x y z", malformed_after=1)), (CHAT, {**chat, "stream": True}))[1],
+        "upstream garbage": lambda: (fake.push(Reply(text="x y z", malformed_after=1)),
+                                     (CHAT, {**chat, "stream": True}))[1],
         "stream ok": lambda: (fake.push(Reply(text="a b c")), (RESPONSES, {"model": "fake-responses/gpt-test",
                                                                           "input": "hi", "stream": True}))[1],
         "client leaves": lambda: (fake.push(Reply(text="never", hang_after_headers=True)),
@@ -185,11 +185,10 @@ def test_no_failure_path_leaks_a_bridge(proxy, fake, steps):
 
 @pytest.fixture(scope="module")
 def capped(agent_dir, tmp_path_factory):
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "capped.log",
-                           {"PI_PROXY_MAX_MESSAGES": "20", "PI_PROXY_MAX_TOOLS": "3", "PI_PROXY_MAX_DEPTH": "12",
-                            "PI_PROXY_MAX_JSON_VALUES": "400"})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("logs") / "capped.log",
+                       {"PI_PROXY_MAX_MESSAGES": "20", "PI_PROXY_MAX_TOOLS": "3", "PI_PROXY_MAX_DEPTH": "12",
+                        "PI_PROXY_MAX_JSON_VALUES": "400"}) as running:
+        yield running
 
 
 def tools(count: int) -> list:
@@ -212,11 +211,11 @@ def tools(count: int) -> list:
 ])
 def test_counts_past_the_caps_are_413_naming_the_field(capped, fake, path, body, param):
     response = requests.post(capped.url + path, json=body, timeout=30)
-    assert response.status_code == 413, response.text
-    message = response.json()["error"] if path == PI else response.json()["error"]["message"]
-    assert param in message and ("PI_PROXY_MAX_MESSAGES" in message or "PI_PROXY_MAX_TOOLS" in message)
+    error = response_error(response, 413, error_family(path))
+    assert param in error["message"]
+    assert "PI_PROXY_MAX_MESSAGES" in error["message"] or "PI_PROXY_MAX_TOOLS" in error["message"]
     if path == MESSAGES:
-        assert response.json()["error"]["type"] == "request_too_large"
+        assert error["type"] == "request_too_large"
     assert not fake.requests
 
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.fake_upstream import Reply
+from tests.helpers import ROOT
 
 
 def start_bridge(fake, reply: Reply) -> subprocess.Popen:
@@ -65,14 +65,16 @@ def test_catalog_lists_builtin_providers():
 
 
 def test_unknown_op_is_an_error_event():
-    result = subprocess.run(["node", "bridge.mjs"], cwd=ROOT, input=b'{"op":"dance"}\n', capture_output=True, timeout=30)
+    result = subprocess.run(["node", "bridge.mjs"], cwd=ROOT, input=b'{"op":"dance"}\n', capture_output=True,
+                            timeout=30)
     (event,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert event["type"] == "error" and "unknown op" in event["message"]["errorMessage"]
 
 
 def all_apis() -> list:
     """Every API of pi-ai's built-in models."""
-    result = subprocess.run(["node", "bridge.mjs"], cwd=ROOT, input=b'{"op":"catalog"}\n', capture_output=True, timeout=30)
+    result = subprocess.run(["node", "bridge.mjs"], cwd=ROOT, input=b'{"op":"catalog"}\n', capture_output=True,
+                            timeout=30)
     (catalog,) = [json.loads(line) for line in result.stdout.splitlines()]
     return sorted({model["api"] for provider in catalog["providers"] for model in provider["models"]})
 
@@ -89,7 +91,8 @@ def test_the_bundle_streams_without_loading_undici(fake, api):
              "contextWindow": 1000, "maxTokens": 100}
     request = {"op": "stream", "model": model, "options": {"apiKey": "k"},
                "context": {"messages": [{"role": "user", "content": "hi", "timestamp": 0}]}}
-    proc = subprocess.Popen(["node", "--import", "./tests/loaded_modules.mjs", "build/bridge.mjs", "--warm-up", *all_apis()],
+    proc = subprocess.Popen(["node", "--import", "./tests/loaded_modules.mjs", "build/bridge.mjs", "--warm-up",
+                             *all_apis()],
                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.write(json.dumps(request).encode() + b"\n")
     proc.stdin.flush()
@@ -99,6 +102,7 @@ def test_the_bundle_streams_without_loading_undici(fake, api):
     assert events[-1]["type"] == "done", events[-1]
     assert "".join(e["delta"] for e in events if e["type"] == "text_delta") == "no undici here"
     assert len(fake.requests) == 1, "the warm-up made no request of its own"
-    (loaded,) = [json.loads(line[8:]) for line in proc.stderr.read().decode().splitlines() if line.startswith("loaded: ")]
+    (loaded,) = [json.loads(line[8:]) for line in proc.stderr.read().decode().splitlines()
+                 if line.startswith("loaded: ")]
     assert "NativeModule internal/deps/undici/undici" not in loaded
     assert "NativeModule internal/http" in loaded or "NativeModule _http_client" in loaded, "the check sees modules"

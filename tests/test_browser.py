@@ -6,17 +6,14 @@ Chromium is Debian's `chromium` package (`make test` installs it through apt); w
 the test is skipped."""
 
 import json
-import shutil
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import CHROMIUM, page_dom
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (`make test` installs Debian's chromium through apt, "
                              "which failed or is not available here): the real-browser test is skipped")
@@ -90,16 +87,6 @@ class Recorder(ThreadingHTTPServer):
         self.server_close()
 
 
-def page_dom(url: str, profile) -> str:
-    """The page's DOM once its scripts ran: Chromium waits for pending fetches within the virtual
-    time budget before dumping it."""
-    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                             f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url],
-                            capture_output=True, text=True, timeout=90)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
-
-
 @pytest.fixture
 def pages():
     servers = []
@@ -112,28 +99,25 @@ def pages():
         server.stop()
 
 
-def test_an_attackers_page_cannot_use_the_proxy_and_an_allowed_one_can(agent_dir, tmp_path, fake, pages):
+def test_an_attackers_page_cannot_use_the_proxy_and_an_allowed_one_can(start_proxy, tmp_path, fake, pages):
     allowed = pages("127.0.0.3")
-    proxy = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_CORS_ORIGINS": allowed.url})
-    try:
-        canary = pages("127.0.0.1")
-        attacker = pages("127.0.0.2", ATTACKER_PAGE % {"body": json.dumps(json.dumps(ATTACK)),
-                                                       "targets": json.dumps([proxy.url, canary.url])})
-        fake.default = Reply(text="the attacker's answer")
-        dom = page_dom(attacker.url, tmp_path / "profile-attacker")
-        for attempt in ("text 0 sent", "blob 0 sent", "form 0 submitted", "form 1 submitted"):
-            assert attempt in dom, dom
-        types = sorted(str(content_type).split(";")[0] for content_type, _ in canary.received)
-        assert types == ["None", "text/plain", "text/plain"], \
-            f"Chromium sent the three attacks (seen by the canary): {canary.received}"
-        assert all(json.loads(body)["messages"] == ATTACK["messages"] for _, body in canary.received), \
-            "each attack's body is the JSON request"
-        assert fake.requests == [], "no attack reached the upstream through the proxy"
+    proxy = start_proxy({"PI_PROXY_CORS_ORIGINS": allowed.url})
+    canary = pages("127.0.0.1")
+    attacker = pages("127.0.0.2", ATTACKER_PAGE % {"body": json.dumps(json.dumps(ATTACK)),
+                                                   "targets": json.dumps([proxy.url, canary.url])})
+    fake.default = Reply(text="the attacker's answer")
+    dom = page_dom(attacker.url, tmp_path / "profile-attacker")
+    for attempt in ("text 0 sent", "blob 0 sent", "form 0 submitted", "form 1 submitted"):
+        assert attempt in dom, dom
+    types = sorted(str(content_type).split(";")[0] for content_type, _ in canary.received)
+    assert types == ["None", "text/plain", "text/plain"], \
+        f"Chromium sent the three attacks (seen by the canary): {canary.received}"
+    assert all(json.loads(body)["messages"] == ATTACK["messages"] for _, body in canary.received), \
+        "each attack's body is the JSON request"
+    assert fake.requests == [], "no attack reached the upstream through the proxy"
 
-        fake.default = Reply(text="hello, web app")
-        allowed.page = ALLOWED_PAGE % {"url": json.dumps(f"{proxy.url}/v1/chat/completions")}
-        dom = page_dom(allowed.url, tmp_path / "profile-allowed")
-        assert "REPLY:hello, web app" in dom, dom
-        assert len(fake.requests) == 1
-    finally:
-        proxy.stop()
+    fake.default = Reply(text="hello, web app")
+    allowed.page = ALLOWED_PAGE % {"url": json.dumps(f"{proxy.url}/v1/chat/completions")}
+    dom = page_dom(allowed.url, tmp_path / "profile-allowed")
+    assert "REPLY:hello, web app" in dom, dom
+    assert len(fake.requests) == 1

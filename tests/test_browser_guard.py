@@ -12,8 +12,8 @@ import socket
 import pytest
 
 from proxy import host_allowed, host_name
-from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import api_error, running_proxy
 
 ALLOWED_ORIGIN = "http://app.example:8000"
 CHAT = {"model": "fake-chat/chat-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -49,22 +49,17 @@ def browser_post(proxy, path: str, body, **headers) -> http.client.HTTPResponse:
 
 def assert_error_shape(response, status: int, family: str, words: str):
     assert response.status == status, response.body
-    error = json.loads(response.body)
-    if family == "pi":
-        assert isinstance(error["error"], str) and words in error["error"]
-    else:
-        assert words in error["error"]["message"]
-        assert (error.get("type") == "error") == (family == "anthropic")
+    assert words in api_error(json.loads(response.body), family)["message"]
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
 @pytest.fixture(scope="module")
 def open_proxy(agent_dir, tmp_path_factory):
     """A proxy opened deliberately: one more host name, one web origin."""
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "open.log", {
-        "PI_PROXY_ALLOWED_HOSTS": "devbox.lan, Proxy.Example", "PI_PROXY_CORS_ORIGINS": f"{ALLOWED_ORIGIN}/"})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("logs") / "open.log", {
+            "PI_PROXY_ALLOWED_HOSTS": "devbox.lan, Proxy.Example",
+            "PI_PROXY_CORS_ORIGINS": f"{ALLOWED_ORIGIN}/"}) as running:
+        yield running
 
 
 @pytest.mark.parametrize("path,body,family", ENDPOINTS)
@@ -156,15 +151,12 @@ def test_a_foreign_origins_preflight_is_refused(open_proxy, fake):
 
 
 def test_any_origin_can_be_allowed_with_a_warning(agent_dir, tmp_path, fake):
-    running = RunningProxy(agent_dir, tmp_path / "any.log", {"PI_PROXY_CORS_ORIGINS": "*"})
-    try:
+    with running_proxy(agent_dir, tmp_path / "any.log", {"PI_PROXY_CORS_ORIGINS": "*"}) as running:
         fake.push(Reply(text="anyone"))
         response = browser_post(running, "/v1/chat/completions", CHAT, Origin="https://anywhere.example")
         assert response.status == 200 and response.headers["Access-Control-Allow-Origin"] == "https://anywhere.example"
-    finally:
-        running.stop()
     assert "warning: PI_PROXY_CORS_ORIGINS=*: every web page you visit can use this proxy" in \
-        (tmp_path / "any.log").read_text()
+        running.log_path.read_text()
 
 
 @pytest.mark.parametrize("header,name", [("127.0.0.1:4141", "127.0.0.1"), ("[::1]:4141", "::1"), ("[::1]", "::1"),

@@ -1,6 +1,5 @@
 """End to end: the official openai SDK -> proxy.py -> bridge.mjs -> pi-ai -> fake upstreams."""
 
-import base64
 import json
 
 import openai
@@ -8,30 +7,11 @@ import pytest
 import requests
 
 from tests.fake_upstream import Reply
+from tests.helpers import ALL_APIS, PIXEL, last_request, sse_events
 
-# One model per upstream wire protocol, and the path the fake sees for it.
-MODELS = {
-    "fake-chat/chat-model": "/v1/chat/completions",
-    "fake-anthropic/claude-test": "/v1/messages",
-    "fake-responses/gpt-test": "/v1/responses",
-}
-ALL_APIS = pytest.mark.parametrize("model", list(MODELS))
-PIXEL = base64.b64encode(bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-    "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082")).decode()
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-
-
-def last_request(fake, model):
-    matching = [r for r in fake.requests if r.path == MODELS[model]]
-    assert matching, f"the fake saw no request on {MODELS[model]}"
-    return matching[-1]
-
-
-def sse_lines(response) -> list[str]:
-    return [line for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
 
 
 # --- models -----------------------------------------------------------------------------------------
@@ -130,9 +110,9 @@ def test_stream_ends_with_done_marker_and_omits_usage_unless_asked(proxy, fake):
     response = requests.post(f"{proxy.url}/v1/chat/completions", stream=True, json={
         "model": "fake-chat/chat-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
     assert response.headers["content-type"].startswith("text/event-stream")
-    lines = sse_lines(response)
-    assert lines[-1] == "data: [DONE]"
-    assert not any('"usage"' in line for line in lines)
+    events = list(sse_events(response))
+    assert events[-1] == (None, "[DONE]")
+    assert not any('"usage"' in data for _, data in events)
 
 
 def test_content_parts_and_developer_role_and_names(client, fake):

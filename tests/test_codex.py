@@ -14,8 +14,9 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, SECRETS, RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import ROOT, running_proxy
+from tests.secret_scan import SECRETS
 
 CODEX = ROOT / "node_modules" / ".bin" / "codex"
 APIS = {"openai-responses": "/v1/responses", "anthropic-messages": "/v1/messages",
@@ -49,9 +50,8 @@ def codex_proxy(request, fake, tmp_path_factory):
     (agent_dir / "models.json").write_text(json.dumps({"providers": {"fake-codex": {
         "baseUrl": base_url, "api": api, "apiKey": SECRETS["fake-chat"],
         "models": [{"id": "gpt-5.5", "reasoning": True, "contextWindow": 200000, "maxTokens": 8192}]}}}))
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "proxy.log", {"OPENAI_API_KEY": ""})
-    yield api, running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("logs") / "proxy.log", {"OPENAI_API_KEY": ""}) as running:
+        yield api, running
 
 
 def run_codex(proxy_url: str, workdir, home, prompt: str) -> subprocess.CompletedProcess:
@@ -73,7 +73,8 @@ def test_codex_exec_runs_tools_through_the_proxy(codex_proxy, fake, tmp_path):
     workdir, home = tmp_path / "work", tmp_path / "home"
     workdir.mkdir()
     home.mkdir()
-    fake.push(Reply(text="Running it.", tool_calls=[("call_x1", "exec_command", {"cmd": "echo codex-ran-this | tee out.txt"})]),
+    fake.push(Reply(text="Running it.",
+                    tool_calls=[("call_x1", "exec_command", {"cmd": "echo codex-ran-this | tee out.txt"})]),
               Reply(tool_calls=[("call_p1", "apply_patch", {"input": PATCH})]),
               Reply(text="All done here."))
     result = run_codex(proxy.url, workdir, home, "Write out.txt, then add hello.txt.")

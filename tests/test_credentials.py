@@ -14,9 +14,10 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import LEAK_WATCH, ROOT, RunningProxy, proxy_env
-from tests.fake_github import COPILOT_HOST, GITHUB_TOKEN, FakeGitHub, copilot_token
+from tests.fake_github import GITHUB_TOKEN
 from tests.fake_upstream import Reply
+from tests.helpers import ROOT, agent_with_auth, proxy_env, redirect_env, response_error, running_proxy, stored_copilot
+from tests.secret_scan import LEAK_WATCH
 
 COPILOT_CLAUDE = "github-copilot/claude-sonnet-4.5"
 PROXY_TOKEN = "proxy-SECRET-token-9999"
@@ -24,37 +25,11 @@ ENV_GITHUB_TOKEN = "ghp_envSECRET000111222"
 LEAK_WATCH.update({GITHUB_TOKEN, PROXY_TOKEN, ENV_GITHUB_TOKEN, "tid=stored-", "tid=copilot-"})
 
 
-@pytest.fixture(scope="module")
-def github():
-    server = FakeGitHub()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(autouse=True)
 def fresh_github(github):
     github.exchanges.clear()
     github.quota_requests.clear()
     github.exchange_delay, github.refuse_exchange, github.pending_polls = 0.0, False, 1
-
-
-def redirect_env(fake, github) -> dict:
-    return {"PI_PROXY_TEST_REDIRECTS": json.dumps({"https://github.com": github.url,
-                                                   "https://api.github.com": github.url,
-                                                   f"https://api.{COPILOT_HOST}": fake.base_url})}
-
-
-def agent_with_auth(tmp_path, entries: dict):
-    agent = tmp_path / "agent"
-    agent.mkdir(mode=0o700)
-    (agent / "auth.json").write_text(json.dumps(entries))
-    os.chmod(agent / "auth.json", 0o600)
-    return agent
-
-
-def stored_copilot(expires_in: float, serial: str = "1") -> dict:
-    access, expires = copilot_token(serial, expires_in)
-    return {"type": "oauth", "refresh": GITHUB_TOKEN, "access": access, "expires": expires}
 
 
 def upstream_token(request) -> str:
@@ -67,16 +42,9 @@ def ask_claude(proxy, text="hi") -> anthropic.types.Message:
 
 
 @pytest.fixture
-def start(tmp_path, fake, github):
-    running = []
-
-    def start_proxy(agent, name="proxy", **env):
-        proxy = RunningProxy(agent, tmp_path / f"{name}.log", {**redirect_env(fake, github), **env})
-        running.append(proxy)
-        return proxy
-    yield start_proxy
-    for proxy in running:
-        proxy.stop()
+def start(start_proxy, fake, github):
+    """start(agent, name="proxy", **env): a proxy reading `agent`, GitHub and Copilot redirected to the fakes."""
+    return lambda agent, name="proxy", **env: start_proxy({**redirect_env(fake, github), **env}, agent=agent, name=name)
 
 
 # --- login, logout, models --------------------------------------------------------------------------
@@ -111,7 +79,8 @@ def test_login_to_an_enterprise_domain(tmp_path, fake, github):
 
 
 def test_logout_removes_only_that_provider(tmp_path, fake, github):
-    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(600), "openai": {"type": "api_key", "key": "k"}})
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(600),
+                                       "openai": {"type": "api_key", "key": "k"}})
     assert run_cli(agent, fake, github, "logout", "github-copilot").returncode == 0
     assert json.loads((agent / "auth.json").read_text()) == {"openai": {"type": "api_key", "key": "k"}}
     assert run_cli(agent, fake, github, "logout", "github-copilot").returncode == 1
@@ -130,7 +99,8 @@ def test_models_command_names_sources_never_secrets(tmp_path, fake, github):
 
 
 def test_expired_token_is_refreshed_and_saved_keeping_other_entries(tmp_path, start, fake, github):
-    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60), "openai": {"type": "api_key", "key": "kept"}})
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60),
+                                       "openai": {"type": "api_key", "key": "kept"}})
     fake.push(Reply(text="fresh"))
     assert ask_claude(start(agent)).content[0].text == "fresh"
     assert github.exchanges == [GITHUB_TOKEN]
@@ -144,7 +114,8 @@ def test_expired_token_is_refreshed_and_saved_keeping_other_entries(tmp_path, st
 
 
 def test_fifty_concurrent_requests_across_two_processes_refresh_once(tmp_path, start, fake, github):
-    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60), "openai": {"type": "api_key", "key": "kept"}})
+    agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(-60),
+                                       "openai": {"type": "api_key", "key": "kept"}})
     # 50 bridges booting at once on two cores: allow the upstream more than the suite's usual 4 s
     proxies = [start(agent, "one", PI_PROXY_UPSTREAM_TIMEOUT_MS="60000"),
                start(agent, "two", PI_PROXY_UPSTREAM_TIMEOUT_MS="60000")]
@@ -206,7 +177,8 @@ def test_env_github_token_is_exchanged_once_and_sets_the_base_url(tmp_path, star
     client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
     fake.push(Reply(text="one"), Reply(text="two"))
     for expected in ("one", "two"):
-        reply = client.chat.completions.create(model="github-copilot/gpt-4.1", messages=[{"role": "user", "content": "x"}])
+        reply = client.chat.completions.create(model="github-copilot/gpt-4.1",
+                                               messages=[{"role": "user", "content": "x"}])
         assert reply.choices[0].message.content == expected
     assert github.exchanges == [ENV_GITHUB_TOKEN], "exchanged once, then cached"
     assert fake.requests[-1].path == "/chat/completions", "the base URL came from the token's proxy-ep"
@@ -255,10 +227,9 @@ ENDPOINTS = [("GET", "/v1/models", None, "openai"), ("GET", "/v1/models/fake-cha
 
 @pytest.fixture(scope="module")
 def guarded_proxy(agent_dir, tmp_path_factory):
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "guarded.log",
-                           {"PI_PROXY_AUTH_TOKEN": PROXY_TOKEN})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("logs") / "guarded.log",
+                       {"PI_PROXY_AUTH_TOKEN": PROXY_TOKEN}) as running:
+        yield running
 
 
 @pytest.mark.parametrize("method,path,body,family", ENDPOINTS)
@@ -266,13 +237,11 @@ def test_proxy_token_is_required_on_every_endpoint(guarded_proxy, fake, method, 
     url = guarded_proxy.url + path
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}, {"Authorization": PROXY_TOKEN}):
         refused = requests.request(method, url, json=body, headers=headers)
-        assert refused.status_code == 401
-        error = refused.json()
+        error = response_error(refused, 401, family)
         if family == "pi":
-            assert "token" in error["error"]
+            assert "token" in error["message"]
         else:
-            assert error["error"]["type"] == "authentication_error"
-            assert (error.get("type") == "error") == (family == "anthropic")
+            assert error["type"] == "authentication_error"
     fake.default = Reply(text="ok")
     for headers in ({"Authorization": f"Bearer {PROXY_TOKEN}"}, {"x-api-key": PROXY_TOKEN}):
         accepted = requests.request(method, url, json=body, headers=headers)
@@ -286,8 +255,9 @@ def test_healthz_needs_no_token(guarded_proxy):
 
 
 def test_warning_when_exposed_without_a_token(agent_dir, tmp_path):
-    RunningProxy(agent_dir, tmp_path / "exposed.log", {"PI_PROXY_HOST": "0.0.0.0"}).stop()
-    assert "warning: listening on 0.0.0.0 without a token" in (tmp_path / "exposed.log").read_text()
+    with running_proxy(agent_dir, tmp_path / "exposed.log", {"PI_PROXY_HOST": "0.0.0.0"}) as exposed:
+        pass
+    assert "warning: listening on 0.0.0.0 without a token" in exposed.log_path.read_text()
 
 
 def test_client_upstream_key_replaces_the_configured_one(client, fake):
@@ -300,11 +270,13 @@ def test_client_upstream_key_replaces_the_configured_one(client, fake):
 
 def test_client_upstream_key_unlocks_a_provider_without_credentials(client, fake):
     with pytest.raises(openai.AuthenticationError) as refused:
-        client.chat.completions.create(model="groq/llama-3.3-70b-versatile", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(model="groq/llama-3.3-70b-versatile",
+                                       messages=[{"role": "user", "content": "x"}])
     assert "No credentials for provider 'groq'" in refused.value.body["message"]
     fake.push(Reply(text="via groq", status=401))
     with pytest.raises(openai.AuthenticationError) as caught:
-        client.chat.completions.create(model="groq/llama-3.3-70b-versatile", messages=[{"role": "user", "content": "x"}],
+        client.chat.completions.create(model="groq/llama-3.3-70b-versatile",
+                                       messages=[{"role": "user", "content": "x"}],
                                        extra_headers={"X-Pi-Upstream-Api-Key": "gsk-client-SECRET-88"})
     assert "gsk-client-SECRET-88" not in caught.value.response.text
     assert fake.requests[-1].headers["authorization"] == "Bearer gsk-client-SECRET-88"

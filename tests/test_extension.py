@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import LEAK_WATCH, LOGS, ROOT, RunningProxy, bridge_pids, children, free_port, models_json, \
-    proxy_env, recorded
 from tests.fake_upstream import Reply
+from tests.helpers import ROOT, bridge_pids, children, free_port, models_json, proxy_env
+from tests.secret_scan import LEAK_WATCH, LOGS, recorded
 
 PI = ROOT / "node_modules" / ".bin" / "pi"
 EXTENSION = ROOT / "extensions" / "proxy.ts"
@@ -225,19 +225,19 @@ def test_start_status_clients_stop(pi_home, fake):
         pi.kill()
 
 
-def test_an_external_proxy_is_reported_and_left_alone(pi_home, tmp_path_factory):
+def test_an_external_proxy_is_reported_and_left_alone(pi_home, start_proxy):
     """Also: `pi install <checkout>` installs the extension (package.json's `pi.extensions`)."""
     home, env, _ = pi_home
     installed = subprocess.run([str(PI), "install", str(ROOT)], env={**env, "PI_OFFLINE": "1", "PI_TELEMETRY": "0"},
                                cwd=home, capture_output=True, text=True, timeout=60)
     assert installed.returncode == 0, installed.stderr
-    external = RunningProxy(Path(env["PI_CODING_AGENT_DIR"]), tmp_path_factory.mktemp("logs") / "proxy.log",
-                            {"PI_PROXY_AUTH_TOKEN": TOKEN})
+    external = start_proxy({"PI_PROXY_AUTH_TOKEN": TOKEN}, agent=Path(env["PI_CODING_AGENT_DIR"]))
     url, models = external.url, model_ids(external.url, TOKEN)
     pi = Pi(home, {**env, "PI_PROXY_PORT": str(external.port), "PI_PROXY_AUTH_TOKEN": TOKEN}, extension=None)
     try:
         response, _ = pi.command({"type": "get_commands"})
-        assert [(c["name"], c["sourceInfo"]["path"]) for c in response["data"]["commands"]] == [("proxy", str(EXTENSION))]
+        commands = [(c["name"], c["sourceInfo"]["path"]) for c in response["data"]["commands"]]
+        assert commands == [("proxy", str(EXTENSION))]
         assert pi.startup_footer() == f"proxy: {url} ({len(models)} models)", "the footer shows a proxy found at start"
 
         notes, _ = pi.slash("/proxy status")
@@ -262,13 +262,11 @@ def test_an_external_proxy_is_reported_and_left_alone(pi_home, tmp_path_factory)
     finally:
         if pi.proc.poll() is None:
             pi.kill()
-        external.stop()
 
 
-def test_a_wrong_token_is_said_so(pi_home, tmp_path_factory):
+def test_a_wrong_token_is_said_so(pi_home, start_proxy):
     home, env, _ = pi_home
-    external = RunningProxy(Path(env["PI_CODING_AGENT_DIR"]), tmp_path_factory.mktemp("logs") / "proxy.log",
-                            {"PI_PROXY_AUTH_TOKEN": TOKEN})
+    external = start_proxy({"PI_PROXY_AUTH_TOKEN": TOKEN}, agent=Path(env["PI_CODING_AGENT_DIR"]))
     pi = Pi(home, {**env, "PI_PROXY_PORT": str(external.port)})
     try:
         assert pi.startup_footer() == f"proxy: {external.url}"
@@ -278,7 +276,6 @@ def test_a_wrong_token_is_said_so(pi_home, tmp_path_factory):
         assert statuses == [f"proxy: {external.url}"]
     finally:
         pi.kill()
-        external.stop()
 
 
 def test_the_flag_starts_it_with_the_session_and_the_end_of_pi_stops_it(pi_home):
@@ -366,6 +363,7 @@ def test_flag_and_argument_completions(tmp_path):
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert loaded["paths"] == [str(EXTENSION)] and loaded["flags"] == ["proxy"]
-    completions = {prefix: items and [item["value"] for item in items] for prefix, items in loaded["completions"].items()}
+    completions = {prefix: items and [item["value"] for item in items]
+                   for prefix, items in loaded["completions"].items()}
     assert completions == {"": ["status", "start", "stop", "clients"], "st": ["status", "start", "stop"],
                            "sto": ["stop"], "c": ["clients"], "x": None}

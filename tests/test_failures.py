@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.fake_upstream import Reply
-from tests.test_chat_completions import ALL_APIS
+from tests.helpers import ALL_APIS, sse_events
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -48,7 +48,8 @@ def test_rate_limit_keeps_retry_after(client, fake, model):
 
 
 def test_upstream_400_message_reaches_the_client(client, fake):
-    fake.push(Reply(status=400, error_body={"error": {"message": "messages: field 'x' is bad", "type": "invalid_request_error"}}))
+    fake.push(Reply(status=400, error_body={"error": {"message": "messages: field 'x' is bad",
+                                                      "type": "invalid_request_error"}}))
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="fake-chat/chat-model", messages=USER)
     assert "field 'x' is bad" in caught.value.body["message"]
@@ -111,9 +112,9 @@ def test_stream_cut_midway_ends_with_error_then_done(proxy, fake, model):
     response = requests.post(f"{proxy.url}/v1/chat/completions", stream=True,
                              json={"model": model, "messages": USER, "stream": True})
     assert response.status_code == 200
-    lines = [line for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]"
-    assert '"error"' in lines[-2]
+    events = list(sse_events(response))
+    assert events[-1] == (None, "[DONE]")
+    assert '"error"' in events[-2][1]
     assert proxy.wait_no_bridges()
 
 
@@ -132,8 +133,8 @@ def test_stream_that_hangs_after_content_ends_with_error(proxy, fake):
     started = time.monotonic()
     response = requests.post(f"{proxy.url}/v1/chat/completions", stream=True,
                              json={"model": "fake-chat/chat-model", "messages": USER, "stream": True})
-    lines = [line for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]" and "timed out" in lines[-2]
+    events = list(sse_events(response))
+    assert events[-1] == (None, "[DONE]") and "timed out" in events[-2][1]
     assert time.monotonic() - started < 15
     assert proxy.wait_no_bridges()
 

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from tests.fake_upstream import FakeUpstream, Reply
+from tests.helpers import sse_events
 
 ROOT = Path(__file__).resolve().parent.parent
 PI_DIRECT = ROOT / "tests" / "pi_direct.mjs"
@@ -139,7 +140,7 @@ def test_tool_calls(fake, api):
     got = blocks(msg, "toolCall")
     assert [(b["name"], b["arguments"]) for b in got] == [("get_weather", {"city": "Paris"}),
                                                          ("add", {"a": 1, "b": 2.5})]
-    for b, (cid, _, _) in zip(got, calls):
+    for b, (cid, _, _) in zip(got, calls, strict=True):
         if api == "openai-responses":
             assert b["id"].startswith(cid + "|fc_")  # pi-ai: "<call_id>|<item id>"
         else:
@@ -261,26 +262,12 @@ def test_killed_client_is_seen_as_disconnect(fake, api, mode):
 # --------------------------------------------------------------------------- wire level / python SDKs
 
 
-def _sse_events(resp: requests.Response) -> list[tuple[str | None, str]]:
-    out, event, data = [], None, []
-    for line in resp.iter_lines(decode_unicode=True):
-        if line == "":
-            if data:
-                out.append((event, "\n".join(data)))
-            event, data = None, []
-        elif line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            data.append(line[6:])
-    return out
-
-
 def test_wire_formats(fake):
     r = Reply(text="hi there", reasoning="hmm", tool_calls=[("t1", "f", '{"x": 1}')], stop="length",
               usage=dict(input=3, output=4, cached=2, reasoning=1))
     fake.push(r, r, r)
-    chat = _sse_events(requests.post(fake.base_url + "/v1/chat/completions", stream=True, json={
-        "model": "gpt", "stream": True, "stream_options": {"include_usage": True}}))
+    chat = list(sse_events(requests.post(fake.base_url + "/v1/chat/completions", stream=True, json={
+        "model": "gpt", "stream": True, "stream_options": {"include_usage": True}})))
     assert all(e is None for e, _ in chat) and chat[-1][1] == "[DONE]"
     chunks = [json.loads(d) for _, d in chat[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -292,8 +279,8 @@ def test_wire_formats(fake):
     assert tc[0]["id"] == "t1" and tc[0]["function"]["name"] == "f"
     assert "".join(t["function"]["arguments"] for t in tc) == '{"x": 1}' and len(tc) > 2
 
-    anth = _sse_events(requests.post(fake.base_url + "/v1/messages", stream=True,
-                                     json={"model": "claude", "stream": True}))
+    anth = list(sse_events(requests.post(fake.base_url + "/v1/messages", stream=True,
+                                          json={"model": "claude", "stream": True})))
     names = [e for e, _ in anth]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"] and "ping" in names
     assert all(json.loads(d)["type"] == e for e, d in anth)
@@ -302,11 +289,11 @@ def test_wire_formats(fake):
     ms = json.loads(anth[0][1])["message"]["usage"]
     assert (ms["input_tokens"], ms["cache_read_input_tokens"]) == (3, 2)
 
-    resp = _sse_events(requests.post(fake.base_url + "/v1/responses", stream=True,
-                                     json={"model": "gpt", "stream": True}))
+    resp = list(sse_events(requests.post(fake.base_url + "/v1/responses", stream=True,
+                                          json={"model": "gpt", "stream": True})))
     data = [json.loads(d) for _, d in resp]
     assert [d["sequence_number"] for d in data] == list(range(len(data)))
-    assert all(e == d["type"] for (e, _), d in zip(resp, data))
+    assert all(e == d["type"] for (e, _), d in zip(resp, data, strict=True))
     assert data[0]["type"] == "response.created" and data[-1]["type"] == "response.incomplete"
     assert data[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert data[-1]["response"]["usage"]["input_tokens"] == 5
@@ -363,7 +350,7 @@ def test_many_chunks_is_cheap(fake):
     fake.push(Reply(text="x " * 8000, chunks=16000))
     t0 = time.perf_counter()
     resp = requests.post(fake.base_url + "/v1/responses", stream=True, json={"model": "m", "stream": True})
-    deltas = [json.loads(d)["delta"] for e, d in _sse_events(resp) if e == "response.output_text.delta"]
+    deltas = [json.loads(d)["delta"] for e, d in sse_events(resp) if e == "response.output_text.delta"]
     assert len(deltas) == 16000 and "".join(deltas) == "x " * 8000
     assert time.perf_counter() - t0 < 2.0
 
@@ -420,23 +407,25 @@ def test_client_close_during_first_byte_delay_is_recorded(fake):
 HI = {"role": "user", "content": "hi"}
 
 
+def responses_call(fake, *input_items) -> requests.Response:
+    return requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": list(input_items)}, timeout=10)
+
+
 def test_responses_refuses_a_function_call_without_its_reasoning_item(fake):
     """As OpenAI does: a tool call the model made while reasoning goes back only with that reasoning."""
     fake.push(Reply(reasoning="Think.", tool_calls=[("call_1", "get_weather", {"city": "Paris"})]))
-    output = requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": "hi"}, timeout=10).json()["output"]
-    reasoning, call = output
+    reasoning, call = responses_call(fake, HI).json()["output"]
     answer = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
-    refused = requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": [HI, call, answer]}, timeout=10)
+    refused = responses_call(fake, HI, call, answer)
     assert refused.status_code == 400
     assert refused.json()["error"]["message"] == (f"Item '{call['id']}' of type 'function_call' was provided without "
                                                   f"its required 'reasoning' item: '{reasoning['id']}'.")
     assert fake.pending == 0 and len(fake.requests) == 2, "a refused request consumes no reply"
     fake.push(Reply(text="Sunny."))
-    accepted = requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": [HI, reasoning, call, answer]},
-                             timeout=10)
+    accepted = responses_call(fake, HI, reasoning, call, answer)
     assert accepted.status_code == 200 and accepted.json()["output"][0]["content"][0]["text"] == "Sunny."
     fake.push(Reply(tool_calls=[("call_2", "get_weather", {"city": "Rome"})]))
-    [plain_call] = requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": "hi"}, timeout=10).json()["output"]
-    alone = requests.post(f"{fake.base_url}/v1/responses", timeout=10, json={"model": "m", "input": [
-        HI, plain_call, {"type": "function_call_output", "call_id": "call_2", "output": "rain"}]})
+    [plain_call] = responses_call(fake, HI).json()["output"]
+    rain = {"type": "function_call_output", "call_id": "call_2", "output": "rain"}
+    alone = responses_call(fake, HI, plain_call, rain)
     assert alone.status_code == 200, "a call made without reasoning needs none"

@@ -8,145 +8,33 @@ Bridge faults need no hook in the proxy: the proxy runs a `node` found first on 
 a script that execs the real node with tests/fault_preload.mjs preloaded (it misbehaves as a
 mode file says), or crashes at start, or is missing."""
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import ROOT, RunningProxy
 from tests.fake_upstream import Reply
-from tests.test_pool import wait_for
+from tests.helpers import (
+    CLIENT_APIS,
+    ROOT,
+    WORDS,
+    assert_failed_before_content,
+    assert_failed_mid_stream,
+    call,
+    open_stream,
+    outcome,
+    running_proxy,
+    wait_for,
+)
 
 UPSTREAM_TIMEOUT_S = 1.5
-ENDPOINTS = ["chat", "messages", "responses", "pi"]
 UPSTREAM_MODELS = ["fake-chat/chat-model", "fake-anthropic/claude-test", "fake-responses/gpt-test"]
-TEXT = " ".join(f"word{i}" for i in range(30))
-
-
-@dataclass
-class Outcome:
-    """What a client saw: the HTTP status, the text streamed, the error (message) if any, and
-    whether the stream ended with its protocol's terminal event."""
-    status: int
-    text: str = ""
-    error: str | None = None
-    terminated: bool = False
-    events: list = field(default_factory=list)
-
-
-def request_body(endpoint: str, model: str) -> tuple[str, dict]:
-    messages = [{"role": "user", "content": "hi"}]
-    if endpoint == "chat":
-        return "/v1/chat/completions", {"model": model, "messages": messages, "stream": True}
-    if endpoint == "messages":
-        return "/v1/messages", {"model": model, "max_tokens": 100, "messages": messages, "stream": True}
-    if endpoint == "responses":
-        return "/v1/responses", {"model": model, "input": "hi", "stream": True}
-    provider, model_id = model.split("/", 1)
-    return "/api/stream", {"model": {"provider": provider, "id": model_id}, "context": {"messages": messages},
-                           "options": {}}
-
-
-def sse_events(lines) -> list[tuple[str | None, str]]:
-    """(event name, data) of each SSE event."""
-    events, name = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            events.append((name, line[6:]))
-            name = None
-    return events
-
-
-def outcome(response: requests.Response, endpoint: str, lines=None) -> Outcome:
-    """`lines`: the body's lines, when the test read some of them itself."""
-    if response.status_code != 200:
-        body = response.json()
-        if endpoint == "messages":
-            assert body["type"] == "error", body
-            message = body["error"]["message"]
-        elif endpoint == "pi":
-            message = body["error"]
-        else:
-            message = body["error"]["message"]
-        assert isinstance(message, str) and message, body
-        return Outcome(response.status_code, error=message, terminated=True)
-    events = sse_events(response.iter_lines(decode_unicode=True) if lines is None else lines)
-    seen = Outcome(200, events=events)
-    for name, data in events:
-        if data == "[DONE]":
-            seen.terminated = endpoint == "chat"
-            continue
-        payload = json.loads(data)
-        if endpoint == "chat":
-            if "error" in payload:
-                seen.error = payload["error"]["message"]
-            for choice in payload.get("choices", []):
-                seen.text += choice["delta"].get("content") or ""
-        elif endpoint == "messages":
-            if name == "error":
-                seen.error, seen.terminated = payload["error"]["message"], True
-            elif name == "content_block_delta" and payload["delta"]["type"] == "text_delta":
-                seen.text += payload["delta"]["text"]
-            seen.terminated = seen.terminated or name == "message_stop"
-        elif endpoint == "responses":
-            if name == "response.output_text.delta":
-                seen.text += payload["delta"]
-            if name == "response.failed":
-                seen.error = payload["response"]["error"]["message"]
-            seen.terminated = name in ("response.completed", "response.incomplete", "response.failed")
-        else:
-            if payload["type"] == "text_delta":
-                seen.text += payload["delta"]
-            if payload["type"] == "error":
-                seen.error = payload["errorMessage"]
-            seen.terminated = payload["type"] in ("done", "error")
-    return seen
-
-
-def call(proxy, endpoint: str, model: str, timeout: float = 30) -> Outcome:
-    path, body = request_body(endpoint, model)
-    with requests.post(f"{proxy.url}{path}", json=body, stream=True, timeout=timeout) as response:
-        return outcome(response, endpoint)
-
-
-def assert_failed_before_content(seen: Outcome, endpoint: str, status: int, fragment: str):
-    """Before any content a failure is an HTTP error; /api/stream reports it, as pi-ai would,
-    as the stream's only event."""
-    if endpoint == "pi":
-        assert seen.status == 200 and [json.loads(d)["type"] for _, d in seen.events] == ["error"], seen
-    else:
-        assert seen.status == status, seen
-    assert fragment.lower() in seen.error.lower(), seen
-
-
-def assert_failed_mid_stream(seen: Outcome, fragment: str):
-    assert seen.status == 200 and seen.text.startswith("word0"), seen
-    assert seen.error and fragment.lower() in seen.error.lower(), seen
-    assert seen.terminated, "the stream ends with its protocol's terminal event"
-
-
-def open_stream(proxy, endpoint: str, model: str = "fake-chat/chat-model", until: str = "word0"):
-    """A streaming request read up to the line holding `until`: the response, the lines read and
-    the iterator of the rest."""
-    path, body = request_body(endpoint, model)
-    response = requests.post(f"{proxy.url}{path}", json=body, stream=True, timeout=30)
-    lines = response.iter_lines(decode_unicode=True)
-    read = []
-    for line in lines:
-        read.append(line)
-        if until in line:
-            break
-    return response, read, lines
 
 
 # --- upstream faults ---------------------------------------------------------------------------------
@@ -155,13 +43,12 @@ def open_stream(proxy, endpoint: str, model: str = "fake-chat/chat-model", until
 @pytest.fixture(scope="module")
 def quick(agent_dir, tmp_path_factory):
     """A proxy whose upstream timeout is short, so the timeout faults take little time."""
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("quick") / "proxy.log",
-                           {"PI_PROXY_UPSTREAM_TIMEOUT_MS": str(int(UPSTREAM_TIMEOUT_S * 1000))})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("quick") / "proxy.log",
+                       {"PI_PROXY_UPSTREAM_TIMEOUT_MS": str(int(UPSTREAM_TIMEOUT_S * 1000))}) as running:
+        yield running
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", CLIENT_APIS)
 @pytest.mark.parametrize("model", UPSTREAM_MODELS)
 @pytest.mark.parametrize("status", [408, 413])
 def test_upstream_408_and_413(quick, fake, endpoint, model, status):
@@ -196,7 +83,7 @@ BEFORE_CONTENT = {
 }
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", CLIENT_APIS)
 @pytest.mark.parametrize("fault", BEFORE_CONTENT)
 def test_upstream_fault_before_content(quick, fake, endpoint, fault):
     reply, status, fragment = BEFORE_CONTENT[fault]
@@ -214,14 +101,14 @@ def test_upstream_fault_before_content(quick, fake, endpoint, fault):
 
 
 MID_STREAM = {
-    "cut": (Reply(text=TEXT, cut_after=7), "terminated"),
-    "silent mid-stream": (Reply(text=TEXT, hang_after=7), "sent nothing for 1.5 s"),
-    "malformed SSE line": (Reply(text=TEXT, malformed_after=7), "json"),
-    "in-stream error event": (Reply(text=TEXT, stream_error="overloaded mid-stream"), "overloaded"),
+    "cut": (Reply(text=WORDS, cut_after=7), "terminated"),
+    "silent mid-stream": (Reply(text=WORDS, hang_after=7), "sent nothing for 1.5 s"),
+    "malformed SSE line": (Reply(text=WORDS, malformed_after=7), "json"),
+    "in-stream error event": (Reply(text=WORDS, stream_error="overloaded mid-stream"), "overloaded"),
 }
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", CLIENT_APIS)
 @pytest.mark.parametrize("model", UPSTREAM_MODELS)
 @pytest.mark.parametrize("fault", MID_STREAM)
 def test_upstream_fault_mid_stream(quick, fake, endpoint, model, fault):
@@ -235,7 +122,7 @@ def test_upstream_fault_mid_stream(quick, fake, endpoint, model, fault):
 
 
 def test_the_server_still_serves_after_the_faults(quick, fake):
-    for endpoint in ENDPOINTS:
+    for endpoint in CLIENT_APIS:
         fake.push(Reply(text="still here"))
         seen = call(quick, endpoint, "fake-chat/chat-model")
         assert (seen.status, seen.text, seen.error, seen.terminated) == (200, "still here", None, True), seen
@@ -259,16 +146,16 @@ def faulty(agent_dir, tmp_path_factory):
     """A proxy (pool of 2) whose `node` is tests' faulty one; .mode_file sets its behaviour."""
     directory = tmp_path_factory.mktemp("faulty-node")
     node = directory / "node"
-    node.write_text(FAULTY_NODE.format(node=shutil.which("node"), preload=(ROOT / "tests" / "fault_preload.mjs").as_uri()))
+    node.write_text(FAULTY_NODE.format(node=shutil.which("node"),
+                                       preload=(ROOT / "tests" / "fault_preload.mjs").as_uri()))
     node.chmod(0o755)
     mode_file = directory / "mode"
     mode_file.write_text("")
-    running = RunningProxy(agent_dir, directory / "proxy.log", {
+    with running_proxy(agent_dir, directory / "proxy.log", {
         "PATH": f"{directory}:{os.environ['PATH']}", "FAULT_MODE_FILE": str(mode_file),
-        "PI_PROXY_BRIDGE_POOL": "2"})
-    running.node, running.mode_file = node, mode_file
-    yield running
-    running.stop()
+        "PI_PROXY_BRIDGE_POOL": "2"}) as running:
+        running.node, running.mode_file = node, mode_file
+        yield running
 
 
 def pool_full(proxy) -> bool:
@@ -291,33 +178,33 @@ def assert_serves(proxy, fake, endpoint: str = "chat"):
     assert (seen.status, seen.text, seen.error) == (200, "served again", None), seen
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", CLIENT_APIS)
 @pytest.mark.parametrize("fault,message", [
     ("exit-mid", "the proxy's bridge exited unexpectedly (status 1): fault_preload: exiting mid-stream"),
     ("garbage-mid", "the proxy's bridge printed something that is not JSON"),
 ])
 def test_bridge_exits_or_prints_non_json_mid_stream(faulty, mode, fake, endpoint, fault, message):
     mode(fault)
-    fake.push(Reply(text=TEXT, delay=0.05))
+    fake.push(Reply(text=WORDS, delay=0.05))
     seen = call(faulty, endpoint, "fake-chat/chat-model")
     assert_failed_mid_stream(seen, message)
     mode("")
     assert_serves(faulty, fake, endpoint)
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", CLIENT_APIS)
 def test_bridge_prints_non_json_before_content(faulty, mode, fake, endpoint):
     mode("garbage-at-start")
-    fake.push(Reply(text=TEXT))
+    fake.push(Reply(text=WORDS))
     seen = call(faulty, endpoint, "fake-chat/chat-model")
     assert_failed_before_content(seen, endpoint, 502, "the proxy's bridge printed something that is not JSON")
     mode("")
     assert_serves(faulty, fake, endpoint)
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", CLIENT_APIS)
 def test_bridge_killed_mid_stream_like_the_oom_killer(faulty, mode, fake, endpoint):
-    fake.push(Reply(text=TEXT, delay=0.1))
+    fake.push(Reply(text=WORDS, delay=0.1))
     response, read, rest = open_stream(faulty, endpoint, until="word1")
     with response:
         serving = faulty.bridges()
@@ -335,9 +222,10 @@ def test_bridge_crashes_at_start(faulty, mode, fake):
     for pid in warm:
         os.kill(pid, signal.SIGKILL)
     assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in warm)), "killed and reaped"
-    for endpoint in ENDPOINTS:
+    for endpoint in CLIENT_APIS:
         seen = call(faulty, endpoint, "fake-chat/chat-model")
-        assert_failed_before_content(seen, endpoint, 502, "the proxy's bridge exited unexpectedly (status 3): simulated crash")
+        assert_failed_before_content(seen, endpoint, 502,
+                                     "the proxy's bridge exited unexpectedly (status 3): simulated crash")
     assert requests.get(f"{faulty.url}/healthz", timeout=5).status_code == 200
     assert not fake.requests, "nothing reached the upstream"
     mode("")
@@ -356,7 +244,7 @@ def test_node_disappearing_after_startup_is_503_until_it_returns(faulty, mode, f
         while (seen := call(faulty, "chat", "fake-chat/chat-model")).status == 200:
             served += 1
             assert served <= 2, "only the two warm bridges can serve"
-        for endpoint in ENDPOINTS:
+        for endpoint in CLIENT_APIS:
             seen = call(faulty, endpoint, "fake-chat/chat-model")
             assert seen.status == 503, seen
             assert "cannot start its bridge process" in seen.error and "No such file" in seen.error, seen

@@ -13,14 +13,13 @@ import os
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from proxy import Upstreams, default_max_bridges
-from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import RunningProxy, children, proc_rss, running_proxy, sse_events, zombie
 
 SOAK = os.environ.get("SOAK") == "1"
 CONCURRENT = 200 if SOAK else 30
@@ -38,18 +37,6 @@ PEAK_RSS_LIMIT = 400 * 2**20
 #   must be exactly what they were at the start.
 
 
-def proc_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def zombie(pid: int) -> bool:
-    """An exited child not reaped yet (it has no memory left to count)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
 def proc_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -62,19 +49,6 @@ def fd_targets(pid: int) -> list[str]:
         except OSError:
             pass
     return sorted(found)
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def settled(proxy: RunningProxy, timeout: float = 30.0) -> dict:
@@ -93,17 +67,16 @@ def settled(proxy: RunningProxy, timeout: float = 30.0) -> dict:
 
 @pytest.fixture(scope="module")
 def load_proxy(agent_dir, tmp_path_factory):
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("load") / "proxy.log",
-                           {"PI_PROXY_BRIDGE_POOL": str(POOL), "PI_PROXY_LOG_LEVEL": "INFO",
-                            "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000"})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("load") / "proxy.log",
+                       {"PI_PROXY_BRIDGE_POOL": str(POOL), "PI_PROXY_LOG_LEVEL": "INFO",
+                        "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000"}) as running:
+        yield running
 
 
 # Each family: (path, request body, how its streamed text is read, how its stream ends).
 def chat_text(frames):
     text = ""
-    for event, data in frames:
+    for _, data in frames:
         if data == "[DONE]":
             return text, True
         choices = json.loads(data).get("choices") or [{}]
@@ -140,20 +113,6 @@ FAMILIES = [
 ]
 
 
-def sse_frames(response):
-    """(event, data) pairs of an SSE response, read as they arrive."""
-    event, data = None, []
-    for line in response.iter_lines(decode_unicode=True):
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data = None, []
-        elif line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            data.append(line[6:])
-
-
 def run_concurrently(count: int, run, sample, every: float) -> float:
     """run(i) for i in range(count), each in a thread of its own, while sample() is called every
     `every` seconds (a process gone meanwhile is skipped); the seconds it all took."""
@@ -185,7 +144,7 @@ def stream_one(url: str, family: int, timeout: float = 120) -> tuple[str, bool]:
     path, body, read = FAMILIES[family]
     with requests.post(f"{url}{path}", json=body, stream=True, timeout=timeout) as response:
         assert response.status_code == 200, response.text
-        return read(sse_frames(response))
+        return read(sse_events(response))
 
 
 def test_concurrent_slow_streams(load_proxy, fake):
@@ -281,66 +240,58 @@ def test_sequential_short_requests(load_proxy, fake):
 
 
 @pytest.mark.skipif(not SOAK, reason="10 minutes: `make soak` only")
-def test_ten_minute_slow_stream(agent_dir, tmp_path_factory, fake):
+def test_ten_minute_slow_stream(start_proxy, fake):
     """A stream that takes 10 minutes, an event every 10 s, through a proxy whose upstream timeout
     (30 s) is above that gap but far below the stream's length: it completes, whole."""
-    proxy = RunningProxy(agent_dir, tmp_path_factory.mktemp("long") / "proxy.log",
-                         {"PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000", "PI_PROXY_LOG_LEVEL": "INFO"})
-    try:
-        fake.reset()
-        text = " ".join(f"w{j}" for j in range(61))
-        fake.push(Reply(text=text, delay=10))
-        started = time.monotonic()
-        streamed, ended = stream_one(proxy.url, 0, timeout=60)
-        elapsed = time.monotonic() - started
-        print(f"\n10-minute stream: {elapsed:.0f} s, ended={ended}, {len(streamed)} characters")
-        assert ended and streamed == text
-        assert elapsed > 590, "the stream really was slow"
-        assert proxy.wait_no_bridges(timeout=5)
-    finally:
-        proxy.stop()
+    proxy = start_proxy({"PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000", "PI_PROXY_LOG_LEVEL": "INFO"})
+    fake.reset()
+    text = " ".join(f"w{j}" for j in range(61))
+    fake.push(Reply(text=text, delay=10))
+    started = time.monotonic()
+    streamed, ended = stream_one(proxy.url, 0, timeout=60)
+    elapsed = time.monotonic() - started
+    print(f"\n10-minute stream: {elapsed:.0f} s, ended={ended}, {len(streamed)} characters")
+    assert ended and streamed == text
+    assert elapsed > 590, "the stream really was slow"
+    assert proxy.wait_no_bridges(timeout=5)
 
 
 @pytest.mark.skipif(not SOAK, reason="300 streams: `make soak` only")
-def test_300_concurrent_requests_under_the_default_bridge_limit(agent_dir, tmp_path_factory, fake):
+def test_300_concurrent_requests_under_the_default_bridge_limit(start_proxy, fake):
     """300 slow streams at once through a proxy with the default admission limits: never more
     bridges serving than PI_PROXY_MAX_BRIDGES' default; every request either gets its whole reply or
     is refused cleanly (429/529 overloaded); the memory of the proxy and all its node children stays
     about that many bridges' worth."""
     limit = default_max_bridges()
-    proxy = RunningProxy(agent_dir, tmp_path_factory.mktemp("admission") / "proxy.log",
-                         {"PI_PROXY_BRIDGE_POOL": str(POOL), "PI_PROXY_LOG_LEVEL": "INFO",
-                          "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000"})
-    try:
-        fake.reset()
-        fake.default = Reply(text=" ".join(f"w{j}" for j in range(20)), delay=0.15)
-        peak = {"total": 0, "serving": 0}
+    proxy = start_proxy({"PI_PROXY_BRIDGE_POOL": str(POOL), "PI_PROXY_LOG_LEVEL": "INFO",
+                         "PI_PROXY_UPSTREAM_TIMEOUT_MS": "60000"})
+    fake.reset()
+    fake.default = Reply(text=" ".join(f"w{j}" for j in range(20)), delay=0.15)
+    peak = {"total": 0, "serving": 0}
 
-        def sample():
-            pids = [proxy.proc.pid, *children(proxy.proc.pid)]
-            peak["total"] = max(peak["total"], sum(proc_rss(pid) for pid in pids if not zombie(pid)))
-            peak["serving"] = max(peak["serving"], len(proxy.bridges()))
+    def sample():
+        pids = [proxy.proc.pid, *(pid for pid, _ in children(proxy.proc.pid))]
+        peak["total"] = max(peak["total"], sum(proc_rss(pid) for pid in pids if not zombie(pid)))
+        peak["serving"] = max(peak["serving"], len(proxy.bridges()))
 
-        def run(i):
-            path, body, read = FAMILIES[i % len(FAMILIES)]
-            try:
-                with requests.post(f"{proxy.url}{path}", json=body, stream=True, timeout=300) as response:
-                    if response.status_code in (429, 529):
-                        results[i] = ("refused", response.headers.get("retry-after") == "5"
-                                      and "overloaded" in response.text)
-                    else:
-                        results[i] = ("served", response.status_code == 200 and read(sse_frames(response))[1])
-            except Exception as error:  # noqa: BLE001 - reported below
-                results[i] = (f"{type(error).__name__}: {error}", False)
+    def run(i):
+        path, body, read = FAMILIES[i % len(FAMILIES)]
+        try:
+            with requests.post(f"{proxy.url}{path}", json=body, stream=True, timeout=300) as response:
+                if response.status_code in (429, 529):
+                    results[i] = ("refused", response.headers.get("retry-after") == "5"
+                                  and "overloaded" in response.text)
+                else:
+                    results[i] = ("served", response.status_code == 200 and read(sse_events(response))[1])
+        except Exception as error:  # noqa: BLE001 - reported below
+            results[i] = (f"{type(error).__name__}: {error}", False)
 
-        results: list = [None] * 300
-        elapsed = run_concurrently(300, run, sample, every=0.5)
-        outcomes = collections.Counter(kind for kind, _ in results)
-        print(f"\n300 concurrent streams, default limit {limit} bridges: {elapsed:.1f} s; {dict(outcomes)}; "
-              f"peak {peak['serving']} bridges serving; peak memory of the proxy and its children "
-              f"{peak['total'] / 2**30:.2f} GB")
-        assert all(ok for _, ok in results), [r for r in results if not r[1]][:3]
-        assert peak["serving"] <= limit
-        assert peak["total"] < (limit + POOL + 4) * 100 * 2**20
-    finally:
-        proxy.stop()
+    results: list = [None] * 300
+    elapsed = run_concurrently(300, run, sample, every=0.5)
+    outcomes = collections.Counter(kind for kind, _ in results)
+    print(f"\n300 concurrent streams, default limit {limit} bridges: {elapsed:.1f} s; {dict(outcomes)}; "
+          f"peak {peak['serving']} bridges serving; peak memory of the proxy and its children "
+          f"{peak['total'] / 2**30:.2f} GB")
+    assert all(ok for _, ok in results), [r for r in results if not r[1]][:3]
+    assert peak["serving"] <= limit
+    assert peak["total"] < (limit + POOL + 4) * 100 * 2**20

@@ -2,50 +2,23 @@
 Every stream the SDK reads here also goes through the strict grammar checker."""
 
 import json
-from pathlib import Path
 import re
 import time
+from pathlib import Path
 
 import anthropic
 import httpx2 as httpx
 import pytest
 import requests
 
-from tests.conftest import RESPONSES, RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import ALL_APIS, PIXEL, RecordingTransport, last_request, response_error, running_proxy
+from tests.secret_scan import RESPONSES
 from tests.sse_grammar import check_anthropic_stream
-from tests.test_chat_completions import MODELS, PIXEL, last_request
 
-ALL_APIS = pytest.mark.parametrize("model", list(MODELS))
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 HI = [{"role": "user", "content": "hi"}]
-
-
-class RecordingTransport(httpx.HTTPTransport):
-    """Keeps the raw bytes of every event stream, for the grammar checker."""
-
-    def __init__(self):
-        super().__init__()
-        self.streams = []
-
-    def handle_request(self, request):
-        response = super().handle_request(request)
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            chunks = []
-            self.streams.append(chunks)
-            inner = response.stream
-
-            class Tee(httpx.SyncByteStream):
-                def __iter__(self):
-                    for chunk in inner:
-                        chunks.append(chunk)
-                        yield chunk
-
-                def close(self):
-                    inner.close()
-            response.stream = Tee()
-        return response
 
 
 @pytest.fixture
@@ -243,7 +216,8 @@ def test_tool_call_without_arguments_gives_empty_object(client, fake, model):
 
 @ALL_APIS
 def test_parallel_tool_calls_are_separate_blocks(client, fake, model):
-    fake.push(Reply(tool_calls=[("call_a", "get_weather", '{"city": "A"}'), ("call_b", "get_weather", '{"city": "B"}')]))
+    fake.push(Reply(tool_calls=[("call_a", "get_weather", '{"city": "A"}'),
+                                ("call_b", "get_weather", '{"city": "B"}')]))
     with client.messages.stream(model=model, max_tokens=100, messages=HI, tools=[WEATHER]) as stream:
         final = stream.get_final_message()
     assert [b.input["city"] for b in final.content if b.type == "tool_use"] == ["A", "B"]
@@ -342,10 +316,8 @@ def test_other_versions_are_not_substituted(client):
 ])
 def test_invalid_requests_are_400_in_anthropic_shape(proxy, body, fragment):
     response = requests.post(f"{proxy.url}/v1/messages", json=body)
-    assert response.status_code == 400
-    error = response.json()
-    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
-    assert fragment in error["error"]["message"]
+    error = response_error(response, 400, "anthropic")
+    assert error["type"] == "invalid_request_error" and fragment in error["message"]
 
 
 @pytest.mark.parametrize("status,error_class,error_type", [
@@ -368,7 +340,8 @@ def test_upstream_errors_keep_status_in_anthropic_shape(client, fake, model, sta
 
 def test_context_overflow_reads_like_anthropic(client, fake):
     fake.push(Reply(status=400, error_body={"error": {
-        "message": "prompt token count of 250123 exceeds the limit of 200000", "code": "model_max_prompt_tokens_exceeded"}}))
+        "message": "prompt token count of 250123 exceeds the limit of 200000",
+        "code": "model_max_prompt_tokens_exceeded"}}))
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model="fake-chat/chat-model", max_tokens=10, messages=HI)
     assert caught.value.body["error"]["message"] == "prompt is too long: 250123 tokens > 200000 maximum"
@@ -391,10 +364,9 @@ def test_in_stream_error_reaches_the_sdk(client, fake, model):
 
 @pytest.fixture(scope="module")
 def patient_proxy(agent_dir, tmp_path_factory):
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "patient.log",
-                           {"PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("logs") / "patient.log",
+                       {"PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"}) as running:
+        yield running
 
 
 def test_ping_while_upstream_is_silent(patient_proxy, fake):

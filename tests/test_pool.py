@@ -4,40 +4,20 @@ an idle bridge that dies is replaced, and nothing outlives the proxy."""
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import alive, running_proxy, wait_for
 
 USER = [{"role": "user", "content": "hi"}]
 
 
-def wait_for(condition, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    return condition()
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.fixture
 def pooled(agent_dir, tmp_path):
-    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "2"})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "2"}) as running:
+        yield running
 
 
 def chat(proxy, text: str = "pooled", **reply) -> requests.Response:
@@ -101,13 +81,10 @@ def test_idle_bridges_exit_when_the_proxy_dies_without_cleanup(pooled):
         "an idle bridge notices the end of its stdin and exits"
 
 
-def test_pool_size_zero_spawns_on_demand(agent_dir, tmp_path, fake):
-    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "0"})
-    try:
-        time.sleep(0.5)
-        assert running.bridges(serving=False) == []
-        fake.push(Reply(text="on demand"))
-        assert chat(running).json()["choices"][0]["message"]["content"] == "on demand"
-        assert running.wait_no_bridges() and running.bridges(serving=False) == []
-    finally:
-        running.stop()
+def test_pool_size_zero_spawns_on_demand(start_proxy, fake):
+    running = start_proxy({"PI_PROXY_BRIDGE_POOL": "0"})
+    time.sleep(0.5)
+    assert running.bridges(serving=False) == []
+    fake.push(Reply(text="on demand"))
+    assert chat(running).json()["choices"][0]["message"]["content"] == "on demand"
+    assert running.wait_no_bridges() and running.bridges(serving=False) == []

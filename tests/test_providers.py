@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from tests.conftest import LEAK_WATCH, ROOT, RunningProxy
 from tests.fake_bedrock import FakeBedrock
+from tests.helpers import ROOT, running_proxy, sse_events
+from tests.secret_scan import LEAK_WATCH
 
 REGISTRY = ROOT / "node_modules/@mariozechner/pi-ai/dist/providers/register-builtins.js"
 REGISTERED_APIS = re.findall(r'registerApiProvider\(\{\s*api: "([^"]+)"', REGISTRY.read_text())
@@ -75,7 +76,8 @@ def test_no_dynamic_import_in_the_bundle_gets_a_commonjs_only_chunk():
     chunks = {path.name: path.read_text() for path in BUILD.glob("*.mjs")}
     assert chunks, "no bundle: run npm run build"
     commonjs = {name for name, text in chunks.items() if re.search(r"^export default require_\w+\(\);$", text, re.M)}
-    imports = [(name, target) for name, text in chunks.items() for target in re.findall(r'import\("\./([^"]+)"\)', text)]
+    imports = [(name, target) for name, text in chunks.items()
+               for target in re.findall(r'import\("\./([^"]+)"\)', text)]
     assert imports, "the bundle's provider chunks are loaded with import()"
     assert [(name, target) for name, target in imports if target in commonjs] == []
 
@@ -98,10 +100,9 @@ def proxy_to_catch_all(catch_all, tmp_path_factory):
                                 "apiKey": CODEX_KEY if api == "openai-codex-responses" else "sk-catch-all"}
                  for api in REGISTERED_APIS}
     (home / "agent" / "models.json").write_text(json.dumps({"providers": providers}))
-    running = RunningProxy(home / "agent", home / "proxy.log", {**AWS_ENV, "HTTP_PROXY": catch_all.url,
-                                                               "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"})
-    yield running
-    running.stop()
+    with running_proxy(home / "agent", home / "proxy.log", {**AWS_ENV, "HTTP_PROXY": catch_all.url,
+                                                           "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"}) as running:
+        yield running
 
 
 @pytest.mark.parametrize("api", REGISTERED_APIS)
@@ -109,7 +110,8 @@ def test_provider_module_loads_from_the_bundle_and_calls_out(api, catch_all, pro
     before = len(catch_all.requests)
     response = requests.post(f"{proxy_to_catch_all.url}/v1/chat/completions", timeout=60,
                              json={"model": f"api-{api}/m", "messages": [{"role": "user", "content": "hi"}]})
-    assert catch_all.requests[before:], f"{api}: no request reached the upstream: {response.status_code} {response.text}"
+    assert catch_all.requests[before:], \
+        f"{api}: no request reached the upstream: {response.status_code} {response.text}"
     assert response.status_code >= 400 and "Cannot find module" not in response.text, response.text
 
 
@@ -117,23 +119,22 @@ def test_bedrock_answers_through_the_proxy(tmp_path):
     home = tmp_path / "home"
     (home / "agent").mkdir(parents=True)
     with FakeBedrock(AWS_KEY, AWS_SECRET) as bedrock:
-        (home / "agent" / "models.json").write_text(json.dumps({"providers": {"amazon-bedrock": {"baseUrl": bedrock.base_url}}}))
-        proxy = RunningProxy(home / "agent", home / "proxy.log", {**AWS_ENV, "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"})
-        try:
+        (home / "agent" / "models.json").write_text(
+            json.dumps({"providers": {"amazon-bedrock": {"baseUrl": bedrock.base_url}}}))
+        with running_proxy(home / "agent", home / "proxy.log",
+                           {**AWS_ENV, "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"}) as proxy:
             models = requests.get(f"{proxy.url}/v1/models", timeout=30).json()["data"]
             model = next(m["id"] for m in models if m["id"].startswith("amazon-bedrock/anthropic.claude"))
             body = {"model": model, "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 50}
             answer = requests.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=60)
             with requests.post(f"{proxy.url}/v1/chat/completions", json={**body, "stream": True}, stream=True,
                                timeout=60) as streamed:
-                lines = [line for line in streamed.iter_lines() if line.startswith(b"data: ")]
-        finally:
-            proxy.stop()
+                events = list(sse_events(streamed))
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == "Hello from Bedrock"
     assert answer.json()["usage"]["completion_tokens"] == 3
-    deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in lines[:-1]]
-    assert "".join(filter(None, deltas)) == "Hello from Bedrock" and lines[-1] == b"data: [DONE]"
+    deltas = [json.loads(data)["choices"][0]["delta"].get("content") for _, data in events[:-1]]
+    assert "".join(filter(None, deltas)) == "Hello from Bedrock" and events[-1] == (None, "[DONE]")
     path, headers, sent = bedrock.requests[0]
     assert path == f"/model/{model.split('/', 1)[1].replace(':', '%3A')}/converse-stream"
     sent = json.loads(sent)

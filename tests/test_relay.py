@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ import requests
 import urllib3
 
 from proxy import upstream_ssl_context
-from tests.conftest import ROOT, RunningProxy
 from tests.fake_network import FakeNetwork, make_certificates
 from tests.fake_upstream import Reply
-from tests.test_pool import wait_for
+from tests.helpers import wait_for
 
 
 def chat(proxy, model: str = "fake-chat/chat-model", stream: bool = False, **kwargs) -> requests.Response:
@@ -143,36 +141,33 @@ class ConnectProxy:
         self.listener.close()
 
 
-def tls_proxy(tmp_path, tls_fake, env: dict) -> RunningProxy:
-    """A proxy whose provider `tls` is the fake behind TLS."""
+def tls_agent(tmp_path, tls_fake) -> Path:
+    """An agent directory whose provider `tls` is the fake behind TLS."""
     agent = tmp_path / "agent"
     agent.mkdir()
     (agent / "models.json").write_text(json.dumps({"providers": {"tls": {
         "baseUrl": f"{tls_fake.base_url}/v1", "api": "openai-completions", "apiKey": "tls-key",
         "models": [{"id": "m"}]}}}))
-    return RunningProxy(agent, tmp_path / "proxy.log", {"PI_PROXY_BRIDGE_POOL": "1", **env})
+    return agent
 
 
-def test_https_proxy_and_node_extra_ca_certs_are_honoured(tmp_path, fake, tls_fake, certificates):
+def test_https_proxy_and_node_extra_ca_certs_are_honoured(start_proxy, tmp_path, fake, tls_fake, certificates):
     tunnel = ConnectProxy()
-    running = tls_proxy(tmp_path, tls_fake, {"HTTPS_PROXY": tunnel.url, "NODE_EXTRA_CA_CERTS": str(certificates.ca)})
     try:
+        running = start_proxy({"PI_PROXY_BRIDGE_POOL": "1", "HTTPS_PROXY": tunnel.url,
+                               "NODE_EXTRA_CA_CERTS": str(certificates.ca)}, agent=tls_agent(tmp_path, tls_fake))
         fake.push(Reply(text="through the tunnel"))
         assert chat(running, "tls/m").json()["choices"][0]["message"]["content"] == "through the tunnel"
         assert tunnel.targets == [f"CONNECT {tls_fake.base_url.removeprefix('https://')}"]
     finally:
-        running.stop()
         tunnel.close()
 
 
-def test_no_proxy_and_requests_ca_bundle_are_honoured(tmp_path, fake, tls_fake, certificates):
-    env = {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1", "REQUESTS_CA_BUNDLE": str(certificates.ca)}
-    running = tls_proxy(tmp_path, tls_fake, env)
-    try:
-        fake.push(Reply(text="direct"))
-        assert chat(running, "tls/m").json()["choices"][0]["message"]["content"] == "direct"
-    finally:
-        running.stop()
+def test_no_proxy_and_requests_ca_bundle_are_honoured(start_proxy, tmp_path, fake, tls_fake, certificates):
+    running = start_proxy({"PI_PROXY_BRIDGE_POOL": "1", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1",
+                           "REQUESTS_CA_BUNDLE": str(certificates.ca)}, agent=tls_agent(tmp_path, tls_fake))
+    fake.push(Reply(text="direct"))
+    assert chat(running, "tls/m").json()["choices"][0]["message"]["content"] == "direct"
 
 
 def test_an_untrusted_certificate_is_refused(tls_fake, certificates):
@@ -190,7 +185,7 @@ def test_an_untrusted_certificate_is_refused(tls_fake, certificates):
 # ---------------------------------------------------------------- the upstream timeout
 
 
-def test_the_upstream_timeout_counts_from_when_the_upstream_was_contacted(agent_dir, tmp_path, fake):
+def test_the_upstream_timeout_counts_from_when_the_upstream_was_contacted(start_proxy, tmp_path, fake):
     """A bridge that takes longer to start than the whole upstream timeout still gets the full
     timeout for the upstream: here `node` takes 2.5 s to start, the upstream answers after 1 s,
     the timeout is 2 s."""
@@ -198,14 +193,11 @@ def test_the_upstream_timeout_counts_from_when_the_upstream_was_contacted(agent_
     slow.mkdir()
     (slow / "node").write_text(f"#!/bin/sh\nsleep 2.5\nexec {shutil.which('node')} \"$@\"\n")
     (slow / "node").chmod(0o755)
-    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {
-        "PATH": f"{slow}:{os.environ['PATH']}", "PI_PROXY_BRIDGE_POOL": "0", "PI_PROXY_UPSTREAM_TIMEOUT_MS": "2000"})
-    try:
-        fake.push(Reply(text="worth the wait", first_byte_delay=1.0))
-        started = time.monotonic()
-        response = chat(running)
-        assert time.monotonic() - started > 3.5, "the bridge's start and the upstream's delay both passed"
-        assert response.status_code == 200, response.text
-        assert response.json()["choices"][0]["message"]["content"] == "worth the wait"
-    finally:
-        running.stop()
+    running = start_proxy({"PATH": f"{slow}:{os.environ['PATH']}", "PI_PROXY_BRIDGE_POOL": "0",
+                           "PI_PROXY_UPSTREAM_TIMEOUT_MS": "2000"})
+    fake.push(Reply(text="worth the wait", first_byte_delay=1.0))
+    started = time.monotonic()
+    response = chat(running)
+    assert time.monotonic() - started > 3.5, "the bridge's start and the upstream's delay both passed"
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "worth the wait"

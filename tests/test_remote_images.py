@@ -23,7 +23,7 @@ import pytest
 import requests
 
 import proxy as proxy_module
-from tests.conftest import ROOT, RunningProxy, free_port
+from tests.helpers import ROOT, free_port, response_error, running_proxy
 
 # A real 1x1 PNG.
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
@@ -145,9 +145,8 @@ REMOTE_ENV = {"PI_PROXY_REMOTE_IMAGES": "1", "PI_PROXY_REMOTE_IMAGE_MAX_BYTES": 
 @pytest.fixture(scope="module")
 def guarded(agent_dir, tmp_path_factory):
     """Remote images on, and no address exempt from the check."""
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("logs") / "guarded.log", REMOTE_ENV)
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("logs") / "guarded.log", REMOTE_ENV) as running:
+        yield running
 
 
 # The three ways to give an image by URL, the field each error must name, and the upstream path
@@ -177,13 +176,10 @@ def post(running, kind: str, url: str, timeout: float = 30) -> requests.Response
 
 def error_of(response: requests.Response, kind: str) -> dict:
     """The error in the endpoint's own shape; the message and the field it names."""
-    assert response.status_code == 400, response.text
-    body = response.json()
-    if kind == "anthropic":
-        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
-        return body["error"]
-    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == ENDPOINTS[kind][2]
-    return body["error"]
+    error = response_error(response, 400, "anthropic" if kind == "anthropic" else "openai")
+    assert error["type"] == "invalid_request_error"
+    assert kind == "anthropic" or error["param"] == ENDPOINTS[kind][2]
+    return error
 
 
 def assert_refused(running, kind: str, url: str, reason: str):
@@ -252,7 +248,8 @@ def test_too_many_images_are_refused(guarded, fake, images):
     response = requests.post(guarded.url + ENDPOINTS["chat"][0], json=body, timeout=30)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == "messages[0].content[17].image_url.url" and "PI_PROXY_REMOTE_IMAGE_MAX_COUNT" in error["message"]
+    assert error["param"] == "messages[0].content[17].image_url.url"
+    assert "PI_PROXY_REMOTE_IMAGE_MAX_COUNT" in error["message"]
     assert not fake.requests
 
 
@@ -261,8 +258,8 @@ def test_too_many_images_are_refused(guarded, fake, images):
 
 class Fetcher:
     def __init__(self):
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "image_fetcher.py")], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "image_fetcher.py")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
     def __call__(self, *urls, hosts=None, **config) -> dict:
         config = {"remote_image_max_bytes": MAX_BYTES, "remote_image_timeout": TIMEOUT, **config}

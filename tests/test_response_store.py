@@ -10,8 +10,8 @@ import pytest
 import requests
 
 import proxy as module
-from tests.conftest import ROOT, RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import ROOT, response_error, running_proxy
 
 AI_SDK_CLIENT = ROOT / "tests" / "ai_sdk_client.mjs"
 # One per upstream API; the fakes refuse a tool call sent back without the reasoning it came with.
@@ -70,7 +70,7 @@ def test_ai_sdk_with_store_false_sends_whole_items(proxy, fake):
     assert "item_reference" not in json.dumps([first["sent"], second["sent"]])
     assert second["text"] == "Sunny tomorrow too." and "Check the weather." in upstream_text(fake)
     later = post(proxy, {"model": "openai/gpt-5", "input": "more", "previous_response_id": second["responseIds"][0]})
-    assert later.status_code == 400 and later.json()["error"]["code"] == "previous_response_not_found", \
+    assert response_error(later, 400, "openai")["code"] == "previous_response_not_found", \
         "a response made with store: false is not kept"
 
 
@@ -117,9 +117,7 @@ def test_previous_response_id_chains_input_and_output(proxy, fake, model):
 
 @pytest.mark.parametrize("body", [{"previous_response_id": "resp_never_made"}, {"previous_response_id": "x\n" * 80}])
 def test_unknown_previous_response_is_400_like_openai(proxy, fake, body):
-    response = post(proxy, {"model": "fake-chat/chat-model", "input": "hi", **body})
-    assert response.status_code == 400
-    error = response.json()["error"]
+    error = response_error(post(proxy, {"model": "fake-chat/chat-model", "input": "hi", **body}), 400, "openai")
     assert error["message"].startswith("Previous response with id '") and " not found." in error["message"]
     assert (error["type"], error["param"], error["code"]) == (
         "invalid_request_error", "previous_response_id", "previous_response_not_found")
@@ -127,10 +125,8 @@ def test_unknown_previous_response_is_400_like_openai(proxy, fake, body):
 
 
 def test_unresolvable_item_reference_is_400_naming_its_index(proxy, fake):
-    response = post(proxy, {"model": "fake-chat/chat-model", "input": [
-        {"role": "user", "content": "hi"}, {"type": "item_reference", "id": "msg_from_elsewhere"}]})
-    assert response.status_code == 400
-    error = response.json()["error"]
+    error = response_error(post(proxy, {"model": "fake-chat/chat-model", "input": [
+        {"role": "user", "content": "hi"}, {"type": "item_reference", "id": "msg_from_elsewhere"}]}), 400, "openai")
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "input[1]", "item_not_found")
     assert "msg_from_elsewhere" in error["message"] and "store: false" in error["message"]
     assert fake.requests == []
@@ -142,13 +138,14 @@ def test_store_false_keeps_nothing(proxy, fake):
     assert first["store"] is False
     for body in ({"previous_response_id": first["id"], "input": "more"},
                  {"input": [{"type": "item_reference", "id": first["output"][0]["id"]}]}):
-        assert post(proxy, {"model": "fake-chat/chat-model", **body}).status_code == 400
+        assert response_error(post(proxy, {"model": "fake-chat/chat-model", **body}), 400, "openai")["code"] in (
+            "previous_response_not_found", "item_not_found")
 
 
 def test_a_restart_forgets_and_a_small_store_evicts(agent_dir, fake, tmp_path):
     """Store limits from the environment; the oldest response goes first; a restart forgets everything."""
-    small = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_RESPONSE_STORE_BYTES": "6000"})
-    try:
+    small_store = {"PI_PROXY_RESPONSE_STORE_BYTES": "6000"}
+    with running_proxy(agent_dir, tmp_path / "proxy.log", small_store) as small:
         ids = []
         for n in range(4):
             fake.push(Reply(text=f"answer {n} " + "x" * 600))
@@ -156,14 +153,9 @@ def test_a_restart_forgets_and_a_small_store_evicts(agent_dir, fake, tmp_path):
         status = [post(small, {"model": "fake-chat/chat-model", "input": "?", "previous_response_id": id_}).status_code
                   for id_ in ids[::-1]]
         assert status[:2] == [200, 200] and status[-1] == 400, status
-    finally:
-        small.stop()
-    restarted = RunningProxy(agent_dir, tmp_path / "proxy.log", {"PI_PROXY_RESPONSE_STORE_BYTES": "6000"})
-    try:
+    with running_proxy(agent_dir, tmp_path / "proxy.log", small_store) as restarted:
         response = post(restarted, {"model": "fake-chat/chat-model", "input": "?", "previous_response_id": ids[-1]})
-        assert response.status_code == 400 and response.json()["error"]["param"] == "previous_response_id"
-    finally:
-        restarted.stop()
+        assert response_error(response, 400, "openai")["param"] == "previous_response_id"
 
 
 # --- the store, without HTTP ------------------------------------------------------------------------

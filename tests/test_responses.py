@@ -9,16 +9,14 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import record_response
 from tests.fake_upstream import Reply
+from tests.helpers import ALL_APIS, PIXEL, RecordingTransport, last_request, sse_events
 from tests.responses_grammar import check_responses_stream
+from tests.secret_scan import record_response
 from tests.sse_grammar import check_anthropic_stream
-from tests.test_chat_completions import MODELS, PIXEL, last_request
-from tests.test_messages import RecordingTransport
 
 KEY = b"this installation's envelope key"
 
-ALL_APIS = pytest.mark.parametrize("model", list(MODELS))
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 PATCH_GRAMMAR = 'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF'
@@ -167,7 +165,8 @@ def test_namespace_custom_and_hosted_tools(client, fake, model):
     assert "begin_patch" in upstream_tools, "the custom tool's grammar goes into its description"
     assert "web_search" not in upstream_tools, "hosted tools are dropped"
     function_call, custom_call = first.output
-    assert (function_call.type, function_call.name, function_call.namespace) == ("function_call", "forecast", "weather_ns")
+    assert (function_call.type, function_call.name, function_call.namespace) == \
+        ("function_call", "forecast", "weather_ns")
     assert (custom_call.type, custom_call.name, custom_call.input) == ("custom_tool_call", "apply_patch", patch)
     fake.push(Reply(text="done"))
     client.responses.create(model=model, tools=tools, input=[
@@ -206,7 +205,8 @@ def test_hosted_tools_the_proxy_cannot_provide_are_400(proxy, fake, kind):
         "model": "fake-chat/chat-model", "input": "hi", "tools": [WEATHER, {"type": "web_search"}, {"type": kind}]})
     assert response.status_code == 400
     error = response.json()["error"]
-    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "tools[2].type", "unsupported_tool")
+    assert (error["type"], error["param"], error["code"]) == \
+        ("invalid_request_error", "tools[2].type", "unsupported_tool")
     assert repr(kind) in error["message"] and fake.requests == []
 
 
@@ -265,10 +265,10 @@ def streamed_and_final_reasoning(proxy, endpoint: str, body: dict) -> tuple[str,
     assert streamed.status_code == 200, streamed.text
     if endpoint == "/v1/messages":
         frames = check_anthropic_stream(streamed.text)
-        return ("".join(d["delta"]["thinking"] for name, d in frames if d.get("delta", {}).get("type") == "thinking_delta"),
-                whole["content"][0]["thinking"])
+        deltas = [data["delta"] for _, data in frames if data["type"] == "content_block_delta"]
+        return "".join(d["thinking"] for d in deltas if d["type"] == "thinking_delta"), whole["content"][0]["thinking"]
     if endpoint == "/v1/chat/completions":
-        chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+        chunks = [json.loads(data) for _, data in sse_events(streamed.text) if data != "[DONE]"]
         return ("".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"]),
                 whole["choices"][0]["message"]["reasoning_content"])
     events = check_responses_stream(streamed.text)
@@ -485,7 +485,8 @@ def test_interleaved_pi_blocks_stream_one_item_at_a_time():
 
 
 @pytest.mark.parametrize("arguments, action", [
-    ('{"command": ["ls"], "env": {"A": "1"}, "user": null, "extra": 1}', {"type": "exec", "command": ["ls"], "env": {"A": "1"}}),
+    ('{"command": ["ls"], "env": {"A": "1"}, "user": null, "extra": 1}',
+     {"type": "exec", "command": ["ls"], "env": {"A": "1"}}),
     ('{"command": []}', None), ('{"command": "ls -la"}', None), ('{"command": ["ls", 5]}', None), ('{"comm', None),
     ('["ls"]', None)])
 def test_local_shell_action_needs_a_command(arguments, action):
@@ -496,8 +497,10 @@ def test_local_shell_action_needs_a_command(arguments, action):
 def test_a_local_shell_call_without_a_command_is_incomplete():
     import proxy as module
     tools = {"local_shell": module.ClientTool("local_shell", kind="local_shell")}
-    frames = module.ResponsesEvents(module.response_object({"model": "m", "input": "x"}, "resp_1", 0), "p/m", tools, KEY)
-    pi_events = [{"type": "start"}, {"type": "toolcall_start", "contentIndex": 0, "id": "c1", "toolName": "local_shell"},
+    response = module.response_object({"model": "m", "input": "x"}, "resp_1", 0)
+    frames = module.ResponsesEvents(response, "p/m", tools, KEY)
+    pi_events = [{"type": "start"},
+                 {"type": "toolcall_start", "contentIndex": 0, "id": "c1", "toolName": "local_shell"},
                  {"type": "toolcall_delta", "contentIndex": 0, "delta": '{"cmd": "ls"}'},
                  {"type": "toolcall_end", "contentIndex": 0, "toolCall": {"arguments": {"cmd": "ls"}}},
                  {"type": "done", "reason": "toolUse", "message": {"usage": {}}}]

@@ -8,8 +8,9 @@ import sys
 import httpx2 as httpx
 import requests
 
-from tests.conftest import PROXY_PORTS, RESPONSES, ROOT, SECRETS, everything_seen, find_leaks
 from tests.fake_upstream import Reply
+from tests.helpers import ROOT
+from tests.secret_scan import PROXY_PORTS, RESPONSES, SECRETS, everything_seen, find_leaks
 
 PLANTED = "sk-planted-SECRET-9999zzzz"  # not in LEAK_WATCH: finding it here fails nothing else
 CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
@@ -22,7 +23,7 @@ def leaks_since(start: int) -> list:
 def test_requests_bodies_and_headers_are_scanned(fake):
     start = len(RESPONSES)
     fake.push(Reply(status=500, error_body=f"oops {PLANTED}"))
-    requests.post(f"{fake.base_url}/v1/chat/completions", json={}, timeout=10).text
+    _ = requests.post(f"{fake.base_url}/v1/chat/completions", json={}, timeout=10).text
     assert leaks_since(start), "a plain response body"
 
     start = len(RESPONSES)

@@ -10,21 +10,29 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import RunningProxy
 from tests.fake_upstream import Reply
-from tests.test_faults import ENDPOINTS, TEXT, assert_failed_before_content, call, open_stream, outcome, request_body
-from tests.test_pool import alive, wait_for
+from tests.helpers import (
+    CLIENT_APIS,
+    WORDS,
+    alive,
+    assert_failed_before_content,
+    call,
+    open_stream,
+    outcome,
+    request_body,
+    running_proxy,
+    wait_for,
+)
 
 GRACE_S = 3.0
 
 
 @pytest.fixture
 def graceful(agent_dir, tmp_path):
-    running = RunningProxy(agent_dir, tmp_path / "proxy.log", {
+    with running_proxy(agent_dir, tmp_path / "proxy.log", {
         "PI_PROXY_SHUTDOWN_GRACE_S": str(GRACE_S), "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000",
-        "PI_PROXY_BRIDGE_POOL": "2"})
-    yield running
-    running.stop()
+        "PI_PROXY_BRIDGE_POOL": "2"}) as running:
+        yield running
 
 
 def refused(proxy) -> bool:
@@ -41,13 +49,13 @@ def every_bridge(proxy) -> set:
 
 def test_a_stream_that_ends_within_the_grace_completes(graceful, fake):
     assert wait_for(lambda: len(graceful.bridges(serving=False)) == 2)
-    fake.push(Reply(text=TEXT, delay=0.05))  # about 1.5 s
+    fake.push(Reply(text=WORDS, delay=0.05))  # about 1.5 s
     response, read, rest = open_stream(graceful, "chat")
     bridges = every_bridge(graceful)
     graceful.proc.send_signal(signal.SIGTERM)
     assert wait_for(lambda: refused(graceful), timeout=1), "no new connection once SIGTERM came"
     seen = outcome(response, "chat", [*read, *rest])
-    assert (seen.text, seen.error, seen.terminated) == (TEXT, None, True), seen
+    assert (seen.text, seen.error, seen.terminated) == (WORDS, None, True), seen
     assert graceful.proc.wait(timeout=GRACE_S) == 0, "exits as soon as nothing is in flight"
     assert not [pid for pid in bridges if alive(pid)], "no bridge outlives the proxy"
 
@@ -55,8 +63,8 @@ def test_a_stream_that_ends_within_the_grace_completes(graceful, fake):
 def test_streams_past_the_grace_end_with_their_error_event(graceful, fake):
     assert wait_for(lambda: len(graceful.bridges(serving=False)) == 2)
     streams = []
-    for endpoint in ENDPOINTS:
-        fake.push(Reply(text=TEXT, hang_after=6))  # then silent, far within the 30 s upstream timeout
+    for endpoint in CLIENT_APIS:
+        fake.push(Reply(text=WORDS, hang_after=6))  # then silent, far within the 30 s upstream timeout
         streams.append((endpoint, *open_stream(graceful, endpoint)))
     bridges = every_bridge(graceful)
     assert len(graceful.bridges()) == 4
@@ -77,7 +85,7 @@ def test_streams_past_the_grace_end_with_their_error_event(graceful, fake):
 def test_a_request_on_a_kept_alive_connection_during_the_grace_is_refused(graceful, fake):
     keep = requests.Session()
     assert keep.get(f"{graceful.url}/v1/models", timeout=5).status_code == 200  # the connection stays open
-    fake.push(Reply(text=TEXT, hang_after=6))
+    fake.push(Reply(text=WORDS, hang_after=6))
     response, *_ = open_stream(graceful, "chat")  # keeps the proxy in its grace
     graceful.proc.send_signal(signal.SIGTERM)
     assert wait_for(lambda: refused(graceful), timeout=1)
@@ -94,12 +102,12 @@ def test_requests_still_waiting_for_the_upstream_past_the_grace_get_503(graceful
     """Nothing reached the client yet: a 503 (on /api/stream its only event, the error), not a 502
     that would blame the upstream."""
     assert wait_for(lambda: len(graceful.bridges(serving=False)) == 2)
-    with ThreadPoolExecutor(len(ENDPOINTS)) as pool:
+    with ThreadPoolExecutor(len(CLIENT_APIS)) as pool:
         answers = []
-        for endpoint in ENDPOINTS:
-            fake.push(Reply(text=TEXT, first_byte_delay=20))
+        for endpoint in CLIENT_APIS:
+            fake.push(Reply(text=WORDS, first_byte_delay=20))
             answers.append((endpoint, pool.submit(call, graceful, endpoint, "fake-chat/chat-model")))
-        assert wait_for(lambda: len(fake.requests) == len(ENDPOINTS), timeout=10)
+        assert wait_for(lambda: len(fake.requests) == len(CLIENT_APIS), timeout=10)
         graceful.proc.send_signal(signal.SIGTERM)
         for endpoint, answer in answers:
             assert_failed_before_content(answer.result(), endpoint, 503, "the proxy is shutting down")

@@ -10,9 +10,7 @@ import subprocess
 import pytest
 import requests
 
-from tests.conftest import RunningProxy, models_json
-from tests.test_browser import CHROMIUM, page_dom
-from tests.test_credentials import agent_with_auth, github, redirect_env, stored_copilot  # noqa: F401 (fixture)
+from tests.helpers import CHROMIUM, agent_with_auth, models_json, page_dom, redirect_env, stored_copilot
 
 TOKEN = "status-page-SECRET-7777"
 pytestmark = pytest.mark.skipif(
@@ -21,17 +19,11 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def watched(tmp_path, fake, github):
+def watched(start_proxy, tmp_path, fake, github):
+    """watched(**env): a proxy with a Copilot login, GitHub and Copilot redirected to the fakes."""
     agent = agent_with_auth(tmp_path, {"github-copilot": stored_copilot(3600)})
     (agent / "models.json").write_text(json.dumps(models_json(fake.base_url)))
-    running = []
-
-    def start(**env):
-        running.append(RunningProxy(agent, tmp_path / f"proxy{len(running)}.log", {**redirect_env(fake, github), **env}))
-        return running[-1]
-    yield start
-    for proxy in running:
-        proxy.stop()
+    return lambda **env: start_proxy({**redirect_env(fake, github), **env}, agent=agent)
 
 
 def test_the_page_shows_totals_rows_chart_and_quota(watched, tmp_path):
@@ -64,7 +56,8 @@ def test_the_page_shows_totals_rows_chart_and_quota(watched, tmp_path):
     screenshot = tmp_path / "status-page.png"
     shot = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-                           "--window-size=1200,1500", "--hide-scrollbars", f"--screenshot={screenshot}", f"{proxy.url}/"],
+                           "--window-size=1200,1500", "--hide-scrollbars", f"--screenshot={screenshot}",
+                           f"{proxy.url}/"],
                           capture_output=True, text=True, timeout=90)
     assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy import PiStreamEvents, ZERO_USAGE, addable_headers, build_registry, load_catalog
-from tests.conftest import SECRETS, models_json
+from proxy import ZERO_USAGE, PiStreamEvents, addable_headers, build_registry, load_catalog, pi_stream_context
 from tests.fake_upstream import FakeUpstream, Reply
-from tests.test_chat_completions import ALL_APIS, MODELS, PIXEL, last_request
+from tests.helpers import ALL_APIS, PIXEL, last_request, models_json, running_proxy, sse_json
+from tests.secret_scan import LEAK_WATCH, SECRETS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "tests" / "stream_proxy_client.mjs"
@@ -58,7 +58,8 @@ def run_node(script: Path, payload: dict) -> list[dict]:
 def via_proxy(proxy, fake, decoy, name: str, reply: Reply, context=HI, options=None, **extra) -> tuple[list, dict]:
     """The events streamProxy emitted and the message it rebuilt."""
     fake.push(reply)
-    events = run_node(CLIENT, {"proxyUrl": proxy.url, "authToken": "any-token", "model": client_model(fake, decoy, name),
+    events = run_node(CLIENT, {"proxyUrl": proxy.url, "authToken": "any-token",
+                               "model": client_model(fake, decoy, name),
                                "context": context, "options": options or {}, **extra})
     assert events[-1]["type"] == "result", events
     return events[:-1], events[-1]["message"]
@@ -123,7 +124,8 @@ def test_tool_calls_with_argument_deltas(proxy, fake, decoy, model):
     _, expected = direct(fake, model, reply, context={**HI, "tools": TOOLS})
     assert comparable(rebuilt) == comparable(expected)
     calls = [b for b in rebuilt["content"] if b["type"] == "toolCall"]
-    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", {"city": "Paris"}),
+                                                             ("add", {"a": 1, "b": 2})]
     assert rebuilt["stopReason"] == "toolUse"
     assert sum(e["type"] == "toolcall_delta" for e in events) > 2, "arguments streamed in fragments"
 
@@ -159,7 +161,8 @@ def test_length_stop_from_the_responses_api_is_reported_though_pi_ai_misses_it(p
 @pytest.mark.parametrize("model,reply", [
     ("fake-chat/chat-model", Reply(status=429, headers={"retry-after": "3"})),
     ("fake-anthropic/claude-test", Reply(status=529)),
-    ("fake-responses/gpt-test", Reply(status=400, error_body={"error": {"message": "bad field x", "type": "invalid_request_error"}})),
+    ("fake-responses/gpt-test", Reply(status=400, error_body={"error": {"message": "bad field x",
+                                                                        "type": "invalid_request_error"}})),
     ("fake-anthropic/claude-test", Reply(text="partial answer", stream_error="Overloaded mid-stream")),
     ("fake-chat/chat-model", Reply(text="partial answer", cut_after=4)),
 ])
@@ -187,7 +190,8 @@ def test_history_from_a_rebuilt_message_round_trips(proxy, fake, decoy):
                                                          tool_calls=[("toolu_1", "get_weather", {"city": "Rome"})]),
                          context=context, options={"reasoning": "low"})
     result = {"role": "toolResult", "toolCallId": "toolu_1", "toolName": "get_weather", "isError": False,
-              "content": [{"type": "text", "text": "Sunny, 24 C"}, {"type": "image", "data": PIXEL, "mimeType": "image/png"}]}
+              "content": [{"type": "text", "text": "Sunny, 24 C"},
+                          {"type": "image", "data": PIXEL, "mimeType": "image/png"}]}
     context["messages"] = [*context["messages"], first, result]
     _, second = via_proxy(proxy, fake, decoy, name, Reply(text="It is sunny."), context=context,
                           options={"reasoning": "low"})
@@ -207,7 +211,7 @@ def raw_events(proxy, body: dict) -> list[dict]:
     lines = [line for line in response.text.split("\n") if line]
     assert all(line.startswith("data: ") for line in lines), lines
     assert "data: [DONE]" not in lines
-    return [json.loads(line[len("data: "):]) for line in lines]
+    return [event for _, event in sse_json(response.text)]
 
 
 @ALL_APIS
@@ -220,7 +224,7 @@ def test_wire_format(proxy, fake, decoy, model):
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("done") == 1 and "error" not in kinds
     assert not any("partial" in e or "message" in e for e in events)
     done = events[-1]
-    assert set(done) == {"type", "reason", "usage"} and done["reason"] == "toolUse"
+    assert set(done) == {"type", "reason", "usage", "responseId"} and done["reason"] == "toolUse"
     assert done["usage"]["output"] == 20 and "cost" in done["usage"]
     thinking_end = next(e for e in events if e["type"] == "thinking_end")
     assert thinking_end["contentSignature"]
@@ -407,7 +411,8 @@ def test_translation_of_a_tool_call_without_deltas():
         {"type": "toolcall_start", "contentIndex": 2, "id": "c1", "toolName": "f"}]
     frames = events.translate({"type": "toolcall_end", "contentIndex": 2, "toolCall": call})
     assert [f["type"] for f in frames] == ["toolcall_delta", "toolcall_end"]
-    assert json.loads(frames[0]["delta"]) == {"x": [1, "two"]} and frames[1] == {"type": "toolcall_end", "contentIndex": 2}
+    assert json.loads(frames[0]["delta"]) == {"x": [1, "two"]}
+    assert frames[1] == {"type": "toolcall_end", "contentIndex": 2}
     # once a delta was streamed, the end carries nothing more
     events.translate({"type": "toolcall_delta", "contentIndex": 3, "delta": '{"y":'})
     assert events.translate({"type": "toolcall_end", "contentIndex": 3, "toolCall": call}) == [
@@ -422,3 +427,93 @@ def test_translation_of_the_end():
     [error] = events.translate({"type": "error", "reason": "error",
                                 "message": {"errorMessage": "401 bad key sk-very-secret-1234"}})
     assert error == {"type": "error", "reason": "error", "errorMessage": "401 bad key [redacted]", "usage": ZERO_USAGE}
+
+
+# --- Google: the tool call's thoughtSignature comes back as pi-ai gave it ------------------------------
+
+GEMINI = {"id": "gemini-3-pro-preview", "name": "Gemini 3 Pro", "reasoning": True, "input": ["text"],
+          "contextWindow": 1000000, "maxTokens": 65536}
+GOOGLE_KEY = "sk-google-SECRET-ffff6666"
+LEAK_WATCH.add(GOOGLE_KEY)
+WEATHER_CALLS = Reply(text="Checking both.", reasoning_signature="R2VtaW5pJ3MgdGhvdWdodHM=",
+                      tool_calls=[("call_1", "get_weather", {"city": "Paris"}),
+                                  ("call_2", "get_weather", {"city": "Rome"})])
+
+
+@pytest.fixture(scope="module")
+def google_proxy(fake, tmp_path_factory):
+    """A proxy that also has a Google provider (the fake speaks Gemini's protocol, strict as Gemini 3)."""
+    agent = tmp_path_factory.mktemp("google") / "agent"
+    agent.mkdir()
+    config = models_json(fake.base_url)
+    config["providers"]["fake-google"] = {"baseUrl": f"{fake.base_url}/v1beta", "api": "google-generative-ai",
+                                          "apiKey": GOOGLE_KEY, "models": [GEMINI]}
+    (agent / "models.json").write_text(json.dumps(config))
+    with running_proxy(agent, agent.parent / "proxy.log") as running:
+        yield running, build_registry([], config).models["fake-google/gemini-3-pro-preview"]
+
+
+def tool_results(message: dict) -> list:
+    return [{"role": "toolResult", "toolCallId": block["id"], "toolName": block["name"], "isError": False,
+             "content": [{"type": "text", "text": "sunny"}], "timestamp": 1} for block in message["content"]
+            if block["type"] == "toolCall"]
+
+
+def test_a_gemini_tool_calls_signature_goes_back_upstream_as_with_pi_ai_directly(google_proxy, fake):
+    running, model = google_proxy
+    context = {**HI, "tools": TOOLS}
+    fake.push(WEATHER_CALLS)
+    [*_, done] = run_node(PI_DIRECT, {"model": model, "context": context, "options": {"apiKey": GOOGLE_KEY}})
+    direct_message = done["message"]
+    signature = direct_message["content"][1]["thoughtSignature"]
+    assert signature == WEATHER_CALLS.reasoning_signature
+    fake.push(WEATHER_CALLS)
+    events = run_node(CLIENT, {"proxyUrl": running.url, "authToken": "t", "model": model, "context": context})
+    rebuilt = events[-1]["message"]
+    assert [b.get("id") for b in rebuilt["content"]] == [None, f"call_1|pi-thought:{signature}", "call_2"], \
+        "the client keeps only a call's id: the signature travels in it"
+
+    for message in (direct_message, rebuilt):  # the next turn, from each client's own history
+        fake.push(Reply(text="Sunny in both."))
+        history = {**context, "messages": [*HI["messages"], message, *tool_results(message)]}
+        if message is direct_message:
+            [*_, last] = run_node(PI_DIRECT, {"model": model, "context": history, "options": {"apiKey": GOOGLE_KEY}})
+        else:
+            [*_, last] = run_node(CLIENT, {"proxyUrl": running.url, "authToken": "t", "model": model,
+                                           "context": history})
+        assert last["message"]["stopReason"] == "stop", last  # the strict fake refuses a call without its signature
+    direct_turn, proxied_turn = (request.body for request in fake.requests[-2:])
+    assert proxied_turn["contents"] == direct_turn["contents"]
+    assert proxied_turn["contents"][1]["parts"][1]["thoughtSignature"] == signature
+    unsigned = {**direct_message, "content": [{k: v for k, v in b.items() if k != "thoughtSignature"}
+                                              for b in direct_message["content"]]}
+    history = {**context, "messages": [*HI["messages"], unsigned, *tool_results(unsigned)]}
+    [*_, refused] = run_node(PI_DIRECT, {"model": model, "context": history, "options": {"apiKey": GOOGLE_KEY}})
+    assert "missing a thought_signature" in refused["error"]["errorMessage"], "the fake is as strict as Gemini 3"
+
+
+def test_the_response_id_is_on_the_wire(google_proxy, fake):
+    running, model = google_proxy
+    fake.push(Reply(text="hi"))
+    response = requests.post(f"{running.url}/api/stream", json={"model": model, "context": HI}, timeout=30)
+    [done] = [data for _, data in sse_json(response) if data["type"] == "done"]
+    assert done["responseId"].startswith("gresp-")
+
+
+def test_call_ids_carry_a_signature_there_and_back():
+    events = PiStreamEvents(secrets=[])
+    [start] = events.translate({"type": "toolcall_start", "contentIndex": 2, "id": "c1", "toolName": "f",
+                                "thoughtSignature": "c2lnbmF0dXJl"})
+    assert start == {"type": "toolcall_start", "contentIndex": 2, "id": "c1|pi-thought:c2lnbmF0dXJl", "toolName": "f"}
+    assert events.translate({"type": "toolcall_start", "contentIndex": 3, "id": "c2", "toolName": "f"})[0]["id"] == "c2"
+    context = {"messages": [
+        {"role": "assistant", "content": [{"type": "text", "text": "t"},
+                                          {"type": "toolCall", "id": start["id"], "name": "f", "arguments": {}},
+                                          {"type": "toolCall", "id": "c2", "name": "f", "arguments": {}}]},
+        {"role": "toolResult", "toolCallId": start["id"], "content": []},
+        {"role": "toolResult", "toolCallId": "c2", "content": []}]}
+    restored = pi_stream_context(context)
+    assert restored["messages"][0]["content"][1] == {"type": "toolCall", "id": "c1", "name": "f", "arguments": {},
+                                                     "thoughtSignature": "c2lnbmF0dXJl"}
+    assert restored["messages"][0]["content"][2] == context["messages"][0]["content"][2]
+    assert [m.get("toolCallId") for m in restored["messages"]] == [None, "c1", "c2"]

@@ -50,7 +50,8 @@ def test_load_config_flags_win_over_env(tmp_path):
     config = proxy.load_config(proxy.parse_command_line(["--port", "6000"]), env)
     assert (config.host, config.port, config.max_body_size, config.upstream_timeout_ms) == ("0.0.0.0", 6000, 10, 99)
     assert config.agent_dir == tmp_path and config.auth_token is None
-    assert proxy.load_config(proxy.parse_command_line(["--auth-token", "t"]), {"PI_PROXY_AUTH_TOKEN": "e"}).auth_token == "t"
+    flag_over_env = proxy.load_config(proxy.parse_command_line(["--auth-token", "t"]), {"PI_PROXY_AUTH_TOKEN": "e"})
+    assert flag_over_env.auth_token == "t"
     assert proxy.parse_command_line(["login"]).provider == "github-copilot"
     default = proxy.load_config(proxy.parse_command_line([]), {})
     assert (default.host, default.port) == ("127.0.0.1", 4141)
@@ -129,7 +130,8 @@ def test_credentials_order_auth_json_then_env_then_models_json(tmp_path, monkeyp
 
 def test_model_resolution():
     models = proxy.build_registry(CATALOG, {"providers": {"local": {
-        "baseUrl": "u", "api": "openai-completions", "apiKey": "k", "models": [{"id": "gpt-5"}, {"id": "solo"}]}}}).models
+        "baseUrl": "u", "api": "openai-completions", "apiKey": "k",
+        "models": [{"id": "gpt-5"}, {"id": "solo"}]}}}).models
     available = lambda provider: provider in ("openai", "local")  # noqa: E731
     assert proxy.resolve_model("openai/gpt-5", models, available)["provider"] == "openai"
     assert proxy.resolve_model("solo", models, available)["provider"] == "local"
@@ -218,7 +220,8 @@ def test_upstream_payload_per_api():
     assert proxy.upstream_payload(extras, "anthropic-messages") == {
         "top_p": 0.5, "stop_sequences": ["X"], "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}
     assert proxy.upstream_payload(extras, "openai-responses") == {
-        "top_p": 0.5, "parallel_tool_calls": False, "tool_choice": "required", "text": {"format": {"type": "json_object"}}}
+        "top_p": 0.5, "parallel_tool_calls": False, "tool_choice": "required",
+        "text": {"format": {"type": "json_object"}}}
     assert proxy.upstream_payload(extras, "google-generative-ai") == {}
 
 
@@ -288,7 +291,8 @@ def test_chat_completion_object():
     ({"message": {"errorMessage": "Connection error."}}, 502, "api_error"),
     ({"message": {"errorMessage": "Request timed out."}}, 504, "timeout_error"),
     ({"timeout": True, "message": {"errorMessage": "silence"}}, 504, "timeout_error"),
-    ({"status": 400, "overflow": True, "message": {"errorMessage": "prompt is too long"}}, 400, "invalid_request_error"),
+    ({"status": 400, "overflow": True, "message": {"errorMessage": "prompt is too long"}}, 400,
+     "invalid_request_error"),
 ])
 def test_upstream_error_mapping(event, status, type_):
     error = proxy.upstream_error({"type": "error", "reason": "error", **event})
@@ -495,6 +499,7 @@ def test_trailing_whitespace_waits_until_the_final_text_decides():
         ("text_delta", "code"), ("text_delta", " block"), ("text_delta", "\n"), ("text_end", None)]
     # blocks are held apart; other events pass as they are; an end without its text sends what was held
     assert settled(*deltas("text_delta", 0, "a "), *deltas("thinking_delta", 1, "b "), {"type": "heartbeat"},
-                   {"type": "text_end", "contentIndex": 0}, {"type": "thinking_end", "contentIndex": 1, "content": "b"}) == [
+                   {"type": "text_end", "contentIndex": 0},
+                   {"type": "thinking_end", "contentIndex": 1, "content": "b"}) == [
         ("text_delta", "a"), ("thinking_delta", "b"), ("heartbeat", None), ("text_delta", " "), ("text_end", None),
         ("thinking_end", None)]

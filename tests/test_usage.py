@@ -9,8 +9,9 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import LEAK_WATCH, RunningProxy
 from tests.fake_upstream import Reply
+from tests.helpers import running_proxy, sse_events
+from tests.secret_scan import LEAK_WATCH
 
 TOKEN = "proxy-usage-SECRET-4242"
 LEAK_WATCH.add(TOKEN)
@@ -21,10 +22,9 @@ HI = [{"role": "user", "content": SPOKEN}]
 @pytest.fixture(scope="module")
 def watched(agent_dir, tmp_path_factory):
     """A proxy of its own (its /usage counts only this module's requests), logging JSON lines."""
-    running = RunningProxy(agent_dir, tmp_path_factory.mktemp("usage") / "proxy.log",
-                           {"PI_PROXY_LOG_FORMAT": "json", "PI_PROXY_AUTH_TOKEN": TOKEN})
-    yield running
-    running.stop()
+    with running_proxy(agent_dir, tmp_path_factory.mktemp("usage") / "proxy.log",
+                       {"PI_PROXY_LOG_FORMAT": "json", "PI_PROXY_AUTH_TOKEN": TOKEN}) as running:
+        yield running
 
 
 def records(proxy) -> list[dict]:
@@ -114,8 +114,8 @@ def test_an_error_inside_a_stream_names_the_request_and_is_the_outcome(watched, 
     response = requests.post(f"{watched.url}/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"},
                              json={"model": "fake-chat/chat-model", "messages": HI, "stream": True}, timeout=30)
     request_id = response.headers["x-request-id"]
-    errors = [json.loads(line[6:]) for line in response.text.splitlines()
-              if line.startswith("data: {") and '"error"' in line]
+    errors = [json.loads(data) for _, data in sse_events(response.text)
+              if data.startswith("{") and '"error"' in data]
     assert errors and errors[0]["request_id"] == request_id
     record = record_of(watched, request_id)
     assert (record["status"], record["outcome"]) == (200, "api_error")
