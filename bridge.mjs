@@ -21,9 +21,10 @@
 //         does not carry that header already: they never replace one pi-ai or the proxy set.
 //         -> pi-ai's events without `partial`:
 //            {"type":"start"}
-//            {"type":"text_start|thinking_start","contentIndex":i,"contentSignature"?:s}
+//            {"type":"text_start|thinking_start","contentIndex":i,"contentSignature"?:s,"redacted"?:true}
 //            (a thinking block's signature on its start when pi-ai knows it then: openai-completions,
-//            which ends its blocks only when the stream ends)
+//            which ends its blocks only when the stream ends, and Anthropic's redacted thinking, whose
+//            opaque data is its signature and which streams no text)
 //            {"type":"text_delta|thinking_delta|toolcall_delta","contentIndex":i,"delta":s}
 //            {"type":"text_end|thinking_end","contentIndex":i,"content":s,"contentSignature"?:s}
 //            content: the block's final text, which pi-ai may make differ from its deltas
@@ -236,8 +237,9 @@ function reduce(event) {
     case "text_start":
       return { type, contentIndex };
     case "thinking_start": {
-      const contentSignature = event.partial.content[contentIndex]?.thinkingSignature;
-      return contentSignature ? { type, contentIndex, contentSignature } : { type, contentIndex };
+      const block = event.partial.content[contentIndex];
+      if (block?.redacted) return { type, contentIndex, contentSignature: block.thinkingSignature, redacted: true };
+      return block?.thinkingSignature ? { type, contentIndex, contentSignature: block.thinkingSignature } : { type, contentIndex };
     }
     case "text_delta":
     case "thinking_delta":
@@ -266,12 +268,24 @@ function reduce(event) {
   }
 }
 
+// Bedrock's AWS SDK makes its own connections (no fetch to watch); pi-ai keeps the exception's
+// name, or its prefix for it, at the start of the message, and that name says the HTTP status.
+const BEDROCK_STATUS = {
+  "Validation error": 400, ServiceQuotaExceededException: 400, AccessDeniedException: 403,
+  UnrecognizedClientException: 403, ResourceNotFoundException: 404, ModelTimeoutException: 408,
+  ModelErrorException: 424, "Model stream error": 424, "Throttling error": 429, ModelNotReadyException: 429,
+  "Internal server error": 500, "Service unavailable": 503,
+};
+
 function errorEvent(reason, message, model) {
   const event = { type: "error", reason, message };
   if (reason !== "error") return event;
   if (upstream.status >= 400) {
     event.status = upstream.status;
     if (upstream.retryAfter) event.retryAfter = upstream.retryAfter;
+  } else if (model.api === "bedrock-converse-stream") {
+    const status = BEDROCK_STATUS[message.errorMessage?.split(":")[0]];
+    if (status) event.status = status;
   }
   if (isContextOverflow(message, model.contextWindow)) event.overflow = true;
   return event;

@@ -15,7 +15,8 @@ The file reads in the order data flows through it; a section uses only what come
    5. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
    6. Relay                the bridges' HTTP, sent upstream over pooled keep-alive connections
    7. Bridge pool          bridges started (and warmed) ahead of need; admission control; replaced, drained on shutdown
-   8. pi messages          message builders, finish_context, extras -> upstream payload, replayed messages
+   8. pi messages          message builders, finish_context, extras -> upstream payload, pi_events (the
+                           one shape of pi's events), replayed messages
    9. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
   10. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
   11. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
@@ -272,11 +273,13 @@ class ApiError(Exception):
     """An error answered to the client in its API's own shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None,
-                 code=None, retry_after: str | None = None, upstream_event: dict | None = None):
+                 code=None, retry_after: str | None = None, upstream_event: dict | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type_
         self.param, self.code, self.retry_after = param, code, retry_after
         self.upstream_event = upstream_event  # the bridge's error event (redacted), when upstream failed
+        self.details = details  # Anthropic's `error.details`, which the anthropic SDK acts on
         self.request_id = None  # the request's id, named in every body (as Anthropic's API does)
 
     def openai_body(self) -> dict:
@@ -285,7 +288,8 @@ class ApiError(Exception):
 
     def anthropic_body(self) -> dict:
         type_ = self.type if self.type in ANTHROPIC_ERROR_TYPES else "api_error"
-        return self._named({"type": "error", "error": {"type": type_, "message": self.message}})
+        error = {"type": type_, "message": self.message, **({"details": self.details} if self.details else {})}
+        return self._named({"type": "error", "error": error})
 
     def pi_body(self) -> dict:
         return self._named({"error": self.message})  # pi-agent-core's streamProxy reads only `error`
@@ -386,9 +390,25 @@ def _matches(schema, value) -> bool:
     return entry[1].is_valid(value)
 
 
+_JSON_TYPES = {"string": str, "array": list, "object": dict, "null": type(None), "boolean": bool,
+               "integer": int, "number": (int, float)}
+
+
+def _may_match(schema, value) -> bool:
+    """Whether `value` can match `schema` by its `type`, `const` and `enum` alone: a cheap first
+    look at anyOf branches, which mostly differ there (a string or an array of blocks)."""
+    if not isinstance(schema, dict):
+        return bool(schema)
+    types = schema.get("type", ())
+    types = [types] if isinstance(types, str) else types
+    if types and not isinstance(value, tuple(_JSON_TYPES[name] for name in types)):
+        return False
+    return ("const" not in schema or schema["const"] == value) and ("enum" not in schema or value in schema["enum"])
+
+
 def _applying(schemas: list, value) -> list:
     """`schemas` and the subschemas that apply to `value` with them (allOf, if/then/else, the
-    anyOf/oneOf branches it matches)."""
+    anyOf/oneOf branches it matches: validated only when a first look leaves several)."""
     found, pending = [], list(schemas)
     while pending:
         schema = pending.pop()
@@ -396,7 +416,8 @@ def _applying(schemas: list, value) -> list:
             continue
         found.append(schema)
         pending += schema.get("allOf", [])
-        pending += [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _matches(branch, value)]
+        branches = [branch for branch in schema.get("anyOf", []) + schema.get("oneOf", []) if _may_match(branch, value)]
+        pending += [branch for branch in branches if _matches(branch, value)] if len(branches) > 1 else branches
         if "if" in schema:
             branch = schema.get("then" if _matches(schema["if"], value) else "else")
             if branch is not None:
@@ -405,8 +426,9 @@ def _applying(schemas: list, value) -> list:
 
 
 def unused_fields(body, schema: dict):
-    """(path, why) for each field of a valid `body` that is not used, in document order: `why` is
-    the ignored() reason, or None for a field no schema describes. Nothing below such a field."""
+    """(path, why) for each field of a valid `body` that is not used, an object's own before its
+    members': `why` is the ignored() reason, or None for a field no schema describes. Nothing
+    below such a field is walked."""
     pending = [(body, [schema], ())]
     while pending:
         value, schemas, path = pending.pop()
@@ -1414,17 +1436,41 @@ class Admission:
                         "overloaded_error", code="proxy_overloaded", retry_after=self.RETRY_AFTER)
 
 
+class Demand:
+    """How many requests ran at once lately: the most at any moment of the last `window` seconds
+    (a sliding-window maximum: the deque holds (when, count) with counts decreasing)."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self.peaks: collections.deque = collections.deque()
+
+    def note(self, count: int, now: float):
+        while self.peaks and self.peaks[-1][1] <= count:
+            self.peaks.pop()
+        self.peaks.append((now, count))
+
+    def peak(self, now: float) -> int:
+        while self.peaks and self.peaks[0][0] < now - self.window:
+            self.peaks.popleft()
+        return self.peaks[0][1] if self.peaks else 0
+
+
 class BridgePool:
     """Bridges started ahead of need, so a request does not wait for node to boot and load pi-ai.
 
-    Each waits for its one request with pi-ai and the provider modules loaded. take() hands out
-    the oldest (the likeliest to be loaded) and starts a replacement in the background; an idle
+    The pool keeps `size` bridges, or as many as requests ran at once in the last five minutes
+    (at most DEMAND_CAP): clients working in parallel then find their next bridges loaded, and a
+    quieter pool shrinks back to `size`. Each bridge waits for its one request with pi-ai and the
+    provider modules loaded. take() hands out the oldest (the likeliest to be loaded) and starts
+    a replacement in the background; an idle
     bridge that dies, or one node cannot start, is replaced a second later (a bridge that cannot
     start must not spin); drain() kills and reaps every bridge, idle or serving (retire_idle() only
     the idle ones, for a graceful shutdown). With size 0 take() spawns on demand. take() waits for
     `admission`; a bridge it hands out holds its place until its process has exited."""
 
     RESPAWN_DELAY = 1.0
+    DEMAND_WINDOW = 300.0
+    DEMAND_CAP = 8  # idle bridges cost ~57 MB each
 
     def __init__(self, command, size: int, admission: Admission, relay: Relay):
         self.command, self.size, self.admission = command, size, admission  # command() -> argv, read at each spawn
@@ -1432,40 +1478,69 @@ class BridgePool:
         self.idle: list[Bridge] = []
         self.live: set[Bridge] = set()
         self.serving: set[Bridge] = set()
+        self.demand = Demand(self.DEMAND_WINDOW)
         self.draining = False
         self._refilling = gevent.lock.Semaphore()
         self._refill_due = False
+        self._shrink_due = False
         self.refill()
+
+    def counts(self) -> dict:
+        """For GET /usage: the bridges serving requests, those waiting for one, and how many the
+        pool keeps now."""
+        return {"serving": len(self.serving), "idle": len(self.idle), "pool": self.target()}
+
+    def target(self) -> int:
+        """How many idle bridges the pool keeps now (size 0: none, a bridge per request)."""
+        recent = min(self.demand.peak(time.monotonic()), self.DEMAND_CAP, self.admission.limit)
+        return max(self.size, recent) if self.size else 0
 
     def take(self) -> Bridge:
         """The oldest idle bridge still running, else a new one; the pool refills meanwhile.
         ApiError 503 if node cannot be started (e.g. it was uninstalled since startup), 429 if
         admission refuses."""
         self.admission.enter()
-        gevent.spawn(self.refill)
         while self.idle:
             bridge = self.idle.pop(0)
             if bridge.proc.poll() is None:
-                self.serving.add(bridge)
-                return bridge
+                break
             bridge.close()
-        try:
-            bridge = self._spawn()
-        except OSError as error:
-            self.admission.leave()
-            raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
+        else:
+            try:
+                bridge = self._spawn()
+            except OSError as error:
+                self.admission.leave()
+                raise ApiError(503, f"The proxy cannot start its bridge process: {error}", "api_error") from None
         self.serving.add(bridge)
+        self.demand.note(len(self.serving), time.monotonic())
+        gevent.spawn(self.refill)
         return bridge
 
     def refill(self):
         with self._refilling:  # spawning yields; one refill at a time keeps the count right
-            while not self.draining and len(self.idle) < self.size:
+            target = self.target()
+            while not self.draining and len(self.idle) < target:
                 try:
                     self.idle.append(self._spawn())
                 except OSError as error:
                     if self.refill_later():
                         log.error("cannot start a bridge (retrying in %g s): %s", self.RESPAWN_DELAY, error)
                     return
+            while len(self.idle) > target:
+                self.idle.pop().close()  # the newest: the oldest are the likeliest to be loaded
+            if target > self.size:
+                self.shrink_later()
+
+    def shrink_later(self):
+        """A refill once the demand window has passed, which ends the bridges no longer needed."""
+        if self._shrink_due:
+            return
+        self._shrink_due = True
+
+        def due():
+            self._shrink_due = False
+            self.refill()
+        gevent.spawn_later(self.DEMAND_WINDOW / 4, due)
 
     def refill_later(self) -> bool:
         """One refill RESPAWN_DELAY from now, unless one is already due: failing spawns must not
@@ -1662,13 +1737,54 @@ def upstream_payload(extras: dict, api: str) -> dict:
     return payload
 
 
+def pi_events(events):
+    """pi-ai's events in the one shape the translators handle:
+    - a tool call's arguments always arrive as toolcall_delta events: a call the upstream delivered
+      whole (no deltas) gets them as one delta just before its toolcall_end;
+    - a text or thinking block streams its final text: trailing whitespace waits for the block's
+      next delta or its end, where the final text decides what is left to send (pi-ai's
+      openai-responses reasoning streams "\n\n" after every summary part, the last one too, but its
+      final text drops that one). A redacted thinking block has no text to stream."""
+    streamed, sent, held, redacted = set(), {}, {}, set()
+    for event in events:
+        kind, index = event["type"], event.get("contentIndex")
+        if kind == "toolcall_delta" and event["delta"]:
+            streamed.add(index)
+        elif kind == "toolcall_end" and index not in streamed:
+            yield tool_arguments_delta(index, event["toolCall"])
+        elif kind == "thinking_start" and event.get("redacted"):
+            redacted.add(index)
+        elif kind in ("text_delta", "thinking_delta"):
+            text = held.pop(index, "") + event["delta"]
+            settled = text.rstrip()
+            held[index], sent[index] = text[len(settled):], sent.get(index, 0) + len(settled)
+            if settled:
+                yield {**event, "delta": settled}
+            continue
+        elif kind in ("text_end", "thinking_end") and index not in redacted:
+            final, whitespace = event.get("content"), held.pop(index, "")
+            rest = whitespace if final is None else final[sent.pop(index, 0):]
+            if rest:
+                yield {"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}
+        yield event
+
+
+def tool_arguments_delta(index: int, tool_call: dict) -> dict:
+    return {"type": "toolcall_delta", "contentIndex": index, "delta": json.dumps(tool_call.get("arguments") or {})}
+
+
 def replay_message(message: dict):
-    """A final pi message as the events that would have streamed it (for whole replies)."""
+    """A final pi message as the events that would have streamed it (pi_events' shape), for whole
+    replies."""
     for index, block in enumerate(message.get("content", [])):
         if block["type"] == "text":
             yield from ({"type": "text_start", "contentIndex": index},
                         {"type": "text_delta", "contentIndex": index, "delta": block["text"]},
                         {"type": "text_end", "contentIndex": index})
+        elif block["type"] == "thinking" and block.get("redacted"):  # as the bridge streams it: no text
+            yield from ({"type": "thinking_start", "contentIndex": index, "redacted": True,
+                         "contentSignature": block["thinkingSignature"]},
+                        {"type": "thinking_end", "contentIndex": index})
         elif block["type"] == "thinking":
             yield from ({"type": "thinking_start", "contentIndex": index},
                         {"type": "thinking_delta", "contentIndex": index, "delta": block["thinking"]},
@@ -1676,6 +1792,7 @@ def replay_message(message: dict):
                          "contentSignature": block.get("thinkingSignature")})
         elif block["type"] == "toolCall":
             yield from ({"type": "toolcall_start", "contentIndex": index, "id": block["id"], "toolName": block["name"]},
+                        tool_arguments_delta(index, block),
                         {"type": "toolcall_end", "contentIndex": index, "toolCall": block})
 
 
@@ -1683,6 +1800,8 @@ def replay_message(message: dict):
 # 9. OpenAI chat completions
 # ==================================================================================================
 
+# Where OpenAI-compatible servers put an assistant's reasoning, in the order pi-ai reads them.
+REASONING_FIELDS = ("reasoning_content", "reasoning", "reasoning_text")
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {
     "anyOf": [
@@ -1743,6 +1862,7 @@ CHAT_SCHEMA = {
                     "name": ignored("pi-ai's messages name no author", {"type": "string"}),
                     "tool_calls": {"type": "array", "items": _TOOL_CALL},
                     "tool_call_id": {"type": "string"},
+                    **{name: {"type": ["string", "null"]} for name in REASONING_FIELDS},
                 },
                 "allOf": [
                     {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"]}},
@@ -1843,6 +1963,21 @@ def chat_content_to_pi(content, param: str) -> list:
     return blocks
 
 
+def chat_reasoning(message: dict, model: dict, param: str) -> list:
+    """An assistant message's reasoning (sent back by pi, LiteLLM, pydantic-ai; `reasoning` as
+    OpenRouter names it) -> a pi thinking block. For openai-completions its signature is the
+    field's name, as pi-ai's own: pi-ai replays the text in that field. Chat carries no signature
+    that Anthropic or the Responses API could check, and those upstreams drop earlier turns'
+    thinking anyway, so toward them it is dropped (pi-ai would make it visible text)."""
+    field = next((name for name in REASONING_FIELDS if message.get(name)), None)
+    if field is None:
+        return []
+    if model["api"] != "openai-completions":
+        log.debug("dropping %s.%s: %s has no unsigned reasoning", param, field, model["api"])
+        return []
+    return [{"type": "thinking", "thinking": message[field], "thinkingSignature": field}]
+
+
 def chat_to_context(body: dict, model: dict) -> dict:
     """OpenAI chat messages and tools -> a pi-ai Context. System and developer messages, wherever
     they stand, become the system prompt (pi's context has only one)."""
@@ -1856,7 +1991,7 @@ def chat_to_context(body: dict, model: dict) -> dict:
             messages.append(user_message(content))
         elif role == "assistant":
             calls = message.get("tool_calls") or []
-            blocks = [b for b in content if b["text"]]
+            blocks = chat_reasoning(message, model, param) + [b for b in content if b["text"]]
             for call_index, call in enumerate(calls):
                 function = call["function"]
                 tool_names[call["id"]] = function["name"]
@@ -1927,7 +2062,7 @@ def chat_completion(message: dict, reason: str, completion_id: str, model_name: 
     """The final pi-ai message -> a `chat.completion` object."""
     blocks = message.get("content", [])
     text = "".join(b["text"] for b in blocks if b["type"] == "text")
-    reasoning = "".join(b["thinking"] for b in blocks if b["type"] == "thinking")
+    reasoning = "".join(b["thinking"] for b in blocks if b["type"] == "thinking" and not b.get("redacted"))
     calls = [
         {"id": b["id"], "type": "function",
          "function": {"name": b["name"], "arguments": json.dumps(b.get("arguments") or {})}}
@@ -1959,7 +2094,6 @@ class ChatChunks:
         self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
         self.include_usage = include_usage
         self.tool_index: dict[int, int] = {}  # pi contentIndex -> OpenAI tool_calls index
-        self.streamed_arguments: set[int] = set()
 
     def chunk(self, delta: dict, finish=None) -> dict:
         return {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
@@ -1978,11 +2112,7 @@ class ChatChunks:
                     "function": {"name": event["toolName"], "arguments": ""}}
             return [self.chunk({"tool_calls": [call]})]
         if kind == "toolcall_delta" and event["delta"]:
-            self.streamed_arguments.add(event["contentIndex"])
             return [self.tool_arguments(event["contentIndex"], event["delta"])]
-        if kind == "toolcall_end" and event["contentIndex"] not in self.streamed_arguments:
-            # Some upstreams deliver a call whole: its arguments still have to reach the client.
-            return [self.tool_arguments(event["contentIndex"], json.dumps(event["toolCall"].get("arguments") or {}))]
         if kind == "done":
             chunks = [self.chunk({}, finish_reason(event["message"], event["reason"]))]
             if self.include_usage:
@@ -2003,12 +2133,14 @@ class ChatChunks:
 _REASONING_ENVELOPE = "pi-proxy.2:"  # .1 envelopes carried no MAC: they read as foreign now
 
 
-def seal_reasoning(model_id: str, signature: str, key: bytes) -> str:
+def seal_reasoning(model_id: str, signature: str, key: bytes, redacted: bool = False) -> str:
     """A reasoning item's `encrypted_content`: pi-ai's signature for the thinking block (Anthropic's
-    signature; the whole upstream reasoning item for openai-responses) and the model it is valid
-    for, with a MAC under this installation's envelope key (envelope_key): pi-ai forwards what is
-    inside as is, so only what this proxy minted may come back in."""
-    payload = json.dumps({"model": model_id, "signature": signature}, separators=(",", ":"))
+    signature, or its redacted thinking's data; the whole upstream reasoning item for
+    openai-responses) and the model it is valid for, with a MAC under this installation's envelope
+    key (envelope_key): pi-ai forwards what is inside as is, so only what this proxy minted may
+    come back in."""
+    payload = json.dumps({"model": model_id, "signature": signature, **({"redacted": True} if redacted else {})},
+                         separators=(",", ":"))
     sealed = _REASONING_ENVELOPE + base64.urlsafe_b64encode(payload.encode()).decode()
     return sealed + "." + _envelope_mac(sealed, key)
 
@@ -2017,9 +2149,9 @@ def _envelope_mac(sealed: str, key: bytes) -> str:
     return base64.urlsafe_b64encode(hmac.digest(key, sealed.encode(), "sha256")).decode().rstrip("=")
 
 
-def open_reasoning(sealed: str | None, model: dict, key: bytes) -> str | None:
-    """The signature in a reasoning item, if this proxy's installation made it for this model;
-    None otherwise (foreign, forged or altered)."""
+def open_reasoning(sealed: str | None, model: dict, key: bytes) -> dict | None:
+    """The pi thinking block's signature (and redacted mark) sealed in a reasoning item, if this
+    proxy's installation made it for this model; None otherwise (foreign, forged or altered)."""
     if not sealed or not sealed.startswith(_REASONING_ENVELOPE) or "." not in sealed:
         return None
     sealed, mac = sealed.rsplit(".", 1)
@@ -2029,9 +2161,9 @@ def open_reasoning(sealed: str | None, model: dict, key: bytes) -> str | None:
         payload = json.loads(base64.urlsafe_b64decode(sealed[len(_REASONING_ENVELOPE):]))
     except (ValueError, binascii.Error):
         return None
-    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model):
+    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model) or not payload.get("signature"):
         return None
-    return payload.get("signature") or None
+    return {"thinkingSignature": payload["signature"], **({"redacted": True} if payload.get("redacted") else {})}
 
 
 def signature_out(model: dict, signature: str | None, key: bytes) -> str:
@@ -2048,7 +2180,8 @@ def signature_in(model: dict, signature: str | None, key: bytes) -> str | None:
     this installation did not make it for this model."""
     if not signature or model["api"] == "anthropic-messages":
         return signature or None
-    return open_reasoning(signature, model, key)
+    opened = open_reasoning(signature, model, key)
+    return opened and opened["thinkingSignature"]
 
 
 _A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
@@ -2108,7 +2241,8 @@ _A_MESSAGES_PROPERTIES = {
     "system": {"anyOf": [{"type": "string"}, _a_blocks(["text"])]},
     "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL}}},
+        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL,
+        "defer_loading": ignored("every tool is sent whole", {"type": "boolean"})}}},
     "tool_choice": {
         "type": "object", "required": ["type"],
         "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
@@ -2128,6 +2262,13 @@ _A_MESSAGES_PROPERTIES = {
     "stop_sequences": {"type": "array", "items": {"type": "string"}},
     "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}},
     "stream": {"type": "boolean"},
+    # Server-side settings whose absence changes no conversation (reject_server_state refuses the others).
+    "context_management": ignored("the whole history goes upstream; nothing is cleared from it", {"type": "object"}),
+    "cache_control": _A_CACHE_CONTROL,
+    "service_tier": ignored("the upstream's own tier", {"type": "string"}),
+    "speed": ignored("the upstream's own speed", {"type": "string"}),
+    "inference_geo": ignored("the upstream's own region", {"type": "string"}),
+    "diagnostics": ignored("no prompt-cache diagnostics", {"type": "object"}),
 }
 MESSAGES_VALIDATOR = Draft202012Validator({
     "title": "messages request", "type": "object", "required": ["model", "messages", "max_tokens"],
@@ -2183,10 +2324,44 @@ def anthropic_user_content(blocks: list, param: str) -> list:
     return content
 
 
+# Messages fields whose state lives on Anthropic's servers: nothing here can hold or run them, and
+# an answer without them would be to another conversation, so each is refused by name.
+SERVER_STATE_FIELDS = {
+    "thread": "message threads keep the conversation on Anthropic's servers and this proxy keeps none; "
+              "send the whole history in `messages`",
+    "container": "code execution containers run on Anthropic's servers, which this proxy does not reach",
+    "mcp_servers": "this proxy cannot connect the model to MCP servers; declare their tools as client tools",
+    "compaction": "server-side compaction is not available through this proxy; compact on the client",
+}
+# Tools without an input_schema are run (web search, code execution, MCP) or defined (bash, text
+# editor, computer, memory) by Anthropic: no other model can be given them. Only the tool-search
+# tools may go unsaid: every tool is then sent whole (defer_loading aside), which hides none.
+_TOOL_SEARCH = "tool_search_tool_"
+
+
+def reject_server_state(body: dict):
+    for name, reason in SERVER_STATE_FIELDS.items():
+        if name in body:
+            # The anthropic SDK's thread helpers (tool_runner) resend unthreaded on this error_code.
+            details = {"error_code": "thread_unsupported_request", "unsupported": [name]} if name == "thread" else None
+            raise ApiError(400, f"{name} is not supported: {reason}", param=name, code="unsupported_parameter",
+                           details=details)
+    for index, tool in enumerate(body.get("tools", [])):
+        kind = tool.get("type", "custom")
+        if "input_schema" not in tool and kind == "custom":
+            raise ApiError(400, f"tools[{index}].input_schema: Field required", param=f"tools[{index}].input_schema",
+                           code="invalid_value")
+        if "input_schema" not in tool and not kind.startswith(_TOOL_SEARCH):
+            raise ApiError(400, f"tools[{index}]: the {shown(kind)} tool is run or defined by Anthropic itself; "
+                                "this proxy can offer a model only tools with an input_schema",
+                           param=f"tools[{index}].type", code="unsupported_parameter")
+
+
 def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
     """An Anthropic Messages request -> a pi-ai Context. Tool results in a user turn become pi
     toolResult messages (ahead of the turn's other content); `role: "system"` messages are folded
     into the system prompt; assistant turns are stamped with the target model."""
+    reject_server_state(body)
     system = [text_of(anthropic_blocks(body.get("system", "")))]
     messages, tool_names = [], {}
     for index, message in enumerate(body["messages"]):
@@ -2231,9 +2406,9 @@ def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
             elif rest or not results:
                 messages.append(user_message(rest))
     tools = []
-    for tool in body.get("tools", []):
-        if "input_schema" not in tool:  # a server tool (web search, ...) that nothing here can run
-            log.debug("dropping server tool %s", tool.get("type", tool["name"]))
+    for index, tool in enumerate(body.get("tools", [])):
+        if "input_schema" not in tool:  # a tool-search tool (reject_server_state)
+            log.debug("ignoring tools[%d] (%s): every tool is sent whole", index, tool["type"])
             continue
         tools.append({"name": tool["name"], "description": tool.get("description", ""),
                       "parameters": tool["input_schema"]})
@@ -2327,7 +2502,8 @@ class AnthropicEvents:
     blocks only when the stream ends): a block is closed as soon as another one starts, and a
     later text or thinking delta for it opens a fresh block of the same kind. A tool call's
     block is never reopened (its id must stay unique), so text or thinking arriving while one is
-    open is held back until it closes."""
+    open is held back until it closes. Every thinking block ends with its signature_delta, as
+    Anthropic's do, whenever it closes; redacted thinking is a redacted_thinking block, whole."""
 
     def __init__(self, message_id: str, model_name: str, input_estimate: int, seal):
         self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
@@ -2335,7 +2511,7 @@ class AnthropicEvents:
         self.open = None  # (pi contentIndex, kind) of the block now open
         self.index = -1  # the Anthropic index of the last block started
         self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
-        self.streamed_arguments: set[int] = set()
+        self.signatures: dict[int, str] = {}  # pi contentIndex -> its thinking signature, once known
         self.held: list[tuple] = []  # (contentIndex, kind, delta) held back while a tool call is open
 
     def translate(self, event: dict) -> list:
@@ -2348,7 +2524,11 @@ class AnthropicEvents:
                           "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})]
         if kind == "heartbeat":
             return [("ping", {"type": "ping"})]
+        if kind == "thinking_start" and event.get("redacted"):
+            return [*self.start_block(index, "redacted_thinking", event["contentSignature"]), *self.close()]
         if kind in ("text_start", "thinking_start"):
+            if event.get("contentSignature"):  # openai-completions: known at the start, the block closes early
+                self.signatures[index] = event["contentSignature"]
             return self.start_block(index, kind.split("_")[0])
         if kind == "toolcall_start":
             self.tool_calls[index] = (client_tool_id(event["id"]), event["toolName"])
@@ -2361,18 +2541,10 @@ class AnthropicEvents:
                 return []
             return [*self.ensure_open(index, block), self.delta(delta)]
         if kind == "toolcall_delta" and event["delta"]:
-            self.streamed_arguments.add(index)
             return [*self.ensure_open(index, "tool_use"),
                     self.delta({"type": "input_json_delta", "partial_json": event["delta"]})]
-        if kind == "thinking_end" and event.get("contentSignature") and self.open == (index, "thinking"):
-            # Only openai-completions ends a thinking block after later ones began; its
-            # "signature" is a field name, not worth a block of its own.
-            return [self.delta({"type": "signature_delta", "signature": self.seal(event["contentSignature"])}),
-                    *self.close()]
-        if kind == "toolcall_end" and index not in self.streamed_arguments:
-            arguments = json.dumps(event["toolCall"].get("arguments") or {})
-            return [*self.ensure_open(index, "tool_use"),
-                    self.delta({"type": "input_json_delta", "partial_json": arguments}), *self.close()]
+        if kind == "thinking_end" and event.get("contentSignature"):
+            self.signatures[index] = event["contentSignature"]
         if kind.endswith("_end") and self.open and self.open[0] == index:
             return self.close()
         if kind == "done":
@@ -2382,7 +2554,7 @@ class AnthropicEvents:
                     ("message_stop", {"type": "message_stop"})]
         return []
 
-    def start_block(self, index: int, kind: str) -> list:
+    def start_block(self, index: int, kind: str, data: str = "") -> list:
         frames = self.close()
         self.index += 1
         self.open = (index, kind)
@@ -2390,6 +2562,8 @@ class AnthropicEvents:
             block = {"type": "text", "text": ""}
         elif kind == "thinking":
             block = {"type": "thinking", "thinking": "", "signature": ""}
+        elif kind == "redacted_thinking":
+            block = {"type": "redacted_thinking", "data": self.seal(data)}
         else:
             call_id, name = self.tool_calls[index]
             block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
@@ -2406,7 +2580,10 @@ class AnthropicEvents:
     def close(self) -> list:
         frames = []
         if self.open is not None:
-            self.open = None
+            (index, kind), self.open = self.open, None
+            if kind == "thinking":
+                signature = self.seal(self.signatures.get(index, ""))
+                frames.append(self.delta({"type": "signature_delta", "signature": signature}))
             frames.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         if self.held:
             held, self.held = self.held, []
@@ -2963,12 +3140,12 @@ def responses_to_context(body: dict, items: list, model: dict, pi_tools: list, t
         elif role == "assistant":
             turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
         elif kind == "reasoning":
-            signature = open_reasoning(item.get("encrypted_content"), model, key)
-            if signature is None:
+            opened = open_reasoning(item.get("encrypted_content"), model, key)
+            if opened is None:
                 log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(model))
                 continue
             thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
-            turn.append({"type": "thinking", "thinking": thinking, "thinkingSignature": signature})
+            turn.append({"type": "thinking", "thinking": thinking, **opened})
         elif kind in ("function_call", "custom_tool_call", "local_shell_call"):
             name = LOCAL_SHELL if kind == "local_shell_call" else item["name"]
             pi_name = pi_names.get((item.get("namespace"), name), name)
@@ -3113,6 +3290,7 @@ class ResponsesEvents:
         self.text = []  # the open item's text, summary or arguments so far, in pieces (joined once)
         self.calls = {}  # pi contentIndex -> (call id, pi tool name)
         self.signatures = {}  # pi contentIndex -> a thinking block's signature, known at its start
+        self.redacted = set()  # pi contentIndex of redacted thinking: a reasoning item with no summary
 
     def event(self, type_: str, **fields) -> dict:
         event = {"type": type_, **fields, "sequence_number": self.sequence}
@@ -3129,6 +3307,8 @@ class ResponsesEvents:
                 self.calls[index] = (event["id"], event["toolName"])
             if event.get("contentSignature"):
                 self.signatures[index] = event["contentSignature"]
+            if event.get("redacted"):
+                self.redacted.add(index)
             return self.start_item(index, ITEM_OF_BLOCK[kind.split("_")[0]])
         if kind == "text_delta":
             return [*self.ensure_open(index, "message"), self.delta("response.output_text.delta", event["delta"])]
@@ -3141,8 +3321,6 @@ class ResponsesEvents:
                 frames.append(self.event("response.function_call_arguments.delta", item_id=self.open[2]["id"],
                                          output_index=len(self.output), delta=event["delta"]))
             return frames
-        if kind == "toolcall_end" and self.is_open(index):
-            return self.finish(event["toolCall"].get("arguments") or {})
         if kind == "thinking_end" and self.is_open(index):
             return self.finish(signature=event.get("contentSignature"))
         if kind.endswith("_end") and self.is_open(index):
@@ -3221,7 +3399,7 @@ class ResponsesEvents:
     def text_part(text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
-    def finish(self, arguments: dict | None = None, signature: str | None = None) -> list:
+    def finish(self, signature: str | None = None) -> list:
         """Close the open item: its closing events and output_item.done."""
         if self.open is None:
             return []
@@ -3240,10 +3418,10 @@ class ResponsesEvents:
                            self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)]
             signature = signature or self.signatures.get(index)
             if signature:
-                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key)
+                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key, index in self.redacted)
         else:
-            if not text:  # a call delivered whole: its arguments still have to reach the client
-                text = json.dumps(arguments or {})
+            if not text:  # a call cut short before its first argument
+                text = "{}"
                 if item["type"] == "function_call":
                     frames.append(self.event("response.function_call_arguments.delta", **where, delta=text))
             # What was streamed cannot be taken back: a call cut short stays as it is, marked incomplete.
@@ -3426,15 +3604,14 @@ def pi_stream_context(context: dict) -> dict:
 
 
 class PiStreamEvents:
-    """Bridge events (settled: see settled_text) -> streamProxy events. The bridge already prints
-    pi's reduced events; what changes is the end (usage instead of the whole message; and pi-ai's
-    responseId, which pi-agent-core 0.73.1's client does not read), a tool call's id
-    (pi_stream_call_id), and what streamProxy rebuilds only from deltas: a tool call delivered
-    whole gets its arguments as one delta."""
+    """Bridge events (in pi_events' shape) -> streamProxy events. The bridge already prints pi's
+    reduced events; what changes is the end (usage instead of the whole message; and pi-ai's
+    responseId, which pi-agent-core 0.73.1's client does not read) and a tool call's id
+    (pi_stream_call_id). What streamProxy rebuilds only from deltas, pi_events already gives as
+    deltas: every tool call's arguments, and each text's final text."""
 
     def __init__(self, secrets: list):
         self.secrets = secrets
-        self.streamed_arguments: set[int] = set()
 
     def translate(self, event: dict) -> list:
         kind = event["type"]
@@ -3443,14 +3620,8 @@ class PiStreamEvents:
         if kind == "toolcall_start":
             return [{"type": kind, "contentIndex": event["contentIndex"], "toolName": event["toolName"],
                      "id": pi_stream_call_id(event["id"], event.get("thoughtSignature"))}]
-        if kind == "toolcall_delta" and event["delta"]:
-            self.streamed_arguments.add(event["contentIndex"])
         if kind == "toolcall_end":
-            index = event["contentIndex"]
-            whole = [] if index in self.streamed_arguments else [
-                {"type": "toolcall_delta", "contentIndex": index,
-                 "delta": json.dumps(event["toolCall"].get("arguments") or {})}]
-            return [*whole, {"type": kind, "contentIndex": index}]
+            return [{"type": kind, "contentIndex": event["contentIndex"]}]
         if kind == "done":
             done = {"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}
             response_id = event["message"].get("responseId")
@@ -3956,10 +4127,10 @@ class Proxy:
         return (lambda provider: True) if request.headers.get(UPSTREAM_KEY_HEADER) else self.is_available
 
     def start(self, model: dict, context: dict, options: dict, payload: dict, heartbeat: float | None = None,
-              client_headers: dict | None = None) -> tuple["Call", list]:
-        """Start the upstream call and read it up to its first content (Call.opening). If the
-        upstream refuses a refreshable token (401), it is refreshed and the call made once more:
-        nothing has reached the client yet."""
+              client_headers: dict | None = None) -> "Call":
+        """Start the upstream call, read up to its first content (see Call). If the upstream
+        refuses a refreshable token (401), it is refreshed and the call made once more: nothing
+        has reached the client yet."""
         override = request.headers.get(UPSTREAM_KEY_HEADER)
         request.environ["pi_proxy.record"].note_model(model)
         options = within_output_limit(options, model)
@@ -3969,9 +4140,8 @@ class Proxy:
             raise ApiError(401, f"No credentials for provider {model['provider']!r}", "authentication_error")
         while True:
             bridge_request, secrets = self.stream_request(model, context, options, payload, credential, client_headers)
-            call = self.open_stream(off_loop(bridge_line, bridge_request), secrets, heartbeat)
             try:
-                return call, call.opening()
+                return self.open_stream(off_loop(bridge_line, bridge_request), secrets, heartbeat)
             except ApiError as error:
                 if error.status != 401 or not credential.refreshable:
                     raise
@@ -4020,29 +4190,6 @@ class Proxy:
             raise
 
 
-def settled_text(events):
-    """A call's events with each text and thinking block's trailing whitespace held back until its
-    next delta or its end, where the block's final text decides what is left to send: pi-ai's
-    openai-responses reasoning streams "\n\n" after every summary part, the last one too, but its
-    final text drops that one. So on every endpoint the streamed text equals the final text."""
-    sent, held = {}, {}  # contentIndex -> characters of text sent; trailing whitespace not sent yet
-    for event in events:
-        kind, index = event["type"], event.get("contentIndex")
-        if kind in ("text_delta", "thinking_delta"):
-            text = held.pop(index, "") + event["delta"]
-            settled = text.rstrip()
-            held[index], sent[index] = text[len(settled):], sent.get(index, 0) + len(settled)
-            if settled:
-                yield {**event, "delta": settled}
-            continue
-        if kind in ("text_end", "thinking_end"):
-            final, whitespace = event.get("content"), held.pop(index, "")
-            rest = whitespace if final is None else final[sent.pop(index, 0):]
-            if rest:
-                yield {"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}
-        yield event
-
-
 class Call:
     """One upstream call in flight: the bridge, its events, and the client connection it serves.
     If the client goes away, the bridge is killed at once, even while the upstream is silent.
@@ -4053,12 +4200,14 @@ class Call:
 
     def __init__(self, bridge: Bridge, events, secrets: list):
         self.record = request.environ["pi_proxy.record"]
-        self.bridge, self.events, self.secrets = bridge, self.record.observe(settled_text(events)), secrets
+        self.bridge, self.secrets = bridge, secrets
         self._watcher = None
         request.environ.setdefault("pi_proxy.calls", []).append(self)
         client = request.environ.get("pi_proxy.socket")
         if client is not None:
             self._watcher = gevent.spawn(watch_client, client, self.client_gone)
+        events = pi_events(self.record.observe(events))
+        self.events = itertools.chain(self.opening(events), events)  # all of them, in pi_events' shape
 
     def client_gone(self):
         self.record.client_gone = True
@@ -4070,12 +4219,12 @@ class Call:
         error.request_id = self.record.id
         return error
 
-    def opening(self) -> list:
-        """The events up to the first piece of content (or the end). A failure before any
-        content is raised as ApiError, so the client gets the upstream's real HTTP status rather
-        than a stream that breaks at once."""
+    def opening(self, events) -> list:
+        """The events up to the first piece of content (or the end), read when the call starts. A
+        failure before any content is raised as ApiError, so the client gets the upstream's real
+        HTTP status rather than a stream that breaks at once."""
         opening = []
-        for event in self.events:
+        for event in events:
             if event["type"] == "error":
                 self.close()
                 raise self.error(event)
@@ -4086,9 +4235,9 @@ class Call:
                 break
         return opening
 
-    def final(self, opening: list) -> dict:
+    def final(self) -> dict:
         """Read the call to its last event (`done` or `error`) and close it: for whole replies."""
-        last = opening[-1]
+        last = None
         try:
             for last in self.events:  # noqa: B007 - only the last event matters
                 pass
@@ -4436,12 +4585,12 @@ def create_app(proxy: Proxy) -> Flask:
         context = off_loop(chat_to_context, body, model)
         fetch_remote_images(context, proxy.config)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        call, opening = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
+        call = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
         if body.get("stream"):
             include_usage = bool(body.get("stream_options", {}).get("include_usage"))
             chunks = ChatChunks(completion_id, body["model"], created, include_usage)
-            return sse_response(stream_chat(call, opening, chunks), call)
-        final = call.final(opening)
+            return sse_response(stream_chat(call, chunks), call)
+        final = call.final()
         if final["type"] == "error":
             raise upstream_error(final, call.secrets)
         return chat_completion(final["message"], final["reason"], completion_id, body["model"], created)
@@ -4456,14 +4605,14 @@ def create_app(proxy: Proxy) -> Flask:
         seal = functools.partial(signature_out, model, key=proxy.envelope_key())
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         try:
-            call, opening = proxy.start(model, context, anthropic_options(body),
+            call = proxy.start(model, context, anthropic_options(body),
                                         upstream_payload(anthropic_extras(body), model["api"]), PING_INTERVAL)
         except ApiError as error:
             raise anthropic_overflow(error, estimate, model) from None
         if body.get("stream"):
             frames = AnthropicEvents(message_id, body["model"], estimate, seal)
-            return sse_response(stream_anthropic(call, opening, frames), call)
-        final = call.final(opening)
+            return sse_response(stream_anthropic(call, frames), call)
+        final = call.final()
         if final["type"] == "error":
             raise anthropic_overflow(upstream_error(final, call.secrets), estimate, model)
         return anthropic_message(final, message_id, body["model"], seal)
@@ -4483,7 +4632,7 @@ def create_app(proxy: Proxy) -> Flask:
         model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
         options = body.get("options", {})
         try:
-            call, opening = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
+            call = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
                                         client_headers=options.get("headers"))
         except ApiError as error:
             if error.upstream_event is None:
@@ -4491,7 +4640,7 @@ def create_app(proxy: Proxy) -> Flask:
             # As pi-ai itself reports it: the stream's error event, whatever the upstream's status.
             frames = [sse_data(frame) for frame in PiStreamEvents([]).translate(error.upstream_event)]
             return Response(frames, mimetype="text/event-stream")
-        return sse_response(stream_pi(call, opening, PiStreamEvents(call.secrets)), call)
+        return sse_response(stream_pi(call, PiStreamEvents(call.secrets)), call)
 
     @app.post("/v1/responses")
     def responses():
@@ -4508,11 +4657,11 @@ def create_app(proxy: Proxy) -> Flask:
                                  previous=body.get("previous_response_id")) if stored(body) else None
         frames = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
                                  canonical_id(model), tools, proxy.envelope_key(), keep)
-        call, opening = proxy.start(model, context, responses_options(body, chat),
+        call = proxy.start(model, context, responses_options(body, chat),
                                     upstream_payload(chat_extras(chat), model["api"]))
         if body.get("stream"):
-            return sse_response(stream_responses(call, opening, frames), call)
-        final = call.final(opening)
+            return sse_response(stream_responses(call, frames), call)
+        final = call.final()
         if final["type"] == "error":
             raise upstream_error(final, call.secrets)
         events = [{"type": "start"}, *replay_message(final["message"]), final]
@@ -4520,7 +4669,7 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.get("/usage")
     def usage():
-        report = {**proxy.ledger.report(), "copilot": proxy.copilot_quota()}
+        report = {**proxy.ledger.report(), "bridges": proxy.bridges.counts(), "copilot": proxy.copilot_quota()}
         return Response(json.dumps(report), mimetype="application/json")  # fields in their order
 
     @app.route("/", methods=["GET", "HEAD"])
@@ -4576,12 +4725,9 @@ def sse_event(name: str, payload) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-def stream_anthropic(call: Call, opening: list, frames: AnthropicEvents):
+def stream_anthropic(call: Call, frames: AnthropicEvents):
     """SSE events for a Messages stream. It always ends in message_stop or an `error` event."""
     try:
-        for event in opening:
-            for name, data in frames.translate(event):
-                yield sse_event(name, data)
         for event in call.events:
             if event["type"] == "error":
                 error = call.error(event)
@@ -4593,13 +4739,10 @@ def stream_anthropic(call: Call, opening: list, frames: AnthropicEvents):
         call.close()
 
 
-def stream_chat(call: Call, opening: list, chunks: ChatChunks):
+def stream_chat(call: Call, chunks: ChatChunks):
     """SSE frames for a chat stream. It always ends in `data: [DONE]`; a failure after the
     headers went out becomes an error chunk first."""
     try:
-        for event in opening:
-            for frame in chunks.translate(event):
-                yield sse_data(frame)
         for event in call.events:
             if event["type"] == "error":
                 error = call.error(event)
@@ -4612,25 +4755,22 @@ def stream_chat(call: Call, opening: list, chunks: ChatChunks):
         call.close()
 
 
-def stream_pi(call: Call, opening: list, events: PiStreamEvents):
+def stream_pi(call: Call, events: PiStreamEvents):
     """SSE frames for a streamProxy client. Upstream failures, also before any content, are the
     stream's final `error` event, with pi-ai's own message (as calling pi-ai directly would
     give); never `data: [DONE]`, which the client cannot parse and turns into an error."""
     try:
-        for event in itertools.chain(opening, call.events):
+        for event in call.events:
             for frame in events.translate(event):
                 yield sse_data(frame)
     finally:
         call.close()
 
 
-def stream_responses(call: Call, opening: list, frames: ResponsesEvents):
+def stream_responses(call: Call, frames: ResponsesEvents):
     """SSE events for a Responses stream. It always ends in response.completed,
     response.incomplete or response.failed; never `data: [DONE]`."""
     try:
-        for event in opening:
-            for frame in frames.translate(event):
-                yield sse_event(frame["type"], frame)
         for event in call.events:
             translated = frames.fail(call.error(event)) if event["type"] == "error" \
                 else frames.translate(event)

@@ -89,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not owner.signed_correctly(self.command, self.path, headers, body):
             return self.fail(403, "InvalidSignatureException", "The request signature we calculated does not match "
                                                                "the signature you provided.")
+        if owner.failure:
+            return self.fail(*owner.failure)
         try:
             request = json.loads(body)
             assert request["messages"] and isinstance(request["messages"], list)
@@ -126,8 +128,10 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeBedrock:
-    def __init__(self, access_key: str, secret_key: str, answer: str = "Hello from Bedrock"):
-        self.access_key, self.secret_key, self.answer = access_key, secret_key, answer
+    def __init__(self, access_key: str, secret_key: str, answer: str = "Hello from Bedrock",
+                 failure: tuple[int, str, str] | None = None):
+        """`failure`: (status, exception name, message) answered to every signed request instead."""
+        self.access_key, self.secret_key, self.answer, self.failure = access_key, secret_key, answer, failure
         self.requests: list[tuple[str, dict, bytes]] = []
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), _Handler)

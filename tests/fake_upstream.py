@@ -35,11 +35,16 @@ API::
                                              #   .time = time.monotonic() when the fake noticed
     fake.wait_for_disconnect(timeout=2.0, count=1) -> bool
     fake.wait_for_requests(count=1, timeout=2.0) -> bool
-    fake.reset()                             # clear queue, requests, disconnects; default back to Hello
+    fake.reset()                             # clear queue, requests, disconnects, refusals; default back to Hello
     fake.output_limits                       # {model id: max output tokens}: as the real APIs, a request
                                              #   asking more (max_tokens, max_completion_tokens,
                                              #   max_output_tokens) is a 400 in the API's shape; it is
                                              #   recorded but consumes no reply
+    fake.refusals                            # [message] of the requests refused with a 400 as the real API
+                                             #   would refuse them (output_limits, _REFUSALS, _missing_reasoning);
+                                             #   none consumes a reply
+    fake.issued                              # thinking signatures and redacted data sent out (never reset):
+                                             #   the Anthropic fake accepts only these back
     fake.pending                             # number of queued replies not yet consumed
     fake.port
     fake.stop()                              # fast; also drops open connections
@@ -54,6 +59,7 @@ Reply fields (all optional):
                         anthropic ``thinking`` block, responses ``reasoning`` item (summary text)
     reasoning_signature str, anthropic ``signature_delta`` / responses ``encrypted_content``
                         (default: a generated "fakesig-..." value when reasoning is set)
+    redacted_thinking   str, anthropic only: a ``redacted_thinking`` block with this ``data`` first
     tool_calls          [(id, name, arguments_json_str_or_dict)], arguments streamed in ~3 fragments.
                         chat: tool_calls[].id; anthropic: tool_use.id; responses: call_id
                         (pi-ai then reports the id as "<call_id>|fc_<...>").
@@ -156,6 +162,7 @@ class Reply:
     text: str = ""
     reasoning: str = ""
     reasoning_signature: str | None = None
+    redacted_thinking: str | None = None
     tool_calls: list = field(default_factory=list)
     stop: str | None = None
     usage: dict | None = None
@@ -365,6 +372,9 @@ class _Plan:
     def anthropic_events(self) -> Iterator[bytes]:
         yield _sse("message_start", {"type": "message_start", "message": self._anth_msg([], None, None, 1)})
         idx = 0
+        if self.r.redacted_thinking:
+            yield from self._anth_block(idx, {"type": "redacted_thinking", "data": self.r.redacted_thinking}, [])
+            idx += 1
         if self.r.reasoning:
             signature = _sse("content_block_delta", {"type": "content_block_delta", "index": idx,
                                                      "delta": {"type": "signature_delta", "signature": self.signature}})
@@ -394,6 +404,8 @@ class _Plan:
 
     def anthropic_json(self) -> dict:
         content: list = []
+        if self.r.redacted_thinking:
+            content.append({"type": "redacted_thinking", "data": self.r.redacted_thinking})
         if self.r.reasoning:
             content.append({"type": "thinking", "thinking": self.r.reasoning, "signature": self.signature})
         if self.r.text:
@@ -598,6 +610,61 @@ def _missing_thought_signature(body: dict) -> str | None:
             return (f"Function call is missing a thought_signature in functionCall parts. This is required for tools "
                     f"to work correctly. Additional data, function call `default_api:{name}`, position {position + 1}.")
     return None
+
+
+# --------------------------------------------------------------------------- strictness
+
+
+def _anthropic_refusal(body: dict, issued: set) -> dict | None:
+    message = _anthropic_history_error(body, issued)
+    return message and {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+
+
+def _anthropic_history_error(body: dict, issued: set) -> str | None:
+    """The message of the real Messages API's 400 for a history it rejects, or None: a
+    `tool_result` not answering a `tool_use` of the message just before it, a `tool_use` left
+    unanswered by the next message, a thinking block without a signature or with one this fake
+    did not issue (Anthropic checks its signatures), and, when thinking is on, a tool loop whose
+    assistant turn does not start with its thinking block."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    blocks = [m["content"] if isinstance(m.get("content"), list) else [] for m in messages]
+    for i, content in enumerate(blocks):
+        uses = [b.get("id") for b in blocks[i - 1] if b.get("type") == "tool_use"] if i else []
+        answered = {b.get("tool_use_id") for b in content if b.get("type") == "tool_result"}
+        unanswered = [use for use in uses if use not in answered]
+        if unanswered:
+            return (f"messages.{i - 1}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                    f"{', '.join(unanswered)}. Each `tool_use` block must have a corresponding `tool_result` block "
+                    "in the next message.")
+        for j, block in enumerate(content):
+            kind, where = block.get("type"), f"messages.{i}.content.{j}"
+            if kind == "tool_result" and block.get("tool_use_id") not in uses:
+                return (f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: {block.get('tool_use_id')}. "
+                        "Each `tool_result` block must have a corresponding `tool_use` block in the previous message.")
+            if kind == "thinking" and not block.get("signature"):
+                return f"{where}.thinking.signature: Field required"
+            if kind == "thinking" and block["signature"] not in issued:
+                return f"{where}: Invalid `signature` in `thinking` block"
+            if kind == "redacted_thinking" and block.get("data") not in issued:
+                return f"{where}: Invalid `data` in `redacted_thinking` block"
+    thinking = (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+    if thinking and len(messages) >= 2 and any(b.get("type") == "tool_result" for b in blocks[-1]):
+        first = (blocks[-2] or [{"type": "text"}])[0].get("type")
+        if first not in ("thinking", "redacted_thinking"):
+            return (f"messages.{len(messages) - 2}.content.0.type: Expected `thinking` or `redacted_thinking`, but "
+                    f"found `{first}`. When `thinking` is enabled, a final `assistant` message must start with a "
+                    "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks). We recommend "
+                    "you include thinking blocks from previous turns. To avoid this requirement, disable `thinking`.")
+    return None
+
+
+def _google_refusal(body: dict, issued: set) -> dict | None:
+    message = _missing_thought_signature(body)
+    return message and _google_error(400, message)
+
+
+# What each API's real server refuses before answering: api -> (body, signatures issued) -> its 400 body | None.
+_REFUSALS = {"anthropic": _anthropic_refusal, "google": _google_refusal}
 
 
 # GitHub Copilot serves the OpenAI APIs without the /v1 prefix.
@@ -805,6 +872,8 @@ class FakeUpstream:
         self._seq = 0
         self.default = Reply(text="Hello from fake")
         self.requests: list[Recorded] = []
+        self.refusals: list[str] = []  # what the fake refused, as the real API would have (_REFUSALS)
+        self.issued: set[str] = set()  # thinking signatures and redacted data this fake sent out
         self.disconnects: list[Recorded] = []
         self.output_limits: dict[str, int] = {}
         self.reasoning_of: dict[str, str] = {}  # responses: function_call id -> its reasoning item's id
@@ -862,6 +931,7 @@ class FakeUpstream:
             self._queue.clear()
             self.requests.clear()
             self.disconnects.clear()
+            self.refusals.clear()
             self.reasoning_of.clear()
             self.default = Reply(text="Hello from fake")
 
@@ -921,20 +991,20 @@ class FakeUpstream:
         if google:  # the model and whether to stream are in the path
             streaming = google.group(2) == "streamGenerateContent"
             api, body = "google", {**body, "model": google.group(1), "stream": streaming}
-        refusal = api and (_over_output_limit(api, body, self.output_limits) or self._missing_reasoning(api, body))
-        if api == "google" and not refusal and _missing_thought_signature(body):
-            refusal = _google_error(400, _missing_thought_signature(body))
+        refusal = api and (_over_output_limit(api, body, self.output_limits) or self._missing_reasoning(api, body)
+                           or (api in _REFUSALS and isinstance(body, dict) and _REFUSALS[api](body, self.issued)))
         with self._cond:
             self.requests.append(rec)
             self._seq += 1
             seq = self._seq
             reply = None
-            if api is not None and not refusal:
+            if api is not None and not refusal:  # a refused request consumes no reply
                 reply = self._queue.popleft() if self._queue else self.default
             self._cond.notify_all()
         conn = _Conn(self, h, rec)
         try:
             if refusal:
+                self.refusals.append(refusal["error"]["message"])
                 self._send_json(conn, 400, refusal, {})
                 return
             if reply is None:
@@ -977,6 +1047,7 @@ class FakeUpstream:
             return
         try:
             plan = _Plan(r, body, seq, self.reasoning_of)
+            self.issued.update(filter(None, (plan.signature, r.redacted_thinking)))
         except ValueError as e:
             self._send_json(conn, 500, {"error": {"message": f"fake upstream: bad Reply: {e}",
                                                   "type": "server_error", "param": None, "code": None}}, {})

@@ -82,6 +82,25 @@ def last_request(fake, model):
 
 # --- Copilot through the fake GitHub ---------------------------------------------------------------
 
+def pi_via_proxy(proxy, messages: list, api: str = "openai-completions") -> dict:
+    """pi-ai's own client for `api` (as pi uses it with the proxy as a custom provider), asking
+    fake-chat/chat-model with a weather tool and reasoning on: its final message."""
+    model = {"id": "fake-chat/chat-model", "name": "c", "api": api, "provider": "pi-proxy",
+             "baseUrl": proxy.url if api == "anthropic-messages" else f"{proxy.url}/v1", "reasoning": True,
+             "input": ["text"], "contextWindow": 200000, "maxTokens": 8192,
+             "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+             "compat": {"supportsReasoningEffort": True}}
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    request = {"model": model, "context": {"messages": messages, "tools": [
+                   {"name": "get_weather", "description": "Weather", "parameters": weather}]},
+               "options": {"apiKey": "unused", "maxRetries": 0, "reasoning": "low"}}
+    done = subprocess.run(["node", str(ROOT / "tests" / "pi_direct.mjs")], input=json.dumps(request),
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    last = json.loads(done.stdout.splitlines()[-1])
+    assert last["type"] == "done", last
+    return last["message"]
+
+
 def redirect_env(fake, github) -> dict:
     """A proxy's environment that sends GitHub's and Copilot's hosts to the fakes."""
     return {"PI_PROXY_TEST_REDIRECTS": json.dumps({"https://github.com": github.url,

@@ -13,6 +13,7 @@ DELTAS_FOR_BLOCK = {
     "text": {"text_delta"},
     "thinking": {"thinking_delta", "signature_delta"},
     "tool_use": {"input_json_delta"},
+    "redacted_thinking": set(),  # whole in its content_block_start
 }
 STOP_REASONS = {"end_turn", "max_tokens", "tool_use", "stop_sequence"}
 
@@ -58,6 +59,8 @@ def check_anthropic_stream(raw: str) -> list[tuple[str, dict]]:
                 block = data["content_block"]
                 assert block["id"] and block["name"] and block["input"] == {}
                 assert all(c.isalnum() or c in "_-" for c in block["id"]), f"{where}: bad tool id {block['id']}"
+            if open_block == "redacted_thinking":
+                assert data["content_block"]["data"], f"{where}: redacted thinking without its data"
             arguments, signed = "", False
             state = "in_block"
         elif name == "content_block_delta":
@@ -75,6 +78,8 @@ def check_anthropic_stream(raw: str) -> list[tuple[str, dict]]:
             assert state == "in_block" and data["index"] == next_index, f"{where}: stop for a block not open"
             if open_block == "tool_use":
                 assert isinstance(json.loads(arguments), dict), f"{where}: tool input is not a JSON object"
+            if open_block == "thinking":
+                assert signed, f"{where}: a thinking block ends without its signature_delta"
             next_index += 1
             open_block = None
             state = "message"

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from tests.fake_upstream import Reply
-from tests.helpers import ALL_APIS, PIXEL, last_request, sse_events
+from tests.helpers import ALL_APIS, PIXEL, last_request, pi_via_proxy, sse_events
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -348,3 +348,46 @@ def test_wrong_method_and_unknown_path_answer_in_openai_shape(proxy):
 def test_healthz(proxy):
     response = requests.get(f"{proxy.url}/healthz")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+# --- reasoning sent back ------------------------------------------------------------------------------
+
+
+def test_pi_keeps_its_reasoning_across_tool_calls(proxy, fake):
+    """pi talking chat completions to the proxy sends its reasoning back in `reasoning_content`:
+    an openai-completions upstream gets it there again, as from pi directly."""
+    fake.push(Reply(reasoning="I should look it up.", tool_calls=[("call_p1", "get_weather", {"city": "Lima"})]),
+              Reply(text="Mild."))
+    question = {"role": "user", "content": "Lima?", "timestamp": 0}
+    first = pi_via_proxy(proxy, [question])
+    assert [b["type"] for b in first["content"]] == ["thinking", "toolCall"]
+    result = {"role": "toolResult", "toolCallId": "call_p1", "toolName": "get_weather",
+              "content": [{"type": "text", "text": "18C"}], "isError": False, "timestamp": 0}
+    assert pi_via_proxy(proxy, [question, first, result])["content"][-1]["text"] == "Mild."
+    assistant = last_request(fake, "fake-chat/chat-model").body["messages"][1]
+    assert assistant["reasoning_content"] == "I should look it up." and assistant["tool_calls"][0]["id"] == "call_p1"
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_sent_back_is_replayed_in_its_own_field(client, fake, field):
+    model = "fake-chat/chat-model"
+    fake.push(Reply(text="ok"))
+    client.chat.completions.create(model=model, messages=[
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, field: "thinking it over",
+         "tool_calls": [{"id": "call_r", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_r", "content": "sunny"}], tools=[WEATHER_TOOL])
+    assistant = last_request(fake, model).body["messages"][1]
+    assert assistant[field] == "thinking it over"
+
+
+@pytest.mark.parametrize("model", ["fake-anthropic/claude-test", "fake-responses/gpt-test"])
+def test_reasoning_without_a_signature_does_not_reach_other_apis(client, fake, model):
+    """Chat carries no signature Anthropic or the Responses API could check (and both drop earlier
+    turns' thinking): the reasoning is dropped, never turned into text the model said."""
+    fake.push(Reply(text="ok"))
+    client.chat.completions.create(model=model, messages=[
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "SECRET-PLAN"},
+        {"role": "user", "content": "q2"}])
+    sent = json.dumps(last_request(fake, model).body)
+    assert "SECRET-PLAN" not in sent and '"a"' in sent.replace(" ", "")

@@ -73,9 +73,11 @@ def test_codex_exec_runs_tools_through_the_proxy(codex_proxy, fake, tmp_path):
     workdir, home = tmp_path / "work", tmp_path / "home"
     workdir.mkdir()
     home.mkdir()
-    fake.push(Reply(text="Running it.",
+    # A reasoning model thinks before it calls: with thinking on, Anthropic's API refuses a tool loop
+    # replayed without that thinking, so Codex's reasoning items must bring it back.
+    fake.push(Reply(reasoning="Run it first.", text="Running it.",
                     tool_calls=[("call_x1", "exec_command", {"cmd": "echo codex-ran-this | tee out.txt"})]),
-              Reply(tool_calls=[("call_p1", "apply_patch", {"input": PATCH})]),
+              Reply(reasoning="Now the patch.", tool_calls=[("call_p1", "apply_patch", {"input": PATCH})]),
               Reply(text="All done here."))
     result = run_codex(proxy.url, workdir, home, "Write out.txt, then add hello.txt.")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,4 +94,5 @@ def test_codex_exec_runs_tools_through_the_proxy(codex_proxy, fake, tmp_path):
         "the function call went back with its output"
     assert "call_p1" in third and "Success. Updated the following files" in third, \
         "the custom tool call went back with its output"
-    assert fake.pending == 0
+    assert "Now the patch." in third, "the reasoning went back with its tool call"
+    assert fake.pending == 0 and not fake.refusals

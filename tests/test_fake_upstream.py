@@ -404,6 +404,92 @@ def test_client_close_during_first_byte_delay_is_recorded(fake):
     assert fake.wait_for_disconnect(2.0) and fake.disconnects[0].time - t0 < 2.0
 
 
+# --------------------------------------------------------------------------- strict as the real APIs
+
+
+def pi_turn(fake: FakeUpstream, api: str, messages: list, reply: Reply, options: dict) -> list[dict]:
+    """pi-ai (directly) answering `messages` with the tools, through the fake scripted with `reply`."""
+    request = json.loads(pi_input(fake, api, tools=True, options=options))
+    request["context"]["messages"] = messages
+    fake.push(reply)
+    p = subprocess.run(["node", str(PI_DIRECT)], input=json.dumps(request), capture_output=True, text=True,
+                       cwd=ROOT, timeout=20)
+    assert p.returncode == 0, p.stderr
+    return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+
+def test_anthropic_fake_takes_pi_ais_own_thinking_tool_loop_and_refuses_it_without_its_thinking(fake):
+    """pi-ai replays its own thinking tool loop as the real API wants it, and the fake accepts it;
+    the same history without the thinking block is refused with the real API's words."""
+    api, options = "anthropic-messages", {"reasoning": "medium"}
+    first = done_message(pi_turn(fake, api, [{"role": "user", "content": "weather?"}],
+                                 Reply(reasoning="I need the weather.", tool_calls=[("toolu_1", "get_weather",
+                                                                                     {"city": "Paris"})]), options))
+    assert [b["type"] for b in first["content"]] == ["thinking", "toolCall"]
+    result = {"role": "toolResult", "toolCallId": "toolu_1", "toolName": "get_weather",
+              "content": [{"type": "text", "text": "sunny"}], "isError": False}
+    history = [{"role": "user", "content": "weather?"}, first, result]
+    assert done_message(pi_turn(fake, api, history, Reply(text="Sunny."), options))["content"][0]["text"] == "Sunny."
+    assert not fake.refusals
+    sent = fake.requests[-1].body["messages"][1]["content"]
+    assert [b["type"] for b in sent] == ["thinking", "tool_use"]
+
+    without_thinking = {**first, "content": first["content"][1:]}
+    events = pi_turn(fake, api, [history[0], without_thinking, result], Reply(text="never sent"), options)
+    assert final(events)["type"] == "error"
+    assert fake.refusals[-1].startswith("messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, "
+                                        "but found `tool_use`")
+    assert fake.pending == 1, "a refused request consumes no reply"
+
+
+def anthropic_status(fake: FakeUpstream, messages: list, thinking: bool = False) -> tuple[int, str]:
+    body = {"model": "m", "max_tokens": 10, "messages": messages,
+            **({"thinking": {"type": "enabled", "budget_tokens": 1024}} if thinking else {})}
+    response = requests.post(fake.base_url + "/v1/messages", json=body)
+    return response.status_code, response.json()["error"]["message"] if response.status_code != 200 else ""
+
+
+CALL = {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {}}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_9", "content": "sunny"}
+
+
+@pytest.mark.parametrize("messages,thinking,message", [
+    ([{"role": "user", "content": [RESULT]}], False, "messages.0.content.0: unexpected `tool_use_id`"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": [RESULT]}],
+     False, "messages.2.content.0: unexpected `tool_use_id`"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": [CALL]}, {"role": "user", "content": "and?"}],
+     False, "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: toolu_9"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": [CALL]},
+      {"role": "user", "content": [RESULT]}], True,
+     "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found `tool_use`"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "thinking", "thinking": "t"}, CALL]},
+      {"role": "user", "content": [RESULT]}], True, "messages.1.content.0.thinking.signature: Field required"),
+    ([{"role": "user", "content": "q"},
+      {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "forged"}, CALL]},
+      {"role": "user", "content": [RESULT]}], True, "messages.1.content.0: Invalid `signature` in `thinking` block"),
+    ([{"role": "user", "content": "q"},
+      {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "forged"}, CALL]},
+      {"role": "user", "content": [RESULT]}], True, "messages.1.content.0: Invalid `data` in `redacted_thinking`"),
+])
+def test_anthropic_fake_refuses_what_the_real_api_refuses(fake, messages, thinking, message):
+    status, said = anthropic_status(fake, messages, thinking)
+    assert (status, said[:len(message)]) == (400, message)
+    assert fake.refusals == [said]
+
+
+def test_anthropic_fake_accepts_a_tool_loop_without_thinking_and_redacted_data_it_issued(fake):
+    loop = [{"role": "user", "content": "q"}, {"role": "assistant", "content": [CALL]},
+            {"role": "user", "content": [RESULT, {"type": "text", "text": "reminder"}]}]
+    assert anthropic_status(fake, loop) == (200, "")
+    fake.push(Reply(redacted_thinking="opaque-EQ==", text="hi"))
+    reply = requests.post(fake.base_url + "/v1/messages", json={"model": "m", "max_tokens": 10,
+                                                                "messages": loop[:1]}).json()
+    assert reply["content"][0] == {"type": "redacted_thinking", "data": "opaque-EQ=="}
+    loop[1]["content"] = [reply["content"][0], CALL]
+    assert anthropic_status(fake, loop, thinking=True) == (200, "")
+    assert not fake.refusals
+
+
 HI = {"role": "user", "content": "hi"}
 
 
@@ -420,6 +506,7 @@ def test_responses_refuses_a_function_call_without_its_reasoning_item(fake):
     assert refused.status_code == 400
     assert refused.json()["error"]["message"] == (f"Item '{call['id']}' of type 'function_call' was provided without "
                                                   f"its required 'reasoning' item: '{reasoning['id']}'.")
+    assert fake.refusals == [refused.json()["error"]["message"]]
     assert fake.pending == 0 and len(fake.requests) == 2, "a refused request consumes no reply"
     fake.push(Reply(text="Sunny."))
     accepted = responses_call(fake, HI, reasoning, call, answer)

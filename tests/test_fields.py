@@ -30,13 +30,13 @@ def unused(body, schema) -> dict:
 def test_unknown_and_ignored_fields_are_found_at_every_depth():
     body = {"model": "m", "thread": {"type": "create"}, "store": True, "messages": [
         {"role": "user", "content": "hi", "name": "bob"},
-        {"role": "assistant", "content": None, "reasoning_content": "because",
+        {"role": "assistant", "content": None, "reasoning_content": "because", "reasoning_details": [],
          "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}", "extra": 1}}]},
         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "r", "odd": True}]}]}
     assert unused(body, CHAT) == {
         "thread": None, "store": proxy.CHAT_SCHEMA["properties"]["store"][proxy.IGNORED],
         "messages[0].name": "pi-ai's messages name no author",
-        "messages[1].reasoning_content": None,
+        "messages[1].reasoning_details": None,
         "messages[1].tool_calls[0].function.extra": None,
         "messages[2].content[0].odd": None}
 
@@ -167,3 +167,13 @@ def test_every_endpoint_logs_its_ignored_fields_with_their_path(proxy, fake, ind
     assert expected in log_lines(proxy, mark)
     if path != "/v1/messages/count_tokens":
         assert fake.requests and mark not in json.dumps(fake.requests[-1].body), "an unknown field went upstream"
+
+
+def test_an_anyof_branch_is_told_apart_by_validating_it_when_its_type_does_not_tell():
+    schema = {"type": "object", "properties": {"spec": {"anyOf": [
+        {"type": "object", "required": ["a"], "properties": {"a": {}, "x": proxy.ignored("why a")}},
+        {"type": "object", "required": ["b"], "properties": {"b": {}, "x": {}}},
+        {"type": "string"}]}}}
+    assert dict(proxy.unused_fields({"spec": {"a": 1, "x": 2}}, schema)) == {"spec.x": "why a"}
+    assert dict(proxy.unused_fields({"spec": {"b": 1, "x": 2}}, schema)) == {}
+    assert dict(proxy.unused_fields({"spec": "text"}, schema)) == {}

@@ -12,7 +12,16 @@ import pytest
 import requests
 
 from tests.fake_upstream import Reply
-from tests.helpers import ALL_APIS, PIXEL, RecordingTransport, last_request, response_error, running_proxy
+from tests.helpers import (
+    ALL_APIS,
+    MODELS,
+    PIXEL,
+    RecordingTransport,
+    last_request,
+    pi_via_proxy,
+    response_error,
+    running_proxy,
+)
 from tests.secret_scan import RESPONSES
 from tests.sse_grammar import check_anthropic_stream
 
@@ -430,3 +439,159 @@ def test_stop_sequence_stop_reason_names_the_sequence(client, fake, stream):
         message = client.messages.create(**request)
     assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "STOP")
     assert message.content[0].text == "counting 1 2"
+
+
+# --- state on Anthropic's servers: threads, containers, MCP, server tools -----------------------------
+
+
+@anthropic.beta_tool
+def get_weather(city: str) -> str:
+    """Weather for a city.
+
+    Args:
+        city: The city.
+    """
+    return f"sunny in {city}"
+
+
+class Exchanges:
+    """Every request an SDK client sent, with its response's status (an httpx2 event hook)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, response):
+        response.read()
+        self.seen.append((json.loads(response.request.content), response.status_code, response.text))
+
+
+@ALL_APIS
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_runner_keeps_the_whole_conversation(proxy, fake, model, stream):
+    """The anthropic SDK's tool_runner asks for a message thread; the proxy's 400 (error_code
+    thread_unsupported_request) makes it resend unthreaded, so every turn carries the whole
+    history, the reasoning with it (the Anthropic fake refuses a tool loop without its thinking)."""
+    exchanges = Exchanges()
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0,
+                                 http_client=httpx.Client(timeout=30, event_hooks={"response": [exchanges]}))
+    fake.push(Reply(reasoning="I need the weather.", tool_calls=[("toolu_w1", "get_weather", {"city": "Paris"})]),
+              Reply(reasoning="Now I know.", text="Sunny in Paris."))
+    runner = client.beta.messages.tool_runner(model=model, max_tokens=4000, tools=[get_weather], stream=stream,
+                                              thinking={"type": "enabled", "budget_tokens": 1024},
+                                              messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert runner.until_done().content[-1].text == "Sunny in Paris."
+
+    (threaded, status, said), *unthreaded = exchanges.seen
+    assert threaded["thread"] == {"type": "create"} and status == 400
+    assert json.loads(said)["error"]["details"]["error_code"] == "thread_unsupported_request"
+    assert [("thread" in body, status) for body, status, _ in unthreaded] == [(False, 200), (False, 200)]
+    turns = [r.body for r in fake.requests if r.path == MODELS[model]]
+    assert len(turns) == 2 and not fake.refusals, fake.refusals
+    second = turns[1]
+    if model.startswith("fake-anthropic"):
+        question, assistant, result = second["messages"]
+        assert [b["type"] for b in assistant["content"]] == ["thinking", "tool_use"]
+        assert assistant["content"][0]["thinking"] == "I need the weather."
+        assert result["content"][0]["tool_use_id"] == "toolu_w1"
+        assert "sunny in Paris" in json.dumps(result["content"][0]["content"])
+    elif model.startswith("fake-chat"):
+        question, assistant, result = second["messages"]
+        assert assistant["reasoning_content"] == "I need the weather.", "the reasoning goes back in its own field"
+        assert assistant["tool_calls"][0]["id"] == "toolu_w1"
+        assert (result["role"], result["tool_call_id"], result["content"]) == ("tool", "toolu_w1", "sunny in Paris")
+    else:
+        kinds = [item.get("type", "message") for item in second["input"]]
+        assert kinds == ["message", "reasoning", "function_call", "function_call_output"]
+        assert second["input"][1]["summary"][0]["text"] == "I need the weather."
+        assert second["input"][3]["output"] == "sunny in Paris"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("thread", {"type": "continue", "previous_message_id": "msg_1"}),
+    ("container", "container_011"),
+    ("mcp_servers", [{"type": "url", "url": "https://mcp.example.com/sse", "name": "x"}]),
+    ("compaction", {"type": "compaction"}),
+])
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_server_state_fields_are_refused_by_name(proxy, fake, field, value, path):
+    body = {"model": "fake-anthropic/claude-test", "max_tokens": 50, "messages": HI, field: value}
+    response = requests.post(f"{proxy.url}{path}", json=body, headers={"anthropic-version": "2023-06-01"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(f"{field} is not supported")
+    assert ("details" in error) == (field == "thread")
+    if field == "thread":
+        assert error["details"] == {"error_code": "thread_unsupported_request", "unsupported": ["thread"]}
+    assert not fake.requests, "a refused request never reaches the upstream"
+
+
+@pytest.mark.parametrize("tool", [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                                  {"type": "code_execution_20250825", "name": "code_execution"},
+                                  {"type": "bash_20250124", "name": "bash"}])
+def test_tools_that_anthropic_runs_or_defines_are_refused(client, fake, tool):
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="fake-anthropic/claude-test", max_tokens=50, messages=HI,
+                               tools=[WEATHER, tool])
+    assert caught.value.body["error"]["message"].startswith(f"tools[1]: the '{tool['type']}' tool")
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="fake-anthropic/claude-test", max_tokens=50, messages=HI,
+                               tools=[{"name": "no_schema"}])
+    assert caught.value.body["error"]["message"] == "tools[0].input_schema: Field required"
+    assert not fake.requests
+
+
+def test_tool_search_and_context_management_are_ignored(client, fake):
+    """Claude Code sends context_management on every turn, and a tool-search tool with deferred
+    tools: every tool is sent whole and the whole history goes up, which hides nothing."""
+    fake.push(Reply(text="ok"))
+    client.beta.messages.create(
+        model="fake-anthropic/claude-test", max_tokens=50, messages=HI,
+        tools=[{"type": "tool_search_tool_regex_20251119", "name": "tool_search_tool_regex"},
+               {**WEATHER, "defer_loading": True}],
+        context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]})
+    sent = last_request(fake, "fake-anthropic/claude-test").body
+    assert [tool["name"] for tool in sent["tools"]] == ["get_weather"]
+    assert "context_management" not in sent
+
+
+# --- redacted thinking -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_redacted_thinking_comes_out_whole_and_goes_back_intact(client, fake, stream):
+    model, thinking = "fake-anthropic/claude-test", {"type": "enabled", "budget_tokens": 1024}
+    fake.push(Reply(redacted_thinking="REDACTED-opaque-1==", reasoning="and then",
+                    tool_calls=[("toolu_r1", "get_weather", {"city": "Oslo"})]), Reply(text="Cold."))
+    request = dict(model=model, max_tokens=2000, thinking=thinking, tools=[WEATHER],
+                   messages=[{"role": "user", "content": "Oslo?"}])
+    if stream:
+        with client.messages.stream(**request) as streamed:
+            message = streamed.get_final_message()
+    else:
+        message = client.messages.create(**request)
+    assert [b.type for b in message.content] == ["redacted_thinking", "thinking", "tool_use"]
+    assert message.content[0].data == "REDACTED-opaque-1==" and message.content[1].signature
+    result = {"type": "tool_result", "tool_use_id": message.content[2].id, "content": "-5"}
+    request["messages"] += [{"role": "assistant", "content": message.content}, {"role": "user", "content": [result]}]
+    assert client.messages.create(**request).content[0].text == "Cold."
+    assert not fake.refusals, fake.refusals
+    sent = last_request(fake, model).body["messages"][1]["content"]
+    assert sent[0] == {"type": "redacted_thinking", "data": "REDACTED-opaque-1=="}
+    assert [b["type"] for b in sent] == ["redacted_thinking", "thinking", "tool_use"]
+
+
+def test_pi_keeps_streamed_reasoning_of_another_api_as_reasoning(proxy, fake):
+    """pi's Anthropic client streams from the proxy; the thinking of an openai-completions model
+    comes with its (sealed) signature, so pi sends it back as thinking, and the upstream gets it
+    back as reasoning_content, not as text the model said."""
+    fake.push(Reply(reasoning="Look it up first.", tool_calls=[("call_q1", "get_weather", {"city": "Quito"})]),
+              Reply(text="Fresh."))
+    question = {"role": "user", "content": "Quito?", "timestamp": 0}
+    first = pi_via_proxy(proxy, [question], "anthropic-messages")
+    assert [b["type"] for b in first["content"]] == ["thinking", "toolCall"]
+    assert first["content"][0]["thinkingSignature"].startswith("pi-proxy."), "the signature streamed, sealed"
+    result = {"role": "toolResult", "toolCallId": "call_q1", "toolName": "get_weather",
+              "content": [{"type": "text", "text": "14C"}], "isError": False, "timestamp": 0}
+    assert pi_via_proxy(proxy, [question, first, result], "anthropic-messages")["content"][-1]["text"] == "Fresh."
+    assistant = last_request(fake, "fake-chat/chat-model").body["messages"][1]
+    assert assistant["reasoning_content"] == "Look it up first." and not assistant.get("content")

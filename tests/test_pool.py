@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 
+from proxy import Demand
 from tests.fake_upstream import Reply
 from tests.helpers import alive, running_proxy, wait_for
 
@@ -88,3 +89,29 @@ def test_pool_size_zero_spawns_on_demand(start_proxy, fake):
     fake.push(Reply(text="on demand"))
     assert chat(running).json()["choices"][0]["message"]["content"] == "on demand"
     assert running.wait_no_bridges() and running.bridges(serving=False) == []
+
+
+def test_the_pool_grows_to_the_requests_that_ran_at_once(pooled, fake):
+    wait_for(lambda: len(pooled.bridges(serving=False)) == 2)
+    for _ in range(4):
+        fake.push(Reply(text="one two three", delay=0.5))
+    responses = [requests.post(f"{pooled.url}/v1/chat/completions", stream=True, timeout=30,
+                               json={"model": "fake-chat/chat-model", "messages": USER, "stream": True})
+                 for _ in range(4)]
+    assert wait_for(lambda: len(pooled.bridges()) == 4), "four requests in flight at once"
+    for response in responses:
+        assert b'"three"' in b"".join(response.iter_content(None))
+    assert wait_for(lambda: not pooled.bridges() and len(pooled.bridges(serving=False)) == 4), \
+        "four clients at once: four bridges wait for their next requests"
+
+
+def test_demand_is_the_most_requests_at_once_within_its_window():
+    demand = Demand(window=300)
+    assert demand.peak(now=0) == 0
+    for now, count in [(0, 1), (10, 4), (20, 2), (200, 3), (250, 1)]:
+        demand.note(count, now)
+    assert demand.peak(now=250) == 4
+    assert demand.peak(now=311) == 3, "the 4 at t=10 is out of the window; the 3 at t=200 is not"
+    assert demand.peak(now=501) == 1
+    assert demand.peak(now=551) == 0
+    assert len(demand.peaks) == 0

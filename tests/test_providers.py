@@ -142,6 +142,29 @@ def test_bedrock_answers_through_the_proxy(tmp_path):
     assert sent["messages"][0]["content"][0] == {"text": "Say hello"} and sent["inferenceConfig"]["maxTokens"] == 50
 
 
+@pytest.mark.parametrize("failure, status, error_type", [
+    ((429, "ThrottlingException", "Too many requests, please wait before trying again."), 429, "rate_limit_error"),
+    ((403, "AccessDeniedException", "You don't have access to the model with the specified model ID."), 403,
+     "permission_error"),
+    ((400, "ValidationException", "The provided model identifier is invalid."), 400, "invalid_request_error"),
+])
+def test_bedrock_errors_keep_their_status(tmp_path, failure, status, error_type):
+    """The AWS SDK connects on its own, so no status is seen on the wire: the exception's name says it."""
+    home = tmp_path / "home"
+    (home / "agent").mkdir(parents=True)
+    with FakeBedrock(AWS_KEY, AWS_SECRET, failure=failure) as bedrock:
+        (home / "agent" / "models.json").write_text(
+            json.dumps({"providers": {"amazon-bedrock": {"baseUrl": bedrock.base_url}}}))
+        with running_proxy(home / "agent", home / "proxy.log",
+                           {**AWS_ENV, "PI_PROXY_UPSTREAM_TIMEOUT_MS": "30000"}) as proxy:
+            body = {"model": "amazon-bedrock/anthropic.claude-sonnet-4-5-20250929-v1:0", "max_tokens": 50,
+                    "messages": [{"role": "user", "content": "hi"}]}
+            answer = requests.post(f"{proxy.url}/v1/messages", json=body, timeout=60)
+    assert bedrock.requests, "the request reached the fake Bedrock"
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["type"] == error_type and failure[2] in answer.json()["error"]["message"]
+
+
 def test_fake_bedrock_refuses_a_wrong_signature():
     with FakeBedrock(AWS_KEY, "another-secret") as bedrock:
         response = requests.post(f"{bedrock.base_url}/model/m/converse-stream", json={"messages": [1]}, timeout=10,

@@ -478,7 +478,8 @@ def test_interleaved_pi_blocks_stream_one_item_at_a_time():
     assert output[2]["status"] == "incomplete", "a call cut short by another block says so"
     assert output[4]["input"] == "*** Begin" and output[4]["call_id"] == "c2"
     sealed = output[0]["encrypted_content"]
-    assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}, KEY) == "reasoning_content"
+    assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}, KEY) == \
+        {"thinkingSignature": "reasoning_content"}
     assert module.open_reasoning(sealed, {"provider": "p", "id": "other"}, KEY) is None
     assert module.open_reasoning("gAAAA-not-ours", {"provider": "p", "id": "m"}, KEY) is None
     assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}, b"another installation") is None
@@ -508,3 +509,27 @@ def test_a_local_shell_call_without_a_command_is_incomplete():
     [call] = check_responses_stream(raw)[-1]["response"]["output"]
     assert (call["type"], call["status"], call["action"]) == ("local_shell_call", "incomplete",
                                                               {"type": "exec", "command": [], "env": {}})
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_redacted_thinking_is_an_opaque_reasoning_item_that_goes_back_intact(client, fake, stream):
+    """Anthropic's redacted thinking has no text: a reasoning item without a summary, whose
+    encrypted_content brings it back to the same model as redacted_thinking again."""
+    model = "fake-anthropic/claude-test"
+    fake.push(Reply(redacted_thinking="REDACTED-opaque-2==",
+                    tool_calls=[("toolu_r2", "get_weather", {"city": "Rome"})]), Reply(text="Warm."))
+    request = dict(model=model, tools=[WEATHER], reasoning={"effort": "low"}, include=["reasoning.encrypted_content"])
+    if stream:
+        with client.responses.stream(input="Rome?", **request) as streamed:
+            first = streamed.get_final_response()
+    else:
+        first = client.responses.create(input="Rome?", **request)
+    reasoning, call = first.output
+    assert reasoning.type == "reasoning" and reasoning.summary == [] and reasoning.encrypted_content
+    assert "REDACTED-opaque-2==" not in json.dumps(first.model_dump()), "sealed, as every reasoning item"
+    history = [{"role": "user", "content": "Rome?"}, *as_input(first.output),
+               {"type": "function_call_output", "call_id": call.call_id, "output": "25"}]
+    assert client.responses.create(input=history, **request).output_text == "Warm."
+    assert not fake.refusals, fake.refusals
+    sent = last_request(fake, model).body["messages"][1]["content"]
+    assert sent[0] == {"type": "redacted_thinking", "data": "REDACTED-opaque-2=="}

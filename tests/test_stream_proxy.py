@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy import ZERO_USAGE, PiStreamEvents, addable_headers, build_registry, load_catalog, pi_stream_context
+from proxy import (
+    ZERO_USAGE,
+    PiStreamEvents,
+    addable_headers,
+    build_registry,
+    load_catalog,
+    pi_events,
+    pi_stream_context,
+)
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.helpers import ALL_APIS, PIXEL, last_request, models_json, running_proxy, sse_json
 from tests.secret_scan import LEAK_WATCH, SECRETS
@@ -409,13 +417,17 @@ def test_translation_of_a_tool_call_without_deltas():
     call = {"type": "toolCall", "id": "c1", "name": "f", "arguments": {"x": [1, "two"]}}
     assert events.translate({"type": "toolcall_start", "contentIndex": 2, "id": "c1", "toolName": "f"}) == [
         {"type": "toolcall_start", "contentIndex": 2, "id": "c1", "toolName": "f"}]
-    frames = events.translate({"type": "toolcall_end", "contentIndex": 2, "toolCall": call})
+    # pi_events gives a call delivered whole its arguments as one delta
+    frames = [frame for event in pi_events([{"type": "toolcall_end", "contentIndex": 2, "toolCall": call}])
+              for frame in events.translate(event)]
     assert [f["type"] for f in frames] == ["toolcall_delta", "toolcall_end"]
     assert json.loads(frames[0]["delta"]) == {"x": [1, "two"]}
     assert frames[1] == {"type": "toolcall_end", "contentIndex": 2}
     # once a delta was streamed, the end carries nothing more
-    events.translate({"type": "toolcall_delta", "contentIndex": 3, "delta": '{"y":'})
-    assert events.translate({"type": "toolcall_end", "contentIndex": 3, "toolCall": call}) == [
+    streamed = pi_events([{"type": "toolcall_delta", "contentIndex": 3, "delta": '{"y":'},
+                          {"type": "toolcall_end", "contentIndex": 3, "toolCall": call}])
+    events.translate(next(streamed))
+    assert events.translate(next(streamed)) == [
         {"type": "toolcall_end", "contentIndex": 3}]
 
 

@@ -1,6 +1,7 @@
 """Unit tests of proxy.py's pure functions: configuration, model registry, translation."""
 
 import base64
+import functools
 import json
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def test_chunks_for_text_thinking_and_tools():
         {"type": "toolcall_end", "contentIndex": 3, "toolCall": {"arguments": {"b": 2}}},
         {"type": "done", "reason": "stop", "message": message},
     ]
-    out = [c for e in events for c in chunks.translate(e)]
+    out = [c for e in proxy.pi_events(events) for c in chunks.translate(e)]
     deltas = [c["choices"][0]["delta"] for c in out if c["choices"]]
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert deltas[1] == {"reasoning_content": "hm"} and deltas[2] == {"content": "Hi"}
@@ -404,11 +405,52 @@ def test_signature_and_whole_tool_arguments_are_sent_before_block_stop():
         {"type": "toolcall_end", "contentIndex": 1, "toolCall": {"arguments": {}}},
         {"type": "done", "reason": "length", "message": {"content": [], "usage": USAGE}},
     ]
-    frames = check_anthropic_stream(frames_text(f for e in pi_events for f in events.translate(e)))
+    frames = check_anthropic_stream(frames_text(f for e in proxy.pi_events(pi_events) for f in events.translate(e)))
     deltas = [d["delta"] for n, d in frames if n == "content_block_delta"]
     assert deltas[1] == {"type": "signature_delta", "signature": "sig"}
     assert deltas[2] == {"type": "input_json_delta", "partial_json": "{}"}
     assert next(d for n, d in frames if n == "message_delta")["delta"]["stop_reason"] == "max_tokens"
+
+
+def test_every_thinking_block_is_signed_before_it_stops_also_when_it_closes_early():
+    """openai-completions ends its blocks only when the stream ends: the thinking block closes
+    when the text starts, and its signature (known at its start) goes out then."""
+    seal = functools.partial(proxy.signature_out, MODEL, key=KEY)
+    events = proxy.AnthropicEvents("msg_3", "m", 1, seal)
+    pi_events = [
+        {"type": "start"},
+        {"type": "thinking_start", "contentIndex": 0, "contentSignature": "reasoning_content"},
+        {"type": "thinking_delta", "contentIndex": 0, "delta": "hm"},
+        {"type": "text_start", "contentIndex": 1}, {"type": "text_delta", "contentIndex": 1, "delta": "Hi"},
+        {"type": "thinking_end", "contentIndex": 0, "content": "hm", "contentSignature": "reasoning_content"},
+        {"type": "text_end", "contentIndex": 1, "content": "Hi"},
+        {"type": "done", "reason": "stop", "message": {"content": [], "usage": USAGE}},
+    ]
+    frames = check_anthropic_stream(frames_text(f for e in pi_events for f in events.translate(e)))
+    names = [(n, d.get("delta", {}).get("type")) for n, d in frames if n.startswith("content_block")]
+    assert names == [("content_block_start", None), ("content_block_delta", "thinking_delta"),
+                     ("content_block_delta", "signature_delta"), ("content_block_stop", None),
+                     ("content_block_start", None), ("content_block_delta", "text_delta"), ("content_block_stop", None)]
+    signature = next(d["delta"]["signature"] for n, d in frames if d.get("delta", {}).get("type") == "signature_delta")
+    assert proxy.signature_in(MODEL, signature, KEY) == "reasoning_content", "the same signature as non-streamed"
+
+
+def test_redacted_thinking_streams_as_a_redacted_thinking_block():
+    events = proxy.AnthropicEvents("msg_4", "m", 1, str)
+    pi_events = [
+        {"type": "start"},
+        {"type": "thinking_start", "contentIndex": 0, "contentSignature": "opaque==", "redacted": True},
+        {"type": "thinking_end", "contentIndex": 0, "content": "[Reasoning redacted]", "contentSignature": "opaque=="},
+        {"type": "thinking_start", "contentIndex": 1}, {"type": "thinking_delta", "contentIndex": 1, "delta": "t"},
+        {"type": "thinking_end", "contentIndex": 1, "content": "t", "contentSignature": "sig"},
+        {"type": "done", "reason": "stop", "message": {"content": [], "usage": USAGE}},
+    ]
+    frames = check_anthropic_stream(frames_text(f for e in pi_events for f in events.translate(e)))
+    starts = [d["content_block"] for n, d in frames if n == "content_block_start"]
+    assert starts == [{"type": "redacted_thinking", "data": "opaque=="},
+                      {"type": "thinking", "thinking": "", "signature": ""}]
+    assert [d["delta"] for n, d in frames if n == "content_block_delta"] == [
+        {"type": "thinking_delta", "thinking": "t"}, {"type": "signature_delta", "signature": "sig"}]
 
 
 @pytest.mark.parametrize("pi_id", ["toolu_01ABC", "call_1|fc_2", "weird id/with:chars", "toolu_pi_looks_wrapped"])
@@ -420,7 +462,8 @@ def test_tool_ids_are_safe_and_reversible(pi_id):
 
 def test_anthropic_to_context():
     body = {"system": [{"type": "text", "text": "S"}], "tools": [
-        {"name": "f", "input_schema": {"type": "object"}}, {"type": "web_search_20250305", "name": "web_search"}],
+        {"name": "f", "input_schema": {"type": "object"}},
+        {"type": "tool_search_tool_bm25_20251119", "name": "tool_search_tool_bm25"}],
         "messages": [
             {"role": "user", "content": "q"},
             {"role": "assistant", "content": [
@@ -433,7 +476,7 @@ def test_anthropic_to_context():
             {"role": "system", "content": "late"}]}
     context = proxy.anthropic_to_context(body, {**MODEL, "api": "anthropic-messages"}, KEY)
     assert context["systemPrompt"] == "S\n\nlate"
-    assert [t["name"] for t in context["tools"]] == ["f"], "server tools are dropped"
+    assert [t["name"] for t in context["tools"]] == ["f"], "tool search goes: every tool is sent whole"
     user, assistant, result, reminder = context["messages"]
     assert assistant["content"][0] == {"type": "thinking", "thinking": "hm", "thinkingSignature": "s1"}
     assert assistant["content"][1]["redacted"] is True
@@ -484,7 +527,7 @@ def test_overflow_message_uses_anthropic_wording():
 
 def test_trailing_whitespace_waits_until_the_final_text_decides():
     def settled(*events):
-        return [(e["type"], e.get("delta")) for e in proxy.settled_text(iter(events))]
+        return [(e["type"], e.get("delta")) for e in proxy.pi_events(iter(events))]
 
     def deltas(kind, index, *pieces):
         return [{"type": kind, "contentIndex": index, "delta": piece} for piece in pieces]
