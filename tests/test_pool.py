@@ -100,7 +100,7 @@ def test_the_pool_grows_to_the_requests_that_ran_at_once(pooled, fake):
                  for _ in range(4)]
     assert wait_for(lambda: len(pooled.bridges()) == 4), "four requests in flight at once"
     for response in responses:
-        assert b'"three"' in b"".join(response.iter_content(None))
+        assert b'three"' in b"".join(response.iter_content(None)), "the whole reply arrives"
     assert wait_for(lambda: not pooled.bridges() and len(pooled.bridges(serving=False)) == 4), \
         "four clients at once: four bridges wait for their next requests"
 
