@@ -15,19 +15,20 @@ The file reads in the order data flows through it; a section uses only what come
    5. Bridge               one `node bridge.mjs` per call: request, events, kill and reap
    6. Relay                the bridges' HTTP, sent upstream over pooled keep-alive connections
    7. Bridge pool          bridges started (and warmed) ahead of need; admission control; replaced, drained on shutdown
-   8. pi messages          message builders, finish_context, extras -> upstream payload, pi_events (the
-                           one shape of pi's events), replayed messages
-   9. OpenAI chat          request schema, request -> pi context, pi events -> chunks / completion
-  10. Anthropic messages   the same for Messages; count_tokens' estimate; Claude model names
-  11. OpenAI responses     Responses request -> pi context (tools, reasoning items), pi events -> events
-  12. pi streamProxy       pi-agent-core's protocol: pi's own events, reduced
-  13. Remote images        images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
+   8. pi messages          message builders, finish_context, extras -> upstream payload, Exchange (a request
+                           translated), pi_events (the one shape of pi's events), replayed messages
+   9. Remote images        images given by URL: fetched (PI_PROXY_REMOTE_IMAGES=1) from public addresses only
+  10. OpenAI chat          one section per client API: request schema, request -> pi context, options and
+  11. Anthropic messages   extras, pi events -> the API's stream (a translator: translate, fail), and the
+  12. OpenAI responses     prepare function that makes a request an Exchange. Messages also: count_tokens'
+  13. pi streamProxy       estimate, Claude model names; streamProxy: pi-agent-core's protocol
   14. Usage                a record per request: its log line, the totals behind GET /usage
-  15. HTTP                 the Flask app: authentication, routes, SSE, client-disconnect detection
+  15. HTTP                 the Flask app: Proxy and Call, CLIENT_APIS (one row per client API) served by
+                           one route and one SSE generator; authentication, client-disconnect detection
   16. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
   17. Main                 command line (serve, login, logout, models) and the gevent server
 
-Translation functions in sections 8-12 are pure: tests call them without HTTP or node.
+Translation functions in sections 8 and 10-13 are pure: tests call them without HTTP or node.
 tests/test_code_shape.py keeps the order: no section uses a name defined in a later one.
 """
 
@@ -66,6 +67,7 @@ import time
 import urllib.parse
 import uuid
 import zlib
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +164,7 @@ class Config:
     max_messages: int = 100_000  # messages (Responses: input items) in one request
     max_tools: int = 5_000  # tools declared in one request
     max_json_values: int = 5_000_000  # values (array members and object fields) in one request body
-    remote_images: bool = False  # fetch images given by http(s) URL (section 13)
+    remote_images: bool = False  # fetch images given by http(s) URL (section 9)
     remote_image_max_bytes: int = 20_000_000  # per image, decompressed
     remote_image_max_count: int = 16  # images given by URL in one request
     remote_image_max_total_bytes: int = 50_000_000  # all of one request's fetched images, decompressed
@@ -177,7 +179,7 @@ class Config:
     client_stall_timeout_s: float = 60.0  # a client that reads nothing of its response
     allowed_hosts: frozenset = frozenset()  # Host names clients use beyond loopback and the bound address
     cors_origins: frozenset = frozenset()  # web origins whose pages may call the proxy ("*": any)
-    response_store_bytes: int = 64 * 2**20  # the Responses store's memory (section 10)
+    response_store_bytes: int = 64 * 2**20  # the Responses store's memory (ResponseStore)
     response_store_age_s: float = 24 * 3600.0  # how long it keeps what it stored
 
     def __post_init__(self):
@@ -818,31 +820,13 @@ def build_registry(catalog: list, models_json: dict | None) -> Registry:
     registry = Registry()
     for name, spec in ((models_json or {}).get("providers") or {}).items():
         builtin = providers.get(name, {})
+        models = {model_id: _builtin_model(name, spec, model, registry) for model_id, model in builtin.items()}
         first_builtin = next(iter(builtin.values()), {})
-        models = {}
-        for model_id, model in builtin.items():
-            model = {**model, "baseUrl": spec.get("baseUrl", model["baseUrl"]),
-                     "compat": {**(model.get("compat") or {}), **(spec.get("compat") or {})}}
-            override = (spec.get("modelOverrides") or {}).get(model_id)
-            if override:
-                model = _apply_override(model, override)
-                if override.get("headers"):
-                    registry.model_headers[f"{name}/{model_id}"] = override["headers"]
-            models[model_id] = model
         for custom in spec.get("models") or []:
-            api = custom.get("api") or spec.get("api") or first_builtin.get("api")
-            base_url = custom.get("baseUrl") or spec.get("baseUrl") or first_builtin.get("baseUrl")
-            if not api or not base_url:
+            model = _custom_model(name, spec, custom, first_builtin)
+            if model is None:
                 continue
-            models[custom["id"]] = {
-                **CUSTOM_MODEL_DEFAULTS,
-                **{k: v for k, v in custom.items() if k not in ("headers", "compat", "baseUrl", "api")},
-                "name": custom.get("name", custom["id"]),
-                "api": api,
-                "provider": name,
-                "baseUrl": base_url,
-                "compat": {**(spec.get("compat") or {}), **(custom.get("compat") or {})},
-            }
+            models[custom["id"]] = model
             registry.model_headers.pop(f"{name}/{custom['id']}", None)
             if custom.get("headers"):
                 registry.model_headers[f"{name}/{custom['id']}"] = custom["headers"]
@@ -853,6 +837,36 @@ def build_registry(catalog: list, models_json: dict | None) -> Registry:
         for model_id, model in models.items():
             registry.models[f"{provider}/{model_id}"] = model
     return registry
+
+
+def _builtin_model(provider: str, spec: dict, model: dict, registry: Registry) -> dict:
+    """A built-in model with its provider's models.json entry applied (its override's headers go
+    to the registry)."""
+    model = {**model, "baseUrl": spec.get("baseUrl", model["baseUrl"]),
+             "compat": {**(model.get("compat") or {}), **(spec.get("compat") or {})}}
+    override = (spec.get("modelOverrides") or {}).get(model["id"])
+    if override:
+        model = _apply_override(model, override)
+        if override.get("headers"):
+            registry.model_headers[f"{provider}/{model['id']}"] = override["headers"]
+    return model
+
+
+def _custom_model(provider: str, spec: dict, custom: dict, first_builtin: dict) -> dict | None:
+    """A model models.json defines, or None when neither it nor its provider says its API and URL."""
+    api = custom.get("api") or spec.get("api") or first_builtin.get("api")
+    base_url = custom.get("baseUrl") or spec.get("baseUrl") or first_builtin.get("baseUrl")
+    if not api or not base_url:
+        return None
+    return {
+        **CUSTOM_MODEL_DEFAULTS,
+        **{k: v for k, v in custom.items() if k not in ("headers", "compat", "baseUrl", "api")},
+        "name": custom.get("name", custom["id"]),
+        "api": api,
+        "provider": provider,
+        "baseUrl": base_url,
+        "compat": {**(spec.get("compat") or {}), **(custom.get("compat") or {})},
+    }
 
 
 def _apply_override(model: dict, override: dict) -> dict:
@@ -871,26 +885,39 @@ def check_models_json(data, builtin_providers: set) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("providers"), dict):
         raise ModelsJsonError('it must be an object with a "providers" object')
     for name, spec in data["providers"].items():
-        if not isinstance(spec, dict):
-            raise ModelsJsonError(f"provider {name!r} must be an object")
-        models = spec.get("models") or []
-        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
-                                                   and m["id"] for m in models):
-            raise ModelsJsonError(f'provider {name!r}: "models" must be a list of objects with an "id"')
-        if not models and not any(spec.get(k) for k in ("baseUrl", "headers", "compat", "modelOverrides")):
-            raise ModelsJsonError(f'provider {name!r}: must specify "baseUrl", "headers", "compat", '
-                                  '"modelOverrides", or "models"')
-        if models and name not in builtin_providers:
-            for required in ("baseUrl", "apiKey"):
-                if not spec.get(required):
-                    raise ModelsJsonError(f'provider {name!r}: "{required}" is required when defining custom models')
-            for model in models:
-                if not (model.get("api") or spec.get("api")):
-                    raise ModelsJsonError(f'provider {name!r}, model {model["id"]!r}: no "api" specified')
-        for model in [*models, *(spec.get("modelOverrides") or {}).values()]:
-            for limit in ("contextWindow", "maxTokens"):
-                if limit in model and not (isinstance(model[limit], int) and model[limit] > 0):
-                    raise ModelsJsonError(f"provider {name!r}: invalid {limit}")
+        _check_provider(name, spec, builtin_providers)
+
+
+def _check_provider(name: str, spec, builtin_providers: set):
+    if not isinstance(spec, dict):
+        raise ModelsJsonError(f"provider {name!r} must be an object")
+    models = spec.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                               and m["id"] for m in models):
+        raise ModelsJsonError(f'provider {name!r}: "models" must be a list of objects with an "id"')
+    if not models and not any(spec.get(k) for k in ("baseUrl", "headers", "compat", "modelOverrides")):
+        raise ModelsJsonError(f'provider {name!r}: must specify "baseUrl", "headers", "compat", '
+                              '"modelOverrides", or "models"')
+    if models and name not in builtin_providers:
+        _check_custom_provider(name, spec, models)
+    _check_limits(name, [*models, *(spec.get("modelOverrides") or {}).values()])
+
+
+def _check_custom_provider(name: str, spec: dict, models: list):
+    """A provider pi-ai does not know: models.json must say where it is and how to talk to it."""
+    for required in ("baseUrl", "apiKey"):
+        if not spec.get(required):
+            raise ModelsJsonError(f'provider {name!r}: "{required}" is required when defining custom models')
+    for model in models:
+        if not (model.get("api") or spec.get("api")):
+            raise ModelsJsonError(f'provider {name!r}, model {model["id"]!r}: no "api" specified')
+
+
+def _check_limits(name: str, models: list):
+    for model in models:
+        for limit in ("contextWindow", "maxTokens"):
+            if limit in model and not (isinstance(model[limit], int) and model[limit] > 0):
+                raise ModelsJsonError(f"provider {name!r}: invalid {limit}")
 
 
 def read_models_json(agent_dir: Path, builtin_providers: set) -> tuple[dict | None, str | None]:
@@ -1360,28 +1387,14 @@ class Relay:
             serving = gevent.getcurrent()
             bridge.relayed.add(serving)
             watcher = gevent.spawn(watch_peer, bridge_socket, lambda: serving.kill(BridgeGone, block=False))
-            upstream_headers = {name: value for name, value in headers
-                                if name.lower() not in HOP_BY_HOP and name.lower() != RELAY_TOKEN_HEADER}
-            # urllib3 adds these two unless told to skip them: the upstream gets the bridge's own set.
-            for name in ("User-Agent", "Accept-Encoding"):
-                if not any(key.lower() == name.lower() for key in upstream_headers):
-                    upstream_headers[name] = urllib3.util.SKIP_HEADER
             try:
-                response = self.upstreams.send(method, url, upstream_headers, body, self.upstream_timeout)
+                response = self.upstreams.send(method, url, upstream_headers(headers), body, self.upstream_timeout)
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 reason = re.sub(r"\s+", " ", str(getattr(error, "reason", None) or error))[:500]
                 log.info("relay: %s %s failed: %s", method, urllib.parse.urlsplit(url).netloc, reason)
                 bridge_socket.sendall(relay_head(502, "Bad Gateway", [(RELAY_ERROR_HEADER, reason), ("content-length", "0")]))
                 return
-            # Chunked unless the upstream gave a length: either way a body cut short reads as cut.
-            headers = [(name, value) for name, value in response.headers.iteritems() if name.lower() not in HOP_BY_HOP]
-            chunked = "content-length" not in response.headers
-            bridge_socket.sendall(relay_head(response.status, response.reason or "",
-                                             [*headers, ("transfer-encoding", "chunked")] if chunked else headers))
-            while chunk := response.read1(65536):
-                bridge_socket.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if chunked:
-                bridge_socket.sendall(b"0\r\n\r\n")
+            relay_response(response, bridge_socket)
             complete = True
         except (BridgeGone, ValueError, OSError, urllib3.exceptions.HTTPError):
             pass  # the bridge went away, or the upstream broke off: the bridge sees its socket close
@@ -1394,6 +1407,31 @@ class Relay:
                     response.close()  # the connection, not only the response: it must not be reused
                 response.release_conn()
             bridge_socket.close()
+
+
+def upstream_headers(headers: list) -> dict:
+    """A bridge's request headers as the upstream gets them: the bridge's own set, minus hop-by-hop
+    headers and the relay's token."""
+    sent = {name: value for name, value in headers
+            if name.lower() not in HOP_BY_HOP and name.lower() != RELAY_TOKEN_HEADER}
+    # urllib3 adds these two unless told to skip them.
+    for name in ("User-Agent", "Accept-Encoding"):
+        if not any(key.lower() == name.lower() for key in sent):
+            sent[name] = urllib3.util.SKIP_HEADER
+    return sent
+
+
+def relay_response(response, bridge_socket: socket.socket):
+    """The upstream's response, passed to the bridge as it arrives: chunked unless the upstream
+    gave a length, so that either way a body cut short reads as cut."""
+    headers = [(name, value) for name, value in response.headers.iteritems() if name.lower() not in HOP_BY_HOP]
+    chunked = "content-length" not in response.headers
+    bridge_socket.sendall(relay_head(response.status, response.reason or "",
+                                     [*headers, ("transfer-encoding", "chunked")] if chunked else headers))
+    while chunk := response.read1(65536):
+        bridge_socket.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+    if chunked:
+        bridge_socket.sendall(b"0\r\n\r\n")
 
 
 # ==================================================================================================
@@ -1693,48 +1731,77 @@ def finish_context(model: dict, system: list, messages: list, tools: list, param
     return context
 
 
-_EXTRAS_BY_API = {
+# Extras: the fields of a client's request that pi-ai does not model, in neutral form: OpenAI chat's
+# names, plus `top_k`; `tool_choice` is "auto" | "required" | "none" | {"name": N}. Per upstream API,
+# the neutral names it has a field for; then its own vocabulary (UPSTREAM_VOCABULARY).
+EXTRAS_BY_API = {
     "openai-completions": ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "response_format",
                            "parallel_tool_calls", "user", "tool_choice"),
     "anthropic-messages": ("top_p", "top_k", "stop", "tool_choice", "parallel_tool_calls"),
     "openai-responses": ("top_p", "parallel_tool_calls", "user", "tool_choice", "response_format"),
 }
+TOOL_CHOICE_FOR_ANTHROPIC = {"auto": "auto", "required": "any", "none": "none"}  # neutral -> Anthropic's type
 
 
 def upstream_payload(extras: dict, api: str) -> dict:
     """Neutral extras -> fields merged into the upstream request body (pi-ai's onPayload), in that
-    API's own vocabulary. Neutral form: OpenAI names, plus `top_k`; `tool_choice` is "auto" |
-    "required" | "none" | {"name": N}. What an API has no field for is dropped (logged at DEBUG)."""
-    supported = _EXTRAS_BY_API.get(api, ())
+    API's own vocabulary. What an API has no field for is dropped (logged at DEBUG)."""
+    supported = EXTRAS_BY_API.get(api, ())
     dropped = sorted(set(extras) - set(supported))
     if dropped:
         log.debug("%s has no equivalent for %s; dropped", api, ", ".join(dropped))
     payload = {name: value for name, value in extras.items() if name in supported}
-    choice = payload.pop("tool_choice", None)
-    if api == "openai-completions" and choice is not None:
-        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
-    elif api == "anthropic-messages":
-        if "stop" in payload:
-            stop = payload.pop("stop")
-            payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
-        serial = payload.pop("parallel_tool_calls", None) is False
-        if choice is not None or serial:
-            kinds = {"auto": "auto", "required": "any", "none": "none"}
-            payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
-                else {"type": kinds[choice or "auto"]}
-            if serial and payload["tool_choice"]["type"] != "none":
-                payload["tool_choice"]["disable_parallel_tool_use"] = True
-    elif api == "openai-responses":
-        if choice is not None:
-            payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
-        response_format = payload.pop("response_format", None)
-        if response_format and response_format["type"] == "json_schema":
-            spec = response_format["json_schema"]
-            payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
-                                          "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
-        elif response_format and response_format["type"] == "json_object":
-            payload["text"] = {"format": {"type": "json_object"}}
+    if api in UPSTREAM_VOCABULARY:
+        UPSTREAM_VOCABULARY[api](payload, payload.pop("tool_choice", None))
     return payload
+
+
+def completions_payload(payload: dict, choice):
+    if choice is not None:
+        payload["tool_choice"] = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
+
+
+def anthropic_payload(payload: dict, choice):
+    if "stop" in payload:
+        stop = payload.pop("stop")
+        payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    serial = payload.pop("parallel_tool_calls", None) is False  # Anthropic says so in its tool_choice
+    if choice is not None or serial:
+        payload["tool_choice"] = {"type": "tool", **choice} if isinstance(choice, dict) \
+            else {"type": TOOL_CHOICE_FOR_ANTHROPIC[choice or "auto"]}
+        if serial and payload["tool_choice"]["type"] != "none":
+            payload["tool_choice"]["disable_parallel_tool_use"] = True
+
+
+def responses_payload(payload: dict, choice):
+    if choice is not None:
+        payload["tool_choice"] = {"type": "function", **choice} if isinstance(choice, dict) else choice
+    response_format = payload.pop("response_format", None)
+    if response_format and response_format["type"] == "json_schema":
+        spec = response_format["json_schema"]
+        payload["text"] = {"format": {"type": "json_schema", "name": spec["name"],
+                                      "schema": spec.get("schema", {}), "strict": spec.get("strict", False)}}
+    elif response_format and response_format["type"] == "json_object":
+        payload["text"] = {"format": {"type": "json_object"}}
+
+
+UPSTREAM_VOCABULARY = {"openai-completions": completions_payload, "anthropic-messages": anthropic_payload,
+                       "openai-responses": responses_payload}
+
+
+@dataclass
+class Exchange:
+    """A client's request, translated: what the bridge is asked (context, options, the upstream
+    payload) and the translator that answers pi's events in the client's API (see CLIENT_APIS)."""
+
+    context: dict
+    options: dict
+    payload: dict  # upstream_payload: fields pi-ai does not model, in the upstream API's vocabulary
+    translator: object  # pi events -> the client API's frames: translate(event), fail(ApiError)
+    stream: bool = True  # False: a whole reply, assembled from the translator's frames
+    heartbeat: float | None = None  # seconds of upstream silence between `heartbeat` events
+    client_headers: dict | None = None  # a streamProxy client's own headers (addable_headers)
+    refused: Callable[[ApiError], ApiError] | None = None  # rewords a failure before any content
 
 
 def pi_events(events):
@@ -1773,6 +1840,12 @@ def tool_arguments_delta(index: int, tool_call: dict) -> dict:
     return {"type": "toolcall_delta", "contentIndex": index, "delta": json.dumps(tool_call.get("arguments") or {})}
 
 
+def replayed(translator, done: dict) -> list:
+    """The frames a translator makes of a `done` event's final message, replayed (whole replies)."""
+    events = [{"type": "start"}, *replay_message(done["message"]), done]
+    return [frame for event in events for frame in translator.translate(event)]
+
+
 def replay_message(message: dict):
     """A final pi message as the events that would have streamed it (pi_events' shape), for whole
     replies."""
@@ -1797,1845 +1870,7 @@ def replay_message(message: dict):
 
 
 # ==================================================================================================
-# 9. OpenAI chat completions
-# ==================================================================================================
-
-# Where OpenAI-compatible servers put an assistant's reasoning, in the order pi-ai reads them.
-REASONING_FIELDS = ("reasoning_content", "reasoning", "reasoning_text")
-_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-_CONTENT = {
-    "anyOf": [
-        {"type": "string"},
-        {"type": "null"},
-        {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["type"],
-                "properties": {"type": {"enum": ["text", "image_url", "refusal"]}},
-                "allOf": [
-                    {"if": {"properties": {"type": {"const": "text"}}}, "then": _TEXT_PART},
-                    {
-                        "if": {"properties": {"type": {"const": "image_url"}}},
-                        "then": {
-                            "required": ["image_url"],
-                            "properties": {
-                                "image_url": {"type": "object", "required": ["url"],
-                                              "properties": {"url": {"type": "string"},
-                                                             "detail": ignored("pi-ai has no image detail level")}}
-                            },
-                        },
-                    },
-                ],
-            },
-        },
-    ]
-}
-_TOOL_CALL = {
-    "type": "object",
-    "required": ["id", "function"],
-    "properties": {
-        "id": {"type": "string"},
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "required": ["name"],
-            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
-        },
-    },
-}
-CHAT_SCHEMA = {
-    "title": "chat completions request",
-    "type": "object",
-    "required": ["model", "messages"],
-    "properties": {
-        "model": {"type": "string", "minLength": 1},
-        "messages": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["role"],
-                "properties": {
-                    "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-                    "content": _CONTENT,
-                    "name": ignored("pi-ai's messages name no author", {"type": "string"}),
-                    "tool_calls": {"type": "array", "items": _TOOL_CALL},
-                    "tool_call_id": {"type": "string"},
-                    **{name: {"type": ["string", "null"]} for name in REASONING_FIELDS},
-                },
-                "allOf": [
-                    {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"]}},
-                    {"if": {"properties": {"role": {"enum": ["system", "developer", "user"]}}},
-                     "then": {"required": ["content"]}},
-                ],
-            },
-        },
-        "stream": {"type": "boolean"},
-        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "max_completion_tokens": {"type": "integer", "minimum": 1},
-        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "seed": {"type": "integer"},
-        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-        "response_format": {
-            "type": "object",
-            "required": ["type"],
-            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
-            "if": {"properties": {"type": {"const": "json_schema"}}},
-            "then": {
-                "required": ["json_schema"],
-                "properties": {"json_schema": {"type": "object", "required": ["name"],
-                                               "properties": {"name": {"type": "string"},
-                                                              "schema": {"type": "object"}}}},
-            },
-        },
-        "tools": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["type", "function"],
-                "properties": {
-                    "type": {"const": "function"},
-                    "function": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {
-                            "name": {"type": "string", "pattern": "^[a-zA-Z0-9_.-]{1,128}$"},
-                            "description": {"type": "string"},
-                            "parameters": {"type": "object"},
-                            "strict": ignored("pi-ai declares every tool with strict: false", {"type": "boolean"}),
-                        },
-                    },
-                },
-            },
-        },
-        "tool_choice": {
-            "anyOf": [
-                {"enum": ["auto", "none", "required"]},
-                {"type": "object", "required": ["type", "function"],
-                 "properties": {"type": {"const": "function"},
-                                "function": {"type": "object", "required": ["name"],
-                                             "properties": {"name": {"type": "string"}}}}},
-            ]
-        },
-        "parallel_tool_calls": {"type": "boolean"},
-        "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]},
-        "user": {"type": "string"},
-        "metadata": ignored("metadata of stored completions: nothing is stored", {"type": "object"}),
-        "store": ignored("nothing is stored", {"type": "boolean"}),
-        "n": {"type": "integer", "minimum": 1},
-        "logprobs": {"type": "boolean"},
-        "top_logprobs": {"type": "integer", "minimum": 0},
-        "logit_bias": {"type": "object"},
-    },
-}
-CHAT_VALIDATOR = Draft202012Validator(CHAT_SCHEMA)
-
-
-def reject_unsupported(body: dict):
-    """Features pi-ai cannot honour are refused by name rather than silently ignored."""
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "n > 1 is not supported by this proxy", param="n", code="unsupported_parameter")
-    if body.get("logprobs"):
-        raise ApiError(400, "logprobs is not supported by this proxy", param="logprobs", code="unsupported_parameter")
-    for name in ("top_logprobs", "logit_bias"):
-        if body.get(name):
-            raise ApiError(400, f"{name} is not supported by this proxy", param=name, code="unsupported_parameter")
-
-
-def chat_content_to_pi(content, param: str) -> list:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    blocks = []
-    for index, part in enumerate(content):
-        if part["type"] == "image_url":
-            blocks.append(image_from_url(part["image_url"]["url"], f"{param}[{index}].image_url.url"))
-        elif part["type"] == "refusal":
-            blocks.append({"type": "text", "text": part.get("refusal", "")})
-        else:
-            blocks.append({"type": "text", "text": part["text"]})
-    return blocks
-
-
-def chat_reasoning(message: dict, model: dict, param: str) -> list:
-    """An assistant message's reasoning (sent back by pi, LiteLLM, pydantic-ai; `reasoning` as
-    OpenRouter names it) -> a pi thinking block. For openai-completions its signature is the
-    field's name, as pi-ai's own: pi-ai replays the text in that field. Chat carries no signature
-    that Anthropic or the Responses API could check, and those upstreams drop earlier turns'
-    thinking anyway, so toward them it is dropped (pi-ai would make it visible text)."""
-    field = next((name for name in REASONING_FIELDS if message.get(name)), None)
-    if field is None:
-        return []
-    if model["api"] != "openai-completions":
-        log.debug("dropping %s.%s: %s has no unsigned reasoning", param, field, model["api"])
-        return []
-    return [{"type": "thinking", "thinking": message[field], "thinkingSignature": field}]
-
-
-def chat_to_context(body: dict, model: dict) -> dict:
-    """OpenAI chat messages and tools -> a pi-ai Context. System and developer messages, wherever
-    they stand, become the system prompt (pi's context has only one)."""
-    system, messages, tool_names = [], [], {}
-    for index, message in enumerate(body["messages"]):
-        role, param = message["role"], f"messages[{index}]"
-        content = chat_content_to_pi(message.get("content"), f"{param}.content")
-        if role in ("system", "developer"):
-            system.append(text_of(content))
-        elif role == "user":
-            messages.append(user_message(content))
-        elif role == "assistant":
-            calls = message.get("tool_calls") or []
-            blocks = chat_reasoning(message, model, param) + [b for b in content if b["text"]]
-            for call_index, call in enumerate(calls):
-                function = call["function"]
-                tool_names[call["id"]] = function["name"]
-                arguments = parse_arguments(function.get("arguments"),
-                                            f"{param}.tool_calls[{call_index}].function.arguments")
-                blocks.append({"type": "toolCall", "id": call["id"], "name": function["name"], "arguments": arguments})
-            messages.append(assistant_message(model, blocks, bool(calls)))
-        else:
-            call_id = message["tool_call_id"]
-            if call_id not in tool_names:
-                raise ApiError(400, f"tool_call_id {call_id!r} does not answer any earlier assistant tool call",
-                               param=f"{param}.tool_call_id")
-            messages.append(tool_result(call_id, tool_names[call_id], [b for b in content if b["type"] == "text"]))
-    tools = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
-              "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}}}
-             for t in body.get("tools", [])]
-    return finish_context(model, system, messages, tools, "messages", body.get("response_format"))
-
-
-def chat_options(body: dict) -> dict:
-    """The parts of a chat request that pi-ai models itself (SimpleStreamOptions)."""
-    options = {}
-    if "temperature" in body:
-        options["temperature"] = body["temperature"]
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        options["maxTokens"] = max_tokens
-    if body.get("reasoning_effort", "none") != "none":
-        options["reasoning"] = body["reasoning_effort"]
-    if body.get("user"):
-        options["metadata"] = {"user_id": body["user"]}
-    return options
-
-
-def chat_extras(body: dict) -> dict:
-    """The chat request's fields that pi-ai does not model, in neutral form (see upstream_payload)."""
-    extras = {name: body[name] for name in ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty",
-                                            "response_format", "parallel_tool_calls", "user") if name in body}
-    choice = body.get("tool_choice")
-    if choice is not None:
-        extras["tool_choice"] = {"name": choice["function"]["name"]} if isinstance(choice, dict) else choice
-    return extras
-
-
-FINISH_REASONS = {"stop": "stop", "length": "length", "toolUse": "tool_calls"}
-
-
-def chat_usage(usage: dict) -> dict:
-    """pi-ai usage -> OpenAI usage. OpenAI counts cached tokens inside prompt_tokens."""
-    prompt = usage.get("input", 0) + usage.get("cacheRead", 0) + usage.get("cacheWrite", 0)
-    completion = usage.get("output", 0)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": usage.get("cacheRead", 0)},
-        "cost": usage.get("cost", {}).get("total", 0),
-    }
-
-
-def finish_reason(message: dict, reason: str) -> str:
-    if any(block["type"] == "toolCall" for block in message.get("content", [])):
-        return "tool_calls"
-    return FINISH_REASONS.get(reason, "stop")
-
-
-def chat_completion(message: dict, reason: str, completion_id: str, model_name: str, created: int) -> dict:
-    """The final pi-ai message -> a `chat.completion` object."""
-    blocks = message.get("content", [])
-    text = "".join(b["text"] for b in blocks if b["type"] == "text")
-    reasoning = "".join(b["thinking"] for b in blocks if b["type"] == "thinking" and not b.get("redacted"))
-    calls = [
-        {"id": b["id"], "type": "function",
-         "function": {"name": b["name"], "arguments": json.dumps(b.get("arguments") or {})}}
-        for b in blocks if b["type"] == "toolCall"
-    ]
-    reply = {"role": "assistant", "content": text if text or not calls else None}
-    if reasoning:
-        reply["reasoning_content"] = reasoning
-    if calls:
-        reply["tool_calls"] = calls
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model_name,
-        "choices": [{"index": 0, "message": reply, "finish_reason": finish_reason(message, reason),
-                     "logprobs": None}],
-        "usage": chat_usage(message.get("usage", {})),
-    }
-
-
-class ChatChunks:
-    """pi events -> `chat.completion.chunk` objects, one event at a time.
-
-    pi numbers content blocks (text, thinking, tool calls together); OpenAI numbers tool calls
-    alone, so tool calls get their own index here."""
-
-    def __init__(self, completion_id: str, model_name: str, created: int, include_usage: bool):
-        self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
-        self.include_usage = include_usage
-        self.tool_index: dict[int, int] = {}  # pi contentIndex -> OpenAI tool_calls index
-
-    def chunk(self, delta: dict, finish=None) -> dict:
-        return {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-
-    def translate(self, event: dict) -> list:
-        kind = event["type"]
-        if kind == "start":
-            return [self.chunk({"role": "assistant", "content": ""})]
-        if kind == "text_delta":
-            return [self.chunk({"content": event["delta"]})]
-        if kind == "thinking_delta":
-            return [self.chunk({"reasoning_content": event["delta"]})]
-        if kind == "toolcall_start":
-            index = self.tool_index.setdefault(event["contentIndex"], len(self.tool_index))
-            call = {"index": index, "id": event["id"], "type": "function",
-                    "function": {"name": event["toolName"], "arguments": ""}}
-            return [self.chunk({"tool_calls": [call]})]
-        if kind == "toolcall_delta" and event["delta"]:
-            return [self.tool_arguments(event["contentIndex"], event["delta"])]
-        if kind == "done":
-            chunks = [self.chunk({}, finish_reason(event["message"], event["reason"]))]
-            if self.include_usage:
-                chunks.append({**self.base, "choices": [], "usage": chat_usage(event["message"].get("usage", {}))})
-            return chunks
-        return []
-
-    def tool_arguments(self, content_index: int, arguments: str) -> dict:
-        call = {"index": self.tool_index[content_index], "function": {"arguments": arguments}}
-        return self.chunk({"tool_calls": [call]})
-
-
-# ==================================================================================================
-# 10. Anthropic messages
-# ==================================================================================================
-
-# Envelopes: what the proxy hands out that pi-ai would forward as it is (sections 10 and 11).
-_REASONING_ENVELOPE = "pi-proxy.2:"  # .1 envelopes carried no MAC: they read as foreign now
-
-
-def seal_reasoning(model_id: str, signature: str, key: bytes, redacted: bool = False) -> str:
-    """A reasoning item's `encrypted_content`: pi-ai's signature for the thinking block (Anthropic's
-    signature, or its redacted thinking's data; the whole upstream reasoning item for
-    openai-responses) and the model it is valid for, with a MAC under this installation's envelope
-    key (envelope_key): pi-ai forwards what is inside as is, so only what this proxy minted may
-    come back in."""
-    payload = json.dumps({"model": model_id, "signature": signature, **({"redacted": True} if redacted else {})},
-                         separators=(",", ":"))
-    sealed = _REASONING_ENVELOPE + base64.urlsafe_b64encode(payload.encode()).decode()
-    return sealed + "." + _envelope_mac(sealed, key)
-
-
-def _envelope_mac(sealed: str, key: bytes) -> str:
-    return base64.urlsafe_b64encode(hmac.digest(key, sealed.encode(), "sha256")).decode().rstrip("=")
-
-
-def open_reasoning(sealed: str | None, model: dict, key: bytes) -> dict | None:
-    """The pi thinking block's signature (and redacted mark) sealed in a reasoning item, if this
-    proxy's installation made it for this model; None otherwise (foreign, forged or altered)."""
-    if not sealed or not sealed.startswith(_REASONING_ENVELOPE) or "." not in sealed:
-        return None
-    sealed, mac = sealed.rsplit(".", 1)
-    if not hmac.compare_digest(mac.encode(), _envelope_mac(sealed, key).encode()):
-        return None
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(sealed[len(_REASONING_ENVELOPE):]))
-    except (ValueError, binascii.Error):
-        return None
-    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model) or not payload.get("signature"):
-        return None
-    return {"thinkingSignature": payload["signature"], **({"redacted": True} if payload.get("redacted") else {})}
-
-
-def signature_out(model: dict, signature: str | None, key: bytes) -> str:
-    """A thinking signature as a Messages client gets it: Anthropic's own as it is (Anthropic
-    checks it when it comes back); any other API's, which pi-ai forwards as it is (for
-    openai-responses, whole raw items), sealed like a Responses reasoning item."""
-    if not signature or model["api"] == "anthropic-messages":
-        return signature or ""
-    return seal_reasoning(canonical_id(model), signature, key)
-
-
-def signature_in(model: dict, signature: str | None, key: bytes) -> str | None:
-    """A thinking signature from a Messages client as pi-ai gets it (see signature_out); None when
-    this installation did not make it for this model."""
-    if not signature or model["api"] == "anthropic-messages":
-        return signature or None
-    opened = open_reasoning(signature, model, key)
-    return opened and opened["thinkingSignature"]
-
-
-_A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
-_A_IMAGE = {
-    "required": ["source"],
-    "properties": {"source": {
-        "type": "object", "required": ["type"],
-        "properties": {"type": {"enum": ["base64", "url"]}},
-        "allOf": [{"if": {"properties": {"type": {"const": "base64"}}},
-                   "then": {"required": ["media_type", "data"],
-                            "properties": {"media_type": {"type": "string"}, "data": {"type": "string"}}}},
-                  {"if": {"properties": {"type": {"const": "url"}}},
-                   "then": {"required": ["url"], "properties": {"url": {"type": "string"}}}}],
-    }},
-}
-
-
-_A_CACHE_CONTROL = ignored("pi-ai sets its own cache breakpoints (cacheRetention)", {"type": "object"})
-
-
-def _a_blocks(allowed: list, extra_rules: list = ()) -> dict:
-    rules = [{"if": {"properties": {"type": {"const": "text"}}}, "then": _A_TEXT},
-             {"if": {"properties": {"type": {"const": "image"}}}, "then": _A_IMAGE}, *extra_rules]
-    return {"type": "array", "items": {"type": "object", "required": ["type"], "allOf": rules,
-                                       "properties": {"type": {"enum": allowed}, "cache_control": _A_CACHE_CONTROL}}}
-
-
-_A_TOOL_RESULT_CONTENT = {"anyOf": [{"type": "string"}, _a_blocks(["text", "image"])]}
-_A_CONTENT_RULES = [
-    {"if": {"properties": {"type": {"const": "tool_use"}}},
-     "then": {"required": ["id", "name"], "properties": {"id": {"type": "string"}, "name": {"type": "string"},
-                                                         "input": {"type": "object"}}}},
-    {"if": {"properties": {"type": {"const": "tool_result"}}},
-     "then": {"required": ["tool_use_id"], "properties": {"tool_use_id": {"type": "string"},
-                                                          "content": _A_TOOL_RESULT_CONTENT,
-                                                          "is_error": {"type": "boolean"}}}},
-    {"if": {"properties": {"type": {"const": "thinking"}}},
-     "then": {"required": ["thinking"], "properties": {"thinking": {"type": "string"},
-                                                       "signature": {"type": "string"}}}},
-    {"if": {"properties": {"type": {"const": "redacted_thinking"}}},
-     "then": {"required": ["data"], "properties": {"data": {"type": "string"}}}},
-]
-ANTHROPIC_BLOCK_TYPES = ["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"]
-_A_MESSAGES_PROPERTIES = {
-    "model": {"type": "string", "minLength": 1},
-    "messages": {
-        "type": "array",
-        "items": {
-            "type": "object",
-            "required": ["role", "content"],
-            "properties": {
-                "role": {"enum": ["user", "assistant", "system"]},
-                "content": {"anyOf": [{"type": "string"}, _a_blocks(ANTHROPIC_BLOCK_TYPES, _A_CONTENT_RULES)]},
-            },
-        },
-    },
-    "system": {"anyOf": [{"type": "string"}, _a_blocks(["text"])]},
-    "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL,
-        "defer_loading": ignored("every tool is sent whole", {"type": "boolean"})}}},
-    "tool_choice": {
-        "type": "object", "required": ["type"],
-        "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
-                       "disable_parallel_tool_use": {"type": "boolean"}},
-        "if": {"properties": {"type": {"const": "tool"}}}, "then": {"required": ["name"]},
-    },
-    "thinking": {
-        "type": "object", "required": ["type"],
-        "properties": {"type": {"enum": ["enabled", "adaptive", "disabled"]},
-                       "budget_tokens": {"type": "integer", "minimum": 1}},
-        "if": {"properties": {"type": {"const": "enabled"}}}, "then": {"required": ["budget_tokens"]},
-    },
-    "output_config": {"type": "object", "properties": {"effort": {"enum": ["low", "medium", "high", "max"]}}},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": 0},
-    "stop_sequences": {"type": "array", "items": {"type": "string"}},
-    "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}},
-    "stream": {"type": "boolean"},
-    # Server-side settings whose absence changes no conversation (reject_server_state refuses the others).
-    "context_management": ignored("the whole history goes upstream; nothing is cleared from it", {"type": "object"}),
-    "cache_control": _A_CACHE_CONTROL,
-    "service_tier": ignored("the upstream's own tier", {"type": "string"}),
-    "speed": ignored("the upstream's own speed", {"type": "string"}),
-    "inference_geo": ignored("the upstream's own region", {"type": "string"}),
-    "diagnostics": ignored("no prompt-cache diagnostics", {"type": "object"}),
-}
-MESSAGES_VALIDATOR = Draft202012Validator({
-    "title": "messages request", "type": "object", "required": ["model", "messages", "max_tokens"],
-    "properties": {**_A_MESSAGES_PROPERTIES, "max_tokens": {"type": "integer", "minimum": 1}},
-})
-COUNT_TOKENS_VALIDATOR = Draft202012Validator({
-    "title": "count_tokens request", "type": "object", "required": ["model", "messages"],
-    "properties": _A_MESSAGES_PROPERTIES,
-})
-
-# Tool-use ids must match ^[a-zA-Z0-9_-]+$ for Anthropic clients, but pi-ai's ids need not (the
-# Responses API's are "call_x|fc_y"). Such ids are wrapped reversibly, so results still pair.
-_SAFE_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
-_WRAPPED_TOOL_ID = "toolu_pi_"
-
-
-def client_tool_id(pi_id: str) -> str:
-    if _SAFE_TOOL_ID.match(pi_id) and not pi_id.startswith(_WRAPPED_TOOL_ID):
-        return pi_id
-    return _WRAPPED_TOOL_ID + base64.urlsafe_b64encode(pi_id.encode()).decode().rstrip("=")
-
-
-def pi_tool_id(client_id: str) -> str:
-    if not client_id.startswith(_WRAPPED_TOOL_ID):
-        return client_id
-    wrapped = client_id[len(_WRAPPED_TOOL_ID):]
-    try:
-        return base64.urlsafe_b64decode(wrapped + "=" * (-len(wrapped) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return client_id
-
-
-def anthropic_blocks(content) -> list:
-    return [{"type": "text", "text": content}] if isinstance(content, str) else content
-
-
-def anthropic_image(block: dict, param: str) -> dict:
-    source = block["source"]
-    if source["type"] == "url":
-        return image_from_url(source["url"], f"{param}.source.url")
-    return {"type": "image", "data": source["data"], "mimeType": source["media_type"]}
-
-
-def anthropic_user_content(blocks: list, param: str) -> list:
-    content = []
-    for index, block in enumerate(blocks):
-        if block["type"] == "text":
-            content.append({"type": "text", "text": block["text"]})
-        elif block["type"] == "image":
-            content.append(anthropic_image(block, f"{param}[{index}]"))
-        else:
-            raise ApiError(400, f"A {block['type']} block cannot stand here", param=f"{param}[{index}].type")
-    return content
-
-
-# Messages fields whose state lives on Anthropic's servers: nothing here can hold or run them, and
-# an answer without them would be to another conversation, so each is refused by name.
-SERVER_STATE_FIELDS = {
-    "thread": "message threads keep the conversation on Anthropic's servers and this proxy keeps none; "
-              "send the whole history in `messages`",
-    "container": "code execution containers run on Anthropic's servers, which this proxy does not reach",
-    "mcp_servers": "this proxy cannot connect the model to MCP servers; declare their tools as client tools",
-    "compaction": "server-side compaction is not available through this proxy; compact on the client",
-}
-# Tools without an input_schema are run (web search, code execution, MCP) or defined (bash, text
-# editor, computer, memory) by Anthropic: no other model can be given them. Only the tool-search
-# tools may go unsaid: every tool is then sent whole (defer_loading aside), which hides none.
-_TOOL_SEARCH = "tool_search_tool_"
-
-
-def reject_server_state(body: dict):
-    for name, reason in SERVER_STATE_FIELDS.items():
-        if name in body:
-            # The anthropic SDK's thread helpers (tool_runner) resend unthreaded on this error_code.
-            details = {"error_code": "thread_unsupported_request", "unsupported": [name]} if name == "thread" else None
-            raise ApiError(400, f"{name} is not supported: {reason}", param=name, code="unsupported_parameter",
-                           details=details)
-    for index, tool in enumerate(body.get("tools", [])):
-        kind = tool.get("type", "custom")
-        if "input_schema" not in tool and kind == "custom":
-            raise ApiError(400, f"tools[{index}].input_schema: Field required", param=f"tools[{index}].input_schema",
-                           code="invalid_value")
-        if "input_schema" not in tool and not kind.startswith(_TOOL_SEARCH):
-            raise ApiError(400, f"tools[{index}]: the {shown(kind)} tool is run or defined by Anthropic itself; "
-                                "this proxy can offer a model only tools with an input_schema",
-                           param=f"tools[{index}].type", code="unsupported_parameter")
-
-
-def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
-    """An Anthropic Messages request -> a pi-ai Context. Tool results in a user turn become pi
-    toolResult messages (ahead of the turn's other content); `role: "system"` messages are folded
-    into the system prompt; assistant turns are stamped with the target model."""
-    reject_server_state(body)
-    system = [text_of(anthropic_blocks(body.get("system", "")))]
-    messages, tool_names = [], {}
-    for index, message in enumerate(body["messages"]):
-        blocks, param = anthropic_blocks(message["content"]), f"messages[{index}].content"
-        if message["role"] == "system":
-            system.append(text_of(anthropic_user_content(blocks, param)))
-        elif message["role"] == "assistant":
-            content = []
-            for block_index, block in enumerate(blocks):
-                kind = block["type"]
-                if kind == "text" and block["text"]:
-                    content.append({"type": "text", "text": block["text"]})
-                elif kind == "thinking":
-                    content.append({"type": "thinking", "thinking": block["thinking"],
-                                    "thinkingSignature": signature_in(model, block.get("signature"), key)})
-                elif kind == "redacted_thinking":
-                    signature = signature_in(model, block["data"], key)
-                    if signature:
-                        content.append({"type": "thinking", "thinking": "", "thinkingSignature": signature,
-                                        "redacted": True})
-                elif kind == "tool_use":
-                    call_id = pi_tool_id(block["id"])
-                    tool_names[call_id] = block["name"]
-                    content.append({"type": "toolCall", "id": call_id, "name": block["name"],
-                                    "arguments": block.get("input") or {}})
-                elif kind != "text":
-                    raise ApiError(400, f"A {kind} block cannot stand in an assistant message",
-                                   param=f"{param}[{block_index}].type")
-            messages.append(assistant_message(model, content, any(b["type"] == "toolCall" for b in content)))
-        else:
-            results = [(i, b) for i, b in enumerate(blocks) if b["type"] == "tool_result"]
-            for block_index, block in results:
-                call_id = pi_tool_id(block["tool_use_id"])
-                result = anthropic_user_content(anthropic_blocks(block.get("content", "")),
-                                                f"{param}[{block_index}].content")
-                messages.append(tool_result(call_id, tool_names.get(call_id, ""), result, bool(block.get("is_error"))))
-            rest = anthropic_user_content([b for b in blocks if b["type"] != "tool_result"], param)
-            if results and rest and model["provider"] == COPILOT:
-                # Copilot bills a turn as the user's (X-Initiator) unless it ends in tool results;
-                # Claude Code's reminders after tool results must not make it one.
-                messages[-1]["content"] = messages[-1]["content"] + rest
-            elif rest or not results:
-                messages.append(user_message(rest))
-    tools = []
-    for index, tool in enumerate(body.get("tools", [])):
-        if "input_schema" not in tool:  # a tool-search tool (reject_server_state)
-            log.debug("ignoring tools[%d] (%s): every tool is sent whole", index, tool["type"])
-            continue
-        tools.append({"name": tool["name"], "description": tool.get("description", ""),
-                      "parameters": tool["input_schema"]})
-    return finish_context(model, system, messages, tools, "messages")
-
-
-def reasoning_for_budget(budget: int) -> str:
-    """pi-ai's thinking levels by their default budgets (1024/2048/8192/16384 tokens)."""
-    for level, limit in (("minimal", 1024), ("low", 2048), ("medium", 8192)):
-        if budget <= limit:
-            return level
-    return "high"
-
-
-ADAPTIVE_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh"}
-
-
-def anthropic_options(body: dict) -> dict:
-    options = {"maxTokens": body["max_tokens"]}
-    if "temperature" in body:
-        options["temperature"] = body["temperature"]
-    thinking = body.get("thinking", {"type": "disabled"})
-    if thinking["type"] == "enabled":
-        level = reasoning_for_budget(thinking["budget_tokens"])
-        options["reasoning"] = level
-        options["thinkingBudgets"] = {level: thinking["budget_tokens"]}
-    elif thinking["type"] == "adaptive":
-        options["reasoning"] = ADAPTIVE_EFFORTS[body.get("output_config", {}).get("effort", "high")]
-    user_id = body.get("metadata", {}).get("user_id")
-    if user_id:
-        options["metadata"] = {"user_id": user_id}
-    return options
-
-
-def anthropic_extras(body: dict) -> dict:
-    extras = {name: body[name] for name in ("top_p", "top_k") if name in body}
-    if body.get("stop_sequences"):
-        extras["stop"] = body["stop_sequences"]
-    choice = body.get("tool_choice")
-    if choice:
-        kinds = {"auto": "auto", "any": "required", "none": "none"}
-        extras["tool_choice"] = {"name": choice["name"]} if choice["type"] == "tool" else kinds[choice["type"]]
-        if choice.get("disable_parallel_tool_use"):
-            extras["parallel_tool_calls"] = False
-    return extras
-
-
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "toolUse": "tool_use"}
-
-
-def anthropic_stop(done: dict) -> dict:
-    """stop_reason and stop_sequence for a bridge `done` event."""
-    if any(block["type"] == "toolCall" for block in done["message"].get("content", [])):
-        return {"stop_reason": "tool_use", "stop_sequence": None}  # Claude Code runs tools only on tool_use
-    if done.get("stopSequence") is not None:
-        return {"stop_reason": "stop_sequence", "stop_sequence": done["stopSequence"]}
-    return {"stop_reason": STOP_REASONS.get(done["reason"], "end_turn"), "stop_sequence": None}
-
-
-def anthropic_usage(usage: dict) -> dict:
-    return {"input_tokens": usage.get("input", 0), "output_tokens": usage.get("output", 0),
-            "cache_read_input_tokens": usage.get("cacheRead", 0),
-            "cache_creation_input_tokens": usage.get("cacheWrite", 0)}
-
-
-def anthropic_block(block: dict, seal) -> dict:
-    if block["type"] == "text":
-        return {"type": "text", "text": block["text"]}
-    if block["type"] == "thinking":
-        if block.get("redacted"):
-            return {"type": "redacted_thinking", "data": seal(block.get("thinkingSignature"))}
-        return {"type": "thinking", "thinking": block["thinking"], "signature": seal(block.get("thinkingSignature"))}
-    return {"type": "tool_use", "id": client_tool_id(block["id"]), "name": block["name"],
-            "input": block.get("arguments") or {}}
-
-
-def anthropic_message(done: dict, message_id: str, model_name: str, seal) -> dict:
-    """A bridge `done` event -> an Anthropic `message` object."""
-    message = done["message"]
-    return {
-        "id": message_id, "type": "message", "role": "assistant", "model": model_name,
-        "content": [anthropic_block(b, seal) for b in message.get("content", [])],
-        **anthropic_stop(done), "usage": anthropic_usage(message.get("usage", {})),
-    }
-
-
-class AnthropicEvents:
-    """pi events -> Anthropic stream events, (name, data) pairs, keeping Anthropic's grammar:
-    message_start, then blocks one at a time (start, deltas, stop) indexed from 0, then
-    message_delta and message_stop. pi may interleave blocks (openai-completions ends all its
-    blocks only when the stream ends): a block is closed as soon as another one starts, and a
-    later text or thinking delta for it opens a fresh block of the same kind. A tool call's
-    block is never reopened (its id must stay unique), so text or thinking arriving while one is
-    open is held back until it closes. Every thinking block ends with its signature_delta, as
-    Anthropic's do, whenever it closes; redacted thinking is a redacted_thinking block, whole."""
-
-    def __init__(self, message_id: str, model_name: str, input_estimate: int, seal):
-        self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
-        self.seal = seal  # signature -> what the client gets (signature_out)
-        self.open = None  # (pi contentIndex, kind) of the block now open
-        self.index = -1  # the Anthropic index of the last block started
-        self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
-        self.signatures: dict[int, str] = {}  # pi contentIndex -> its thinking signature, once known
-        self.held: list[tuple] = []  # (contentIndex, kind, delta) held back while a tool call is open
-
-    def translate(self, event: dict) -> list:
-        kind, index = event["type"], event.get("contentIndex")
-        if kind == "start":
-            return [("message_start", {"type": "message_start", "message": {
-                "id": self.message_id, "type": "message", "role": "assistant", "model": self.model_name,
-                "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": self.input_estimate, "output_tokens": 1,
-                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})]
-        if kind == "heartbeat":
-            return [("ping", {"type": "ping"})]
-        if kind == "thinking_start" and event.get("redacted"):
-            return [*self.start_block(index, "redacted_thinking", event["contentSignature"]), *self.close()]
-        if kind in ("text_start", "thinking_start"):
-            if event.get("contentSignature"):  # openai-completions: known at the start, the block closes early
-                self.signatures[index] = event["contentSignature"]
-            return self.start_block(index, kind.split("_")[0])
-        if kind == "toolcall_start":
-            self.tool_calls[index] = (client_tool_id(event["id"]), event["toolName"])
-            return self.start_block(index, "tool_use")
-        if kind in ("text_delta", "thinking_delta"):
-            block = kind.split("_")[0]
-            delta = {"type": kind, block: event["delta"]}
-            if self.open and self.open[1] == "tool_use":
-                self.held.append((index, block, delta))
-                return []
-            return [*self.ensure_open(index, block), self.delta(delta)]
-        if kind == "toolcall_delta" and event["delta"]:
-            return [*self.ensure_open(index, "tool_use"),
-                    self.delta({"type": "input_json_delta", "partial_json": event["delta"]})]
-        if kind == "thinking_end" and event.get("contentSignature"):
-            self.signatures[index] = event["contentSignature"]
-        if kind.endswith("_end") and self.open and self.open[0] == index:
-            return self.close()
-        if kind == "done":
-            return [*self.close(),
-                    ("message_delta", {"type": "message_delta", "delta": anthropic_stop(event),
-                                       "usage": anthropic_usage(event["message"].get("usage", {}))}),
-                    ("message_stop", {"type": "message_stop"})]
-        return []
-
-    def start_block(self, index: int, kind: str, data: str = "") -> list:
-        frames = self.close()
-        self.index += 1
-        self.open = (index, kind)
-        if kind == "text":
-            block = {"type": "text", "text": ""}
-        elif kind == "thinking":
-            block = {"type": "thinking", "thinking": "", "signature": ""}
-        elif kind == "redacted_thinking":
-            block = {"type": "redacted_thinking", "data": self.seal(data)}
-        else:
-            call_id, name = self.tool_calls[index]
-            block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
-        frames.append(("content_block_start", {"type": "content_block_start", "index": self.index,
-                                               "content_block": block}))
-        return frames
-
-    def ensure_open(self, index: int, kind: str) -> list:
-        return [] if self.open == (index, kind) else self.start_block(index, kind)
-
-    def delta(self, delta: dict) -> tuple:
-        return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
-
-    def close(self) -> list:
-        frames = []
-        if self.open is not None:
-            (index, kind), self.open = self.open, None
-            if kind == "thinking":
-                signature = self.seal(self.signatures.get(index, ""))
-                frames.append(self.delta({"type": "signature_delta", "signature": signature}))
-            frames.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
-        if self.held:
-            held, self.held = self.held, []
-            for index, kind, delta in held:
-                frames += [*self.ensure_open(index, kind), self.delta(delta)]
-            frames += self.close()
-        return frames
-
-
-# Token estimate (count_tokens and message_start). No tokenizer for current Claude models exists
-# offline, so this is a linear model over regex counts of BPE pre-token pieces, calibrated on the
-# legacy Claude tokenizer (npm @anthropic-ai/tokenizer) over 201 samples of English and code: mean
-# error 2-5%, worst 10% on held-out files. Claude 3-4.x count 10-20% more than that tokenizer,
-# hence CLAUDE_SCALE; GPT-family models (o200k) count 0-25% fewer. Overcounting is the safe side:
-# Claude Code compacts on these numbers. Non-English text is not calibrated.
-_PIECES = re.compile(r"[A-Za-z]+|[!-/:-@\[-`{-~]+")  # ASCII letter runs and punctuation runs
-_DIGIT_GROUPS = re.compile(r"[0-9]{1,3}")
-_CAMEL_HUMPS = re.compile(r"[a-z][A-Z]")
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
-_NON_ASCII_LETTER = re.compile(r"[^\x00-\x7f\W\d_]")
-CLAUDE_SCALE = 1.15
-MESSAGE_OVERHEAD = 3  # tokens of framing per message or system prompt
-TOOLS_OVERHEAD = 346  # Anthropic's tool-use system prompt, present whenever tools are
-IMAGE_FALLBACK_TOKENS = 1600  # the per-image maximum, when the size cannot be read
-
-
-def estimate_text_tokens(text: str) -> float:
-    if not text:
-        return 0.0
-    count = (1.044 * len(_PIECES.findall(text)) + 1.045 * len(_CAMEL_HUMPS.findall(text))
-             + 1.45 * len(_DIGIT_GROUPS.findall(text)) + 1.11 * text.count("\n") + 0.59 * text.count("\t"))
-    if not text.isascii():
-        non_ascii, cjk = len(_NON_ASCII.findall(text)), len(_CJK.findall(text))
-        letters = len(_NON_ASCII_LETTER.findall(text)) - cjk
-        count += cjk + 0.5 * letters + 1.5 * (non_ascii - cjk - letters)
-    return max(count, len(text) / 6)  # text without separators (base64, "aaaa") still grows
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, GIF, WebP or JPEG header."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-        return struct.unpack(">II", data[16:24])
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return struct.unpack("<HH", data[6:10])
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        if data[12:16] == b"VP8X":
-            return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
-        if data[12:16] == b"VP8L" and data[20:21] == b"\x2f":
-            bits = int.from_bytes(data[21:25], "little")
-            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-        if data[12:16] == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
-            width, height = struct.unpack("<HH", data[26:30])
-            return width & 0x3FFF, height & 0x3FFF
-        return None
-    position = 2 if data[:2] == b"\xff\xd8" else len(data)
-    while position + 9 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF or marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            position += 1 if marker == 0xFF else 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
-            height, width = struct.unpack(">HH", data[position + 5:position + 9])
-            return width, height
-        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
-    return None
-
-
-def estimate_image_tokens(data_b64: str) -> int:
-    """Anthropic's rule: width*height/750 after scaling into 1568 px and ~1.19 megapixels."""
-    head = "".join(data_b64[:262144].split())
-    try:
-        size = image_size(base64.b64decode(head[:len(head) - len(head) % 4]))
-    except (binascii.Error, ValueError, struct.error):
-        size = None
-    if not size or min(size) <= 0:
-        return IMAGE_FALLBACK_TOKENS
-    width, height = size
-    scale = min(1.0, 1568 / max(width, height), math.sqrt(1092 * 1092 / (width * height)))
-    return max(1, math.ceil(max(1, int(width * scale)) * max(1, int(height * scale)) / 750))
-
-
-def count_request_tokens(context: dict, model: dict) -> int:
-    """An estimate of a pi context's input tokens for `model`."""
-    text = estimate_text_tokens(context.get("systemPrompt", ""))
-    fixed = MESSAGE_OVERHEAD * (1 + len(context["messages"]))  # framing, the same for every tokenizer
-    if context.get("tools"):
-        fixed += TOOLS_OVERHEAD
-        text += sum(estimate_text_tokens(json.dumps(tool)) for tool in context["tools"])
-    for message in context["messages"]:
-        for block in message["content"]:
-            if block["type"] == "text":
-                text += estimate_text_tokens(block["text"])
-            elif block["type"] == "toolCall":
-                text += estimate_text_tokens(block["name"] + json.dumps(block["arguments"]))
-            elif block["type"] == "thinking":  # Anthropic drops old thinking; counting it errs safe
-                text += estimate_text_tokens(block["thinking"])
-            elif block["type"] == "image":
-                fixed += estimate_image_tokens(block["data"])
-    scale = CLAUDE_SCALE if "claude" in model["id"] else 1.0
-    return max(1, round(text * scale) + fixed)
-
-
-_CLAUDE_DATE = re.compile(r"-(\d{8}|latest)$")
-_VERSION_DOT = re.compile(r"(?<=\d)\.(?=\d)")
-
-
-def claude_key(name: str) -> str:
-    """Anthropic and Copilot spell one Claude model differently: claude-sonnet-4-5-20250929,
-    claude-sonnet-4-5[1m] and claude-sonnet-4.5 all have the key claude-sonnet-4-5."""
-    name = name.lower().split("[", 1)[0]
-    return _VERSION_DOT.sub("-", _CLAUDE_DATE.sub("", name))
-
-
-def resolve_claude_model(name: str, models: dict, is_available) -> dict:
-    """Model resolution for Anthropic clients: the usual rules, then the Claude model of the same
-    family and version under another spelling (a `provider/` prefix: among that provider's
-    models only). Never a different version, never another provider's model."""
-    try:
-        return resolve_model(name.split("[", 1)[0], models, is_available)
-    except ApiError as error:
-        if error.status != 404:
-            raise
-    provider, _, bare = name.partition("/")
-    key, bare_key = claude_key(name), claude_key(bare)
-    matches = [m for m in models.values() if is_available(m["provider"]) and (
-        claude_key(m["id"]) == key or (bare and m["provider"] == provider and claude_key(m["id"]) == bare_key))]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        candidates = ", ".join(sorted(canonical_id(m) for m in matches))
-        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
-                       param="model", code="ambiguous_model")
-    claudes = sorted(canonical_id(m) for m in models.values()
-                     if is_available(m["provider"]) and "claude" in m["id"])
-    raise ApiError(404, f"model: {shown(name)} is not available{no_such_provider(name, models)}. Available Claude "
-                        "models: " + (", ".join(claudes) if claudes else "none"),
-                   "not_found_error", param="model", code="model_not_found")
-
-
-_CLAUDE_LINE = re.compile(r"claude-(?:[0-9.-]+-)?(opus|sonnet|haiku)\b")
-_ID_DATE = re.compile(r"-(\d{4})(\d{2})(\d{2})$")
-_SUPPORTED, _UNSUPPORTED = {"supported": True}, {"supported": False}
-ANTHROPIC_PAGE_LIMIT, ANTHROPIC_MAX_PAGE_LIMIT = 20, 1000  # as Anthropic's GET /v1/models
-LIFECYCLES = ("active", "deprecated", "retired")
-
-
-def anthropic_model(model: dict) -> dict:
-    """A model as Anthropic's Models API describes one. `capabilities` say what this proxy's
-    /v1/messages takes for it (no batches, PDFs, citations, server tools or context management).
-    The catalogue has no release dates: `created_at` is the date in the id, else the epoch (as
-    Anthropic's API gives for an unknown date)."""
-    date = _ID_DATE.search(model["id"])
-    line = _CLAUDE_LINE.search(model["id"].lower())
-    thinking = _SUPPORTED if model.get("reasoning") else _UNSUPPORTED
-    return {
-        "type": "model", "id": canonical_id(model), "display_name": model.get("name") or model["id"],
-        "created_at": "{}-{}-{}T00:00:00Z".format(*date.groups()) if date else "1970-01-01T00:00:00Z",
-        "max_input_tokens": model["contextWindow"], "max_tokens": model["maxTokens"],
-        "lifecycle": "active", "deprecated_at": None, "retires_at": None, "line": line and line.group(1),
-        "capabilities": {
-            "batch": _UNSUPPORTED, "citations": _UNSUPPORTED, "code_execution": _UNSUPPORTED,
-            "pdf_input": _UNSUPPORTED, "structured_outputs": _UNSUPPORTED,
-            "image_input": _SUPPORTED if "image" in model.get("input", []) else _UNSUPPORTED,
-            "context_management": {"supported": False, "clear_thinking_20251015": _UNSUPPORTED,
-                                   "clear_tool_uses_20250919": _UNSUPPORTED, "compact_20260112": _UNSUPPORTED},
-            "server_tools": {"supported": False, "code_execution": _UNSUPPORTED, "web_search": _UNSUPPORTED},
-            "effort": {"supported": thinking["supported"], "low": thinking, "medium": thinking, "high": thinking,
-                       "max": thinking, "xhigh": _UNSUPPORTED},
-            "thinking": {"supported": thinking["supported"],
-                         "types": {"enabled": thinking, "adaptive": thinking, "disabled": _SUPPORTED,
-                                   "between_tools": _UNSUPPORTED}},
-        },
-    }
-
-
-def anthropic_model_page(entries: list, after_id: str | None, before_id: str | None, limit: str | None,
-                         lifecycles: list) -> dict:
-    """One page of Anthropic's model list, as its API pages: `limit` (default 20, 1 to 1000) entries
-    after `after_id` or just before `before_id` (not both; an id not in the list is a 400);
-    `has_more` says whether more lie that way; `lifecycle` filters (every model here is active)."""
-    try:
-        count = ANTHROPIC_PAGE_LIMIT if limit is None else int(limit)
-    except ValueError:
-        count = 0
-    if not 1 <= count <= ANTHROPIC_MAX_PAGE_LIMIT:
-        raise ApiError(400, f"limit: must be an integer from 1 to {ANTHROPIC_MAX_PAGE_LIMIT}", param="limit")
-    if after_id and before_id:
-        raise ApiError(400, "after_id and before_id cannot both be given", param="after_id")
-    unknown = [value for value in lifecycles if value not in LIFECYCLES]
-    if unknown:
-        raise ApiError(400, f"lifecycle: {shown(unknown[0])} is not one of {', '.join(LIFECYCLES)}", param="lifecycle")
-    if lifecycles and "active" not in lifecycles:
-        entries = []
-    ids = [entry["id"] for entry in entries]
-    for name, cursor in (("after_id", after_id), ("before_id", before_id)):
-        if cursor and cursor not in ids:
-            raise ApiError(400, f"{name}: no model has the id {shown(cursor)}", param=name)
-    if before_id:
-        end = ids.index(before_id)
-        start = max(0, end - count)
-        page, has_more = entries[start:end], start > 0
-    else:
-        start = ids.index(after_id) + 1 if after_id else 0
-        page, has_more = entries[start:start + count], start + count < len(entries)
-    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None}
-
-
-PING_INTERVAL = 10.0  # seconds of upstream silence between Anthropic `ping` events
-_TWO_NUMBERS = re.compile(r"(\d+)\D+?(\d+)")
-
-
-def anthropic_overflow(error: ApiError, estimate: int, model: dict) -> ApiError:
-    """Claude Code recognises a context overflow only by Anthropic's wording."""
-    if error.code != "context_length_exceeded" or error.message.startswith("prompt is too long"):
-        return error
-    numbers = _TWO_NUMBERS.search(error.message)
-    used, limit = (numbers.groups() if numbers else (estimate, model["contextWindow"]))
-    return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", code="context_length_exceeded")
-
-
-# ==================================================================================================
-# 11. OpenAI responses
-# ==================================================================================================
-
-_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"], "properties": {
-    "type": {"type": "string"}, "text": {}, "refusal": {}, "image_url": {},
-    "detail": ignored("pi-ai has no image detail level"),
-    "annotations": ignored("citations of a replayed answer"), "logprobs": ignored("logprobs of a replayed answer")}}}
-_R_ITEM_RULES = {
-    "message": {"required": ["role", "content"],
-                "properties": {"role": {"enum": ["user", "system", "developer", "assistant"]}, "content": _R_PARTS}},
-    "function_call": {"required": ["call_id", "name"],
-                      "properties": {"call_id": {"type": "string"}, "name": {"type": "string"},
-                                     "namespace": {"type": "string"}, "arguments": {"type": "string"}}},
-    "custom_tool_call": {"required": ["call_id", "name"],
-                         "properties": {"call_id": {"type": "string"}, "name": {"type": "string"},
-                                        "namespace": {"type": "string"}, "input": {"type": "string"}}},
-    "function_call_output": {"required": ["call_id", "output"],
-                             "properties": {"call_id": {"type": "string"}, "output": _R_PARTS}},
-    "custom_tool_call_output": {"required": ["call_id", "output"],
-                                "properties": {"call_id": {"type": "string"}, "output": _R_PARTS}},
-    "reasoning": {"properties": {"summary": {"type": "array", "items": {"type": "object"}},
-                                 "encrypted_content": {"type": ["string", "null"]}}},
-    "item_reference": {"required": ["id"], "properties": {"id": {"type": "string"}}},
-    "local_shell_call": {"required": ["call_id", "action"], "properties": {"call_id": {"type": "string"}, "action": {
-        "type": "object", "required": ["command"],
-        "properties": {"type": {"const": "exec"}, "command": {"type": "array", "items": {"type": "string"}},
-                       "env": {"type": "object"}, "working_directory": {}, "timeout_ms": {}, "user": {}}}}},
-    # OpenAI's reference names the call by `id`, the AI SDK by `call_id`.
-    "local_shell_call_output": {"required": ["output"], "anyOf": [{"required": ["call_id"]}, {"required": ["id"]}],
-                                "properties": {"call_id": {"type": "string"}, "id": {"type": "string"},
-                                               "output": {"type": "string"}}},
-}
-HOSTED_TOOLS_DROPPED = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
-                        "tool_search")  # they only add facts the model would look up (Codex always declares web_search)
-_R_TOOL_RULES = {
-    "function": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
-                                                      "description": {"type": ["string", "null"]},
-                                                      "parameters": {"type": ["object", "null"]}}},
-    "custom": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
-                                                    "description": {"type": ["string", "null"]},
-                                                    "format": {"type": "object"}}},
-}
-_R_TOOL = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}},
-           "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": rule} for kind, rule in _R_TOOL_RULES.items()]
-           + [{"if": {"properties": {"type": {"enum": list(HOSTED_TOOLS_DROPPED)}}},
-               "then": {"additionalProperties": ignored("a hosted tool this proxy drops: nothing here can run it")}}]}
-_R_TOOLS = {"type": "array", "items": {
-    "allOf": [_R_TOOL, {"if": {"properties": {"type": {"const": "namespace"}}},
-                        "then": {"required": ["name", "tools"],
-                                 "properties": {"name": {"type": "string"}, "tools": {"type": "array", "items": _R_TOOL}}}}]}}
-RESPONSES_VALIDATOR = Draft202012Validator({
-    "title": "responses request",
-    "type": "object",
-    "required": ["model", "input"],
-    "properties": {
-        "model": {"type": "string", "minLength": 1},
-        "input": {"type": ["string", "array"], "items": {
-            "type": "object",
-            "properties": {"type": {"type": "string"},
-                           "id": ignored("the id of a replayed output item"),
-                           "status": ignored("the status of a replayed output item")},
-            # An item without a type is a message (OpenAI's "easy input message").
-            "allOf": [{"if": {"properties": {"type": {"const": kind}}, **({} if kind == "message" else {"required": ["type"]})},
-                       "then": rule} for kind, rule in _R_ITEM_RULES.items()]}},
-        "instructions": {"type": "string"},
-        "tools": _R_TOOLS,
-        "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
-                                  {"type": "object", "required": ["type"],
-                                   "properties": {"type": {"type": "string"}, "name": {"type": "string"},
-                                                  "namespace": {"type": "string"}}}]},
-        "parallel_tool_calls": {"type": "boolean"},
-        "reasoning": {"type": "object", "properties": {
-            "effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", None]}}},
-        "max_output_tokens": {"type": "integer", "minimum": 1},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "text": {"type": "object", "properties": {"format": {
-            "type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
-            "if": {"properties": {"type": {"const": "json_schema"}}},
-            "then": {"required": ["name"], "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}}}}},
-        "store": {"type": "boolean"},
-        "stream": {"type": "boolean"},
-        "metadata": {"type": "object"},
-        "user": {"type": "string"},
-        "include": {"type": "array", "items": {"type": "string"}},
-        "prompt_cache_key": {"type": "string"},
-        "previous_response_id": {"type": "string"},
-        "background": {"type": "boolean"},
-    },
-})
-
-
-def reject_stateful(body: dict):
-    """Conversations and background responses live on OpenAI's servers only (stored responses: ResponseStore)."""
-    if body.get("conversation"):
-        raise ApiError(400, "conversation is not supported: this proxy keeps no conversations; send the whole "
-                            "conversation in `input`, or chain responses with previous_response_id",
-                       param="conversation", code="unsupported_parameter")
-    if body.get("background"):
-        raise ApiError(400, "background responses are not supported by this proxy", param="background",
-                       code="unsupported_parameter")
-
-
-class ResponseStore:
-    """What this proxy answered on /v1/responses, for the clients that refer to it later as OpenAI's
-    stored responses allow: output items by id (`item_reference`), responses by id
-    (`previous_response_id`). Only in this process's memory (a restart forgets it all), as JSON text:
-    at most `max_bytes` of it; nothing older than `max_age` seconds is used; the least recently used
-    goes first. Ids are 128-bit random and nothing lists them: an id is a capability, whoever
-    presents it may use what it names (as input, never read back directly)."""
-
-    ENTRY_BYTES = 200  # what an entry costs beyond its JSON text: its key, its tuple, its slot
-
-    def __init__(self, max_bytes: int, max_age: float, clock=time.monotonic):
-        self.max_bytes, self.max_age, self.clock = max_bytes, max_age, clock
-        # ("item" or "response", id) -> (expiry, JSON text), least recently used first
-        self.entries = collections.OrderedDict()
-        self.size = 0
-
-    def put(self, key: tuple, value):
-        data = json.dumps(value, separators=(",", ":")).encode()
-        if len(data) + self.ENTRY_BYTES > self.max_bytes:
-            log.debug("not storing %s %s: %d bytes are more than the store holds", *key, len(data))
-            return
-        self.entries[key] = (self.clock() + self.max_age, data)
-        self.size += len(data) + self.ENTRY_BYTES
-        while self.entries and (self.size > self.max_bytes or self.expired(next(iter(self.entries)))):
-            self.drop(next(iter(self.entries)))
-
-    def get(self, key: tuple, budget: "ByteBudget"):
-        """The value stored under `key` (charged to `budget`), or None."""
-        if key not in self.entries:
-            return None
-        if self.expired(key):
-            self.drop(key)
-            return None
-        self.entries.move_to_end(key)
-        data = self.entries[key][1]
-        budget.charge(len(data))
-        return json.loads(data)
-
-    def expired(self, key: tuple) -> bool:
-        return self.entries[key][0] <= self.clock()
-
-    def drop(self, key: tuple):
-        self.size -= len(self.entries.pop(key)[1]) + self.ENTRY_BYTES
-
-    def keep(self, response: dict, input_items: list, previous: str | None):
-        """A finished response: its output items under their ids; under its own id, its previous
-        response, its input as sent and its output's ids (what previous_response_id brings back)."""
-        for item in response["output"]:
-            self.put(("item", item["id"]), item)
-        self.put(("response", response["id"]), {"previous": previous, "input": input_items,
-                                                "output": [item["id"] for item in response["output"]]})
-
-    def history(self, response_id: str, budget: "ByteBudget") -> list | None:
-        """As OpenAI defines previous_response_id: the response's input items and output items,
-        after those of its own previous response, and so on; None if any of it is forgotten."""
-        chain = []
-        while response_id is not None:
-            record = self.get(("response", response_id), budget)
-            if record is None:
-                return None
-            chain.append(record)
-            response_id = record["previous"]
-        items = []
-        for record in reversed(chain):
-            for item in [*record["input"], *({"type": "item_reference", "id": id_} for id_ in record["output"])]:
-                item = self.get(("item", item["id"]), budget) if item.get("type") == "item_reference" else item
-                if item is None:
-                    return None
-                items.append(item)
-        return items
-
-
-def input_items(body: dict) -> list:
-    """`input` as a list of items (a string is one user message)."""
-    return body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
-
-
-class ByteBudget:
-    """What one request may bring back from the store: no more than a request body may hold (else a
-    few references, each to a large item, would expand into any amount of memory)."""
-
-    def __init__(self, limit: int):
-        self.limit = self.left = limit
-
-    def charge(self, size: int):
-        self.left -= size
-        if self.left < 0:
-            raise ApiError(413, f"The input with the items and responses it refers to comes to more than {self.limit} "
-                                "bytes (PI_PROXY_MAX_BODY_SIZE)", "request_too_large")
-
-
-def stored_input(body: dict, store: ResponseStore, max_bytes: int) -> list:
-    """(param, item) pairs: the history of `previous_response_id`, then `input` with each
-    `item_reference` replaced by the item it names. What cannot be found is a 400, never dropped."""
-    budget, items = ByteBudget(max_bytes), []
-    previous = body.get("previous_response_id")
-    if previous:
-        history = store.history(previous, budget)
-        if history is None:
-            raise ApiError(400, f"Previous response with id {shown(previous)} not found. This proxy keeps responses "
-                                "in memory for a limited time and size (PI_PROXY_RESPONSE_STORE_AGE_S, _BYTES) "
-                                "and forgets them when it restarts: send the whole conversation in `input`.",
-                           param="previous_response_id", code="previous_response_not_found")
-        items += [("previous_response_id", item) for item in history]
-    for index, item in enumerate(input_items(body)):
-        if item.get("type") == "item_reference":
-            found = store.get(("item", item["id"]), budget)
-            if found is None:
-                raise ApiError(400, f"Item with id {shown(item['id'])} not found. This proxy keeps the "
-                                    "items it produced in memory for a limited time and size, and forgets them when "
-                                    "it restarts: send the items themselves (with the AI SDK: `store: false`).",
-                               param=f"input[{index}]", code="item_not_found")
-            item = found
-        items.append((f"input[{index}]", item))
-    return items
-
-
-@dataclass(frozen=True)
-class ClientTool:
-    """A tool as the client declared it; pi sees each as one function tool."""
-
-    name: str
-    namespace: str | None = None
-    kind: str = "function"  # or "custom" (freeform: one string argument, CUSTOM_INPUT), or LOCAL_SHELL
-
-
-CUSTOM_INPUT = "input"
-LOCAL_SHELL = "local_shell"  # OpenAI's tool for running commands on the client's machine: a function to pi
-LOCAL_SHELL_PARAMETERS = {"type": "object", "required": ["command"], "properties": {
-    "command": {"type": "array", "items": {"type": "string"}, "description": "The program and its arguments"},
-    "working_directory": {"type": "string"}, "timeout_ms": {"type": "integer"},
-    "env": {"type": "object", "additionalProperties": {"type": "string"}}, "user": {"type": "string"}}}
-# Tools that OpenAI runs on its servers. Without them the model answers another question (it cannot
-# search the user's files, run code, see the screen, draw, or reach the MCP server): a 400. Others,
-# web search above all (HOSTED_TOOLS_DROPPED), are dropped.
-HOSTED_TOOLS_REFUSED = {"file_search", "code_interpreter", "computer_use_preview", "computer_use", "image_generation",
-                        "mcp"}
-
-
-def responses_tools(tools: list) -> tuple[list, dict]:
-    """Responses tools -> (pi tools, pi tool name -> ClientTool). Namespaces are flattened (a name
-    that two namespaces share becomes `namespace__name`); a custom tool takes its raw text as one
-    string argument; local_shell becomes a function of the same name; a hosted tool is refused
-    (HOSTED_TOOLS_REFUSED) or, if its absence changes no answer, dropped."""
-    declared = []
-    for index, tool in enumerate(tools):
-        inner = [(f"tools[{index}].tools[{n}]", t, tool["name"]) for n, t in enumerate(tool["tools"])] \
-            if tool["type"] == "namespace" else [(f"tools[{index}]", tool, None)]
-        for param, tool_, namespace in inner:
-            if tool_["type"] in ("function", "custom"):
-                declared.append((tool_, namespace))
-            elif tool_["type"] == LOCAL_SHELL:
-                declared.append(({"type": LOCAL_SHELL, "name": LOCAL_SHELL, "parameters": LOCAL_SHELL_PARAMETERS,
-                                  "description": "Run a command on the user's machine and get its output."}, None))
-            elif tool_["type"] in HOSTED_TOOLS_REFUSED:
-                raise ApiError(400, f"The hosted tool {tool_['type']!r} is not available through this proxy: the "
-                                    "upstream models cannot run it here. Remove it from `tools`.",
-                               param=f"{param}.type", code="unsupported_tool")
-            else:
-                log.debug("dropping hosted tool %s at %s", tool_["type"], param)
-    counts = collections.Counter(tool["name"] for tool, _ in declared)
-    pi_tools, by_pi_name = [], {}
-    for tool, namespace in declared:
-        pi_name = tool["name"] if counts[tool["name"]] == 1 or not namespace else f"{namespace}__{tool['name']}"
-        description = tool.get("description") or ""
-        if tool["type"] == "custom":
-            grammar = (tool.get("format") or {}).get("definition")
-            if grammar:
-                description += f"\n\nThe `{CUSTOM_INPUT}` argument must follow this grammar:\n{grammar}"
-            parameters = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
-        else:
-            parameters = tool.get("parameters") or {"type": "object", "properties": {}}
-        pi_tools.append({"name": pi_name, "description": description, "parameters": parameters})
-        by_pi_name[pi_name] = ClientTool(tool["name"], namespace, tool["type"])
-    return pi_tools, by_pi_name
-
-
-def response_parts_to_pi(content, param: str) -> list:
-    """Message or tool-output content (a string or parts) -> pi text and image blocks."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    blocks = []
-    for index, part in enumerate(content):
-        if part["type"] == "input_image":
-            if not isinstance(part.get("image_url"), str):
-                raise ApiError(400, "Images are accepted as data: URIs or http(s) URLs in `image_url`",
-                               param=f"{param}[{index}].image_url", code="unsupported_image_url")
-            blocks.append(image_from_url(part["image_url"], f"{param}[{index}].image_url"))
-        elif isinstance(part.get("text") or part.get("refusal"), str):
-            blocks.append({"type": "text", "text": part.get("text") or part["refusal"]})
-        else:
-            log.debug("dropping a %s content part at %s", part["type"], param)
-    return blocks
-
-
-def loose_text(item: dict) -> str:
-    """The text an input item of an unknown type carries, if any."""
-    for name in ("text", "content", "output", "input"):
-        value = item.get(name)
-        if isinstance(value, str) and value:
-            return value
-        if isinstance(value, list):
-            text = "".join(part["text"] for part in value if isinstance(part, dict) and isinstance(part.get("text"), str))
-            if text:
-                return text
-    return ""
-
-
-def responses_to_context(body: dict, items: list, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
-    """A Responses request and its input items ((param, item) pairs: stored_input) -> a pi-ai
-    Context. `instructions` and system/developer messages become
-    the system prompt; consecutive output items (reasoning, assistant messages, tool calls) form one
-    assistant turn, stamped with the target model; reasoning items are kept only when they were
-    made for this very model; items of unknown types are kept as text when they carry any."""
-    pi_names = {(tool.namespace, tool.name): pi_name for pi_name, tool in tools.items()}
-    system, messages, turn, tool_names = [body.get("instructions", "")], [], [], {}
-
-    def end_turn():
-        if turn:
-            messages.append(assistant_message(model, list(turn), any(b["type"] == "toolCall" for b in turn)))
-            turn.clear()
-
-    for param, item in items:
-        kind = item.get("type", "message")
-        role = item.get("role") if kind == "message" else None
-        if role in ("system", "developer"):
-            system.append(text_of(response_parts_to_pi(item["content"], f"{param}.content")))
-        elif role == "assistant":
-            turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
-        elif kind == "reasoning":
-            opened = open_reasoning(item.get("encrypted_content"), model, key)
-            if opened is None:
-                log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(model))
-                continue
-            thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
-            turn.append({"type": "thinking", "thinking": thinking, **opened})
-        elif kind in ("function_call", "custom_tool_call", "local_shell_call"):
-            name = LOCAL_SHELL if kind == "local_shell_call" else item["name"]
-            pi_name = pi_names.get((item.get("namespace"), name), name)
-            if kind == "custom_tool_call":
-                arguments = {CUSTOM_INPUT: item.get("input", "")}
-            elif kind == "local_shell_call":
-                arguments = {key: value for key, value in item["action"].items() if key != "type" and value is not None}
-            else:
-                arguments = parse_arguments(item.get("arguments"), f"{param}.arguments")
-            tool_names[item["call_id"]] = pi_name
-            turn.append({"type": "toolCall", "id": item["call_id"], "name": pi_name, "arguments": arguments})
-        elif kind in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
-            end_turn()
-            call_id = item.get("call_id", item.get("id"))
-            if call_id not in tool_names:
-                raise ApiError(400, f"call_id {call_id!r} does not answer any earlier tool call",
-                               param=f"{param}.{'call_id' if 'call_id' in item else 'id'}")
-            messages.append(tool_result(call_id, tool_names[call_id],
-                                        response_parts_to_pi(item["output"], f"{param}.output")))
-        else:
-            end_turn()
-            content = response_parts_to_pi(item["content"], f"{param}.content") if role == "user" else []
-            if role != "user":
-                text = loose_text(item)
-                log.debug("input item %s of type %s kept as %s", param, kind, "text" if text else "nothing")
-                content = [{"type": "text", "text": text}] if text else []
-            if content:
-                messages.append(user_message(content))
-    end_turn()
-    return finish_context(model, system, messages, pi_tools, "input", responses_format(body))
-
-
-def responses_format(body: dict) -> dict | None:
-    """`text.format` -> chat's `response_format`, the neutral form upstream_payload knows."""
-    spec = body.get("text", {}).get("format")
-    if not spec or spec["type"] == "text":
-        return None
-    if spec["type"] == "json_object":
-        return {"type": "json_object"}
-    return {"type": "json_schema", "json_schema": {"name": spec["name"], "schema": spec.get("schema", {}),
-                                                   "strict": bool(spec.get("strict"))}}
-
-
-def responses_as_chat(body: dict, tools: dict) -> dict:
-    """The Responses fields that chat completions also has, under chat's names, so that
-    chat_options and chat_extras translate them."""
-    chat = {name: body[name] for name in ("temperature", "top_p", "parallel_tool_calls", "user") if name in body}
-    if "max_output_tokens" in body:
-        chat["max_completion_tokens"] = body["max_output_tokens"]
-    if body.get("reasoning", {}).get("effort"):
-        chat["reasoning_effort"] = body["reasoning"]["effort"]
-    response_format = responses_format(body)
-    if response_format:
-        chat["response_format"] = response_format
-    choice = body.get("tool_choice")
-    if isinstance(choice, str):
-        chat["tool_choice"] = choice
-    elif isinstance(choice, dict) and (choice["type"] == LOCAL_SHELL or choice["type"] in ("function", "custom")
-                                       and choice.get("name")):
-        pi_names = {(t.namespace, t.name): pi_name for pi_name, t in tools.items()}
-        name = choice.get("name", LOCAL_SHELL)
-        chat["tool_choice"] = {"type": "function", "function": {"name": pi_names.get((choice.get("namespace"), name), name)}}
-    elif choice is not None:
-        log.debug("tool_choice of type %s has no pi equivalent; using auto", choice["type"])
-    return chat
-
-
-def responses_options(body: dict, chat: dict) -> dict:
-    options = chat_options(chat)
-    if body.get("prompt_cache_key"):
-        check_header(None, body["prompt_cache_key"], "prompt_cache_key")
-        options["sessionId"] = body["prompt_cache_key"]
-    return options
-
-
-def responses_usage(usage: dict) -> dict:
-    """pi-ai usage -> Responses usage. Like OpenAI, input_tokens includes the cached tokens."""
-    chat = chat_usage(usage)
-    return {"input_tokens": chat["prompt_tokens"], "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"]["cached_tokens"]},
-            "output_tokens": chat["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": chat["total_tokens"]}
-
-
-def response_object(body: dict, response_id: str, created: int) -> dict:
-    """The `response` object's fields that do not change while it streams."""
-    return {"id": response_id, "object": "response", "created_at": created, "status": "in_progress",
-            "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
-            "max_output_tokens": body.get("max_output_tokens"), "model": body["model"], "output": [],
-            "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": body.get("previous_response_id"),
-            "reasoning": {"effort": None, "summary": None, **body.get("reasoning", {})}, "store": stored(body),
-            "temperature": body.get("temperature"), "text": body.get("text", {"format": {"type": "text"}}),
-            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools", []),
-            "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
-            "metadata": body.get("metadata", {})}
-
-
-def stored(body: dict) -> bool:
-    """Whether the response is kept for later reference: OpenAI's default, unless `store: false`."""
-    return body.get("store", True)
-
-
-def failure_code(error: ApiError) -> str:
-    """An ApiError -> the `code` of a failed response (the codes Codex recognises)."""
-    if error.status == 429:
-        return "rate_limit_exceeded"
-    return error.code or ("server_error" if error.status >= 500 else error.type)
-
-
-ITEM_OF_BLOCK = {"text": "message", "thinking": "reasoning", "toolcall": "tool"}
-ITEM_PREFIXES = {"function": "fc", "custom": "ctc", LOCAL_SHELL: "lsh"}  # a tool call item's id, by ClientTool.kind
-
-
-def local_shell_action(arguments: str) -> dict | None:
-    """A local_shell function call's arguments -> the `action` of its local_shell_call item, or None
-    if they do not name a command."""
-    try:
-        action = json.loads(arguments)
-    except ValueError:
-        return None
-    if not isinstance(action, dict) or not isinstance(action.get("command"), list) or not action["command"] \
-            or not all(isinstance(word, str) for word in action["command"]):
-        return None
-    known = {name: action[name] for name in LOCAL_SHELL_PARAMETERS["properties"] if action.get(name) is not None}
-    return {"type": "exec", "env": {}, **known}
-
-
-class ResponsesEvents:
-    """pi events -> Responses stream events (dicts with `type` and `sequence_number`).
-
-    Output items stream one at a time: output_item.added, the item's own events, output_item.done.
-    pi may interleave blocks (openai-completions ends all its blocks only when the stream ends), so
-    an item is finished as soon as another block needs the stream, and a later delta for it opens
-    a new item. The terminal event's response lists every finished item; a response that completes
-    (or is cut short by its token limit) goes to `keep` if given."""
-
-    def __init__(self, response: dict, model_id: str, tools: dict, key: bytes, keep=None):
-        self.response, self.model_id, self.tools, self.key, self.keep = response, model_id, tools, key, keep
-        self.sequence = 0
-        self.output = []  # finished items
-        self.open = None  # (pi contentIndex, item kind, item) now streaming
-        self.text = []  # the open item's text, summary or arguments so far, in pieces (joined once)
-        self.calls = {}  # pi contentIndex -> (call id, pi tool name)
-        self.signatures = {}  # pi contentIndex -> a thinking block's signature, known at its start
-        self.redacted = set()  # pi contentIndex of redacted thinking: a reasoning item with no summary
-
-    def event(self, type_: str, **fields) -> dict:
-        event = {"type": type_, **fields, "sequence_number": self.sequence}
-        self.sequence += 1
-        return event
-
-    def translate(self, event: dict) -> list:
-        kind, index = event["type"], event.get("contentIndex")
-        if kind == "start":
-            return [self.event("response.created", response=self.snapshot("in_progress")),
-                    self.event("response.in_progress", response=self.snapshot("in_progress"))]
-        if kind in ("text_start", "thinking_start", "toolcall_start"):
-            if kind == "toolcall_start":
-                self.calls[index] = (event["id"], event["toolName"])
-            if event.get("contentSignature"):
-                self.signatures[index] = event["contentSignature"]
-            if event.get("redacted"):
-                self.redacted.add(index)
-            return self.start_item(index, ITEM_OF_BLOCK[kind.split("_")[0]])
-        if kind == "text_delta":
-            return [*self.ensure_open(index, "message"), self.delta("response.output_text.delta", event["delta"])]
-        if kind == "thinking_delta" and event["delta"]:
-            return [*self.ensure_open(index, "reasoning"), *self.summary_delta(event["delta"])]
-        if kind == "toolcall_delta" and event["delta"]:
-            frames = self.ensure_open(index, "tool")
-            self.text.append(event["delta"])
-            if self.open[2]["type"] == "function_call":
-                frames.append(self.event("response.function_call_arguments.delta", item_id=self.open[2]["id"],
-                                         output_index=len(self.output), delta=event["delta"]))
-            return frames
-        if kind == "thinking_end" and self.is_open(index):
-            return self.finish(signature=event.get("contentSignature"))
-        if kind.endswith("_end") and self.is_open(index):
-            return self.finish()
-        if kind == "done":
-            message = event["message"]
-            frames = self.finish()
-            incomplete = event["reason"] == "length"
-            response = self.snapshot("incomplete" if incomplete else "completed")
-            response["usage"] = responses_usage(message.get("usage", {}))
-            if incomplete:
-                response["incomplete_details"] = {"reason": "max_output_tokens"}
-            if self.keep is not None:
-                self.keep(response)
-            return [*frames, self.event(f"response.{response['status']}", response=response)]
-        return []
-
-    def fail(self, error: ApiError) -> list:
-        """The terminal event for a stream that broke after it began."""
-        frames = self.finish()
-        response = self.snapshot("failed")
-        response["error"] = {"code": failure_code(error), "message": error.message}
-        return [*frames, self.event("response.failed", response=response)]
-
-    def snapshot(self, status: str) -> dict:
-        return {**self.response, "status": status, "output": list(self.output)}
-
-    def is_open(self, index: int) -> bool:
-        return self.open is not None and self.open[0] == index
-
-    def ensure_open(self, index: int, kind: str) -> list:
-        return [] if self.open is not None and self.open[:2] == (index, kind) else self.start_item(index, kind)
-
-    def start_item(self, index: int, kind: str) -> list:
-        frames = self.finish()
-        if kind == "message":
-            item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "status": "in_progress",
-                    "role": "assistant", "content": []}
-        elif kind == "reasoning":
-            item = {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": []}
-        else:
-            call_id, pi_name = self.calls[index]
-            tool = self.tools.get(pi_name, ClientTool(pi_name))
-            item = {"id": f"{ITEM_PREFIXES[tool.kind]}_{uuid.uuid4().hex}", "status": "in_progress", "call_id": call_id}
-            if tool.kind == LOCAL_SHELL:
-                item |= {"type": "local_shell_call", "action": {"type": "exec", "command": [], "env": {}}}
-            else:
-                item |= {"type": "custom_tool_call", "name": tool.name, "input": ""} if tool.kind == "custom" \
-                    else {"type": "function_call", "name": tool.name, "arguments": ""}
-            if tool.namespace:
-                item["namespace"] = tool.namespace
-        self.open, self.text = (index, kind, item), []
-        frames.append(self.event("response.output_item.added", output_index=len(self.output), item=dict(item)))
-        if item["type"] == "message":
-            frames.append(self.event("response.content_part.added", item_id=item["id"], output_index=len(self.output),
-                                     content_index=0, part=self.text_part("")))
-        return frames
-
-    def delta(self, type_: str, delta: str) -> dict:
-        self.text.append(delta)
-        return self.event(type_, item_id=self.open[2]["id"], output_index=len(self.output), content_index=0,
-                          delta=delta, logprobs=[])
-
-    def summary_delta(self, delta: str) -> list:
-        item_id, frames = self.open[2]["id"], []
-        if not any(self.text):
-            frames.append(self.event("response.reasoning_summary_part.added", item_id=item_id,
-                                     output_index=len(self.output), summary_index=0,
-                                     part={"type": "summary_text", "text": ""}))
-        self.text.append(delta)
-        frames.append(self.event("response.reasoning_summary_text.delta", item_id=item_id,
-                                 output_index=len(self.output), summary_index=0, delta=delta))
-        return frames
-
-    @staticmethod
-    def text_part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-    def finish(self, signature: str | None = None) -> list:
-        """Close the open item: its closing events and output_item.done."""
-        if self.open is None:
-            return []
-        (index, _, item), text, where = self.open, "".join(self.text), {"output_index": len(self.output)}
-        self.open, where["item_id"] = None, item["id"]
-        frames = []
-        if item["type"] == "message":
-            item |= {"status": "completed", "content": [self.text_part(text)]}
-            frames += [self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
-                       self.event("response.content_part.done", **where, content_index=0, part=self.text_part(text))]
-        elif item["type"] == "reasoning":
-            if text:
-                part = {"type": "summary_text", "text": text}
-                item["summary"] = [part]
-                frames += [self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=text),
-                           self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)]
-            signature = signature or self.signatures.get(index)
-            if signature:
-                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key, index in self.redacted)
-        else:
-            if not text:  # a call cut short before its first argument
-                text = "{}"
-                if item["type"] == "function_call":
-                    frames.append(self.event("response.function_call_arguments.delta", **where, delta=text))
-            # What was streamed cannot be taken back: a call cut short stays as it is, marked incomplete.
-            item["status"] = "completed" if _is_json_object(text) else "incomplete"
-            if item["type"] == "local_shell_call":
-                action = local_shell_action(text)
-                item["status"] = "completed" if action else "incomplete"
-                item["action"] = action or item["action"]
-            elif item["type"] == "function_call":
-                item["arguments"] = text
-                frames.append(self.event("response.function_call_arguments.done", **where, name=item["name"],
-                                         arguments=text))
-            else:
-                value = json.loads(text).get(CUSTOM_INPUT) if item["status"] == "completed" else None
-                item["input"] = value if isinstance(value, str) else text
-                frames += [self.event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
-                           self.event("response.custom_tool_call_input.done", **where, input=item["input"])]
-        self.output.append(item)
-        frames.append(self.event("response.output_item.done", output_index=where["output_index"], item=item))
-        return frames
-
-
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
-
-
-# ==================================================================================================
-# 12. pi streamProxy
-# ==================================================================================================
-# pi-agent-core's streamProxy(model, context, {proxyUrl, authToken}) posts {model, context,
-# options} to /api/stream and rebuilds the message from pi's own events, reduced (no `partial`).
-# The client's model object only names the model: connection fields (baseUrl, headers, api)
-# come from this proxy's registry, or a client could send the server's keys anywhere.
-
-_PI_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
-_PI_IMAGE = {"required": ["data", "mimeType"],
-             "properties": {"data": {"type": "string"}, "mimeType": {"type": "string"}}}
-_PI_THINKING = {"required": ["thinking"], "properties": {"thinking": {"type": "string"}}}
-_PI_TOOL_CALL = {"required": ["id", "name", "arguments"],
-                 "properties": {"id": {"type": "string"}, "name": {"type": "string"},
-                                "arguments": {"type": "object"}}}
-_PI_BLOCK_RULES = {"text": _PI_TEXT, "image": _PI_IMAGE, "thinking": _PI_THINKING, "toolCall": _PI_TOOL_CALL}
-
-
-_PI_OWN = {}  # the fields of pi-ai's own types not checked here (signatures, usage...): pi-ai reads them
-
-
-def _pi_blocks(allowed: list) -> dict:
-    return {"type": "array", "items": {
-        "type": "object", "required": ["type"], "properties": {"type": {"enum": allowed}},
-        "additionalProperties": _PI_OWN,
-        "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": _PI_BLOCK_RULES[kind]}
-                  for kind in allowed]}}
-
-
-_PI_MESSAGE_RULES = {
-    "user": {"required": ["content"],
-             "properties": {"content": {"anyOf": [{"type": "string"}, _pi_blocks(["text", "image"])]}}},
-    "assistant": {"required": ["content"],
-                  "properties": {"content": _pi_blocks(["text", "thinking", "toolCall"]),
-                                 "api": {"type": "string"}, "provider": {"type": "string"},
-                                 "model": {"type": "string"}, "stopReason": {"type": "string"}}},
-    "toolResult": {"required": ["toolCallId", "content"],
-                   "properties": {"toolCallId": {"type": "string"}, "toolName": {"type": "string"},
-                                  "content": _pi_blocks(["text", "image"]), "isError": {"type": "boolean"}}},
-}
-PI_STREAM_VALIDATOR = Draft202012Validator({
-    "title": "streamProxy request",
-    "type": "object",
-    "required": ["model", "context"],
-    "properties": {
-        "model": {"type": "object", "required": ["provider", "id"],
-                  "properties": {"provider": {"type": "string", "minLength": 1},
-                                 "id": {"type": "string", "minLength": 1}},
-                  "additionalProperties": ignored("the model is this proxy's: only its provider and id are read")},
-        "context": {"type": "object", "required": ["messages"], "additionalProperties": _PI_OWN, "properties": {
-            "systemPrompt": {"type": "string"},
-            "messages": {"type": "array", "items": {
-                "type": "object", "required": ["role"], "additionalProperties": _PI_OWN,
-                "properties": {"role": {"enum": list(_PI_MESSAGE_RULES)}},
-                "allOf": [{"if": {"properties": {"role": {"const": role}}}, "then": rule}
-                          for role, rule in _PI_MESSAGE_RULES.items()]}},
-            "tools": {"type": "array", "items": {
-                "type": "object", "required": ["name", "parameters"], "additionalProperties": _PI_OWN,
-                "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-                               "parameters": {"type": "object"}}}},
-        }},
-        "options": {"type": "object", "properties": {
-            "temperature": {"type": "number", "minimum": 0},
-            "maxTokens": {"type": "integer", "minimum": 1},
-            "reasoning": {"enum": ["minimal", "low", "medium", "high", "xhigh"]},
-            "thinkingBudgets": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}},
-            "cacheRetention": {"enum": ["none", "short", "long"]},
-            "sessionId": {"type": "string"},
-            "metadata": {"type": "object"},
-            "maxRetryDelayMs": {"type": "integer", "minimum": 0},
-            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-            "transport": ignored("the proxy makes the upstream connections"),
-        }},
-    },
-})
-PI_STREAM_OPTIONS = ("temperature", "maxTokens", "reasoning", "thinkingBudgets", "cacheRetention", "sessionId",
-                     "metadata", "maxRetryDelayMs")
-# Headers a client may never set: those that carry credentials in some provider's requests, and
-# those that frame the request or concern one connection (the upstream's HTTP client sets them).
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
-                                "cf-aig-authorization", "chatgpt-account-id", "cookie"})
-FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "content-encoding", "connection",
-                             "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect"})
-
-
-def pi_stream_body(body) -> dict:
-    """The validated request; `null` options mean "not set", as everywhere."""
-    if isinstance(body, dict) and isinstance(body.get("options"), dict):
-        body = {**body, "options": {k: v for k, v in body["options"].items() if v is not None}}
-    return validate(body, PI_STREAM_VALIDATOR)
-
-
-def pi_stream_options(options: dict) -> dict:
-    """The options pi-ai is given (PI_STREAM_VALIDATOR marks the ignored ones)."""
-    if "sessionId" in options:
-        check_header(None, options["sessionId"], "options.sessionId")
-    for name, value in (options.get("headers") or {}).items():
-        check_header(name, value, f"options.headers.{name}")
-    return {name: options[name] for name in PI_STREAM_OPTIONS if name in options}
-
-
-def addable_headers(requested: dict) -> dict:
-    """A client's extra headers, minus credential and framing headers (names compare
-    case-insensitively). The bridge adds them to each upstream request only where pi-ai and the
-    proxy set no header of that name, so they never replace one. Values stay literal: unlike
-    models.json values they are never resolved as environment variable names or `!commands`."""
-    forbidden = CREDENTIAL_HEADERS | FRAMING_HEADERS
-    dropped = sorted(name for name in requested if name.lower() in forbidden)
-    if dropped:
-        log.info("a client may not set these headers; dropped: %s", ", ".join(dropped))
-    return {name: value for name, value in requested.items() if name.lower() not in forbidden}
-
-
-def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
-    """The registry's model named by the client's (provider, id); no other field of it is used."""
-    name = f"{model['provider']}/{model['id']}"
-    if name not in models:
-        raise ApiError(404, f"The model {name!r} does not exist on this proxy", "not_found_error",
-                       param="model", code="model_not_found")
-    return resolve_model(name, models, is_available)
-
-
-# streamProxy's client rebuilds a tool call from its id, name and arguments alone, and a message
-# from its events' stopReason and usage. So Google's thoughtSignature on a tool call, which Gemini
-# wants back with the call, travels in the call's id (`<id>|pi-thought:<signature>`, the
-# signature being base64) and is put back where pi-ai keeps it when the conversation returns.
-_THOUGHT_IN_ID = "|pi-thought:"
-
-
-def pi_stream_call_id(call_id: str, thought_signature: str | None) -> str:
-    return f"{call_id}{_THOUGHT_IN_ID}{thought_signature}" if thought_signature else call_id
-
-
-def pi_stream_context(context: dict) -> dict:
-    """A streamProxy client's context as pi-ai made it: tool call ids that carry a thoughtSignature
-    (pi_stream_call_id) become the id and the call's thoughtSignature again."""
-    messages = []
-    for message in context["messages"]:
-        if message["role"] == "assistant":
-            content = []
-            for block in message["content"]:
-                call_id, found, signature = block.get("id", "").partition(_THOUGHT_IN_ID)
-                if block["type"] == "toolCall" and found:
-                    block = {"thoughtSignature": signature, **block, "id": call_id}
-                content.append(block)
-            message = {**message, "content": content}
-        elif message["role"] == "toolResult" and _THOUGHT_IN_ID in message["toolCallId"]:
-            message = {**message, "toolCallId": message["toolCallId"].partition(_THOUGHT_IN_ID)[0]}
-        messages.append(message)
-    return {**context, "messages": messages}
-
-
-class PiStreamEvents:
-    """Bridge events (in pi_events' shape) -> streamProxy events. The bridge already prints pi's
-    reduced events; what changes is the end (usage instead of the whole message; and pi-ai's
-    responseId, which pi-agent-core 0.73.1's client does not read) and a tool call's id
-    (pi_stream_call_id). What streamProxy rebuilds only from deltas, pi_events already gives as
-    deltas: every tool call's arguments, and each text's final text."""
-
-    def __init__(self, secrets: list):
-        self.secrets = secrets
-
-    def translate(self, event: dict) -> list:
-        kind = event["type"]
-        if kind in ("text_end", "thinking_end"):
-            return [{name: value for name, value in event.items() if name != "content"}]
-        if kind == "toolcall_start":
-            return [{"type": kind, "contentIndex": event["contentIndex"], "toolName": event["toolName"],
-                     "id": pi_stream_call_id(event["id"], event.get("thoughtSignature"))}]
-        if kind == "toolcall_end":
-            return [{"type": kind, "contentIndex": event["contentIndex"]}]
-        if kind == "done":
-            done = {"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}
-            response_id = event["message"].get("responseId")
-            return [{**done, "responseId": response_id} if response_id else done]
-        if kind == "error":
-            message = event.get("message") or {}
-            return [{"type": kind, "reason": event["reason"],
-                     "errorMessage": redact(message.get("errorMessage") or "upstream error", self.secrets),
-                     "usage": message.get("usage") or ZERO_USAGE}]
-        return [event]
-
-
-# ==================================================================================================
-# 13. Remote images
+# 9. Remote images
 # ==================================================================================================
 # An image given by http(s) URL is fetched here, only with PI_PROXY_REMOTE_IMAGES=1: the proxy may
 # sit inside a network the client cannot see, so every address a host name resolves to (at every
@@ -3854,14 +2089,1989 @@ def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -
 
 
 # ==================================================================================================
+# 10. OpenAI chat completions
+# ==================================================================================================
+
+# Where OpenAI-compatible servers put an assistant's reasoning, in the order pi-ai reads them.
+REASONING_FIELDS = ("reasoning_content", "reasoning", "reasoning_text")
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_CONTENT = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "null"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"enum": ["text", "image_url", "refusal"]}},
+                "allOf": [
+                    {"if": {"properties": {"type": {"const": "text"}}}, "then": _TEXT_PART},
+                    {
+                        "if": {"properties": {"type": {"const": "image_url"}}},
+                        "then": {
+                            "required": ["image_url"],
+                            "properties": {
+                                "image_url": {"type": "object", "required": ["url"],
+                                              "properties": {"url": {"type": "string"},
+                                                             "detail": ignored("pi-ai has no image detail level")}}
+                            },
+                        },
+                    },
+                ],
+            },
+        },
+    ]
+}
+_TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
+}
+CHAT_SCHEMA = {
+    "title": "chat completions request",
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                    "content": _CONTENT,
+                    "name": ignored("pi-ai's messages name no author", {"type": "string"}),
+                    "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                    "tool_call_id": {"type": "string"},
+                    **{name: {"type": ["string", "null"]} for name in REASONING_FIELDS},
+                },
+                "allOf": [
+                    {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"]}},
+                    {"if": {"properties": {"role": {"enum": ["system", "developer", "user"]}}},
+                     "then": {"required": ["content"]}},
+                ],
+            },
+        },
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "seed": {"type": "integer"},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "response_format": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {
+                "required": ["json_schema"],
+                "properties": {"json_schema": {"type": "object", "required": ["name"],
+                                               "properties": {"name": {"type": "string"},
+                                                              "schema": {"type": "object"}}}},
+            },
+        },
+        "tools": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "function"],
+                "properties": {
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[a-zA-Z0-9_.-]{1,128}$"},
+                            "description": {"type": "string"},
+                            "parameters": {"type": "object"},
+                            "strict": ignored("pi-ai declares every tool with strict: false", {"type": "boolean"}),
+                        },
+                    },
+                },
+            },
+        },
+        "tool_choice": {
+            "anyOf": [
+                {"enum": ["auto", "none", "required"]},
+                {"type": "object", "required": ["type", "function"],
+                 "properties": {"type": {"const": "function"},
+                                "function": {"type": "object", "required": ["name"],
+                                             "properties": {"name": {"type": "string"}}}}},
+            ]
+        },
+        "parallel_tool_calls": {"type": "boolean"},
+        "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]},
+        "user": {"type": "string"},
+        "metadata": ignored("metadata of stored completions: nothing is stored", {"type": "object"}),
+        "store": ignored("nothing is stored", {"type": "boolean"}),
+        "n": {"type": "integer", "minimum": 1},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0},
+        "logit_bias": {"type": "object"},
+    },
+}
+CHAT_VALIDATOR = Draft202012Validator(CHAT_SCHEMA)
+
+
+def chat_body(body) -> dict:
+    return reject_unsupported(validate(body, CHAT_VALIDATOR))
+
+
+def reject_unsupported(body: dict) -> dict:
+    """Features pi-ai cannot honour are refused by name rather than silently ignored."""
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "n > 1 is not supported by this proxy", param="n", code="unsupported_parameter")
+    if body.get("logprobs"):
+        raise ApiError(400, "logprobs is not supported by this proxy", param="logprobs", code="unsupported_parameter")
+    for name in ("top_logprobs", "logit_bias"):
+        if body.get(name):
+            raise ApiError(400, f"{name} is not supported by this proxy", param=name, code="unsupported_parameter")
+    return body
+
+
+def chat_content_to_pi(content, param: str) -> list:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks = []
+    for index, part in enumerate(content):
+        if part["type"] == "image_url":
+            blocks.append(image_from_url(part["image_url"]["url"], f"{param}[{index}].image_url.url"))
+        elif part["type"] == "refusal":
+            blocks.append({"type": "text", "text": part.get("refusal", "")})
+        else:
+            blocks.append({"type": "text", "text": part["text"]})
+    return blocks
+
+
+def chat_reasoning(message: dict, model: dict, param: str) -> list:
+    """An assistant message's reasoning (sent back by pi, LiteLLM, pydantic-ai; `reasoning` as
+    OpenRouter names it) -> a pi thinking block. For openai-completions its signature is the
+    field's name, as pi-ai's own: pi-ai replays the text in that field. Chat carries no signature
+    that Anthropic or the Responses API could check, and those upstreams drop earlier turns'
+    thinking anyway, so toward them it is dropped (pi-ai would make it visible text)."""
+    field = next((name for name in REASONING_FIELDS if message.get(name)), None)
+    if field is None:
+        return []
+    if model["api"] != "openai-completions":
+        log.debug("dropping %s.%s: %s has no unsigned reasoning", param, field, model["api"])
+        return []
+    return [{"type": "thinking", "thinking": message[field], "thinkingSignature": field}]
+
+
+def chat_assistant_message(message: dict, content: list, model: dict, tool_names: dict, param: str) -> dict:
+    """An assistant message -> pi's; its tool calls' names are noted in `tool_names` (by call id)."""
+    calls = message.get("tool_calls") or []
+    blocks = chat_reasoning(message, model, param) + [b for b in content if b["text"]]
+    for index, call in enumerate(calls):
+        function = call["function"]
+        tool_names[call["id"]] = function["name"]
+        arguments = parse_arguments(function.get("arguments"), f"{param}.tool_calls[{index}].function.arguments")
+        blocks.append({"type": "toolCall", "id": call["id"], "name": function["name"], "arguments": arguments})
+    return assistant_message(model, blocks, bool(calls))
+
+
+
+def chat_to_context(body: dict, model: dict) -> dict:
+    """OpenAI chat messages and tools -> a pi-ai Context. System and developer messages, wherever
+    they stand, become the system prompt (pi's context has only one)."""
+    system, messages, tool_names = [], [], {}
+    for index, message in enumerate(body["messages"]):
+        role, param = message["role"], f"messages[{index}]"
+        content = chat_content_to_pi(message.get("content"), f"{param}.content")
+        if role in ("system", "developer"):
+            system.append(text_of(content))
+        elif role == "user":
+            messages.append(user_message(content))
+        elif role == "assistant":
+            messages.append(chat_assistant_message(message, content, model, tool_names, param))
+        else:
+            call_id = message["tool_call_id"]
+            if call_id not in tool_names:
+                raise ApiError(400, f"tool_call_id {call_id!r} does not answer any earlier assistant tool call",
+                               param=f"{param}.tool_call_id")
+            messages.append(tool_result(call_id, tool_names[call_id], [b for b in content if b["type"] == "text"]))
+    tools = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+              "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+             for t in body.get("tools", [])]
+    return finish_context(model, system, messages, tools, "messages", body.get("response_format"))
+
+
+def chat_options(body: dict) -> dict:
+    """The parts of a chat request that pi-ai models itself (SimpleStreamOptions)."""
+    options = {}
+    if "temperature" in body:
+        options["temperature"] = body["temperature"]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        options["maxTokens"] = max_tokens
+    if body.get("reasoning_effort", "none") != "none":
+        options["reasoning"] = body["reasoning_effort"]
+    if body.get("user"):
+        options["metadata"] = {"user_id": body["user"]}
+    return options
+
+
+def chat_extras(body: dict) -> dict:
+    """The chat request's fields that pi-ai does not model, in neutral form (see upstream_payload)."""
+    extras = {name: body[name] for name in ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty",
+                                            "response_format", "parallel_tool_calls", "user") if name in body}
+    choice = body.get("tool_choice")
+    if choice is not None:
+        extras["tool_choice"] = {"name": choice["function"]["name"]} if isinstance(choice, dict) else choice
+    return extras
+
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "toolUse": "tool_calls"}
+
+
+def chat_usage(usage: dict) -> dict:
+    """pi-ai usage -> OpenAI usage. OpenAI counts cached tokens inside prompt_tokens."""
+    prompt = usage.get("input", 0) + usage.get("cacheRead", 0) + usage.get("cacheWrite", 0)
+    completion = usage.get("output", 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": usage.get("cacheRead", 0)},
+        "cost": usage.get("cost", {}).get("total", 0),
+    }
+
+
+def finish_reason(message: dict, reason: str) -> str:
+    if any(block["type"] == "toolCall" for block in message.get("content", [])):
+        return "tool_calls"
+    return FINISH_REASONS.get(reason, "stop")
+
+
+def completion_of(chunks: list) -> dict:
+    """A `chat.completion` object: the chunks of a stream put together, as a client would."""
+    text, reasoning, calls, finish = [], [], {}, None
+    for chunk in chunks[:-1]:
+        choice = chunk["choices"][0]
+        delta, finish = choice["delta"], choice["finish_reason"] or finish
+        text.append(delta.get("content") or "")
+        reasoning.append(delta.get("reasoning_content") or "")
+        for call in delta.get("tool_calls", []):
+            if call["index"] not in calls:
+                calls[call["index"]] = {"id": call["id"], "type": "function",
+                                        "function": {"name": call["function"]["name"], "arguments": ""}}
+            calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+    text, reasoning, calls = "".join(text), "".join(reasoning), list(calls.values())
+    reply = {"role": "assistant", "content": text if text or not calls else None}
+    if reasoning:
+        reply["reasoning_content"] = reasoning
+    if calls:
+        reply["tool_calls"] = calls
+    return {"id": chunks[-1]["id"], "object": "chat.completion", "created": chunks[-1]["created"],
+            "model": chunks[-1]["model"], "choices": [{"index": 0, "message": reply, "finish_reason": finish,
+                                                      "logprobs": None}], "usage": chunks[-1]["usage"]}
+
+
+class ChatChunks:
+    """pi events -> `chat.completion.chunk` objects, one event at a time.
+
+    pi numbers content blocks (text, thinking, tool calls together); OpenAI numbers tool calls
+    alone, so tool calls get their own index here."""
+
+    def __init__(self, completion_id: str, model_name: str, created: int, include_usage: bool):
+        self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
+        self.include_usage = include_usage
+        self.tool_index: dict[int, int] = {}  # pi contentIndex -> OpenAI tool_calls index
+
+    def chunk(self, delta: dict, finish=None) -> dict:
+        return {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    def translate(self, event: dict) -> list:
+        kind = event["type"]
+        if kind == "start":
+            return [self.chunk({"role": "assistant", "content": ""})]
+        if kind == "text_delta":
+            return [self.chunk({"content": event["delta"]})]
+        if kind == "thinking_delta":
+            return [self.chunk({"reasoning_content": event["delta"]})]
+        if kind == "toolcall_start":
+            index = self.tool_index.setdefault(event["contentIndex"], len(self.tool_index))
+            call = {"index": index, "id": event["id"], "type": "function",
+                    "function": {"name": event["toolName"], "arguments": ""}}
+            return [self.chunk({"tool_calls": [call]})]
+        if kind == "toolcall_delta" and event["delta"]:
+            return [self.tool_arguments(event["contentIndex"], event["delta"])]
+        if kind == "done":
+            chunks = [self.chunk({}, finish_reason(event["message"], event["reason"]))]
+            if self.include_usage:
+                chunks.append({**self.base, "choices": [], "usage": chat_usage(event["message"].get("usage", {}))})
+            return chunks
+        return []
+
+    def tool_arguments(self, content_index: int, arguments: str) -> dict:
+        call = {"index": self.tool_index[content_index], "function": {"arguments": arguments}}
+        return self.chunk({"tool_calls": [call]})
+
+    @staticmethod
+    def fail(error: ApiError) -> list:
+        """A failure after the headers went out: an error chunk (`data: [DONE]` follows)."""
+        return [error.openai_body()]
+
+
+def prepare_chat(body: dict, model: dict, proxy, run) -> Exchange:
+    context = run(chat_to_context, body, model)
+    fetch_remote_images(context, proxy.config)
+    stream = bool(body.get("stream"))
+    include_usage = bool(body.get("stream_options", {}).get("include_usage")) or not stream
+    chunks = ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", body["model"], int(time.time()), include_usage)
+    return Exchange(context, chat_options(body), upstream_payload(chat_extras(body), model["api"]), chunks, stream)
+
+
+# ==================================================================================================
+# 11. Anthropic messages
+# ==================================================================================================
+
+# Envelopes: what the proxy hands out that pi-ai would forward as it is (sections 11 and 12).
+_REASONING_ENVELOPE = "pi-proxy.2:"  # .1 envelopes carried no MAC: they read as foreign now
+
+
+def seal_reasoning(model_id: str, signature: str, key: bytes, redacted: bool = False) -> str:
+    """A reasoning item's `encrypted_content`: pi-ai's signature for the thinking block (Anthropic's
+    signature, or its redacted thinking's data; the whole upstream reasoning item for
+    openai-responses) and the model it is valid for, with a MAC under this installation's envelope
+    key (envelope_key): pi-ai forwards what is inside as is, so only what this proxy minted may
+    come back in."""
+    payload = json.dumps({"model": model_id, "signature": signature, **({"redacted": True} if redacted else {})},
+                         separators=(",", ":"))
+    sealed = _REASONING_ENVELOPE + base64.urlsafe_b64encode(payload.encode()).decode()
+    return sealed + "." + _envelope_mac(sealed, key)
+
+
+def _envelope_mac(sealed: str, key: bytes) -> str:
+    return base64.urlsafe_b64encode(hmac.digest(key, sealed.encode(), "sha256")).decode().rstrip("=")
+
+
+def open_reasoning(sealed: str | None, model: dict, key: bytes) -> dict | None:
+    """The pi thinking block's signature (and redacted mark) sealed in a reasoning item, if this
+    proxy's installation made it for this model; None otherwise (foreign, forged or altered)."""
+    if not sealed or not sealed.startswith(_REASONING_ENVELOPE) or "." not in sealed:
+        return None
+    sealed, mac = sealed.rsplit(".", 1)
+    if not hmac.compare_digest(mac.encode(), _envelope_mac(sealed, key).encode()):
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(sealed[len(_REASONING_ENVELOPE):]))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(payload, dict) or payload.get("model") != canonical_id(model) or not payload.get("signature"):
+        return None
+    return {"thinkingSignature": payload["signature"], **({"redacted": True} if payload.get("redacted") else {})}
+
+
+def signature_out(model: dict, signature: str | None, key: bytes) -> str:
+    """A thinking signature as a Messages client gets it: Anthropic's own as it is (Anthropic
+    checks it when it comes back); any other API's, which pi-ai forwards as it is (for
+    openai-responses, whole raw items), sealed like a Responses reasoning item."""
+    if not signature or model["api"] == "anthropic-messages":
+        return signature or ""
+    return seal_reasoning(canonical_id(model), signature, key)
+
+
+def signature_in(model: dict, signature: str | None, key: bytes) -> str | None:
+    """A thinking signature from a Messages client as pi-ai gets it (see signature_out); None when
+    this installation did not make it for this model."""
+    if not signature or model["api"] == "anthropic-messages":
+        return signature or None
+    opened = open_reasoning(signature, model, key)
+    return opened and opened["thinkingSignature"]
+
+
+_A_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
+_A_IMAGE = {
+    "required": ["source"],
+    "properties": {"source": {
+        "type": "object", "required": ["type"],
+        "properties": {"type": {"enum": ["base64", "url"]}},
+        "allOf": [{"if": {"properties": {"type": {"const": "base64"}}},
+                   "then": {"required": ["media_type", "data"],
+                            "properties": {"media_type": {"type": "string"}, "data": {"type": "string"}}}},
+                  {"if": {"properties": {"type": {"const": "url"}}},
+                   "then": {"required": ["url"], "properties": {"url": {"type": "string"}}}}],
+    }},
+}
+
+
+_A_CACHE_CONTROL = ignored("pi-ai sets its own cache breakpoints (cacheRetention)", {"type": "object"})
+
+
+def _a_blocks(allowed: list, extra_rules: list = ()) -> dict:
+    rules = [{"if": {"properties": {"type": {"const": "text"}}}, "then": _A_TEXT},
+             {"if": {"properties": {"type": {"const": "image"}}}, "then": _A_IMAGE}, *extra_rules]
+    return {"type": "array", "items": {"type": "object", "required": ["type"], "allOf": rules,
+                                       "properties": {"type": {"enum": allowed}, "cache_control": _A_CACHE_CONTROL}}}
+
+
+_A_TOOL_RESULT_CONTENT = {"anyOf": [{"type": "string"}, _a_blocks(["text", "image"])]}
+_A_CONTENT_RULES = [
+    {"if": {"properties": {"type": {"const": "tool_use"}}},
+     "then": {"required": ["id", "name"], "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                                         "input": {"type": "object"}}}},
+    {"if": {"properties": {"type": {"const": "tool_result"}}},
+     "then": {"required": ["tool_use_id"], "properties": {"tool_use_id": {"type": "string"},
+                                                          "content": _A_TOOL_RESULT_CONTENT,
+                                                          "is_error": {"type": "boolean"}}}},
+    {"if": {"properties": {"type": {"const": "thinking"}}},
+     "then": {"required": ["thinking"], "properties": {"thinking": {"type": "string"},
+                                                       "signature": {"type": "string"}}}},
+    {"if": {"properties": {"type": {"const": "redacted_thinking"}}},
+     "then": {"required": ["data"], "properties": {"data": {"type": "string"}}}},
+]
+ANTHROPIC_BLOCK_TYPES = ["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"]
+_A_MESSAGES_PROPERTIES = {
+    "model": {"type": "string", "minLength": 1},
+    "messages": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "role": {"enum": ["user", "assistant", "system"]},
+                "content": {"anyOf": [{"type": "string"}, _a_blocks(ANTHROPIC_BLOCK_TYPES, _A_CONTENT_RULES)]},
+            },
+        },
+    },
+    "system": {"anyOf": [{"type": "string"}, _a_blocks(["text"])]},
+    "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+        "input_schema": {"type": "object"}, "type": {"type": "string"}, "cache_control": _A_CACHE_CONTROL,
+        "defer_loading": ignored("every tool is sent whole", {"type": "boolean"})}}},
+    "tool_choice": {
+        "type": "object", "required": ["type"],
+        "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
+                       "disable_parallel_tool_use": {"type": "boolean"}},
+        "if": {"properties": {"type": {"const": "tool"}}}, "then": {"required": ["name"]},
+    },
+    "thinking": {
+        "type": "object", "required": ["type"],
+        "properties": {"type": {"enum": ["enabled", "adaptive", "disabled"]},
+                       "budget_tokens": {"type": "integer", "minimum": 1}},
+        "if": {"properties": {"type": {"const": "enabled"}}}, "then": {"required": ["budget_tokens"]},
+    },
+    "output_config": {"type": "object", "properties": {"effort": {"enum": ["low", "medium", "high", "max"]}}},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": 0},
+    "stop_sequences": {"type": "array", "items": {"type": "string"}},
+    "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}},
+    "stream": {"type": "boolean"},
+    # Server-side settings whose absence changes no conversation (reject_server_state refuses the others).
+    "context_management": ignored("the whole history goes upstream; nothing is cleared from it", {"type": "object"}),
+    "cache_control": _A_CACHE_CONTROL,
+    "service_tier": ignored("the upstream's own tier", {"type": "string"}),
+    "speed": ignored("the upstream's own speed", {"type": "string"}),
+    "inference_geo": ignored("the upstream's own region", {"type": "string"}),
+    "diagnostics": ignored("no prompt-cache diagnostics", {"type": "object"}),
+}
+MESSAGES_VALIDATOR = Draft202012Validator({
+    "title": "messages request", "type": "object", "required": ["model", "messages", "max_tokens"],
+    "properties": {**_A_MESSAGES_PROPERTIES, "max_tokens": {"type": "integer", "minimum": 1}},
+})
+COUNT_TOKENS_VALIDATOR = Draft202012Validator({
+    "title": "count_tokens request", "type": "object", "required": ["model", "messages"],
+    "properties": _A_MESSAGES_PROPERTIES,
+})
+
+
+def messages_body(body) -> dict:
+    return validate(body, MESSAGES_VALIDATOR)
+
+# Tool-use ids must match ^[a-zA-Z0-9_-]+$ for Anthropic clients, but pi-ai's ids need not (the
+# Responses API's are "call_x|fc_y"). Such ids are wrapped reversibly, so results still pair.
+_SAFE_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+_WRAPPED_TOOL_ID = "toolu_pi_"
+
+
+def client_tool_id(pi_id: str) -> str:
+    if _SAFE_TOOL_ID.match(pi_id) and not pi_id.startswith(_WRAPPED_TOOL_ID):
+        return pi_id
+    return _WRAPPED_TOOL_ID + base64.urlsafe_b64encode(pi_id.encode()).decode().rstrip("=")
+
+
+def pi_tool_id(client_id: str) -> str:
+    if not client_id.startswith(_WRAPPED_TOOL_ID):
+        return client_id
+    wrapped = client_id[len(_WRAPPED_TOOL_ID):]
+    try:
+        return base64.urlsafe_b64decode(wrapped + "=" * (-len(wrapped) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return client_id
+
+
+def anthropic_blocks(content) -> list:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def anthropic_image(block: dict, param: str) -> dict:
+    source = block["source"]
+    if source["type"] == "url":
+        return image_from_url(source["url"], f"{param}.source.url")
+    return {"type": "image", "data": source["data"], "mimeType": source["media_type"]}
+
+
+ANTHROPIC_USER_BLOCKS = {  # a block in a user (or system) message -> a pi block
+    "text": lambda block, param: {"type": "text", "text": block["text"]},
+    "image": lambda block, param: anthropic_image(block, param),
+}
+
+
+def anthropic_user_content(blocks: list, param: str) -> list:
+    content = []
+    for index, block in enumerate(blocks):
+        if block["type"] not in ANTHROPIC_USER_BLOCKS:
+            raise ApiError(400, f"A {block['type']} block cannot stand here", param=f"{param}[{index}].type")
+        content.append(ANTHROPIC_USER_BLOCKS[block["type"]](block, f"{param}[{index}]"))
+    return content
+
+
+# Messages fields whose state lives on Anthropic's servers: nothing here can hold or run them, and
+# an answer without them would be to another conversation, so each is refused by name.
+SERVER_STATE_FIELDS = {
+    "thread": "message threads keep the conversation on Anthropic's servers and this proxy keeps none; "
+              "send the whole history in `messages`",
+    "container": "code execution containers run on Anthropic's servers, which this proxy does not reach",
+    "mcp_servers": "this proxy cannot connect the model to MCP servers; declare their tools as client tools",
+    "compaction": "server-side compaction is not available through this proxy; compact on the client",
+}
+# Tools without an input_schema are run (web search, code execution, MCP) or defined (bash, text
+# editor, computer, memory) by Anthropic: no other model can be given them. Only the tool-search
+# tools may go unsaid: every tool is then sent whole (defer_loading aside), which hides none.
+_TOOL_SEARCH = "tool_search_tool_"
+
+
+def reject_server_state(body: dict):
+    for name, reason in SERVER_STATE_FIELDS.items():
+        if name in body:
+            # The anthropic SDK's thread helpers (tool_runner) resend unthreaded on this error_code.
+            details = {"error_code": "thread_unsupported_request", "unsupported": [name]} if name == "thread" else None
+            raise ApiError(400, f"{name} is not supported: {reason}", param=name, code="unsupported_parameter",
+                           details=details)
+    for index, tool in enumerate(body.get("tools", [])):
+        kind = tool.get("type", "custom")
+        if "input_schema" not in tool and kind == "custom":
+            raise ApiError(400, f"tools[{index}].input_schema: Field required", param=f"tools[{index}].input_schema",
+                           code="invalid_value")
+        if "input_schema" not in tool and not kind.startswith(_TOOL_SEARCH):
+            raise ApiError(400, f"tools[{index}]: the {shown(kind)} tool is run or defined by Anthropic itself; "
+                                "this proxy can offer a model only tools with an input_schema",
+                           param=f"tools[{index}].type", code="unsupported_parameter")
+
+
+# The two directions side by side. A client's assistant block -> a pi block, or None (dropped): a
+# signature goes to pi-ai only if it is the upstream's own or this installation's (signature_in).
+ANTHROPIC_TO_PI_BLOCK = {
+    "text": lambda block, model, key: {"type": "text", "text": block["text"]} if block["text"] else None,
+    "thinking": lambda block, model, key: {"type": "thinking", "thinking": block["thinking"],
+                                           "thinkingSignature": signature_in(model, block.get("signature"), key)},
+    "redacted_thinking": lambda block, model, key: redacted_thinking_in(signature_in(model, block["data"], key)),
+    "tool_use": lambda block, model, key: {"type": "toolCall", "id": pi_tool_id(block["id"]), "name": block["name"],
+                                           "arguments": block.get("input") or {}},
+}
+# A block of pi's answer -> the block a stream's content_block_start opens (AnthropicEvents).
+ANTHROPIC_BLOCK_STARTS = {  # (the translator, pi contentIndex, a redacted block's data) -> the block
+    "text": lambda events, index, data: {"type": "text", "text": ""},
+    "thinking": lambda events, index, data: {"type": "thinking", "thinking": "", "signature": ""},
+    "redacted_thinking": lambda events, index, data: {"type": "redacted_thinking", "data": events.seal(data)},
+    "tool_use": lambda events, index, data: {"type": "tool_use", "id": events.tool_calls[index][0],
+                                             "name": events.tool_calls[index][1], "input": {}},
+}
+
+
+def redacted_thinking_in(signature: str | None) -> dict | None:
+    return {"type": "thinking", "thinking": "", "thinkingSignature": signature, "redacted": True} if signature else None
+
+
+def anthropic_to_context(body: dict, model: dict, key: bytes) -> dict:
+    """An Anthropic Messages request -> a pi-ai Context. Tool results in a user turn become pi
+    toolResult messages (ahead of the turn's other content); `role: "system"` messages are folded
+    into the system prompt; assistant turns are stamped with the target model."""
+    reject_server_state(body)
+    system = [text_of(anthropic_blocks(body.get("system", "")))]
+    messages, tool_names = [], {}
+    for index, message in enumerate(body["messages"]):
+        blocks, param = anthropic_blocks(message["content"]), f"messages[{index}].content"
+        if message["role"] == "system":
+            system.append(text_of(anthropic_user_content(blocks, param)))
+        elif message["role"] == "assistant":
+            content = anthropic_assistant_content(blocks, model, key, param)
+            tool_names.update((block["id"], block["name"]) for block in content if block["type"] == "toolCall")
+            messages.append(assistant_message(model, content, any(b["type"] == "toolCall" for b in content)))
+        else:
+            messages += anthropic_user_turn(blocks, tool_names, model, param)
+    tools = []
+    for index, tool in enumerate(body.get("tools", [])):
+        if "input_schema" not in tool:  # a tool-search tool (reject_server_state)
+            log.debug("ignoring tools[%d] (%s): every tool is sent whole", index, tool["type"])
+            continue
+        tools.append({"name": tool["name"], "description": tool.get("description", ""),
+                      "parameters": tool["input_schema"]})
+    return finish_context(model, system, messages, tools, "messages")
+
+
+def anthropic_assistant_content(blocks: list, model: dict, key: bytes, param: str) -> list:
+    content = []
+    for index, block in enumerate(blocks):
+        if block["type"] not in ANTHROPIC_TO_PI_BLOCK:
+            raise ApiError(400, f"A {block['type']} block cannot stand in an assistant message",
+                           param=f"{param}[{index}].type")
+        converted = ANTHROPIC_TO_PI_BLOCK[block["type"]](block, model, key)
+        if converted is not None:
+            content.append(converted)
+    return content
+
+
+def anthropic_user_turn(blocks: list, tool_names: dict, model: dict, param: str) -> list:
+    """A user message -> pi messages: its tool results first, then the rest of it."""
+    messages, results = [], [(i, b) for i, b in enumerate(blocks) if b["type"] == "tool_result"]
+    for index, block in results:
+        call_id = pi_tool_id(block["tool_use_id"])
+        result = anthropic_user_content(anthropic_blocks(block.get("content", "")), f"{param}[{index}].content")
+        messages.append(tool_result(call_id, tool_names.get(call_id, ""), result, bool(block.get("is_error"))))
+    rest = anthropic_user_content([b for b in blocks if b["type"] != "tool_result"], param)
+    if results and rest and model["provider"] == COPILOT:
+        # Copilot bills a turn as the user's (X-Initiator) unless it ends in tool results;
+        # Claude Code's reminders after tool results must not make it one.
+        messages[-1]["content"] = messages[-1]["content"] + rest
+    elif rest or not results:
+        messages.append(user_message(rest))
+    return messages
+
+
+def reasoning_for_budget(budget: int) -> str:
+    """pi-ai's thinking levels by their default budgets (1024/2048/8192/16384 tokens)."""
+    for level, limit in (("minimal", 1024), ("low", 2048), ("medium", 8192)):
+        if budget <= limit:
+            return level
+    return "high"
+
+
+ADAPTIVE_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh"}
+
+
+def anthropic_options(body: dict) -> dict:
+    options = {"maxTokens": body["max_tokens"]}
+    if "temperature" in body:
+        options["temperature"] = body["temperature"]
+    thinking = body.get("thinking", {"type": "disabled"})
+    if thinking["type"] == "enabled":
+        level = reasoning_for_budget(thinking["budget_tokens"])
+        options["reasoning"] = level
+        options["thinkingBudgets"] = {level: thinking["budget_tokens"]}
+    elif thinking["type"] == "adaptive":
+        options["reasoning"] = ADAPTIVE_EFFORTS[body.get("output_config", {}).get("effort", "high")]
+    user_id = body.get("metadata", {}).get("user_id")
+    if user_id:
+        options["metadata"] = {"user_id": user_id}
+    return options
+
+
+ANTHROPIC_TOOL_CHOICE = {kind: neutral for neutral, kind in TOOL_CHOICE_FOR_ANTHROPIC.items()}
+
+
+def anthropic_extras(body: dict) -> dict:
+    extras = {name: body[name] for name in ("top_p", "top_k") if name in body}
+    if body.get("stop_sequences"):
+        extras["stop"] = body["stop_sequences"]
+    choice = body.get("tool_choice")
+    if choice:
+        extras["tool_choice"] = {"name": choice["name"]} if choice["type"] == "tool" \
+            else ANTHROPIC_TOOL_CHOICE[choice["type"]]
+        if choice.get("disable_parallel_tool_use"):
+            extras["parallel_tool_calls"] = False
+    return extras
+
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "toolUse": "tool_use"}
+
+
+def anthropic_stop(done: dict) -> dict:
+    """stop_reason and stop_sequence for a bridge `done` event."""
+    if any(block["type"] == "toolCall" for block in done["message"].get("content", [])):
+        return {"stop_reason": "tool_use", "stop_sequence": None}  # Claude Code runs tools only on tool_use
+    if done.get("stopSequence") is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": done["stopSequence"]}
+    return {"stop_reason": STOP_REASONS.get(done["reason"], "end_turn"), "stop_sequence": None}
+
+
+def anthropic_usage(usage: dict) -> dict:
+    return {"input_tokens": usage.get("input", 0), "output_tokens": usage.get("output", 0),
+            "cache_read_input_tokens": usage.get("cacheRead", 0),
+            "cache_creation_input_tokens": usage.get("cacheWrite", 0)}
+
+
+ANTHROPIC_DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature"}
+
+
+def message_of(frames: list) -> dict:
+    """An Anthropic `message` object: the events of a stream put together, as a client would."""
+    message, arguments = None, collections.defaultdict(str)  # block index -> its input's JSON
+    for name, data in frames:
+        if name == "message_start":
+            message = data["message"]
+        elif name == "content_block_start":
+            message["content"].append(dict(data["content_block"]))
+        elif name == "content_block_delta" and data["delta"]["type"] == "input_json_delta":
+            arguments[data["index"]] += data["delta"]["partial_json"]
+        elif name == "content_block_delta":
+            field = ANTHROPIC_DELTA_FIELDS[data["delta"]["type"]]
+            message["content"][data["index"]][field] += data["delta"][field]
+        elif name == "message_delta":
+            message.update(data["delta"], usage=data["usage"])
+    for index, text in arguments.items():
+        message["content"][index]["input"] = json.loads(text)
+    return message
+
+
+class AnthropicEvents:
+    """pi events -> Anthropic stream events, (name, data) pairs, keeping Anthropic's grammar:
+    message_start, then blocks one at a time (start, deltas, stop) indexed from 0, then
+    message_delta and message_stop. pi may interleave blocks (openai-completions ends all its
+    blocks only when the stream ends): a block is closed as soon as another one starts, and a
+    later text or thinking delta for it opens a fresh block of the same kind. A tool call's
+    block is never reopened (its id must stay unique), so text or thinking arriving while one is
+    open is held back until it closes. Every thinking block ends with its signature_delta, as
+    Anthropic's do, whenever it closes; redacted thinking is a redacted_thinking block, whole."""
+
+    def __init__(self, message_id: str, model_name: str, input_estimate: int, seal):
+        self.message_id, self.model_name, self.input_estimate = message_id, model_name, input_estimate
+        self.seal = seal  # signature -> what the client gets (signature_out)
+        self.open = None  # (pi contentIndex, kind) of the block now open
+        self.index = -1  # the Anthropic index of the last block started
+        self.tool_calls: dict[int, tuple] = {}  # pi contentIndex -> (client id, name)
+        self.signatures: dict[int, str] = {}  # pi contentIndex -> its thinking signature, once known
+        self.held: list[tuple] = []  # (contentIndex, kind, delta) held back while a tool call is open
+
+    def translate(self, event: dict) -> list:
+        kind, index = event["type"], event.get("contentIndex")
+        if kind == "start":
+            return [("message_start", {"type": "message_start", "message": {
+                "id": self.message_id, "type": "message", "role": "assistant", "model": self.model_name,
+                "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": self.input_estimate, "output_tokens": 1,
+                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})]
+        if kind == "heartbeat":
+            return [("ping", {"type": "ping"})]
+        if kind == "thinking_start" and event.get("redacted"):
+            return [*self.start_block(index, "redacted_thinking", event["contentSignature"]), *self.close()]
+        if kind in ("text_start", "thinking_start"):
+            if event.get("contentSignature"):  # openai-completions: known at the start, the block closes early
+                self.signatures[index] = event["contentSignature"]
+            return self.start_block(index, kind.split("_")[0])
+        if kind == "toolcall_start":
+            self.tool_calls[index] = (client_tool_id(event["id"]), event["toolName"])
+            return self.start_block(index, "tool_use")
+        if kind in ("text_delta", "thinking_delta"):
+            block = kind.split("_")[0]
+            delta = {"type": kind, block: event["delta"]}
+            if self.open and self.open[1] == "tool_use":
+                self.held.append((index, block, delta))
+                return []
+            return [*self.ensure_open(index, block), self.delta(delta)]
+        if kind == "toolcall_delta" and event["delta"]:
+            return [*self.ensure_open(index, "tool_use"),
+                    self.delta({"type": "input_json_delta", "partial_json": event["delta"]})]
+        if kind == "thinking_end" and event.get("contentSignature"):
+            self.signatures[index] = event["contentSignature"]
+        if kind.endswith("_end") and self.open and self.open[0] == index:
+            return self.close()
+        if kind == "done":
+            return [*self.close(),
+                    ("message_delta", {"type": "message_delta", "delta": anthropic_stop(event),
+                                       "usage": anthropic_usage(event["message"].get("usage", {}))}),
+                    ("message_stop", {"type": "message_stop"})]
+        return []
+
+    def start_block(self, index: int, kind: str, data: str = "") -> list:
+        frames = self.close()
+        self.index += 1
+        self.open = (index, kind)
+        block = ANTHROPIC_BLOCK_STARTS[kind](self, index, data)
+        frames.append(("content_block_start", {"type": "content_block_start", "index": self.index,
+                                               "content_block": block}))
+        return frames
+
+    def ensure_open(self, index: int, kind: str) -> list:
+        return [] if self.open == (index, kind) else self.start_block(index, kind)
+
+    def delta(self, delta: dict) -> tuple:
+        return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
+
+    def close(self) -> list:
+        frames = []
+        if self.open is not None:
+            (index, kind), self.open = self.open, None
+            if kind == "thinking":
+                signature = self.seal(self.signatures.get(index, ""))
+                frames.append(self.delta({"type": "signature_delta", "signature": signature}))
+            frames.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        if self.held:
+            held, self.held = self.held, []
+            for index, kind, delta in held:
+                frames += [*self.ensure_open(index, kind), self.delta(delta)]
+            frames += self.close()
+        return frames
+
+    @staticmethod
+    def fail(error: ApiError) -> list:
+        return [("error", error.anthropic_body())]
+
+
+# Token estimate (count_tokens and message_start). No tokenizer for current Claude models exists
+# offline, so this is a linear model over regex counts of BPE pre-token pieces, calibrated on the
+# legacy Claude tokenizer (npm @anthropic-ai/tokenizer) over 201 samples of English and code: mean
+# error 2-5%, worst 10% on held-out files. Claude 3-4.x count 10-20% more than that tokenizer,
+# hence CLAUDE_SCALE; GPT-family models (o200k) count 0-25% fewer. Overcounting is the safe side:
+# Claude Code compacts on these numbers. Non-English text is not calibrated.
+_PIECES = re.compile(r"[A-Za-z]+|[!-/:-@\[-`{-~]+")  # ASCII letter runs and punctuation runs
+_DIGIT_GROUPS = re.compile(r"[0-9]{1,3}")
+_CAMEL_HUMPS = re.compile(r"[a-z][A-Z]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+_NON_ASCII_LETTER = re.compile(r"[^\x00-\x7f\W\d_]")
+CLAUDE_SCALE = 1.15
+MESSAGE_OVERHEAD = 3  # tokens of framing per message or system prompt
+TOOLS_OVERHEAD = 346  # Anthropic's tool-use system prompt, present whenever tools are
+IMAGE_FALLBACK_TOKENS = 1600  # the per-image maximum, when the size cannot be read
+
+
+def estimate_text_tokens(text: str) -> float:
+    if not text:
+        return 0.0
+    count = (1.044 * len(_PIECES.findall(text)) + 1.045 * len(_CAMEL_HUMPS.findall(text))
+             + 1.45 * len(_DIGIT_GROUPS.findall(text)) + 1.11 * text.count("\n") + 0.59 * text.count("\t"))
+    if not text.isascii():
+        non_ascii, cjk = len(_NON_ASCII.findall(text)), len(_CJK.findall(text))
+        letters = len(_NON_ASCII_LETTER.findall(text)) - cjk
+        count += cjk + 0.5 * letters + 1.5 * (non_ascii - cjk - letters)
+    return max(count, len(text) / 6)  # text without separators (base64, "aaaa") still grows
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, GIF, WebP or JPEG header."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return struct.unpack("<HH", data[6:10])
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        if data[12:16] == b"VP8X":
+            return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+        if data[12:16] == b"VP8L" and data[20:21] == b"\x2f":
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if data[12:16] == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+            width, height = struct.unpack("<HH", data[26:30])
+            return width & 0x3FFF, height & 0x3FFF
+        return None
+    position = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while position + 9 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF or marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            position += 1 if marker == 0xFF else 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
+
+
+def estimate_image_tokens(data_b64: str) -> int:
+    """Anthropic's rule: width*height/750 after scaling into 1568 px and ~1.19 megapixels."""
+    head = "".join(data_b64[:262144].split())
+    try:
+        size = image_size(base64.b64decode(head[:len(head) - len(head) % 4]))
+    except (binascii.Error, ValueError, struct.error):
+        size = None
+    if not size or min(size) <= 0:
+        return IMAGE_FALLBACK_TOKENS
+    width, height = size
+    scale = min(1.0, 1568 / max(width, height), math.sqrt(1092 * 1092 / (width * height)))
+    return max(1, math.ceil(max(1, int(width * scale)) * max(1, int(height * scale)) / 750))
+
+
+def count_request_tokens(context: dict, model: dict) -> int:
+    """An estimate of a pi context's input tokens for `model`."""
+    text = estimate_text_tokens(context.get("systemPrompt", ""))
+    fixed = MESSAGE_OVERHEAD * (1 + len(context["messages"]))  # framing, the same for every tokenizer
+    if context.get("tools"):
+        fixed += TOOLS_OVERHEAD
+        text += sum(estimate_text_tokens(json.dumps(tool)) for tool in context["tools"])
+    for message in context["messages"]:
+        for block in message["content"]:
+            if block["type"] == "text":
+                text += estimate_text_tokens(block["text"])
+            elif block["type"] == "toolCall":
+                text += estimate_text_tokens(block["name"] + json.dumps(block["arguments"]))
+            elif block["type"] == "thinking":  # Anthropic drops old thinking; counting it errs safe
+                text += estimate_text_tokens(block["thinking"])
+            elif block["type"] == "image":
+                fixed += estimate_image_tokens(block["data"])
+    scale = CLAUDE_SCALE if "claude" in model["id"] else 1.0
+    return max(1, round(text * scale) + fixed)
+
+
+_CLAUDE_DATE = re.compile(r"-(\d{8}|latest)$")
+_VERSION_DOT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
+def claude_key(name: str) -> str:
+    """Anthropic and Copilot spell one Claude model differently: claude-sonnet-4-5-20250929,
+    claude-sonnet-4-5[1m] and claude-sonnet-4.5 all have the key claude-sonnet-4-5."""
+    name = name.lower().split("[", 1)[0]
+    return _VERSION_DOT.sub("-", _CLAUDE_DATE.sub("", name))
+
+
+def resolve_claude_model(name: str, models: dict, is_available) -> dict:
+    """Model resolution for Anthropic clients: the usual rules, then the Claude model of the same
+    family and version under another spelling (a `provider/` prefix: among that provider's
+    models only). Never a different version, never another provider's model."""
+    try:
+        return resolve_model(name.split("[", 1)[0], models, is_available)
+    except ApiError as error:
+        if error.status != 404:
+            raise
+    provider, _, bare = name.partition("/")
+    key, bare_key = claude_key(name), claude_key(bare)
+    matches = [m for m in models.values() if is_available(m["provider"]) and (
+        claude_key(m["id"]) == key or (bare and m["provider"] == provider and claude_key(m["id"]) == bare_key))]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        candidates = ", ".join(sorted(canonical_id(m) for m in matches))
+        raise ApiError(400, f"Model {shown(name)} is offered by several providers; use one of: {candidates}",
+                       param="model", code="ambiguous_model")
+    claudes = sorted(canonical_id(m) for m in models.values()
+                     if is_available(m["provider"]) and "claude" in m["id"])
+    raise ApiError(404, f"model: {shown(name)} is not available{no_such_provider(name, models)}. Available Claude "
+                        "models: " + (", ".join(claudes) if claudes else "none"),
+                   "not_found_error", param="model", code="model_not_found")
+
+
+_CLAUDE_LINE = re.compile(r"claude-(?:[0-9.-]+-)?(opus|sonnet|haiku)\b")
+_ID_DATE = re.compile(r"-(\d{4})(\d{2})(\d{2})$")
+_SUPPORTED, _UNSUPPORTED = {"supported": True}, {"supported": False}
+ANTHROPIC_PAGE_LIMIT, ANTHROPIC_MAX_PAGE_LIMIT = 20, 1000  # as Anthropic's GET /v1/models
+LIFECYCLES = ("active", "deprecated", "retired")
+
+
+def anthropic_model(model: dict) -> dict:
+    """A model as Anthropic's Models API describes one. `capabilities` say what this proxy's
+    /v1/messages takes for it (no batches, PDFs, citations, server tools or context management).
+    The catalogue has no release dates: `created_at` is the date in the id, else the epoch (as
+    Anthropic's API gives for an unknown date)."""
+    date = _ID_DATE.search(model["id"])
+    line = _CLAUDE_LINE.search(model["id"].lower())
+    thinking = _SUPPORTED if model.get("reasoning") else _UNSUPPORTED
+    return {
+        "type": "model", "id": canonical_id(model), "display_name": model.get("name") or model["id"],
+        "created_at": "{}-{}-{}T00:00:00Z".format(*date.groups()) if date else "1970-01-01T00:00:00Z",
+        "max_input_tokens": model["contextWindow"], "max_tokens": model["maxTokens"],
+        "lifecycle": "active", "deprecated_at": None, "retires_at": None, "line": line and line.group(1),
+        "capabilities": {
+            "batch": _UNSUPPORTED, "citations": _UNSUPPORTED, "code_execution": _UNSUPPORTED,
+            "pdf_input": _UNSUPPORTED, "structured_outputs": _UNSUPPORTED,
+            "image_input": _SUPPORTED if "image" in model.get("input", []) else _UNSUPPORTED,
+            "context_management": {"supported": False, "clear_thinking_20251015": _UNSUPPORTED,
+                                   "clear_tool_uses_20250919": _UNSUPPORTED, "compact_20260112": _UNSUPPORTED},
+            "server_tools": {"supported": False, "code_execution": _UNSUPPORTED, "web_search": _UNSUPPORTED},
+            "effort": {"supported": thinking["supported"], "low": thinking, "medium": thinking, "high": thinking,
+                       "max": thinking, "xhigh": _UNSUPPORTED},
+            "thinking": {"supported": thinking["supported"],
+                         "types": {"enabled": thinking, "adaptive": thinking, "disabled": _SUPPORTED,
+                                   "between_tools": _UNSUPPORTED}},
+        },
+    }
+
+
+def anthropic_model_page(entries: list, after_id: str | None, before_id: str | None, limit: str | None,
+                         lifecycles: list) -> dict:
+    """One page of Anthropic's model list, as its API pages: `limit` (default 20, 1 to 1000) entries
+    after `after_id` or just before `before_id` (not both; an id not in the list is a 400);
+    `has_more` says whether more lie that way; `lifecycle` filters (every model here is active)."""
+    try:
+        count = ANTHROPIC_PAGE_LIMIT if limit is None else int(limit)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= ANTHROPIC_MAX_PAGE_LIMIT:
+        raise ApiError(400, f"limit: must be an integer from 1 to {ANTHROPIC_MAX_PAGE_LIMIT}", param="limit")
+    if after_id and before_id:
+        raise ApiError(400, "after_id and before_id cannot both be given", param="after_id")
+    unknown = [value for value in lifecycles if value not in LIFECYCLES]
+    if unknown:
+        raise ApiError(400, f"lifecycle: {shown(unknown[0])} is not one of {', '.join(LIFECYCLES)}", param="lifecycle")
+    if lifecycles and "active" not in lifecycles:
+        entries = []
+    ids = [entry["id"] for entry in entries]
+    for name, cursor in (("after_id", after_id), ("before_id", before_id)):
+        if cursor and cursor not in ids:
+            raise ApiError(400, f"{name}: no model has the id {shown(cursor)}", param=name)
+    if before_id:
+        end = ids.index(before_id)
+        start = max(0, end - count)
+        page, has_more = entries[start:end], start > 0
+    else:
+        start = ids.index(after_id) + 1 if after_id else 0
+        page, has_more = entries[start:start + count], start + count < len(entries)
+    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+
+
+PING_INTERVAL = 10.0  # seconds of upstream silence between Anthropic `ping` events
+_TWO_NUMBERS = re.compile(r"(\d+)\D+?(\d+)")
+
+
+def anthropic_overflow(error: ApiError, estimate: int, model: dict) -> ApiError:
+    """Claude Code recognises a context overflow only by Anthropic's wording."""
+    if error.code != "context_length_exceeded" or error.message.startswith("prompt is too long"):
+        return error
+    numbers = _TWO_NUMBERS.search(error.message)
+    used, limit = (numbers.groups() if numbers else (estimate, model["contextWindow"]))
+    return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", code="context_length_exceeded")
+
+
+def prepare_messages(body: dict, model: dict, proxy, run) -> Exchange:
+    key = proxy.envelope_key()
+    context = run(anthropic_to_context, body, model, key)
+    fetch_remote_images(context, proxy.config)
+    estimate = run(count_request_tokens, context, model)
+    events = AnthropicEvents(f"msg_{uuid.uuid4().hex[:24]}", body["model"], estimate,
+                             functools.partial(signature_out, model, key=key))
+    return Exchange(context, anthropic_options(body), upstream_payload(anthropic_extras(body), model["api"]), events,
+                    bool(body.get("stream")), PING_INTERVAL,
+                    refused=functools.partial(anthropic_overflow, estimate=estimate, model=model))
+
+
+# ==================================================================================================
+# 12. OpenAI responses
+# ==================================================================================================
+
+_R_PARTS = {"type": ["string", "array"], "items": {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string"}, "text": {}, "refusal": {}, "image_url": {},
+    "detail": ignored("pi-ai has no image detail level"),
+    "annotations": ignored("citations of a replayed answer"), "logprobs": ignored("logprobs of a replayed answer")}}}
+_R_ITEM_RULES = {
+    "message": {"required": ["role", "content"],
+                "properties": {"role": {"enum": ["user", "system", "developer", "assistant"]}, "content": _R_PARTS}},
+    "function_call": {"required": ["call_id", "name"],
+                      "properties": {"call_id": {"type": "string"}, "name": {"type": "string"},
+                                     "namespace": {"type": "string"}, "arguments": {"type": "string"}}},
+    "custom_tool_call": {"required": ["call_id", "name"],
+                         "properties": {"call_id": {"type": "string"}, "name": {"type": "string"},
+                                        "namespace": {"type": "string"}, "input": {"type": "string"}}},
+    "function_call_output": {"required": ["call_id", "output"],
+                             "properties": {"call_id": {"type": "string"}, "output": _R_PARTS}},
+    "custom_tool_call_output": {"required": ["call_id", "output"],
+                                "properties": {"call_id": {"type": "string"}, "output": _R_PARTS}},
+    "reasoning": {"properties": {"summary": {"type": "array", "items": {"type": "object"}},
+                                 "encrypted_content": {"type": ["string", "null"]}}},
+    "item_reference": {"required": ["id"], "properties": {"id": {"type": "string"}}},
+    "local_shell_call": {"required": ["call_id", "action"], "properties": {"call_id": {"type": "string"}, "action": {
+        "type": "object", "required": ["command"],
+        "properties": {"type": {"const": "exec"}, "command": {"type": "array", "items": {"type": "string"}},
+                       "env": {"type": "object"}, "working_directory": {}, "timeout_ms": {}, "user": {}}}}},
+    # OpenAI's reference names the call by `id`, the AI SDK by `call_id`.
+    "local_shell_call_output": {"required": ["output"], "anyOf": [{"required": ["call_id"]}, {"required": ["id"]}],
+                                "properties": {"call_id": {"type": "string"}, "id": {"type": "string"},
+                                               "output": {"type": "string"}}},
+}
+HOSTED_TOOLS_DROPPED = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
+                        "tool_search")  # they only add facts the model would look up (Codex always declares web_search)
+
+_R_TOOL_RULES = {
+    "function": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
+                                                      "description": {"type": ["string", "null"]},
+                                                      "parameters": {"type": ["object", "null"]}}},
+    "custom": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
+                                                    "description": {"type": ["string", "null"]},
+                                                    "format": {"type": "object"}}},
+}
+_R_TOOL = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}},
+           "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": rule} for kind, rule in _R_TOOL_RULES.items()]
+           + [{"if": {"properties": {"type": {"enum": list(HOSTED_TOOLS_DROPPED)}}},
+               "then": {"additionalProperties": ignored("a hosted tool this proxy drops: nothing here can run it")}}]}
+_R_TOOLS = {"type": "array", "items": {
+    "allOf": [_R_TOOL, {"if": {"properties": {"type": {"const": "namespace"}}},
+                        "then": {"required": ["name", "tools"],
+                                 "properties": {"name": {"type": "string"}, "tools": {"type": "array", "items": _R_TOOL}}}}]}}
+RESPONSES_VALIDATOR = Draft202012Validator({
+    "title": "responses request",
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "input": {"type": ["string", "array"], "items": {
+            "type": "object",
+            "properties": {"type": {"type": "string"},
+                           "id": ignored("the id of a replayed output item"),
+                           "status": ignored("the status of a replayed output item")},
+            # An item without a type is a message (OpenAI's "easy input message").
+            "allOf": [{"if": {"properties": {"type": {"const": kind}}, **({} if kind == "message" else {"required": ["type"]})},
+                       "then": rule} for kind, rule in _R_ITEM_RULES.items()]}},
+        "instructions": {"type": "string"},
+        "tools": _R_TOOLS,
+        "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
+                                  {"type": "object", "required": ["type"],
+                                   "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                                  "namespace": {"type": "string"}}}]},
+        "parallel_tool_calls": {"type": "boolean"},
+        "reasoning": {"type": "object", "properties": {
+            "effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", None]}}},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "text": {"type": "object", "properties": {"format": {
+            "type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {"required": ["name"], "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}}}}},
+        "store": {"type": "boolean"},
+        "stream": {"type": "boolean"},
+        "metadata": {"type": "object"},
+        "user": {"type": "string"},
+        "include": {"type": "array", "items": {"type": "string"}},
+        "prompt_cache_key": {"type": "string"},
+        "previous_response_id": {"type": "string"},
+        "background": {"type": "boolean"},
+    },
+})
+
+
+def responses_body(body) -> dict:
+    return reject_stateful(validate(body, RESPONSES_VALIDATOR))
+
+
+def reject_stateful(body: dict) -> dict:
+    """Conversations and background responses live on OpenAI's servers only (stored responses: ResponseStore)."""
+    if body.get("conversation"):
+        raise ApiError(400, "conversation is not supported: this proxy keeps no conversations; send the whole "
+                            "conversation in `input`, or chain responses with previous_response_id",
+                       param="conversation", code="unsupported_parameter")
+    if body.get("background"):
+        raise ApiError(400, "background responses are not supported by this proxy", param="background",
+                       code="unsupported_parameter")
+    return body
+
+
+class ResponseStore:
+    """What this proxy answered on /v1/responses, for the clients that refer to it later as OpenAI's
+    stored responses allow: output items by id (`item_reference`), responses by id
+    (`previous_response_id`). Only in this process's memory (a restart forgets it all), as JSON text:
+    at most `max_bytes` of it; nothing older than `max_age` seconds is used; the least recently used
+    goes first. Ids are 128-bit random and nothing lists them: an id is a capability, whoever
+    presents it may use what it names (as input, never read back directly)."""
+
+    ENTRY_BYTES = 200  # what an entry costs beyond its JSON text: its key, its tuple, its slot
+
+    def __init__(self, max_bytes: int, max_age: float, clock=time.monotonic):
+        self.max_bytes, self.max_age, self.clock = max_bytes, max_age, clock
+        # ("item" or "response", id) -> (expiry, JSON text), least recently used first
+        self.entries = collections.OrderedDict()
+        self.size = 0
+
+    def put(self, key: tuple, value):
+        data = json.dumps(value, separators=(",", ":")).encode()
+        if len(data) + self.ENTRY_BYTES > self.max_bytes:
+            log.debug("not storing %s %s: %d bytes are more than the store holds", *key, len(data))
+            return
+        self.entries[key] = (self.clock() + self.max_age, data)
+        self.size += len(data) + self.ENTRY_BYTES
+        while self.entries and (self.size > self.max_bytes or self.expired(next(iter(self.entries)))):
+            self.drop(next(iter(self.entries)))
+
+    def get(self, key: tuple, budget: "ByteBudget"):
+        """The value stored under `key` (charged to `budget`), or None."""
+        if key not in self.entries:
+            return None
+        if self.expired(key):
+            self.drop(key)
+            return None
+        self.entries.move_to_end(key)
+        data = self.entries[key][1]
+        budget.charge(len(data))
+        return json.loads(data)
+
+    def expired(self, key: tuple) -> bool:
+        return self.entries[key][0] <= self.clock()
+
+    def drop(self, key: tuple):
+        self.size -= len(self.entries.pop(key)[1]) + self.ENTRY_BYTES
+
+    def keep(self, response: dict, input_items: list, previous: str | None):
+        """A finished response: its output items under their ids; under its own id, its previous
+        response, its input as sent and its output's ids (what previous_response_id brings back)."""
+        for item in response["output"]:
+            self.put(("item", item["id"]), item)
+        self.put(("response", response["id"]), {"previous": previous, "input": input_items,
+                                                "output": [item["id"] for item in response["output"]]})
+
+    def history(self, response_id: str, budget: "ByteBudget") -> list | None:
+        """As OpenAI defines previous_response_id: the response's input items and output items,
+        after those of its own previous response, and so on; None if any of it is forgotten."""
+        chain = []
+        while response_id is not None:
+            record = self.get(("response", response_id), budget)
+            if record is None:
+                return None
+            chain.append(record)
+            response_id = record["previous"]
+        items = []
+        for record in reversed(chain):
+            for item in [*record["input"], *({"type": "item_reference", "id": id_} for id_ in record["output"])]:
+                item = self.get(("item", item["id"]), budget) if item.get("type") == "item_reference" else item
+                if item is None:
+                    return None
+                items.append(item)
+        return items
+
+
+def input_items(body: dict) -> list:
+    """`input` as a list of items (a string is one user message)."""
+    return body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
+
+
+class ByteBudget:
+    """What one request may bring back from the store: no more than a request body may hold (else a
+    few references, each to a large item, would expand into any amount of memory)."""
+
+    def __init__(self, limit: int):
+        self.limit = self.left = limit
+
+    def charge(self, size: int):
+        self.left -= size
+        if self.left < 0:
+            raise ApiError(413, f"The input with the items and responses it refers to comes to more than {self.limit} "
+                                "bytes (PI_PROXY_MAX_BODY_SIZE)", "request_too_large")
+
+
+def stored_input(body: dict, store: ResponseStore, max_bytes: int) -> list:
+    """(param, item) pairs: the history of `previous_response_id`, then `input` with each
+    `item_reference` replaced by the item it names. What cannot be found is a 400, never dropped."""
+    budget, items = ByteBudget(max_bytes), []
+    previous = body.get("previous_response_id")
+    if previous:
+        history = store.history(previous, budget)
+        if history is None:
+            raise ApiError(400, f"Previous response with id {shown(previous)} not found. This proxy keeps responses "
+                                "in memory for a limited time and size (PI_PROXY_RESPONSE_STORE_AGE_S, _BYTES) "
+                                "and forgets them when it restarts: send the whole conversation in `input`.",
+                           param="previous_response_id", code="previous_response_not_found")
+        items += [("previous_response_id", item) for item in history]
+    for index, item in enumerate(input_items(body)):
+        if item.get("type") == "item_reference":
+            found = store.get(("item", item["id"]), budget)
+            if found is None:
+                raise ApiError(400, f"Item with id {shown(item['id'])} not found. This proxy keeps the "
+                                    "items it produced in memory for a limited time and size, and forgets them when "
+                                    "it restarts: send the items themselves (with the AI SDK: `store: false`).",
+                               param=f"input[{index}]", code="item_not_found")
+            item = found
+        items.append((f"input[{index}]", item))
+    return items
+
+
+@dataclass(frozen=True)
+class ClientTool:
+    """A tool as the client declared it; pi sees each as one function tool."""
+
+    name: str
+    namespace: str | None = None
+    kind: str = "function"  # or "custom" (freeform: one string argument, CUSTOM_INPUT), or LOCAL_SHELL
+
+
+CUSTOM_INPUT = "input"
+LOCAL_SHELL = "local_shell"  # OpenAI's tool for running commands on the client's machine: a function to pi
+LOCAL_SHELL_PARAMETERS = {"type": "object", "required": ["command"], "properties": {
+    "command": {"type": "array", "items": {"type": "string"}, "description": "The program and its arguments"},
+    "working_directory": {"type": "string"}, "timeout_ms": {"type": "integer"},
+    "env": {"type": "object", "additionalProperties": {"type": "string"}}, "user": {"type": "string"}}}
+# Tools that OpenAI runs on its servers. Without them the model answers another question (it cannot
+# search the user's files, run code, see the screen, draw, or reach the MCP server): a 400. Others,
+# web search above all (HOSTED_TOOLS_DROPPED), are dropped.
+HOSTED_TOOLS_REFUSED = {"file_search", "code_interpreter", "computer_use_preview", "computer_use", "image_generation",
+                        "mcp"}
+
+
+def responses_tools(tools: list) -> tuple[list, dict]:
+    """Responses tools -> (pi tools, pi tool name -> ClientTool). Namespaces are flattened (a name
+    that two namespaces share becomes `namespace__name`); a custom tool takes its raw text as one
+    string argument; local_shell becomes a function of the same name; a hosted tool is refused
+    (HOSTED_TOOLS_REFUSED) or, if its absence changes no answer, dropped."""
+    declared = []
+    for index, tool in enumerate(tools):
+        inner = [(f"tools[{index}].tools[{n}]", t, tool["name"]) for n, t in enumerate(tool["tools"])] \
+            if tool["type"] == "namespace" else [(f"tools[{index}]", tool, None)]
+        for param, tool_, namespace in inner:
+            if tool_["type"] in ("function", "custom"):
+                declared.append((tool_, namespace))
+            elif tool_["type"] == LOCAL_SHELL:
+                declared.append(({"type": LOCAL_SHELL, "name": LOCAL_SHELL, "parameters": LOCAL_SHELL_PARAMETERS,
+                                  "description": "Run a command on the user's machine and get its output."}, None))
+            elif tool_["type"] in HOSTED_TOOLS_REFUSED:
+                raise ApiError(400, f"The hosted tool {tool_['type']!r} is not available through this proxy: the "
+                                    "upstream models cannot run it here. Remove it from `tools`.",
+                               param=f"{param}.type", code="unsupported_tool")
+            else:
+                log.debug("dropping hosted tool %s at %s", tool_["type"], param)
+    counts = collections.Counter(tool["name"] for tool, _ in declared)
+    pi_tools, by_pi_name = [], {}
+    for tool, namespace in declared:
+        pi_name = tool["name"] if counts[tool["name"]] == 1 or not namespace else f"{namespace}__{tool['name']}"
+        description = tool.get("description") or ""
+        if tool["type"] == "custom":
+            grammar = (tool.get("format") or {}).get("definition")
+            if grammar:
+                description += f"\n\nThe `{CUSTOM_INPUT}` argument must follow this grammar:\n{grammar}"
+            parameters = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
+        else:
+            parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+        pi_tools.append({"name": pi_name, "description": description, "parameters": parameters})
+        by_pi_name[pi_name] = ClientTool(tool["name"], namespace, tool["type"])
+    return pi_tools, by_pi_name
+
+
+def response_parts_to_pi(content, param: str) -> list:
+    """Message or tool-output content (a string or parts) -> pi text and image blocks."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks = []
+    for index, part in enumerate(content):
+        if part["type"] == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise ApiError(400, "Images are accepted as data: URIs or http(s) URLs in `image_url`",
+                               param=f"{param}[{index}].image_url", code="unsupported_image_url")
+            blocks.append(image_from_url(part["image_url"], f"{param}[{index}].image_url"))
+        elif isinstance(part.get("text") or part.get("refusal"), str):
+            blocks.append({"type": "text", "text": part.get("text") or part["refusal"]})
+        else:
+            log.debug("dropping a %s content part at %s", part["type"], param)
+    return blocks
+
+
+def loose_text(item: dict) -> str:
+    """The text an input item of an unknown type carries, if any."""
+    for name in ("text", "content", "output", "input"):
+        value = item.get(name)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, list):
+            text = "".join(part["text"] for part in value if isinstance(part, dict) and isinstance(part.get("text"), str))
+            if text:
+                return text
+    return ""
+
+
+class ResponsesInput:
+    """A Responses request's input items -> pi messages, an item at a time (RESPONSES_INPUT_ITEMS
+    names the method that takes it). `instructions` and system/developer messages become the
+    system prompt; consecutive output items (reasoning, assistant messages, tool calls) form one
+    assistant turn, stamped with the target model; reasoning items are kept only when they were
+    made for this very model; items of unknown types are kept as text when they carry any."""
+
+    def __init__(self, model: dict, tools: dict, key: bytes, instructions: str):
+        self.model, self.key = model, key
+        self.pi_names = {(tool.namespace, tool.name): pi_name for pi_name, tool in tools.items()}
+        self.system, self.messages, self.turn, self.tool_names = [instructions], [], [], {}
+
+    def end_turn(self):
+        if self.turn:
+            self.messages.append(assistant_message(self.model, self.turn,
+                                                   any(block["type"] == "toolCall" for block in self.turn)))
+            self.turn = []
+
+    def system_text(self, item: dict, param: str):
+        self.system.append(text_of(response_parts_to_pi(item["content"], f"{param}.content")))
+
+    def assistant_text(self, item: dict, param: str):
+        self.turn += [b for b in response_parts_to_pi(item["content"], f"{param}.content") if b["type"] == "text"]
+
+    def user_input(self, item: dict, param: str):
+        self.end_turn()
+        content = response_parts_to_pi(item["content"], f"{param}.content")
+        if content:
+            self.messages.append(user_message(content))
+
+    def reasoning(self, item: dict, param: str):
+        opened = open_reasoning(item.get("encrypted_content"), self.model, self.key)
+        if opened is None:
+            log.debug("dropping reasoning item %s: not made for %s", param, canonical_id(self.model))
+            return
+        thinking = "".join(part.get("text", "") for part in item.get("summary") or [])
+        self.turn.append({"type": "thinking", "thinking": thinking, **opened})
+
+    def tool_call(self, item: dict, param: str):
+        name = LOCAL_SHELL if item["type"] == "local_shell_call" else item["name"]
+        pi_name = self.pi_names.get((item.get("namespace"), name), name)
+        if item["type"] == "custom_tool_call":
+            arguments = {CUSTOM_INPUT: item.get("input", "")}
+        elif item["type"] == "local_shell_call":
+            arguments = {key: value for key, value in item["action"].items() if key != "type" and value is not None}
+        else:
+            arguments = parse_arguments(item.get("arguments"), f"{param}.arguments")
+        self.tool_names[item["call_id"]] = pi_name
+        self.turn.append({"type": "toolCall", "id": item["call_id"], "name": pi_name, "arguments": arguments})
+
+    def tool_output(self, item: dict, param: str):
+        self.end_turn()
+        call_id = item.get("call_id", item.get("id"))
+        if call_id not in self.tool_names:
+            raise ApiError(400, f"call_id {call_id!r} does not answer any earlier tool call",
+                           param=f"{param}.{'call_id' if 'call_id' in item else 'id'}")
+        self.messages.append(tool_result(call_id, self.tool_names[call_id],
+                                         response_parts_to_pi(item["output"], f"{param}.output")))
+
+    def other(self, item: dict, param: str):
+        self.end_turn()
+        text = loose_text(item)
+        log.debug("input item %s of type %s kept as %s", param, item.get("type", "message"),
+                  "text" if text else "nothing")
+        if text:
+            self.messages.append(user_message([{"type": "text", "text": text}]))
+
+
+RESPONSES_INPUT_ITEMS = {  # (item type, a message's role) -> the ResponsesInput method that takes the item
+    ("message", "system"): ResponsesInput.system_text,
+    ("message", "developer"): ResponsesInput.system_text,
+    ("message", "assistant"): ResponsesInput.assistant_text,
+    ("message", "user"): ResponsesInput.user_input,
+    ("reasoning", None): ResponsesInput.reasoning,
+    ("function_call", None): ResponsesInput.tool_call,
+    ("custom_tool_call", None): ResponsesInput.tool_call,
+    ("function_call_output", None): ResponsesInput.tool_output,
+    ("custom_tool_call_output", None): ResponsesInput.tool_output,
+    ("local_shell_call", None): ResponsesInput.tool_call,
+    ("local_shell_call_output", None): ResponsesInput.tool_output,
+}
+
+
+def responses_to_context(body: dict, items: list, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
+    """A Responses request and its input items ((param, item) pairs: stored_input) -> a pi-ai
+    Context (see ResponsesInput)."""
+    history = ResponsesInput(model, tools, key, body.get("instructions", ""))
+    for param, item in items:
+        kind = item.get("type", "message")
+        take = RESPONSES_INPUT_ITEMS.get((kind, item.get("role") if kind == "message" else None), ResponsesInput.other)
+        take(history, item, param)
+    history.end_turn()
+    return finish_context(model, history.system, history.messages, pi_tools, "input", responses_format(body))
+
+
+def responses_format(body: dict) -> dict | None:
+    """`text.format` -> chat's `response_format`, the neutral form upstream_payload knows."""
+    spec = body.get("text", {}).get("format")
+    if not spec or spec["type"] == "text":
+        return None
+    if spec["type"] == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": spec["name"], "schema": spec.get("schema", {}),
+                                                   "strict": bool(spec.get("strict"))}}
+
+
+def responses_as_chat(body: dict, tools: dict) -> dict:
+    """The Responses fields that chat completions also has, under chat's names, so that
+    chat_options and chat_extras translate them."""
+    chat = {name: body[name] for name in ("temperature", "top_p", "parallel_tool_calls", "user") if name in body}
+    if "max_output_tokens" in body:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    if body.get("reasoning", {}).get("effort"):
+        chat["reasoning_effort"] = body["reasoning"]["effort"]
+    response_format = responses_format(body)
+    if response_format:
+        chat["response_format"] = response_format
+    choice = body.get("tool_choice")
+    if isinstance(choice, str):
+        chat["tool_choice"] = choice
+    elif isinstance(choice, dict) and (choice["type"] == LOCAL_SHELL or choice["type"] in ("function", "custom")
+                                       and choice.get("name")):
+        pi_names = {(t.namespace, t.name): pi_name for pi_name, t in tools.items()}
+        name = choice.get("name", LOCAL_SHELL)
+        chat["tool_choice"] = {"type": "function", "function": {"name": pi_names.get((choice.get("namespace"), name), name)}}
+    elif choice is not None:
+        log.debug("tool_choice of type %s has no pi equivalent; using auto", choice["type"])
+    return chat
+
+
+def responses_options(body: dict, chat: dict) -> dict:
+    options = chat_options(chat)
+    if body.get("prompt_cache_key"):
+        check_header(None, body["prompt_cache_key"], "prompt_cache_key")
+        options["sessionId"] = body["prompt_cache_key"]
+    return options
+
+
+def responses_usage(usage: dict) -> dict:
+    """pi-ai usage -> Responses usage. Like OpenAI, input_tokens includes the cached tokens."""
+    chat = chat_usage(usage)
+    return {"input_tokens": chat["prompt_tokens"], "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": chat["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": chat["total_tokens"]}
+
+
+def response_object(body: dict, response_id: str, created: int) -> dict:
+    """The `response` object's fields that do not change while it streams."""
+    return {"id": response_id, "object": "response", "created_at": created, "status": "in_progress",
+            "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"), "model": body["model"], "output": [],
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": None, "summary": None, **body.get("reasoning", {})}, "store": stored(body),
+            "temperature": body.get("temperature"), "text": body.get("text", {"format": {"type": "text"}}),
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools", []),
+            "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
+            "metadata": body.get("metadata", {})}
+
+
+def stored(body: dict) -> bool:
+    """Whether the response is kept for later reference: OpenAI's default, unless `store: false`."""
+    return body.get("store", True)
+
+
+def failure_code(error: ApiError) -> str:
+    """An ApiError -> the `code` of a failed response (the codes Codex recognises)."""
+    if error.status == 429:
+        return "rate_limit_exceeded"
+    return error.code or ("server_error" if error.status >= 500 else error.type)
+
+
+ITEM_OF_BLOCK = {"text": "message", "thinking": "reasoning", "toolcall": "tool"}
+ITEM_PREFIXES = {"function": "fc", "custom": "ctc", LOCAL_SHELL: "lsh"}  # a tool call item's id, by ClientTool.kind
+
+
+def local_shell_action(arguments: str) -> dict | None:
+    """A local_shell function call's arguments -> the `action` of its local_shell_call item, or None
+    if they do not name a command."""
+    try:
+        action = json.loads(arguments)
+    except ValueError:
+        return None
+    if not isinstance(action, dict) or not isinstance(action.get("command"), list) or not action["command"] \
+            or not all(isinstance(word, str) for word in action["command"]):
+        return None
+    known = {name: action[name] for name in LOCAL_SHELL_PARAMETERS["properties"] if action.get(name) is not None}
+    return {"type": "exec", "env": {}, **known}
+
+
+
+
+class ResponsesEvents:
+    """pi events -> Responses stream events (dicts with `type` and `sequence_number`).
+
+    Output items stream one at a time: output_item.added, the item's own events, output_item.done.
+    pi may interleave blocks (openai-completions ends all its blocks only when the stream ends), so
+    an item is finished as soon as another block needs the stream, and a later delta for it opens
+    a new item. The terminal event's response lists every finished item; a response that completes
+    (or is cut short by its token limit) goes to `keep` if given."""
+
+    def __init__(self, response: dict, model_id: str, tools: dict, key: bytes, keep=None):
+        self.response, self.model_id, self.tools, self.key, self.keep = response, model_id, tools, key, keep
+        self.sequence = 0
+        self.output = []  # finished items
+        self.open = None  # (pi contentIndex, item kind, item) now streaming
+        self.text = []  # the open item's text, summary or arguments so far, in pieces (joined once)
+        self.calls = {}  # pi contentIndex -> (call id, pi tool name)
+        self.signatures = {}  # pi contentIndex -> a thinking block's signature, known at its start
+        self.redacted = set()  # pi contentIndex of redacted thinking: a reasoning item with no summary
+
+    def event(self, type_: str, **fields) -> dict:
+        event = {"type": type_, **fields, "sequence_number": self.sequence}
+        self.sequence += 1
+        return event
+
+    def translate(self, event: dict) -> list:
+        kind, index = event["type"], event.get("contentIndex")
+        if kind == "start":
+            return [self.event("response.created", response=self.snapshot("in_progress")),
+                    self.event("response.in_progress", response=self.snapshot("in_progress"))]
+        if kind in ("text_start", "thinking_start", "toolcall_start"):
+            if kind == "toolcall_start":
+                self.calls[index] = (event["id"], event["toolName"])
+            if event.get("contentSignature"):
+                self.signatures[index] = event["contentSignature"]
+            if event.get("redacted"):
+                self.redacted.add(index)
+            return self.start_item(index, ITEM_OF_BLOCK[kind.split("_")[0]])
+        if kind == "text_delta":
+            return [*self.ensure_open(index, "message"), self.delta("response.output_text.delta", event["delta"])]
+        if kind == "thinking_delta" and event["delta"]:
+            return [*self.ensure_open(index, "reasoning"), *self.summary_delta(event["delta"])]
+        if kind == "toolcall_delta" and event["delta"]:
+            frames = self.ensure_open(index, "tool")
+            self.text.append(event["delta"])
+            if self.open[2]["type"] == "function_call":
+                frames.append(self.event("response.function_call_arguments.delta", item_id=self.open[2]["id"],
+                                         output_index=len(self.output), delta=event["delta"]))
+            return frames
+        if kind == "thinking_end" and self.is_open(index):
+            return self.finish(signature=event.get("contentSignature"))
+        if kind.endswith("_end") and self.is_open(index):
+            return self.finish()
+        if kind == "done":
+            message = event["message"]
+            frames = self.finish()
+            incomplete = event["reason"] == "length"
+            response = self.snapshot("incomplete" if incomplete else "completed")
+            response["usage"] = responses_usage(message.get("usage", {}))
+            if incomplete:
+                response["incomplete_details"] = {"reason": "max_output_tokens"}
+            if self.keep is not None:
+                self.keep(response)
+            return [*frames, self.event(f"response.{response['status']}", response=response)]
+        return []
+
+    def fail(self, error: ApiError) -> list:
+        """The terminal event for a stream that broke after it began."""
+        frames = self.finish()
+        response = self.snapshot("failed")
+        response["error"] = {"code": failure_code(error), "message": error.message}
+        return [*frames, self.event("response.failed", response=response)]
+
+    def snapshot(self, status: str) -> dict:
+        return {**self.response, "status": status, "output": list(self.output)}
+
+    def is_open(self, index: int) -> bool:
+        return self.open is not None and self.open[0] == index
+
+    def ensure_open(self, index: int, kind: str) -> list:
+        return [] if self.open is not None and self.open[:2] == (index, kind) else self.start_item(index, kind)
+
+    def start_item(self, index: int, kind: str) -> list:
+        frames = self.finish()
+        if kind == "message":
+            item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "status": "in_progress",
+                    "role": "assistant", "content": []}
+        elif kind == "reasoning":
+            item = {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": []}
+        else:
+            call_id, pi_name = self.calls[index]
+            tool = self.tools.get(pi_name, ClientTool(pi_name))
+            item = {"id": f"{ITEM_PREFIXES[tool.kind]}_{uuid.uuid4().hex}", "status": "in_progress", "call_id": call_id}
+            if tool.kind == LOCAL_SHELL:
+                item |= {"type": "local_shell_call", "action": {"type": "exec", "command": [], "env": {}}}
+            else:
+                item |= {"type": "custom_tool_call", "name": tool.name, "input": ""} if tool.kind == "custom" \
+                    else {"type": "function_call", "name": tool.name, "arguments": ""}
+            if tool.namespace:
+                item["namespace"] = tool.namespace
+        self.open, self.text = (index, kind, item), []
+        frames.append(self.event("response.output_item.added", output_index=len(self.output), item=dict(item)))
+        if item["type"] == "message":
+            frames.append(self.event("response.content_part.added", item_id=item["id"], output_index=len(self.output),
+                                     content_index=0, part=self.text_part("")))
+        return frames
+
+    def delta(self, type_: str, delta: str) -> dict:
+        self.text.append(delta)
+        return self.event(type_, item_id=self.open[2]["id"], output_index=len(self.output), content_index=0,
+                          delta=delta, logprobs=[])
+
+    def summary_delta(self, delta: str) -> list:
+        item_id, frames = self.open[2]["id"], []
+        if not any(self.text):
+            frames.append(self.event("response.reasoning_summary_part.added", item_id=item_id,
+                                     output_index=len(self.output), summary_index=0,
+                                     part={"type": "summary_text", "text": ""}))
+        self.text.append(delta)
+        frames.append(self.event("response.reasoning_summary_text.delta", item_id=item_id,
+                                 output_index=len(self.output), summary_index=0, delta=delta))
+        return frames
+
+    @staticmethod
+    def text_part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def finish(self, signature: str | None = None) -> list:
+        """Close the open item: its closing events and output_item.done."""
+        if self.open is None:
+            return []
+        (index, _, item), text, where = self.open, "".join(self.text), {"output_index": len(self.output)}
+        self.open, where["item_id"] = None, item["id"]
+        frames = []
+        if item["type"] == "message":
+            item |= {"status": "completed", "content": [self.text_part(text)]}
+            frames += [self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
+                       self.event("response.content_part.done", **where, content_index=0, part=self.text_part(text))]
+        elif item["type"] == "reasoning":
+            if text:
+                part = {"type": "summary_text", "text": text}
+                item["summary"] = [part]
+                frames += [self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=text),
+                           self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)]
+            signature = signature or self.signatures.get(index)
+            if signature:
+                item["encrypted_content"] = seal_reasoning(self.model_id, signature, self.key, index in self.redacted)
+        else:
+            if not text:  # a call cut short before its first argument
+                text = "{}"
+                if item["type"] == "function_call":
+                    frames.append(self.event("response.function_call_arguments.delta", **where, delta=text))
+            # What was streamed cannot be taken back: a call cut short stays as it is, marked incomplete.
+            item["status"] = "completed" if _is_json_object(text) else "incomplete"
+            if item["type"] == "local_shell_call":
+                action = local_shell_action(text)
+                item["status"] = "completed" if action else "incomplete"
+                item["action"] = action or item["action"]
+            elif item["type"] == "function_call":
+                item["arguments"] = text
+                frames.append(self.event("response.function_call_arguments.done", **where, name=item["name"],
+                                         arguments=text))
+            else:
+                value = json.loads(text).get(CUSTOM_INPUT) if item["status"] == "completed" else None
+                item["input"] = value if isinstance(value, str) else text
+                frames += [self.event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
+                           self.event("response.custom_tool_call_input.done", **where, input=item["input"])]
+        self.output.append(item)
+        frames.append(self.event("response.output_item.done", output_index=where["output_index"], item=item))
+        return frames
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def prepare_responses(body: dict, model: dict, proxy, run) -> Exchange:
+    key = proxy.envelope_key()
+    pi_tools, tools = responses_tools(body.get("tools", []))
+    items = stored_input(body, proxy.response_store, proxy.config.max_body_size)  # the store lives on the loop
+    context = run(responses_to_context, body, items, model, pi_tools, tools, key)
+    fetch_remote_images(context, proxy.config)
+    chat = responses_as_chat(body, tools)
+    # Kept as sent: its item_reference entries are resolved again when a later response chains onto it.
+    keep = functools.partial(proxy.response_store.keep, input_items=input_items(body),
+                             previous=body.get("previous_response_id")) if stored(body) else None
+    events = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
+                             canonical_id(model), tools, key, keep)
+    return Exchange(context, responses_options(body, chat), upstream_payload(chat_extras(chat), model["api"]), events,
+                    bool(body.get("stream")))
+
+
+def response_of(frames: list) -> dict:
+    """The `response` object: the terminal event's."""
+    return frames[-1]["response"]
+
+
+# ==================================================================================================
+# 13. pi streamProxy
+# ==================================================================================================
+# pi-agent-core's streamProxy(model, context, {proxyUrl, authToken}) posts {model, context,
+# options} to /api/stream and rebuilds the message from pi's own events, reduced (no `partial`).
+# The client's model object only names the model: connection fields (baseUrl, headers, api)
+# come from this proxy's registry, or a client could send the server's keys anywhere.
+
+_PI_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
+_PI_IMAGE = {"required": ["data", "mimeType"],
+             "properties": {"data": {"type": "string"}, "mimeType": {"type": "string"}}}
+_PI_THINKING = {"required": ["thinking"], "properties": {"thinking": {"type": "string"}}}
+_PI_TOOL_CALL = {"required": ["id", "name", "arguments"],
+                 "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                "arguments": {"type": "object"}}}
+_PI_BLOCK_RULES = {"text": _PI_TEXT, "image": _PI_IMAGE, "thinking": _PI_THINKING, "toolCall": _PI_TOOL_CALL}
+
+
+_PI_OWN = {}  # the fields of pi-ai's own types not checked here (signatures, usage...): pi-ai reads them
+
+
+def _pi_blocks(allowed: list) -> dict:
+    return {"type": "array", "items": {
+        "type": "object", "required": ["type"], "properties": {"type": {"enum": allowed}},
+        "additionalProperties": _PI_OWN,
+        "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": _PI_BLOCK_RULES[kind]}
+                  for kind in allowed]}}
+
+
+_PI_MESSAGE_RULES = {
+    "user": {"required": ["content"],
+             "properties": {"content": {"anyOf": [{"type": "string"}, _pi_blocks(["text", "image"])]}}},
+    "assistant": {"required": ["content"],
+                  "properties": {"content": _pi_blocks(["text", "thinking", "toolCall"]),
+                                 "api": {"type": "string"}, "provider": {"type": "string"},
+                                 "model": {"type": "string"}, "stopReason": {"type": "string"}}},
+    "toolResult": {"required": ["toolCallId", "content"],
+                   "properties": {"toolCallId": {"type": "string"}, "toolName": {"type": "string"},
+                                  "content": _pi_blocks(["text", "image"]), "isError": {"type": "boolean"}}},
+}
+PI_STREAM_VALIDATOR = Draft202012Validator({
+    "title": "streamProxy request",
+    "type": "object",
+    "required": ["model", "context"],
+    "properties": {
+        "model": {"type": "object", "required": ["provider", "id"],
+                  "properties": {"provider": {"type": "string", "minLength": 1},
+                                 "id": {"type": "string", "minLength": 1}},
+                  "additionalProperties": ignored("the model is this proxy's: only its provider and id are read")},
+        "context": {"type": "object", "required": ["messages"], "additionalProperties": _PI_OWN, "properties": {
+            "systemPrompt": {"type": "string"},
+            "messages": {"type": "array", "items": {
+                "type": "object", "required": ["role"], "additionalProperties": _PI_OWN,
+                "properties": {"role": {"enum": list(_PI_MESSAGE_RULES)}},
+                "allOf": [{"if": {"properties": {"role": {"const": role}}}, "then": rule}
+                          for role, rule in _PI_MESSAGE_RULES.items()]}},
+            "tools": {"type": "array", "items": {
+                "type": "object", "required": ["name", "parameters"], "additionalProperties": _PI_OWN,
+                "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+                               "parameters": {"type": "object"}}}},
+        }},
+        "options": {"type": "object", "properties": {
+            "temperature": {"type": "number", "minimum": 0},
+            "maxTokens": {"type": "integer", "minimum": 1},
+            "reasoning": {"enum": ["minimal", "low", "medium", "high", "xhigh"]},
+            "thinkingBudgets": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}},
+            "cacheRetention": {"enum": ["none", "short", "long"]},
+            "sessionId": {"type": "string"},
+            "metadata": {"type": "object"},
+            "maxRetryDelayMs": {"type": "integer", "minimum": 0},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "transport": ignored("the proxy makes the upstream connections"),
+        }},
+    },
+})
+PI_STREAM_OPTIONS = ("temperature", "maxTokens", "reasoning", "thinkingBudgets", "cacheRetention", "sessionId",
+                     "metadata", "maxRetryDelayMs")
+# Headers a client may never set: those that carry credentials in some provider's requests, and
+# those that frame the request or concern one connection (the upstream's HTTP client sets them).
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+                                "cf-aig-authorization", "chatgpt-account-id", "cookie"})
+FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "content-encoding", "connection",
+                             "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect"})
+
+
+def pi_stream_body(body) -> dict:
+    """The validated request; `null` options mean "not set", as everywhere."""
+    if isinstance(body, dict) and isinstance(body.get("options"), dict):
+        body = {**body, "options": {k: v for k, v in body["options"].items() if v is not None}}
+    return validate(body, PI_STREAM_VALIDATOR)
+
+
+def pi_stream_options(options: dict) -> dict:
+    """The options pi-ai is given (PI_STREAM_VALIDATOR marks the ignored ones)."""
+    if "sessionId" in options:
+        check_header(None, options["sessionId"], "options.sessionId")
+    for name, value in (options.get("headers") or {}).items():
+        check_header(name, value, f"options.headers.{name}")
+    return {name: options[name] for name in PI_STREAM_OPTIONS if name in options}
+
+
+def addable_headers(requested: dict) -> dict:
+    """A client's extra headers, minus credential and framing headers (names compare
+    case-insensitively). The bridge adds them to each upstream request only where pi-ai and the
+    proxy set no header of that name, so they never replace one. Values stay literal: unlike
+    models.json values they are never resolved as environment variable names or `!commands`."""
+    forbidden = CREDENTIAL_HEADERS | FRAMING_HEADERS
+    dropped = sorted(name for name in requested if name.lower() in forbidden)
+    if dropped:
+        log.info("a client may not set these headers; dropped: %s", ", ".join(dropped))
+    return {name: value for name, value in requested.items() if name.lower() not in forbidden}
+
+
+def lookup_pi_model(model: dict, models: dict, is_available) -> dict:
+    """The registry's model named by the client's (provider, id); no other field of it is used."""
+    name = f"{model['provider']}/{model['id']}"
+    if name not in models:
+        raise ApiError(404, f"The model {name!r} does not exist on this proxy", "not_found_error",
+                       param="model", code="model_not_found")
+    return resolve_model(name, models, is_available)
+
+
+# streamProxy's client rebuilds a tool call from its id, name and arguments alone, and a message
+# from its events' stopReason and usage. So Google's thoughtSignature on a tool call, which Gemini
+# wants back with the call, travels in the call's id (`<id>|pi-thought:<signature>`, the
+# signature being base64) and is put back where pi-ai keeps it when the conversation returns.
+_THOUGHT_IN_ID = "|pi-thought:"
+
+
+def pi_stream_call_id(call_id: str, thought_signature: str | None) -> str:
+    return f"{call_id}{_THOUGHT_IN_ID}{thought_signature}" if thought_signature else call_id
+
+
+def pi_stream_context(context: dict) -> dict:
+    """A streamProxy client's context as pi-ai made it: tool call ids that carry a thoughtSignature
+    (pi_stream_call_id) become the id and the call's thoughtSignature again."""
+    messages = []
+    for message in context["messages"]:
+        if message["role"] == "assistant":
+            content = []
+            for block in message["content"]:
+                call_id, found, signature = block.get("id", "").partition(_THOUGHT_IN_ID)
+                if block["type"] == "toolCall" and found:
+                    block = {"thoughtSignature": signature, **block, "id": call_id}
+                content.append(block)
+            message = {**message, "content": content}
+        elif message["role"] == "toolResult" and _THOUGHT_IN_ID in message["toolCallId"]:
+            message = {**message, "toolCallId": message["toolCallId"].partition(_THOUGHT_IN_ID)[0]}
+        messages.append(message)
+    return {**context, "messages": messages}
+
+
+class PiStreamEvents:
+    """Bridge events (in pi_events' shape) -> streamProxy events. The bridge already prints pi's
+    reduced events; what changes is the end (usage instead of the whole message; and pi-ai's
+    responseId, which pi-agent-core 0.73.1's client does not read) and a tool call's id
+    (pi_stream_call_id). What streamProxy rebuilds only from deltas, pi_events already gives as
+    deltas: every tool call's arguments, and each block's final text."""
+
+    def __init__(self, secrets=()):
+        self.secrets = secrets  # redacted from error messages (those of Call.error already are)
+
+    def translate(self, event: dict) -> list:
+        kind = event["type"]
+        if kind in ("text_end", "thinking_end"):
+            return [{name: value for name, value in event.items() if name != "content"}]
+        if kind == "toolcall_start":
+            return [{"type": kind, "contentIndex": event["contentIndex"], "toolName": event["toolName"],
+                     "id": pi_stream_call_id(event["id"], event.get("thoughtSignature"))}]
+        if kind == "toolcall_end":
+            return [{"type": kind, "contentIndex": event["contentIndex"]}]
+        if kind == "done":
+            done = {"type": kind, "reason": event["reason"], "usage": event["message"].get("usage") or ZERO_USAGE}
+            response_id = event["message"].get("responseId")
+            return [{**done, "responseId": response_id} if response_id else done]
+        if kind == "error":
+            message = event.get("message") or {}
+            return [{"type": kind, "reason": event["reason"],
+                     "errorMessage": redact(message.get("errorMessage") or "upstream error", self.secrets),
+                     "usage": message.get("usage") or ZERO_USAGE}]
+        return [event]
+
+    def fail(self, error: ApiError) -> list:
+        """An upstream failure, before any content too: the stream's final `error` event, with pi-ai's
+        own message, as calling pi-ai directly would give."""
+        return self.translate(error.upstream_event)
+
+
+def prepare_pi(body: dict, model: dict, proxy, run) -> Exchange:
+    options = body.get("options", {})
+    return Exchange(pi_stream_context(body["context"]), pi_stream_options(options), {}, PiStreamEvents(),
+                    client_headers=options.get("headers"))
+
+
+# ==================================================================================================
 # 14. Usage
 # ==================================================================================================
 # One RequestRecord per API request: created when the request is admitted, fed the bridge's events
 # by its Call, finished when the response's last byte is written (the response's close). Finishing
 # writes the request's log line and adds it to the Ledger behind GET /usage.
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/messages": "messages", "/v1/responses": "responses",
-             "/api/stream": "api/stream", "/v1/messages/count_tokens": "count_tokens"}
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{8,128}")  # an incoming x-request-id reused only if it matches
 TOKEN_KINDS = {"input": "input", "output": "output", "cacheRead": "cache_read", "cacheWrite": "cache_write"}
 ERROR_OUTCOMES = {*ERROR_TYPES.values(), "api_error", "timeout_error", "error"}  # failures inside a 200 stream
@@ -4080,6 +4290,18 @@ def sse_data(payload) -> bytes:
 UPSTREAM_KEY_HEADER = "X-Pi-Upstream-Api-Key"  # a client's own upstream key, for this request only
 
 
+@dataclass
+class ClientRequest:
+    """What the code below the routes needs of an API request, read from Flask's `request` once, by
+    its route: Proxy and Call never read Flask's globals."""
+
+    record: "RequestRecord"
+    upstream_key: str | None = None  # UPSTREAM_KEY_HEADER: the client's own key for the upstream
+    connection: socket.socket | None = None  # the client's socket: a Call watches it (watch_client)
+    body_size: int = 0  # a large request's work is done off the loop (off_loop)
+    calls: list = field(default_factory=list)  # its Calls that no response owns yet (create_app's close_calls)
+
+
 class Proxy:
     """The server's state: configuration, models and credentials, and how to run the bridge."""
 
@@ -4122,26 +4344,26 @@ class Proxy:
         available = {provider for provider in providers if self.is_available(provider)}  # once each
         return [m for m in self.registry.models.values() if m["provider"] in available]
 
-    def model_availability(self):
+    def model_availability(self, upstream_key: str | None):
         """Which providers a request may use: all of them when it brings its own upstream key."""
-        return (lambda provider: True) if request.headers.get(UPSTREAM_KEY_HEADER) else self.is_available
+        return (lambda provider: True) if upstream_key else self.is_available
 
-    def start(self, model: dict, context: dict, options: dict, payload: dict, heartbeat: float | None = None,
-              client_headers: dict | None = None) -> "Call":
+    def start(self, model: dict, exchange: Exchange, client: ClientRequest) -> "Call":
         """Start the upstream call, read up to its first content (see Call). If the upstream
         refuses a refreshable token (401), it is refreshed and the call made once more: nothing
         has reached the client yet."""
-        override = request.headers.get(UPSTREAM_KEY_HEADER)
-        request.environ["pi_proxy.record"].note_model(model)
-        options = within_output_limit(options, model)
-        credential = Credential(override, "request header") if override else \
+        client.record.note_model(model)
+        options = within_output_limit(exchange.options, model)
+        credential = Credential(client.upstream_key, "request header") if client.upstream_key else \
             self.credentials.for_provider(model["provider"])
         if credential is None:
             raise ApiError(401, f"No credentials for provider {model['provider']!r}", "authentication_error")
         while True:
-            bridge_request, secrets = self.stream_request(model, context, options, payload, credential, client_headers)
+            bridge_request, secrets = self.stream_request(model, exchange.context, options, exchange.payload,
+                                                          credential, exchange.client_headers)
             try:
-                return self.open_stream(off_loop(bridge_line, bridge_request), secrets, heartbeat)
+                line = off_loop(client.body_size, bridge_line, bridge_request)
+                return self.open_stream(line, secrets, exchange.heartbeat, client)
             except ApiError as error:
                 if error.status != 401 or not credential.refreshable:
                     raise
@@ -4178,13 +4400,13 @@ class Proxy:
         apis = {api for provider, apis in self.apis_by_provider.items() if self.is_available(provider) for api in apis}
         return [self.node, str(bridge_script()), *(["--warm-up"] if self.config.bridge_warm_up else []), *sorted(apis)]
 
-    def open_stream(self, line: bytes, secrets: list, heartbeat: float | None = None) -> "Call":
+    def open_stream(self, line: bytes, secrets: list, heartbeat: float | None, client: ClientRequest) -> "Call":
         """A bridge taken from the pool and given its request line; from here on the request's
         Call owns it (see Call)."""
         bridge = self.bridges.take()
         try:
             bridge.send(line)
-            return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets)
+            return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets, client)
         except BaseException:
             bridge.close()
             raise
@@ -4194,18 +4416,17 @@ class Call:
     """One upstream call in flight: the bridge, its events, and the client connection it serves.
     If the client goes away, the bridge is killed at once, even while the upstream is silent.
 
-    Nothing taken is lost: each Call is listed in its request's environ until a streaming
+    Nothing taken is lost: each Call is listed in its request's `calls` until a streaming
     response takes it over (sse_response); whatever ends the request otherwise (a whole reply, an
     error, any exception) closes the Calls still listed (create_app's close_calls)."""
 
-    def __init__(self, bridge: Bridge, events, secrets: list):
-        self.record = request.environ["pi_proxy.record"]
+    def __init__(self, bridge: Bridge, events, secrets: list, client: ClientRequest):
+        self.client, self.record = client, client.record
         self.bridge, self.secrets = bridge, secrets
         self._watcher = None
-        request.environ.setdefault("pi_proxy.calls", []).append(self)
-        client = request.environ.get("pi_proxy.socket")
-        if client is not None:
-            self._watcher = gevent.spawn(watch_client, client, self.client_gone)
+        client.calls.append(self)
+        if client.connection is not None:
+            self._watcher = gevent.spawn(watch_client, client.connection, self.client_gone)
         events = pi_events(self.record.observe(events))
         self.events = itertools.chain(self.opening(events), events)  # all of them, in pi_events' shape
 
@@ -4267,14 +4488,6 @@ def watch_client(client: socket.socket, on_gone):
     if gone:
         log.info("client disconnected; stopping its upstream call")
         on_gone()
-
-
-def api_family(path: str) -> str:
-    """Whose error shape and headers a request gets; the model list is Anthropic's for Anthropic's
-    clients, which send `anthropic-version`."""
-    if path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers):
-        return "anthropic"
-    return "pi" if path == "/api/stream" else "openai"
 
 
 def wants_status_page() -> bool:
@@ -4358,18 +4571,17 @@ def read_body(limit: int) -> bytes:
         raise ApiError(400, f"The request body could not be read: {error}") from None
     if len(raw) > limit:
         raise too_large
-    request.environ["pi_proxy.body_size"] = len(raw)
     return raw
 
 
 OFF_LOOP_BYTES = 100_000  # a request larger than this is parsed, checked and serialised off the loop
 
 
-def off_loop(function, *args):
-    """function(*args); for a large request, in gevent's thread pool, so that the loop serves
-    the other clients meanwhile. The GIL still lets the loop run: pure Python (jsonschema) is
-    preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
-    if request.environ.get("pi_proxy.body_size", 0) <= OFF_LOOP_BYTES:
+def off_loop(body_size: int, function, *args):
+    """function(*args); for a large request (of body_size bytes), in gevent's thread pool, so that
+    the loop serves the other clients meanwhile. The GIL still lets the loop run: pure Python
+    (jsonschema) is preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
+    if body_size <= OFF_LOOP_BYTES:
         return function(*args)
     result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
     for record in records:
@@ -4392,14 +4604,20 @@ def outcome(function, args) -> tuple:
         _held.records = None
 
 
-def read_request(config: Config, check, messages: str, tools: str) -> dict:
+def client_request() -> ClientRequest:
+    """The API request's values the code below its route needs (see ClientRequest)."""
+    return ClientRequest(request.environ["pi_proxy.record"], request.headers.get(UPSTREAM_KEY_HEADER),
+                         request.environ.get("pi_proxy.socket"), calls=request.environ.setdefault("pi_proxy.calls", []))
+
+
+def read_request(config: Config, check, messages: str, tools: str, client: ClientRequest) -> dict:
     """The request's JSON body: parsed, within the caps, then checked (validated) by `check`.
     `messages` and `tools` are where this API keeps its messages and its tools."""
-    body = off_loop(parse_body, read_body(config.max_body_size))
-    record = request.environ.get("pi_proxy.record")
-    if record is not None:
-        record.note_body(body)
-    return off_loop(checked_body, body, config, check, messages, tools)
+    raw = read_body(config.max_body_size)
+    client.body_size = len(raw)
+    body = off_loop(client.body_size, parse_body, raw)
+    client.record.note_body(body)
+    return off_loop(client.body_size, checked_body, body, config, check, messages, tools)
 
 
 def checked_body(body, config: Config, check, messages: str, tools: str) -> dict:
@@ -4457,6 +4675,119 @@ def linked_path(link) -> str:
         link, key = link
         parts.appendleft(key)
     return json_path(parts)
+
+
+def sse_response(frames, call: Call) -> Response:
+    response = Response(coalesce(frames, call.bridge), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # Runs even if the client vanished before the first frame (a generator's finally would not).
+    response.call_on_close(call.close)
+    call.client.calls.remove(call)  # the response owns it now
+    return response
+
+
+COALESCED_BYTES = 65536  # at most this much per write; then the other clients get their turn
+
+
+def coalesce(frames, bridge: Bridge):
+    """One socket write for all the frames of the events the bridge has already printed (it
+    prints a tick's events at once), instead of one write per frame; nothing waits for more.
+    A backlog of events goes out in writes of COALESCED_BYTES, with the loop given to the other
+    clients between them: a write to a socket that can take it never does that by itself."""
+    batch, size = [], 0
+    for frame in frames:
+        batch.append(frame)
+        size += len(frame)
+        if not bridge.lines.qsize() or size >= COALESCED_BYTES:
+            yield b"".join(batch)
+            if size >= COALESCED_BYTES:
+                gevent.sleep(0)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
+
+
+def sse_event(name: str, payload) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_sse(call: Call, translator, api: "ClientApi"):
+    """Any client API's SSE body: its translator's frames for each of the call's events. It always
+    ends as the API's protocol says: an upstream failure becomes the translator's error frames
+    (fail), then the API's trailer, if it has one (chat: `data: [DONE]`)."""
+    encode = api.encode
+    try:
+        for event in call.events:
+            if event["type"] == "error":
+                yield from map(encode, translator.fail(call.error(event)))
+                break
+            yield from map(encode, translator.translate(event))
+        if api.trailer:
+            yield api.trailer
+    finally:
+        call.close()
+
+
+def sse_named(frame: tuple) -> bytes:
+    """An Anthropic frame, (event name, data)."""
+    return sse_event(*frame)
+
+
+def sse_typed(frame: dict) -> bytes:
+    """A Responses frame, named by its type."""
+    return sse_event(frame["type"], frame)
+
+
+@dataclass(frozen=True)
+class ClientApi:
+    """One client API: how its request becomes a pi call (an Exchange) and how the answer is sent.
+    Adding an API: its section (request schema and translation, a translator with translate and
+    fail, a prepare function), then a row in CLIENT_APIS."""
+
+    name: str  # in usage records and log lines
+    family: str  # its error shape (error_response): "openai", "anthropic" or "pi"
+    check: Callable  # the request body -> the validated body, or ApiError 400
+    messages: str  # where the body keeps its messages, and its tools (check_caps)
+    tools: str
+    resolve: Callable  # (the requested model, the registry's models, is_available) -> a pi model
+    prepare: Callable  # (body, pi model, Proxy, run) -> Exchange; run(f, *args): f's work, off the loop if large
+    encode: Callable[[object], bytes]  # a translator's frame -> SSE bytes
+    whole: Callable[[list], dict] | None = None  # a whole reply's frames -> the reply; None: it always streams
+    trailer: bytes = b""  # after a stream's last frame
+    fails_in_stream: bool = False  # an upstream failure before any content is also the stream's error event
+
+
+CLIENT_APIS = {
+    "/v1/chat/completions": ClientApi(
+        "chat", "openai", chat_body, "messages", "tools", resolve_model, prepare_chat, sse_data,
+        whole=completion_of, trailer=b"data: [DONE]\n\n"),
+    "/v1/messages": ClientApi(
+        "messages", "anthropic", messages_body, "messages", "tools", resolve_claude_model, prepare_messages,
+        sse_named, whole=message_of),
+    "/v1/responses": ClientApi(
+        "responses", "openai", responses_body, "input", "tools", resolve_model, prepare_responses, sse_typed,
+        whole=response_of),
+    "/api/stream": ClientApi(
+        "api/stream", "pi", pi_stream_body, "context.messages", "context.tools", lookup_pi_model, prepare_pi,
+        sse_data, fails_in_stream=True),
+}
+ENDPOINTS = {path: api.name for path, api in CLIENT_APIS.items()} | {"/v1/messages/count_tokens": "count_tokens"}
+
+
+def api_family(path: str) -> str:
+    """Whose error shape and headers a request gets (error_response): its client API's, or, for the
+    other paths (count_tokens, the model list, a path that does not exist), that of the API whose
+    prefix it has."""
+    if path in CLIENT_APIS:
+        return CLIENT_APIS[path].family
+    # The model list is Anthropic's for Anthropic's clients, which send `anthropic-version`.
+    if path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers):
+        return "anthropic"
+    return "openai"
+
+
+def model_entry(model: dict, created: int) -> dict:
+    return {"id": canonical_id(model), "object": "model", "created": created, "owned_by": model["provider"]}
 
 
 def create_app(proxy: Proxy) -> Flask:
@@ -4577,95 +4908,41 @@ def create_app(proxy: Proxy) -> Flask:
             return anthropic_model(model)
         return model_entry(model, proxy.started)
 
-    @app.post("/v1/chat/completions")
-    def chat_completions():
-        body = read_request(proxy.config, functools.partial(validate, validator=CHAT_VALIDATOR), "messages", "tools")
-        reject_unsupported(body)
-        model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = off_loop(chat_to_context, body, model)
-        fetch_remote_images(context, proxy.config)
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        call = proxy.start(model, context, chat_options(body), upstream_payload(chat_extras(body), model["api"]))
-        if body.get("stream"):
-            include_usage = bool(body.get("stream_options", {}).get("include_usage"))
-            chunks = ChatChunks(completion_id, body["model"], created, include_usage)
-            return sse_response(stream_chat(call, chunks), call)
-        final = call.final()
-        if final["type"] == "error":
-            raise upstream_error(final, call.secrets)
-        return chat_completion(final["message"], final["reason"], completion_id, body["model"], created)
-
-    @app.post("/v1/messages")
-    def messages():
-        body = read_request(proxy.config, functools.partial(validate, validator=MESSAGES_VALIDATOR), "messages", "tools")
-        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = off_loop(anthropic_to_context, body, model, proxy.envelope_key())
-        fetch_remote_images(context, proxy.config)
-        estimate = off_loop(count_request_tokens, context, model)
-        seal = functools.partial(signature_out, model, key=proxy.envelope_key())
-        message_id = f"msg_{uuid.uuid4().hex[:24]}"
+    def client_api(api: ClientApi):
+        """Every client API's route (CLIENT_APIS): its request read once, made a pi call, and its
+        answer streamed or assembled whole."""
+        client = client_request()
+        body = read_request(proxy.config, api.check, api.messages, api.tools, client)
+        model = api.resolve(body["model"], proxy.registry.models, proxy.model_availability(client.upstream_key))
+        exchange = api.prepare(body, model, proxy, functools.partial(off_loop, client.body_size))
+        refused = exchange.refused or (lambda error: error)
         try:
-            call = proxy.start(model, context, anthropic_options(body),
-                                        upstream_payload(anthropic_extras(body), model["api"]), PING_INTERVAL)
+            call = proxy.start(model, exchange, client)
         except ApiError as error:
-            raise anthropic_overflow(error, estimate, model) from None
-        if body.get("stream"):
-            frames = AnthropicEvents(message_id, body["model"], estimate, seal)
-            return sse_response(stream_anthropic(call, frames), call)
+            if api.fails_in_stream and error.upstream_event is not None:
+                return Response([api.encode(frame) for frame in exchange.translator.fail(error)],
+                                mimetype="text/event-stream")
+            raise refused(error) from None
+        if exchange.stream:
+            return sse_response(stream_sse(call, exchange.translator, api), call)
         final = call.final()
         if final["type"] == "error":
-            raise anthropic_overflow(upstream_error(final, call.secrets), estimate, model)
-        return anthropic_message(final, message_id, body["model"], seal)
+            raise refused(upstream_error(final, call.secrets))
+        return api.whole(replayed(exchange.translator, final))
+
+    for path, api in CLIENT_APIS.items():
+        app.add_url_rule(path, path, functools.partial(client_api, api), methods=["POST"])
 
     @app.post("/v1/messages/count_tokens")
     def count_tokens():
+        client = client_request()
         body = read_request(proxy.config, functools.partial(validate, validator=COUNT_TOKENS_VALIDATOR), "messages",
-                            "tools")
-        model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability())
-        context = off_loop(anthropic_to_context, body, model, proxy.envelope_key())
+                            "tools", client)
+        availability = proxy.model_availability(client.upstream_key)
+        model = resolve_claude_model(body["model"], proxy.registry.models, availability)
+        context = off_loop(client.body_size, anthropic_to_context, body, model, proxy.envelope_key())
         fetch_remote_images(context, proxy.config)
-        return {"input_tokens": off_loop(count_request_tokens, context, model)}
-
-    @app.post("/api/stream")
-    def pi_stream():
-        body = read_request(proxy.config, pi_stream_body, "context.messages", "context.tools")
-        model = lookup_pi_model(body["model"], proxy.registry.models, proxy.model_availability())
-        options = body.get("options", {})
-        try:
-            call = proxy.start(model, pi_stream_context(body["context"]), pi_stream_options(options), {},
-                                        client_headers=options.get("headers"))
-        except ApiError as error:
-            if error.upstream_event is None:
-                raise
-            # As pi-ai itself reports it: the stream's error event, whatever the upstream's status.
-            frames = [sse_data(frame) for frame in PiStreamEvents([]).translate(error.upstream_event)]
-            return Response(frames, mimetype="text/event-stream")
-        return sse_response(stream_pi(call, PiStreamEvents(call.secrets)), call)
-
-    @app.post("/v1/responses")
-    def responses():
-        body = read_request(proxy.config, functools.partial(validate, validator=RESPONSES_VALIDATOR), "input", "tools")
-        reject_stateful(body)
-        model = resolve_model(body["model"], proxy.registry.models, proxy.model_availability())
-        pi_tools, tools = responses_tools(body.get("tools", []))
-        items = stored_input(body, proxy.response_store, proxy.config.max_body_size)  # the store lives on the loop
-        context = off_loop(responses_to_context, body, items, model, pi_tools, tools, proxy.envelope_key())
-        fetch_remote_images(context, proxy.config)
-        chat = responses_as_chat(body, tools)
-        # Kept as sent: its item_reference entries are resolved again when a later response chains onto it.
-        keep = functools.partial(proxy.response_store.keep, input_items=input_items(body),
-                                 previous=body.get("previous_response_id")) if stored(body) else None
-        frames = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
-                                 canonical_id(model), tools, proxy.envelope_key(), keep)
-        call = proxy.start(model, context, responses_options(body, chat),
-                                    upstream_payload(chat_extras(chat), model["api"]))
-        if body.get("stream"):
-            return sse_response(stream_responses(call, frames), call)
-        final = call.final()
-        if final["type"] == "error":
-            raise upstream_error(final, call.secrets)
-        events = [{"type": "start"}, *replay_message(final["message"]), final]
-        return [frame for event in events for frame in frames.translate(event)][-1]["response"]
+        return {"input_tokens": off_loop(client.body_size, count_request_tokens, context, model)}
 
     @app.get("/usage")
     def usage():
@@ -4685,99 +4962,6 @@ def create_app(proxy: Proxy) -> Flask:
         return {}  # Claude Code's telemetry: accepted and dropped
 
     return app
-
-
-def model_entry(model: dict, created: int) -> dict:
-    return {"id": canonical_id(model), "object": "model", "created": created, "owned_by": model["provider"]}
-
-
-def sse_response(frames, call: Call) -> Response:
-    response = Response(coalesce(frames, call.bridge), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    # Runs even if the client vanished before the first frame (a generator's finally would not).
-    response.call_on_close(call.close)
-    request.environ["pi_proxy.calls"].remove(call)  # the response owns it now
-    return response
-
-
-COALESCED_BYTES = 65536  # at most this much per write; then the other clients get their turn
-
-
-def coalesce(frames, bridge: Bridge):
-    """One socket write for all the frames of the events the bridge has already printed (it
-    prints a tick's events at once), instead of one write per frame; nothing waits for more.
-    A backlog of events goes out in writes of COALESCED_BYTES, with the loop given to the other
-    clients between them: a write to a socket that can take it never does that by itself."""
-    batch, size = [], 0
-    for frame in frames:
-        batch.append(frame)
-        size += len(frame)
-        if not bridge.lines.qsize() or size >= COALESCED_BYTES:
-            yield b"".join(batch)
-            if size >= COALESCED_BYTES:
-                gevent.sleep(0)
-            batch, size = [], 0
-    if batch:
-        yield b"".join(batch)
-
-
-def sse_event(name: str, payload) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-def stream_anthropic(call: Call, frames: AnthropicEvents):
-    """SSE events for a Messages stream. It always ends in message_stop or an `error` event."""
-    try:
-        for event in call.events:
-            if event["type"] == "error":
-                error = call.error(event)
-                yield sse_event("error", error.anthropic_body())
-                break
-            for name, data in frames.translate(event):
-                yield sse_event(name, data)
-    finally:
-        call.close()
-
-
-def stream_chat(call: Call, chunks: ChatChunks):
-    """SSE frames for a chat stream. It always ends in `data: [DONE]`; a failure after the
-    headers went out becomes an error chunk first."""
-    try:
-        for event in call.events:
-            if event["type"] == "error":
-                error = call.error(event)
-                yield sse_data(error.openai_body())
-                break
-            for frame in chunks.translate(event):
-                yield sse_data(frame)
-        yield b"data: [DONE]\n\n"
-    finally:
-        call.close()
-
-
-def stream_pi(call: Call, events: PiStreamEvents):
-    """SSE frames for a streamProxy client. Upstream failures, also before any content, are the
-    stream's final `error` event, with pi-ai's own message (as calling pi-ai directly would
-    give); never `data: [DONE]`, which the client cannot parse and turns into an error."""
-    try:
-        for event in call.events:
-            for frame in events.translate(event):
-                yield sse_data(frame)
-    finally:
-        call.close()
-
-
-def stream_responses(call: Call, frames: ResponsesEvents):
-    """SSE events for a Responses stream. It always ends in response.completed,
-    response.incomplete or response.failed; never `data: [DONE]`."""
-    try:
-        for event in call.events:
-            translated = frames.fail(call.error(event)) if event["type"] == "error" \
-                else frames.translate(event)
-            for frame in translated:
-                yield sse_event(frame["type"], frame)
-    finally:
-        call.close()
 
 
 # ==================================================================================================

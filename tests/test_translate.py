@@ -272,7 +272,8 @@ def test_chunks_for_text_thinking_and_tools():
 def test_chat_completion_object():
     message = {"content": [{"type": "thinking", "thinking": "t"}, {"type": "text", "text": "a"},
                            {"type": "text", "text": "b"}], "usage": USAGE}
-    completion = proxy.chat_completion(message, "length", "id", "m", 5)
+    chunks = proxy.ChatChunks("id", "m", 5, include_usage=True)
+    completion = proxy.completion_of(proxy.replayed(chunks, {"type": "done", "reason": "length", "message": message}))
     assert completion["choices"][0]["message"] == {"role": "assistant", "content": "ab", "reasoning_content": "t"}
     assert completion["choices"][0]["finish_reason"] == "length"
     assert completion["usage"] == {"prompt_tokens": 13, "completion_tokens": 5, "total_tokens": 18,
@@ -410,6 +411,23 @@ def test_signature_and_whole_tool_arguments_are_sent_before_block_stop():
     assert deltas[1] == {"type": "signature_delta", "signature": "sig"}
     assert deltas[2] == {"type": "input_json_delta", "partial_json": "{}"}
     assert next(d for n, d in frames if n == "message_delta")["delta"]["stop_reason"] == "max_tokens"
+
+
+def test_a_whole_messages_reply_is_its_stream_put_together():
+    message = {"content": [
+        {"type": "thinking", "thinking": "hm", "thinkingSignature": "sig"},
+        {"type": "thinking", "thinking": "[Reasoning redacted]", "thinkingSignature": "opaque", "redacted": True},
+        {"type": "text", "text": "Hi"},
+        {"type": "toolCall", "id": "call|x", "name": "f", "arguments": {"q": 1}}], "usage": USAGE}
+    done = {"type": "done", "reason": "toolUse", "message": message}
+    reply = proxy.message_of(proxy.replayed(proxy.AnthropicEvents("msg_1", "m", 42, str.upper), done))
+    assert reply == {"id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [
+        {"type": "thinking", "thinking": "hm", "signature": "SIG"},
+        {"type": "redacted_thinking", "data": "OPAQUE"},
+        {"type": "text", "text": "Hi"},
+        {"type": "tool_use", "id": proxy.client_tool_id("call|x"), "name": "f", "input": {"q": 1}}],
+        "stop_reason": "tool_use", "stop_sequence": None, "usage": {
+            "input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 0}}
 
 
 def test_every_thinking_block_is_signed_before_it_stops_also_when_it_closes_early():
