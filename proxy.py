@@ -1439,6 +1439,16 @@ def relay_response(response, bridge_socket: socket.socket):
 # ==================================================================================================
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request got a bridge."""
+
+
+def client_at_end(client: socket.socket) -> bool:
+    """The client's socket has reached its end of input: it closed, or half-closed, its side.
+    Pending data (a pipelined request) is not an end. OSError if the socket failed."""
+    return bool(gevent.select.select([client], [], [], 0)[0]) and client.recv(1, socket.MSG_PEEK) == b""
+
+
 class Admission:
     """At most `limit` bridges serve requests at once. A request beyond it waits for a bridge to
     end, in a queue of at most `queue_size` requests, for at most `timeout` seconds; then, or when the
@@ -1446,13 +1456,16 @@ class Admission:
     A burst is smoothed out; a flood is refused instead of exhausting the machine's memory."""
 
     RETRY_AFTER = "5"
+    CLIENT_CHECK = 0.5  # s: how often a waiting request looks whether its client is still there
 
     def __init__(self, limit: int, queue_size: int, timeout: float):
         self.limit, self.queue_size, self.timeout = limit, queue_size, timeout
         self.slots = gevent.lock.Semaphore(limit)
         self.waiting = 0
 
-    def enter(self):
+    def enter(self, client: socket.socket | None = None):
+        """Admitted, or ApiError 429; a waiting request whose `client` disconnects leaves the queue
+        (ClientGone) instead of taking a bridge for nobody."""
         if not self.waiting and self.slots.acquire(blocking=False):
             return
         if self.waiting >= self.queue_size:
@@ -1460,11 +1473,24 @@ class Admission:
                                f"{self.waiting} requests are waiting")
         self.waiting += 1
         try:
-            admitted = self.slots.acquire(timeout=self.timeout)
+            admitted = self.wait(client)
         finally:
             self.waiting -= 1
         if not admitted:
             raise self.refusal(f"no bridge of its {self.limit} became free within {self.timeout:g} s")
+
+    def wait(self, client: socket.socket | None) -> bool:
+        deadline = time.monotonic() + self.timeout
+        try:
+            half_closed = client is None or client_at_end(client)  # see watch_client
+            while (left := deadline - time.monotonic()) > 0:
+                if self.slots.acquire(timeout=min(left, self.CLIENT_CHECK)):
+                    return True
+                if not half_closed and client_at_end(client):
+                    raise ClientGone
+        except OSError:
+            raise ClientGone from None
+        return False
 
     def leave(self):
         self.slots.release()
@@ -1533,11 +1559,11 @@ class BridgePool:
         recent = min(self.demand.peak(time.monotonic()), self.DEMAND_CAP, self.admission.limit)
         return max(self.size, recent) if self.size else 0
 
-    def take(self) -> Bridge:
+    def take(self, client: socket.socket | None = None) -> Bridge:
         """The oldest idle bridge still running, else a new one; the pool refills meanwhile.
         ApiError 503 if node cannot be started (e.g. it was uninstalled since startup), 429 if
-        admission refuses."""
-        self.admission.enter()
+        admission refuses; ClientGone if the `client` left while waiting for admission."""
+        self.admission.enter(client)
         while self.idle:
             bridge = self.idle.pop(0)
             if bridge.proc.poll() is None:
@@ -4403,7 +4429,13 @@ class Proxy:
     def open_stream(self, line: bytes, secrets: list, heartbeat: float | None, client: ClientRequest) -> "Call":
         """A bridge taken from the pool and given its request line; from here on the request's
         Call owns it (see Call)."""
-        bridge = self.bridges.take()
+        try:
+            bridge = self.bridges.take(client.connection)
+        except ClientGone:
+            client.record.client_gone = True
+            log.info("client disconnected while waiting for a bridge")
+            raise ApiError(499, "The client disconnected while its request waited for a bridge", "api_error",
+                           code="client_closed_request") from None
         try:
             bridge.send(line)
             return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets, client)
@@ -4479,7 +4511,7 @@ def watch_client(client: socket.socket, on_gone):
     HTTP/1.1: it still reads the answer); on the wire a close looks the same, so for such a client
     a disconnect shows only when writing the answer fails."""
     try:
-        if gevent.select.select([client], [], [], 0)[0] and client.recv(1, socket.MSG_PEEK) == b"":
+        if client_at_end(client):
             return
         gevent.socket.wait_read(client.fileno())
         gone = client.recv(1, socket.MSG_PEEK) == b""
