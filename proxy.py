@@ -179,6 +179,8 @@ class Config:
     client_stall_timeout_s: float = 60.0  # a client that reads nothing of its response
     allowed_hosts: frozenset = frozenset()  # Host names clients use beyond loopback and the bound address
     cors_origins: frozenset = frozenset()  # web origins whose pages may call the proxy ("*": any)
+    response_store_bytes: int = 64 * 2**20  # the Responses store's memory (ResponseStore)
+    response_store_age_s: float = 24 * 3600.0  # how long it keeps what it stored
 
     def __post_init__(self):
         if self.queue_size is None:
@@ -238,6 +240,8 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         client_stall_timeout_s=float(environ.get("PI_PROXY_CLIENT_STALL_TIMEOUT_S", defaults.client_stall_timeout_s)),
         allowed_hosts=frozenset(comma_list(environ.get("PI_PROXY_ALLOWED_HOSTS", ""))),
         cors_origins=frozenset(origin.rstrip("/") for origin in comma_list(environ.get("PI_PROXY_CORS_ORIGINS", ""))),
+        response_store_bytes=int(environ.get("PI_PROXY_RESPONSE_STORE_BYTES", defaults.response_store_bytes)),
+        response_store_age_s=float(environ.get("PI_PROXY_RESPONSE_STORE_AGE_S", defaults.response_store_age_s)),
         # The bridge reads it too: Copilot's GitHub endpoints, for the quota here as for logins there.
         test_redirects=json.loads(environ.get("PI_PROXY_TEST_REDIRECTS") or "{}"),
     )
@@ -1437,6 +1441,16 @@ def relay_response(response, bridge_socket: socket.socket):
 # ==================================================================================================
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request got a bridge."""
+
+
+def client_at_end(client: socket.socket) -> bool:
+    """The client's socket has reached its end of input: it closed, or half-closed, its side.
+    Pending data (a pipelined request) is not an end. OSError if the socket failed."""
+    return bool(gevent.select.select([client], [], [], 0)[0]) and client.recv(1, socket.MSG_PEEK) == b""
+
+
 class Admission:
     """At most `limit` bridges serve requests at once. A request beyond it waits for a bridge to
     end, in a queue of at most `queue_size` requests, for at most `timeout` seconds; then, or when the
@@ -1444,13 +1458,16 @@ class Admission:
     A burst is smoothed out; a flood is refused instead of exhausting the machine's memory."""
 
     RETRY_AFTER = "5"
+    CLIENT_CHECK = 0.5  # s: how often a waiting request looks whether its client is still there
 
     def __init__(self, limit: int, queue_size: int, timeout: float):
         self.limit, self.queue_size, self.timeout = limit, queue_size, timeout
         self.slots = gevent.lock.Semaphore(limit)
         self.waiting = 0
 
-    def enter(self):
+    def enter(self, client: socket.socket | None = None):
+        """Admitted, or ApiError 429; a waiting request whose `client` disconnects leaves the queue
+        (ClientGone) instead of taking a bridge for nobody."""
         if not self.waiting and self.slots.acquire(blocking=False):
             return
         if self.waiting >= self.queue_size:
@@ -1458,11 +1475,24 @@ class Admission:
                                f"{self.waiting} requests are waiting")
         self.waiting += 1
         try:
-            admitted = self.slots.acquire(timeout=self.timeout)
+            admitted = self.wait(client)
         finally:
             self.waiting -= 1
         if not admitted:
             raise self.refusal(f"no bridge of its {self.limit} became free within {self.timeout:g} s")
+
+    def wait(self, client: socket.socket | None) -> bool:
+        deadline = time.monotonic() + self.timeout
+        try:
+            half_closed = client is None or client_at_end(client)  # see watch_client
+            while (left := deadline - time.monotonic()) > 0:
+                if self.slots.acquire(timeout=min(left, self.CLIENT_CHECK)):
+                    return True
+                if not half_closed and client_at_end(client):
+                    raise ClientGone
+        except OSError:
+            raise ClientGone from None
+        return False
 
     def leave(self):
         self.slots.release()
@@ -1531,11 +1561,11 @@ class BridgePool:
         recent = min(self.demand.peak(time.monotonic()), self.DEMAND_CAP, self.admission.limit)
         return max(self.size, recent) if self.size else 0
 
-    def take(self) -> Bridge:
+    def take(self, client: socket.socket | None = None) -> Bridge:
         """The oldest idle bridge still running, else a new one; the pool refills meanwhile.
         ApiError 503 if node cannot be started (e.g. it was uninstalled since startup), 429 if
-        admission refuses."""
-        self.admission.enter()
+        admission refuses; ClientGone if the `client` left while waiting for admission."""
+        self.admission.enter(client)
         while self.idle:
             bridge = self.idle.pop(0)
             if bridge.proc.poll() is None:
@@ -1803,15 +1833,34 @@ class Exchange:
 
 
 def pi_events(events):
-    """pi-ai's events in the one shape the translators handle: a tool call's arguments always
-    arrive as toolcall_delta events. A call the upstream delivered whole (no deltas) gets them as
-    one delta just before its toolcall_end."""
-    streamed = set()
+    """pi-ai's events in the one shape the translators handle:
+    - a tool call's arguments always arrive as toolcall_delta events: a call the upstream delivered
+      whole (no deltas) gets them as one delta just before its toolcall_end;
+    - a text or thinking block streams its final text: trailing whitespace waits for the block's
+      next delta or its end, where the final text decides what is left to send (pi-ai's
+      openai-responses reasoning streams "\n\n" after every summary part, the last one too, but its
+      final text drops that one). A redacted thinking block has no text to stream."""
+    streamed, sent, held, redacted = set(), {}, {}, set()
     for event in events:
-        if event["type"] == "toolcall_delta" and event["delta"]:
-            streamed.add(event["contentIndex"])
-        elif event["type"] == "toolcall_end" and event["contentIndex"] not in streamed:
-            yield tool_arguments_delta(event["contentIndex"], event["toolCall"])
+        kind, index = event["type"], event.get("contentIndex")
+        if kind == "toolcall_delta" and event["delta"]:
+            streamed.add(index)
+        elif kind == "toolcall_end" and index not in streamed:
+            yield tool_arguments_delta(index, event["toolCall"])
+        elif kind == "thinking_start" and event.get("redacted"):
+            redacted.add(index)
+        elif kind in ("text_delta", "thinking_delta"):
+            text = held.pop(index, "") + event["delta"]
+            settled = text.rstrip()
+            held[index], sent[index] = text[len(settled):], sent.get(index, 0) + len(settled)
+            if settled:
+                yield {**event, "delta": settled}
+            continue
+        elif kind in ("text_end", "thinking_end") and index not in redacted:
+            final, whitespace = event.get("content"), held.pop(index, "")
+            rest = whitespace if final is None else final[sent.pop(index, 0):]
+            if rest:
+                yield {"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}
         yield event
 
 
@@ -3166,7 +3215,19 @@ _R_ITEM_RULES = {
                                 "properties": {"call_id": {"type": "string"}, "output": _R_PARTS}},
     "reasoning": {"properties": {"summary": {"type": "array", "items": {"type": "object"}},
                                  "encrypted_content": {"type": ["string", "null"]}}},
+    "item_reference": {"required": ["id"], "properties": {"id": {"type": "string"}}},
+    "local_shell_call": {"required": ["call_id", "action"], "properties": {"call_id": {"type": "string"}, "action": {
+        "type": "object", "required": ["command"],
+        "properties": {"type": {"const": "exec"}, "command": {"type": "array", "items": {"type": "string"}},
+                       "env": {"type": "object"}, "working_directory": {}, "timeout_ms": {}, "user": {}}}}},
+    # OpenAI's reference names the call by `id`, the AI SDK by `call_id`.
+    "local_shell_call_output": {"required": ["output"], "anyOf": [{"required": ["call_id"]}, {"required": ["id"]}],
+                                "properties": {"call_id": {"type": "string"}, "id": {"type": "string"},
+                                               "output": {"type": "string"}}},
 }
+HOSTED_TOOLS_DROPPED = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
+                        "tool_search")  # they only add facts the model would look up (Codex always declares web_search)
+
 _R_TOOL_RULES = {
     "function": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
                                                       "description": {"type": ["string", "null"]},
@@ -3177,7 +3238,9 @@ _R_TOOL_RULES = {
 }
 _R_TOOL = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}},
            "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": rule}
-                     for kind, rule in _R_TOOL_RULES.items()]}
+                     for kind, rule in _R_TOOL_RULES.items()]
+           + [{"if": {"properties": {"type": {"enum": list(HOSTED_TOOLS_DROPPED)}}},
+               "then": {"additionalProperties": ignored("a hosted tool this proxy drops: nothing here can run it")}}]}
 _R_TOOLS = {"type": "array", "items": {
     "allOf": [_R_TOOL, {"if": {"properties": {"type": {"const": "namespace"}}},
                         "then": {"required": ["name", "tools"],
@@ -3232,15 +3295,132 @@ def responses_body(body) -> dict:
 
 
 def reject_stateful(body: dict) -> dict:
-    """Nothing is stored here, so nothing can be referred to later."""
-    for name in ("previous_response_id", "conversation"):
-        if body.get(name):
-            raise ApiError(400, f"{name} is not supported: this proxy is stateless and stores no responses; "
-                                "send the whole conversation in `input`", param=name, code="unsupported_parameter")
+    """Conversations and background responses live on OpenAI's servers only (stored responses: ResponseStore)."""
+    if body.get("conversation"):
+        raise ApiError(400, "conversation is not supported: this proxy keeps no conversations; send the whole "
+                            "conversation in `input`, or chain responses with previous_response_id",
+                       param="conversation", code="unsupported_parameter")
     if body.get("background"):
         raise ApiError(400, "background responses are not supported by this proxy", param="background",
                        code="unsupported_parameter")
     return body
+
+
+class ResponseStore:
+    """What this proxy answered on /v1/responses, for the clients that refer to it later as OpenAI's
+    stored responses allow: output items by id (`item_reference`), responses by id
+    (`previous_response_id`). Only in this process's memory (a restart forgets it all), as JSON text:
+    at most `max_bytes` of it; nothing older than `max_age` seconds is used; the least recently used
+    goes first. Ids are 128-bit random and nothing lists them: an id is a capability, whoever
+    presents it may use what it names (as input, never read back directly)."""
+
+    ENTRY_BYTES = 400  # what an entry costs beyond its JSON text (its key, tuple, bytes object, slot): ~370 measured
+
+    def __init__(self, max_bytes: int, max_age: float, clock=time.monotonic):
+        self.max_bytes, self.max_age, self.clock = max_bytes, max_age, clock
+        # ("item" or "response", id) -> (expiry, JSON text), least recently used first
+        self.entries = collections.OrderedDict()
+        self.size = 0
+
+    def put(self, key: tuple, value):
+        data = json.dumps(value, separators=(",", ":")).encode()
+        if len(data) + self.ENTRY_BYTES > self.max_bytes:
+            log.debug("not storing %s %s: %d bytes are more than the store holds", *key, len(data))
+            return
+        self.entries[key] = (self.clock() + self.max_age, data)
+        self.size += len(data) + self.ENTRY_BYTES
+        while self.entries and (self.size > self.max_bytes or self.expired(next(iter(self.entries)))):
+            self.drop(next(iter(self.entries)))
+
+    def get(self, key: tuple, budget: "ByteBudget"):
+        """The value stored under `key` (charged to `budget`), or None."""
+        if key not in self.entries:
+            return None
+        if self.expired(key):
+            self.drop(key)
+            return None
+        self.entries.move_to_end(key)
+        data = self.entries[key][1]
+        budget.charge(len(data))
+        return json.loads(data)
+
+    def expired(self, key: tuple) -> bool:
+        return self.entries[key][0] <= self.clock()
+
+    def drop(self, key: tuple):
+        self.size -= len(self.entries.pop(key)[1]) + self.ENTRY_BYTES
+
+    def keep(self, response: dict, input_items: list, previous: str | None):
+        """A finished response: its output items under their ids; under its own id, its previous
+        response, its input as sent and its output's ids (what previous_response_id brings back)."""
+        for item in response["output"]:
+            self.put(("item", item["id"]), item)
+        self.put(("response", response["id"]), {"previous": previous, "input": input_items,
+                                                "output": [item["id"] for item in response["output"]]})
+
+    def history(self, response_id: str, budget: "ByteBudget") -> list | None:
+        """As OpenAI defines previous_response_id: the response's input items and output items,
+        after those of its own previous response, and so on; None if any of it is forgotten."""
+        chain = []
+        while response_id is not None:
+            record = self.get(("response", response_id), budget)
+            if record is None:
+                return None
+            chain.append(record)
+            response_id = record["previous"]
+        items = []
+        for record in reversed(chain):
+            for item in [*record["input"], *({"type": "item_reference", "id": id_} for id_ in record["output"])]:
+                item = self.get(("item", item["id"]), budget) if item.get("type") == "item_reference" else item
+                if item is None:
+                    return None
+                items.append(item)
+        return items
+
+
+def input_items(body: dict) -> list:
+    """`input` as a list of items (a string is one user message)."""
+    return body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
+
+
+class ByteBudget:
+    """What one request may bring back from the store: no more than a request body may hold (else a
+    few references, each to a large item, would expand into any amount of memory)."""
+
+    def __init__(self, limit: int):
+        self.limit = self.left = limit
+
+    def charge(self, size: int):
+        self.left -= size
+        if self.left < 0:
+            raise ApiError(413, f"The input with the items and responses it refers to comes to more than {self.limit} "
+                                "bytes (PI_PROXY_MAX_BODY_SIZE)", "request_too_large")
+
+
+def stored_input(body: dict, store: ResponseStore, max_bytes: int) -> list:
+    """(param, item) pairs: the history of `previous_response_id`, then `input` with each
+    `item_reference` replaced by the item it names. What cannot be found is a 400, never dropped."""
+    budget, items = ByteBudget(max_bytes), []
+    previous = body.get("previous_response_id")
+    if previous:
+        history = store.history(previous, budget)
+        if history is None:
+            raise ApiError(400, f"Previous response with id {shown(previous)} not found. This proxy keeps responses "
+                                "in memory for a limited time and size (PI_PROXY_RESPONSE_STORE_AGE_S, _BYTES) "
+                                "and forgets them when it restarts: send the whole conversation in `input`.",
+                           param="previous_response_id", code="previous_response_not_found")
+        items += [("previous_response_id", item) for item in history]
+    for index, item in enumerate(input_items(body)):
+        if item.get("type") == "item_reference":
+            found = store.get(("item", item["id"]), budget)
+            if found is None:
+                raise ApiError(400, f"Item with id {shown(item['id'])} not found. This proxy keeps the "
+                                    "items it produced in memory for a limited time and size, and forgets them when "
+                                    "it restarts: send the items themselves (with the AI SDK: `store: false`).",
+                               param=f"input[{index}]", code="item_not_found")
+            item = found
+        items.append((f"input[{index}]", item))
+    return items
 
 
 @dataclass(frozen=True)
@@ -3249,31 +3429,49 @@ class ClientTool:
 
     name: str
     namespace: str | None = None
-    custom: bool = False  # a custom (freeform) tool: one string argument, CUSTOM_INPUT
+    kind: str = "function"  # or "custom" (freeform: one string argument, CUSTOM_INPUT), or LOCAL_SHELL
 
 
 CUSTOM_INPUT = "input"
+LOCAL_SHELL = "local_shell"  # OpenAI's tool for running commands on the client's machine: a function to pi
+LOCAL_SHELL_PARAMETERS = {"type": "object", "required": ["command"], "properties": {
+    "command": {"type": "array", "items": {"type": "string"}, "description": "The program and its arguments"},
+    "working_directory": {"type": "string"}, "timeout_ms": {"type": "integer"},
+    "env": {"type": "object", "additionalProperties": {"type": "string"}}, "user": {"type": "string"}}}
+# Tools that OpenAI runs on its servers. Without them the model answers another question (it cannot
+# search the user's files, run code, see the screen, draw, or reach the MCP server): a 400. Others,
+# web search above all (HOSTED_TOOLS_DROPPED), are dropped.
+HOSTED_TOOLS_REFUSED = {"file_search", "code_interpreter", "computer_use_preview", "computer_use", "image_generation",
+                        "mcp"}
 
 
 def responses_tools(tools: list) -> tuple[list, dict]:
     """Responses tools -> (pi tools, pi tool name -> ClientTool). Namespaces are flattened (a name
     that two namespaces share becomes `namespace__name`); a custom tool takes its raw text as one
-    string argument; hosted tools (web_search, ...) that nothing here can run are dropped."""
+    string argument; local_shell becomes a function of the same name; a hosted tool is refused
+    (HOSTED_TOOLS_REFUSED) or, if its absence changes no answer, dropped."""
     declared = []
-    for tool in tools:
-        if tool["type"] == "namespace":
-            declared += [(inner, tool["name"]) for inner in tool["tools"] if inner["type"] in ("function", "custom")]
-        elif tool["type"] in ("function", "custom"):
-            declared.append((tool, None))
-        else:
-            log.debug("dropping hosted tool %s", tool["type"])
+    for index, tool in enumerate(tools):
+        inner = [(f"tools[{index}].tools[{n}]", t, tool["name"]) for n, t in enumerate(tool["tools"])] \
+            if tool["type"] == "namespace" else [(f"tools[{index}]", tool, None)]
+        for param, tool_, namespace in inner:
+            if tool_["type"] in ("function", "custom"):
+                declared.append((tool_, namespace))
+            elif tool_["type"] == LOCAL_SHELL:
+                declared.append(({"type": LOCAL_SHELL, "name": LOCAL_SHELL, "parameters": LOCAL_SHELL_PARAMETERS,
+                                  "description": "Run a command on the user's machine and get its output."}, None))
+            elif tool_["type"] in HOSTED_TOOLS_REFUSED:
+                raise ApiError(400, f"The hosted tool {tool_['type']!r} is not available through this proxy: the "
+                                    "upstream models cannot run it here. Remove it from `tools`.",
+                               param=f"{param}.type", code="unsupported_tool")
+            else:
+                log.debug("dropping hosted tool %s at %s", tool_["type"], param)
     counts = collections.Counter(tool["name"] for tool, _ in declared)
     pi_tools, by_pi_name = [], {}
     for tool, namespace in declared:
         pi_name = tool["name"] if counts[tool["name"]] == 1 or not namespace else f"{namespace}__{tool['name']}"
-        custom = tool["type"] == "custom"
         description = tool.get("description") or ""
-        if custom:
+        if tool["type"] == "custom":
             grammar = (tool.get("format") or {}).get("definition")
             if grammar:
                 description += f"\n\nThe `{CUSTOM_INPUT}` argument must follow this grammar:\n{grammar}"
@@ -3282,7 +3480,7 @@ def responses_tools(tools: list) -> tuple[list, dict]:
         else:
             parameters = tool.get("parameters") or {"type": "object", "properties": {}}
         pi_tools.append({"name": pi_name, "description": description, "parameters": parameters})
-        by_pi_name[pi_name] = ClientTool(tool["name"], namespace, custom)
+        by_pi_name[pi_name] = ClientTool(tool["name"], namespace, tool["type"])
     return pi_tools, by_pi_name
 
 
@@ -3357,9 +3555,12 @@ class ResponsesInput:
         self.turn.append({"type": "thinking", "thinking": thinking, **opened})
 
     def tool_call(self, item: dict, param: str):
-        pi_name = self.pi_names.get((item.get("namespace"), item["name"]), item["name"])
+        name = LOCAL_SHELL if item["type"] == "local_shell_call" else item["name"]
+        pi_name = self.pi_names.get((item.get("namespace"), name), name)
         if item["type"] == "custom_tool_call":
             arguments = {CUSTOM_INPUT: item.get("input", "")}
+        elif item["type"] == "local_shell_call":
+            arguments = {key: value for key, value in item["action"].items() if key != "type" and value is not None}
         else:
             arguments = parse_arguments(item.get("arguments"), f"{param}.arguments")
         self.tool_names[item["call_id"]] = pi_name
@@ -3367,10 +3568,11 @@ class ResponsesInput:
 
     def tool_output(self, item: dict, param: str):
         self.end_turn()
-        if item["call_id"] not in self.tool_names:
-            raise ApiError(400, f"call_id {item['call_id']!r} does not answer any earlier tool call",
-                           param=f"{param}.call_id")
-        self.messages.append(tool_result(item["call_id"], self.tool_names[item["call_id"]],
+        call_id = item.get("call_id", item.get("id"))
+        if call_id not in self.tool_names:
+            raise ApiError(400, f"call_id {call_id!r} does not answer any earlier tool call",
+                           param=f"{param}.{'call_id' if 'call_id' in item else 'id'}")
+        self.messages.append(tool_result(call_id, self.tool_names[call_id],
                                          response_parts_to_pi(item["output"], f"{param}.output")))
 
     def other(self, item: dict, param: str):
@@ -3392,17 +3594,19 @@ RESPONSES_INPUT_ITEMS = {  # (item type, a message's role) -> the ResponsesInput
     ("custom_tool_call", None): ResponsesInput.tool_call,
     ("function_call_output", None): ResponsesInput.tool_output,
     ("custom_tool_call_output", None): ResponsesInput.tool_output,
+    ("local_shell_call", None): ResponsesInput.tool_call,
+    ("local_shell_call_output", None): ResponsesInput.tool_output,
 }
 
 
-def responses_to_context(body: dict, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
-    """A Responses request -> a pi-ai Context (see ResponsesInput)."""
-    items = body["input"] if isinstance(body["input"], list) else [{"role": "user", "content": body["input"]}]
+def responses_to_context(body: dict, items: list, model: dict, pi_tools: list, tools: dict, key: bytes) -> dict:
+    """A Responses request and its input items ((param, item) pairs: stored_input) -> a pi-ai
+    Context (see ResponsesInput)."""
     history = ResponsesInput(model, tools, key, body.get("instructions", ""))
-    for index, item in enumerate(items):
+    for param, item in items:
         kind = item.get("type", "message")
         take = RESPONSES_INPUT_ITEMS.get((kind, item.get("role") if kind == "message" else None), ResponsesInput.other)
-        take(history, item, f"input[{index}]")
+        take(history, item, param)
     history.end_turn()
     return finish_context(model, history.system, history.messages, pi_tools, "input", responses_format(body))
 
@@ -3432,10 +3636,12 @@ def responses_as_chat(body: dict, tools: dict) -> dict:
     choice = body.get("tool_choice")
     if isinstance(choice, str):
         chat["tool_choice"] = choice
-    elif isinstance(choice, dict) and choice["type"] in ("function", "custom") and choice.get("name"):
+    elif isinstance(choice, dict) and (choice["type"] == LOCAL_SHELL or choice["type"] in ("function", "custom")
+                                       and choice.get("name")):
         pi_names = {(t.namespace, t.name): pi_name for pi_name, t in tools.items()}
-        name = pi_names.get((choice.get("namespace"), choice["name"]), choice["name"])
-        chat["tool_choice"] = {"type": "function", "function": {"name": name}}
+        name = choice.get("name", LOCAL_SHELL)
+        chat["tool_choice"] = {"type": "function",
+                               "function": {"name": pi_names.get((choice.get("namespace"), name), name)}}
     elif choice is not None:
         log.debug("tool_choice of type %s has no pi equivalent; using auto", choice["type"])
     return chat
@@ -3463,12 +3669,18 @@ def response_object(body: dict, response_id: str, created: int) -> dict:
     return {"id": response_id, "object": "response", "created_at": created, "status": "in_progress",
             "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"), "model": body["model"], "output": [],
-            "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": None,
-            "reasoning": {"effort": None, "summary": None, **body.get("reasoning", {})}, "store": False,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": None, "summary": None, **body.get("reasoning", {})}, "store": stored(body),
             "temperature": body.get("temperature"), "text": body.get("text", {"format": {"type": "text"}}),
             "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools", []),
             "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
             "metadata": body.get("metadata", {})}
+
+
+def stored(body: dict) -> bool:
+    """Whether the response is kept for later reference: OpenAI's default, unless `store: false`."""
+    return body.get("store", True)
 
 
 def failure_code(error: ApiError) -> str:
@@ -3479,6 +3691,23 @@ def failure_code(error: ApiError) -> str:
 
 
 ITEM_OF_BLOCK = {"text": "message", "thinking": "reasoning", "toolcall": "tool"}
+ITEM_PREFIXES = {"function": "fc", "custom": "ctc", LOCAL_SHELL: "lsh"}  # a tool call item's id, by ClientTool.kind
+
+
+def local_shell_action(arguments: str) -> dict | None:
+    """A local_shell function call's arguments -> the `action` of its local_shell_call item, or None
+    if they do not name a command."""
+    try:
+        action = json.loads(arguments)
+    except ValueError:
+        return None
+    if not isinstance(action, dict) or not isinstance(action.get("command"), list) or not action["command"] \
+            or not all(isinstance(word, str) for word in action["command"]):
+        return None
+    known = {name: action[name] for name in LOCAL_SHELL_PARAMETERS["properties"] if action.get(name) is not None}
+    return {"type": "exec", "env": {}, **known}
+
+
 
 
 class ResponsesEvents:
@@ -3487,10 +3716,11 @@ class ResponsesEvents:
     Output items stream one at a time: output_item.added, the item's own events, output_item.done.
     pi may interleave blocks (openai-completions ends all its blocks only when the stream ends), so
     an item is finished as soon as another block needs the stream, and a later delta for it opens
-    a new item. The terminal event's response lists every finished item."""
+    a new item. The terminal event's response lists every finished item; a response that completes
+    (or is cut short by its token limit) goes to `keep` if given."""
 
-    def __init__(self, response: dict, model_id: str, tools: dict, key: bytes):
-        self.response, self.model_id, self.tools, self.key = response, model_id, tools, key
+    def __init__(self, response: dict, model_id: str, tools: dict, key: bytes, keep=None):
+        self.response, self.model_id, self.tools, self.key, self.keep = response, model_id, tools, key, keep
         self.sequence = 0
         self.output = []  # finished items
         self.open = None  # (pi contentIndex, item kind, item) now streaming
@@ -3540,6 +3770,8 @@ class ResponsesEvents:
             response["usage"] = responses_usage(message.get("usage", {}))
             if incomplete:
                 response["incomplete_details"] = {"reason": "max_output_tokens"}
+            if self.keep is not None:
+                self.keep(response)
             return [*frames, self.event(f"response.{response['status']}", response=response)]
         return []
 
@@ -3569,10 +3801,12 @@ class ResponsesEvents:
         else:
             call_id, pi_name = self.calls[index]
             tool = self.tools.get(pi_name, ClientTool(pi_name))
-            item = {"id": f"{'ctc' if tool.custom else 'fc'}_{uuid.uuid4().hex}", "status": "in_progress",
-                    "call_id": call_id, "name": tool.name}
-            item |= {"type": "custom_tool_call", "input": ""} if tool.custom \
-                else {"type": "function_call", "arguments": ""}
+            item = {"id": f"{ITEM_PREFIXES[tool.kind]}_{uuid.uuid4().hex}", "status": "in_progress", "call_id": call_id}
+            if tool.kind == LOCAL_SHELL:
+                item |= {"type": "local_shell_call", "action": {"type": "exec", "command": [], "env": {}}}
+            else:
+                item |= {"type": "custom_tool_call", "name": tool.name, "input": ""} if tool.kind == "custom" \
+                    else {"type": "function_call", "name": tool.name, "arguments": ""}
             if tool.namespace:
                 item["namespace"] = tool.namespace
         self.open, self.text = (index, kind, item), []
@@ -3629,7 +3863,11 @@ class ResponsesEvents:
                     frames.append(self.event("response.function_call_arguments.delta", **where, delta=text))
             # What was streamed cannot be taken back: a call cut short stays as it is, marked incomplete.
             item["status"] = "completed" if _is_json_object(text) else "incomplete"
-            if item["type"] == "function_call":
+            if item["type"] == "local_shell_call":
+                action = local_shell_action(text)
+                item["status"] = "completed" if action else "incomplete"
+                item["action"] = action or item["action"]
+            elif item["type"] == "function_call":
                 item["arguments"] = text
                 frames.append(self.event("response.function_call_arguments.done", **where, name=item["name"],
                                          arguments=text))
@@ -3653,11 +3891,15 @@ def _is_json_object(text: str) -> bool:
 def prepare_responses(body: dict, model: dict, proxy, run) -> Exchange:
     key = proxy.envelope_key()
     pi_tools, tools = responses_tools(body.get("tools", []))
-    context = run(responses_to_context, body, model, pi_tools, tools, key)
+    items = stored_input(body, proxy.response_store, proxy.config.max_body_size)  # the store lives on the loop
+    context = run(responses_to_context, body, items, model, pi_tools, tools, key)
     fetch_remote_images(context, proxy.config)
     chat = responses_as_chat(body, tools)
+    # Kept as sent: its item_reference entries are resolved again when a later response chains onto it.
+    keep = functools.partial(proxy.response_store.keep, input_items=input_items(body),
+                             previous=body.get("previous_response_id")) if stored(body) else None
     events = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
-                             canonical_id(model), tools, key)
+                             canonical_id(model), tools, key, keep)
     return Exchange(context, responses_options(body, chat), upstream_payload(chat_extras(chat), model["api"]), events,
                     bool(body.get("stream")))
 
@@ -3820,36 +4062,19 @@ def pi_stream_context(context: dict) -> dict:
 
 
 class PiStreamEvents:
-    """Bridge events -> streamProxy events. The bridge already prints pi's reduced events; what
-    changes is the end (usage instead of the whole message; and pi-ai's responseId, which
-    pi-agent-core 0.73.1's client does not read), a tool call's id (pi_stream_call_id), and what
-    streamProxy rebuilds only from deltas (pi_events gives every tool call its arguments as
-    deltas): a text or thinking block whose final text pi-ai trimmed (openai-responses reasoning)
-    must not keep the trailing whitespace it streamed, so that whitespace waits for the next delta
-    or the block's end."""
+    """Bridge events (in pi_events' shape) -> streamProxy events. The bridge already prints pi's
+    reduced events; what changes is the end (usage instead of the whole message; and pi-ai's
+    responseId, which pi-agent-core 0.73.1's client does not read) and a tool call's id
+    (pi_stream_call_id). What streamProxy rebuilds only from deltas, pi_events already gives as
+    deltas: every tool call's arguments, and each block's final text."""
 
     def __init__(self, secrets=()):
         self.secrets = secrets  # redacted from error messages (those of Call.error already are)
-        self.sent_length: dict[int, int] = {}  # contentIndex -> characters of text sent
-        self.held: dict[int, str] = {}  # contentIndex -> trailing whitespace not sent yet
 
     def translate(self, event: dict) -> list:
         kind = event["type"]
-        if kind in ("text_delta", "thinking_delta"):
-            index = event["contentIndex"]
-            text = self.held.pop(index, "") + event["delta"]
-            sent = text.rstrip()
-            self.held[index] = text[len(sent):]
-            self.sent_length[index] = self.sent_length.get(index, 0) + len(sent)
-            return [{**event, "delta": sent}] if sent else []
         if kind in ("text_end", "thinking_end"):
-            index = event["contentIndex"]
-            rest = event["content"][self.sent_length.pop(index, 0):]
-            self.held.pop(index, None)
-            end = {name: value for name, value in event.items() if name != "content"}
-            if not rest:
-                return [end]
-            return [{"type": kind.replace("_end", "_delta"), "contentIndex": index, "delta": rest}, end]
+            return [{name: value for name, value in event.items() if name != "content"}]
         if kind == "toolcall_start":
             return [{"type": kind, "contentIndex": event["contentIndex"], "toolName": event["toolName"],
                      "id": pi_stream_call_id(event["id"], event.get("thoughtSignature"))}]
@@ -4136,6 +4361,7 @@ class Proxy:
         self.bridges = BridgePool(self.bridge_command, config.bridge_pool,
                                   Admission(config.max_bridges, config.queue_size, config.queue_timeout_s), self.relay)
         self._envelope_key = None  # read or made on first use
+        self.response_store = ResponseStore(config.response_store_bytes, config.response_store_age_s)
         self.ledger = Ledger()
         self._quota = (0.0, None)  # (when fetched, the Copilot quota), kept for a minute
 
@@ -4222,7 +4448,13 @@ class Proxy:
     def open_stream(self, line: bytes, secrets: list, heartbeat: float | None, client: ClientRequest) -> "Call":
         """A bridge taken from the pool and given its request line; from here on the request's
         Call owns it (see Call)."""
-        bridge = self.bridges.take()
+        try:
+            bridge = self.bridges.take(client.connection)
+        except ClientGone:
+            client.record.client_gone = True
+            log.info("client disconnected while waiting for a bridge")
+            raise ApiError(499, "The client disconnected while its request waited for a bridge", "api_error",
+                           code="client_closed_request") from None
         try:
             bridge.send(line)
             return Call(bridge, bridge.events(self.config.upstream_timeout_ms / 1000, heartbeat), secrets, client)
@@ -4298,7 +4530,7 @@ def watch_client(client: socket.socket, on_gone):
     HTTP/1.1: it still reads the answer); on the wire a close looks the same, so for such a client
     a disconnect shows only when writing the answer fails."""
     try:
-        if gevent.select.select([client], [], [], 0)[0] and client.recv(1, socket.MSG_PEEK) == b"":
+        if client_at_end(client):
             return
         gevent.socket.wait_read(client.fileno())
         gone = client.recv(1, socket.MSG_PEEK) == b""

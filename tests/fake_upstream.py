@@ -41,7 +41,8 @@ API::
                                              #   max_output_tokens) is a 400 in the API's shape; it is
                                              #   recorded but consumes no reply
     fake.refusals                            # [message] of the requests refused with a 400 as the real API
-                                             #   would refuse them (output_limits, _REFUSALS); none consumes a reply
+                                             #   would refuse them (output_limits, _REFUSALS, _missing_reasoning);
+                                             #   none consumes a reply
     fake.issued                              # thinking signatures and redacted data sent out (never reset):
                                              #   the Anthropic fake accepts only these back
     fake.pending                             # number of queued replies not yet consumed
@@ -112,6 +113,11 @@ Reply fields (all optional):
     json_response       bool, reply with a non-streaming JSON body (also done automatically when
                         the request body does not have ``"stream": true``).
     model               str, model name to report (default: echo the request's "model").
+
+Strict where the real APIs are (a fake that accepts what they reject hides bugs):
+    responses: a ``function_call`` input item whose id this fake made together with a reasoning item
+               is refused (400, OpenAI's wording) unless that reasoning item (by id) is in the input
+               too: OpenAI's rule for replayed reasoning models' tool calls.
 
 Observed pi-ai 0.73.1 behaviour (see tests/test_fake_upstream.py): HTTP errors read
 "<status> <error.message>" for the OpenAI APIs but "<status> <whole JSON body>" for Anthropic;
@@ -248,8 +254,9 @@ def _hex(seed: str, n: int = 24) -> str:
 class _Plan:
     """A Reply resolved for one request."""
 
-    def __init__(self, reply: Reply, body: Any, seq: int):
+    def __init__(self, reply: Reply, body: Any, seq: int, reasoning_of: dict | None = None):
         self.r = reply
+        self.reasoning_of = {} if reasoning_of is None else reasoning_of  # filled with the calls made
         self.body = body if isinstance(body, dict) else {}
         self.model = reply.model or self.body.get("model") or "fake-model"
         self.seed = f"{seq}-{time.time_ns()}"
@@ -455,6 +462,8 @@ class _Plan:
         for k, (tid, name, args) in enumerate(self.tools):
             items.append({"id": "fc_" + _hex(self.seed + f"fc{k}", 32), "type": "function_call",
                           "status": "completed", "arguments": args, "call_id": tid, "name": name})
+            if self.r.reasoning:
+                self.reasoning_of[items[-1]["id"]] = items[0]["id"]
         if final_status == "incomplete" and items and "status" in items[-1]:
             items[-1]["status"] = "incomplete"
         return items
@@ -867,6 +876,7 @@ class FakeUpstream:
         self.issued: set[str] = set()  # thinking signatures and redacted data this fake sent out
         self.disconnects: list[Recorded] = []
         self.output_limits: dict[str, int] = {}
+        self.reasoning_of: dict[str, str] = {}  # responses: function_call id -> its reasoning item's id
         self.base_url = ""
 
     # ---------------------------------------------------------------- lifecycle
@@ -922,6 +932,7 @@ class FakeUpstream:
             self.requests.clear()
             self.disconnects.clear()
             self.refusals.clear()
+            self.reasoning_of.clear()
             self.default = Reply(text="Hello from fake")
 
     @property
@@ -980,7 +991,7 @@ class FakeUpstream:
         if google:  # the model and whether to stream are in the path
             streaming = google.group(2) == "streamGenerateContent"
             api, body = "google", {**body, "model": google.group(1), "stream": streaming}
-        refusal = api and (_over_output_limit(api, body, self.output_limits)
+        refusal = api and (_over_output_limit(api, body, self.output_limits) or self._missing_reasoning(api, body)
                            or (api in _REFUSALS and isinstance(body, dict) and _REFUSALS[api](body, self.issued)))
         with self._cond:
             self.requests.append(rec)
@@ -1005,6 +1016,20 @@ class FakeUpstream:
         except _Gone:
             h.close_connection = True
 
+    def _missing_reasoning(self, api: str, body: Any) -> dict | None:
+        """OpenAI's 400 body for a function_call sent back without the reasoning item it came with."""
+        if api != "responses" or not isinstance(body, dict) or not isinstance(body.get("input"), list):
+            return None
+        ids = {item.get("id") for item in body["input"] if isinstance(item, dict)}
+        for item in body["input"]:
+            if isinstance(item, dict) and item.get("type") == "function_call" and item.get("id") in self.reasoning_of:
+                reasoning = self.reasoning_of[item["id"]]
+                if reasoning not in ids:
+                    return {"error": {"message": f"Item '{item['id']}' of type 'function_call' was provided without "
+                                                 f"its required 'reasoning' item: '{reasoning}'.",
+                                      "type": "invalid_request_error", "param": "input", "code": None}}
+        return None
+
     def _send_json(self, conn: _Conn, status: int, obj: Any, extra: dict) -> None:
         data = _dumps(obj)
         headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
@@ -1021,7 +1046,7 @@ class FakeUpstream:
             h.close_connection = True
             return
         try:
-            plan = _Plan(r, body, seq)
+            plan = _Plan(r, body, seq, self.reasoning_of)
             self.issued.update(filter(None, (plan.signature, r.redacted_thinking)))
         except ValueError as e:
             self._send_json(conn, 500, {"error": {"message": f"fake upstream: bad Reply: {e}",

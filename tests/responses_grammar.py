@@ -8,6 +8,7 @@ Inside an item only its own events, in order:
                      reasoning_summary_text.done, reasoning_summary_part.done)*
   function_call     function_call_arguments.delta*, function_call_arguments.done
   custom_tool_call  custom_tool_call_input.delta*, custom_tool_call_input.done
+  local_shell_call  nothing: its `action` comes whole with output_item.done
 Each `done` repeats exactly what its deltas added up to. Then exactly one terminal event with no
 item open: response.completed / response.incomplete (with usage) or response.failed (with error),
 whose response lists every finished item; or an `error` event. sequence_number counts 0, 1, 2, ...
@@ -26,6 +27,7 @@ ITEM_EVENTS = {
                   "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"],
     "function_call": ["response.function_call_arguments.delta", "response.function_call_arguments.done"],
     "custom_tool_call": ["response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"],
+    "local_shell_call": [],
 }
 # Which event may follow which inside an item ("" is the item's start).
 NEXT = {
@@ -49,6 +51,7 @@ NEXT = {
                          "response.custom_tool_call_input.delta": {"response.custom_tool_call_input.delta",
                                                                    "response.custom_tool_call_input.done"},
                          "response.custom_tool_call_input.done": {"done"}},
+    "local_shell_call": {"": {"done"}},
 }
 
 
@@ -106,6 +109,8 @@ def check_responses_stream(raw: str) -> list[dict]:
             seen_ids.add(item["id"])
             if item["type"] in ("function_call", "custom_tool_call"):
                 assert item["call_id"] and item["name"], f"{where}: a tool call needs call_id and name"
+            if item["type"] == "local_shell_call":
+                assert item["call_id"] and item["action"]["type"] == "exec", f"{where}: a shell call's call_id, action"
             last, text = "", ""
             continue
         assert item is not None, f"{where}: an item event outside any item"
@@ -122,6 +127,10 @@ def check_responses_stream(raw: str) -> list[dict]:
                     assert isinstance(json.loads(text), dict), f"{where}: arguments are not a JSON object"
             elif done["type"] == "custom_tool_call":
                 assert done["input"] == text, f"{where}: custom tool input"
+            elif done["type"] == "local_shell_call":
+                command = done["action"]["command"]
+                assert isinstance(done["action"]["env"], dict) and all(isinstance(word, str) for word in command)
+                assert bool(command) == (done["status"] == "completed"), f"{where}: a completed call has a command"
             elif done["summary"]:
                 assert "".join(part["text"] for part in done["summary"]) == text, f"{where}: summary"
             finished.append(done)

@@ -2,6 +2,8 @@
 requests wait in a bounded queue for a bounded time, then are refused in their API's shape (OpenAI
 429, Anthropic 529 overloaded_error, pi `{"error"}`), with Retry-After; /healthz stays fast."""
 
+import json
+import socket
 import threading
 import time
 
@@ -121,3 +123,24 @@ def test_healthz_stays_fast_under_load(start_proxy, fake):
 def test_the_default_limit_follows_memory_and_cores():
     limit = default_max_bridges()
     assert 4 <= limit <= 32 * len(__import__("os").sched_getaffinity(0))
+
+
+def test_a_client_that_leaves_while_queued_leaves_the_queue(agent_dir, tmp_path, fake):
+    """Its request never takes a bridge, so nothing is sent upstream for nobody."""
+    with running_proxy(agent_dir, tmp_path / "proxy.log", {
+            "PI_PROXY_MAX_BRIDGES": "1", "PI_PROXY_QUEUE_TIMEOUT_S": "30"}) as proxy:
+        fake.push(Reply(text="slow", first_byte_delay=2), Reply(text="for nobody"))
+        busy = in_background(lambda: post(proxy, "/v1/chat/completions", CHAT))
+        assert fake.wait_for_requests(1, timeout=10)
+        body = json.dumps(MESSAGES).encode()
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            client.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.3)  # queued behind the busy request
+        busy["thread"].join()
+        assert busy["result"].status_code == 200
+        time.sleep(1.5)  # a bridge it took would have called the upstream by now
+        assert len(fake.requests) == 1, "the gone client's request reached the upstream"
+        recent = requests.get(f"{proxy.url}/usage", timeout=5).json()["recent"]
+        gone = [record for record in recent if record["endpoint"] == "messages"]
+        assert [(record["status"], record["outcome"]) for record in gone] == [(499, "client_gone")]

@@ -488,3 +488,31 @@ def test_anthropic_fake_accepts_a_tool_loop_without_thinking_and_redacted_data_i
     loop[1]["content"] = [reply["content"][0], CALL]
     assert anthropic_status(fake, loop, thinking=True) == (200, "")
     assert not fake.refusals
+
+
+HI = {"role": "user", "content": "hi"}
+
+
+def responses_call(fake, *input_items) -> requests.Response:
+    return requests.post(f"{fake.base_url}/v1/responses", json={"model": "m", "input": list(input_items)}, timeout=10)
+
+
+def test_responses_refuses_a_function_call_without_its_reasoning_item(fake):
+    """As OpenAI does: a tool call the model made while reasoning goes back only with that reasoning."""
+    fake.push(Reply(reasoning="Think.", tool_calls=[("call_1", "get_weather", {"city": "Paris"})]))
+    reasoning, call = responses_call(fake, HI).json()["output"]
+    answer = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+    refused = responses_call(fake, HI, call, answer)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == (f"Item '{call['id']}' of type 'function_call' was provided without "
+                                                  f"its required 'reasoning' item: '{reasoning['id']}'.")
+    assert fake.refusals == [refused.json()["error"]["message"]]
+    assert fake.pending == 0 and len(fake.requests) == 2, "a refused request consumes no reply"
+    fake.push(Reply(text="Sunny."))
+    accepted = responses_call(fake, HI, reasoning, call, answer)
+    assert accepted.status_code == 200 and accepted.json()["output"][0]["content"][0]["text"] == "Sunny."
+    fake.push(Reply(tool_calls=[("call_2", "get_weather", {"city": "Rome"})]))
+    [plain_call] = responses_call(fake, HI).json()["output"]
+    rain = {"type": "function_call_output", "call_id": "call_2", "output": "rain"}
+    alone = responses_call(fake, HI, plain_call, rain)
+    assert alone.status_code == 200, "a call made without reasoning needs none"

@@ -34,7 +34,7 @@ def test_a_request_is_served_by_a_bridge_started_before_it(pooled, fake):
                              json={"model": "fake-chat/chat-model", "messages": USER, "stream": True})
     serving = wait_for(pooled.bridges)
     assert len(serving) == 1 and serving[0] in idle, "the serving bridge was one of the idle ones"
-    assert b'"six"' in b"".join(response.iter_content(None))
+    assert b'six"' in b"".join(response.iter_content(None)), "the whole reply arrives"
 
 
 def test_the_pool_refills_after_use(pooled, fake):
@@ -94,14 +94,14 @@ def test_pool_size_zero_spawns_on_demand(start_proxy, fake):
 def test_the_pool_grows_to_the_requests_that_ran_at_once(pooled, fake):
     wait_for(lambda: len(pooled.bridges(serving=False)) == 2)
     for _ in range(4):
-        fake.push(Reply(text="one two three", delay=0.5))
+        fake.push(Reply(text="one two three", delay=1.5))  # long enough for two bridges to start on demand
     responses = [requests.post(f"{pooled.url}/v1/chat/completions", stream=True, timeout=30,
                                json={"model": "fake-chat/chat-model", "messages": USER, "stream": True})
                  for _ in range(4)]
-    assert wait_for(lambda: len(pooled.bridges()) == 4), "four requests in flight at once"
+    assert wait_for(lambda: len(pooled.bridges()) == 4, timeout=30), "four requests in flight at once"
     for response in responses:
-        assert b'"three"' in b"".join(response.iter_content(None))
-    assert wait_for(lambda: not pooled.bridges() and len(pooled.bridges(serving=False)) == 4), \
+        assert b'three"' in b"".join(response.iter_content(None)), "the whole reply arrives"
+    assert wait_for(lambda: not pooled.bridges() and len(pooled.bridges(serving=False)) == 4, timeout=30), \
         "four clients at once: four bridges wait for their next requests"
 
 

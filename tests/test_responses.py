@@ -10,9 +10,10 @@ import pytest
 import requests
 
 from tests.fake_upstream import Reply
-from tests.helpers import ALL_APIS, PIXEL, RecordingTransport, last_request
+from tests.helpers import ALL_APIS, PIXEL, RecordingTransport, last_request, sse_events
 from tests.responses_grammar import check_responses_stream
 from tests.secret_scan import record_response
+from tests.sse_grammar import check_anthropic_stream
 
 KEY = b"this installation's envelope key"
 
@@ -176,6 +177,39 @@ def test_namespace_custom_and_hosted_tools(client, fake, model):
     assert "rainy" in sent and "patch applied" in sent and "a.txt" in sent
 
 
+SHELL_ACTION = {"command": ["ls", "-la"], "working_directory": "/tmp", "timeout_ms": 5000}
+
+
+@ALL_APIS
+def test_local_shell_is_a_function_upstream_and_a_local_shell_call_here(proxy, fake, model):
+    fake.push(Reply(tool_calls=[("call_s1", "local_shell", SHELL_ACTION)]))
+    events = raw_stream(proxy, {"model": model, "input": "list files", "tools": [{"type": "local_shell"}]})
+    [call] = events[-1]["response"]["output"]
+    assert call["type"] == "local_shell_call" and call["id"].startswith("lsh_") and call["status"] == "completed"
+    assert call["action"] == {"type": "exec", "env": {}, **SHELL_ACTION} and call["call_id"].startswith("call_s1")
+    upstream_tools = json.dumps(last_request(fake, model).body["tools"])
+    assert "local_shell" in upstream_tools and "working_directory" in upstream_tools
+    fake.push(Reply(text="Two files."))
+    response = requests.post(f"{proxy.url}/v1/responses", timeout=30, json={
+        "model": model, "tools": [{"type": "local_shell"}], "store": False, "input": [
+            {"role": "user", "content": "list files"}, call,
+            {"type": "local_shell_call_output", "id": call["call_id"], "output": "a.txt b.txt"}]})
+    assert response.status_code == 200 and response.json()["output"][0]["content"][0]["text"] == "Two files."
+    sent = sent_text(fake, model)
+    assert "a.txt b.txt" in sent and "/tmp" in sent and "call_s1" in sent, "the call and its output went back"
+
+
+@pytest.mark.parametrize("kind", ["file_search", "code_interpreter", "computer_use_preview", "image_generation", "mcp"])
+def test_hosted_tools_the_proxy_cannot_provide_are_400(proxy, fake, kind):
+    response = requests.post(f"{proxy.url}/v1/responses", timeout=10, json={
+        "model": "fake-chat/chat-model", "input": "hi", "tools": [WEATHER, {"type": "web_search"}, {"type": kind}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == \
+        ("invalid_request_error", "tools[2].type", "unsupported_tool")
+    assert repr(kind) in error["message"] and fake.requests == []
+
+
 def test_output_for_an_unknown_call_is_400(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model="fake-chat/chat-model", input=[
@@ -189,8 +223,7 @@ def test_unknown_input_items_are_kept_as_text(client, fake):
     client.responses.create(model=model, input=[
         {"role": "user", "content": "hi"},
         {"type": "web_search_call", "id": "ws_1", "status": "completed"},
-        {"type": "mystery_item", "text": "remember the mystery text"},
-        {"type": "item_reference", "id": "msg_x"}])
+        {"type": "mystery_item", "text": "remember the mystery text"}])
     assert "remember the mystery text" in sent_text(fake, model)
 
 
@@ -205,7 +238,7 @@ def test_reasoning_round_trips_to_the_same_model_only(client, fake, model):
         summary = "".join(e.delta for e in stream if e.type == "response.reasoning_summary_text.delta")
         first = stream.get_final_response()
     reasoning, message = first.output
-    assert reasoning.type == "reasoning" and reasoning.summary[0].text.strip() == "Let me think."
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == "Let me think."
     assert summary == reasoning.summary[0].text and message.content[0].text == "42"
     history = [{"role": "user", "content": "question"}, *as_input(first.output), {"role": "user", "content": "more"}]
     fake.push(Reply(text="43"))
@@ -222,6 +255,37 @@ def test_reasoning_round_trips_to_the_same_model_only(client, fake, model):
     sent_elsewhere = sent_text(fake, other)
     assert "sig-XYZ-123" not in sent_elsewhere and "Let me think." not in sent_elsewhere, \
         "reasoning made for another model is dropped"
+
+
+def streamed_and_final_reasoning(proxy, endpoint: str, body: dict) -> tuple[str, str]:
+    """The reasoning text an endpoint streams, and the one its whole reply carries."""
+    url = f"{proxy.url}{endpoint}"
+    streamed = requests.post(url, json={**body, "stream": True}, timeout=30)
+    whole = requests.post(url, json=body, timeout=30).json()
+    assert streamed.status_code == 200, streamed.text
+    if endpoint == "/v1/messages":
+        frames = check_anthropic_stream(streamed.text)
+        deltas = [data["delta"] for _, data in frames if data["type"] == "content_block_delta"]
+        return "".join(d["thinking"] for d in deltas if d["type"] == "thinking_delta"), whole["content"][0]["thinking"]
+    if endpoint == "/v1/chat/completions":
+        chunks = [json.loads(data) for _, data in sse_events(streamed.text) if data != "[DONE]"]
+        return ("".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"]),
+                whole["choices"][0]["message"]["reasoning_content"])
+    events = check_responses_stream(streamed.text)
+    return ("".join(e["delta"] for e in events if e["type"] == "response.reasoning_summary_text.delta"),
+            whole["output"][0]["summary"][0]["text"])
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/responses", "/v1/chat/completions", "/v1/messages"])
+def test_streamed_reasoning_equals_the_final_reasoning(proxy, fake, endpoint):
+    """pi-ai's openai-responses provider streams "\n\n" after the reasoning; its final text has none."""
+    body = {"model": "fake-responses/gpt-test", "max_tokens": 100, "reasoning_effort": "low"}
+    body |= {"input": "q", "reasoning": {"effort": "low"}} if endpoint == "/v1/responses" else \
+        {"messages": [{"role": "user", "content": "q"}]}
+    fake.push(Reply(reasoning="First I think. Then I answer.", text="42"),
+              Reply(reasoning="First I think. Then I answer.", text="42"))
+    streamed, final = streamed_and_final_reasoning(proxy, endpoint, body)
+    assert streamed == final == "First I think. Then I answer."
 
 
 def test_foreign_reasoning_items_are_dropped(client, fake):
@@ -356,12 +420,6 @@ def test_secrets_never_leak(client, fake):
 # --- validation --------------------------------------------------------------------------------------
 
 
-def test_previous_response_id_is_refused_as_stateless(client):
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(model="fake-chat/chat-model", input="hi", previous_response_id="resp_123")
-    assert caught.value.body["param"] == "previous_response_id" and "stateless" in caught.value.message
-
-
 @pytest.mark.parametrize("body, param", [
     ({"input": "hi"}, "model"),
     ({"model": "fake-chat/chat-model"}, "input"),
@@ -391,7 +449,7 @@ def test_unknown_model_is_404(client):
 
 def test_interleaved_pi_blocks_stream_one_item_at_a_time():
     import proxy as module
-    tools = {"apply_patch": module.ClientTool("apply_patch", custom=True),
+    tools = {"apply_patch": module.ClientTool("apply_patch", kind="custom"),
              "forecast": module.ClientTool("forecast", namespace="weather_ns")}
     frames = module.ResponsesEvents(module.response_object({"model": "m", "input": "x"}, "resp_1", 0), "p/m", tools,
                                     KEY)
@@ -425,6 +483,32 @@ def test_interleaved_pi_blocks_stream_one_item_at_a_time():
     assert module.open_reasoning(sealed, {"provider": "p", "id": "other"}, KEY) is None
     assert module.open_reasoning("gAAAA-not-ours", {"provider": "p", "id": "m"}, KEY) is None
     assert module.open_reasoning(sealed, {"provider": "p", "id": "m"}, b"another installation") is None
+
+
+@pytest.mark.parametrize("arguments, action", [
+    ('{"command": ["ls"], "env": {"A": "1"}, "user": null, "extra": 1}',
+     {"type": "exec", "command": ["ls"], "env": {"A": "1"}}),
+    ('{"command": []}', None), ('{"command": "ls -la"}', None), ('{"command": ["ls", 5]}', None), ('{"comm', None),
+    ('["ls"]', None)])
+def test_local_shell_action_needs_a_command(arguments, action):
+    import proxy as module
+    assert module.local_shell_action(arguments) == action
+
+
+def test_a_local_shell_call_without_a_command_is_incomplete():
+    import proxy as module
+    tools = {"local_shell": module.ClientTool("local_shell", kind="local_shell")}
+    response = module.response_object({"model": "m", "input": "x"}, "resp_1", 0)
+    frames = module.ResponsesEvents(response, "p/m", tools, KEY)
+    pi_events = [{"type": "start"},
+                 {"type": "toolcall_start", "contentIndex": 0, "id": "c1", "toolName": "local_shell"},
+                 {"type": "toolcall_delta", "contentIndex": 0, "delta": '{"cmd": "ls"}'},
+                 {"type": "toolcall_end", "contentIndex": 0, "toolCall": {"arguments": {"cmd": "ls"}}},
+                 {"type": "done", "reason": "toolUse", "message": {"usage": {}}}]
+    raw = "".join(module.sse_event(f["type"], f).decode() for e in pi_events for f in frames.translate(e))
+    [call] = check_responses_stream(raw)[-1]["response"]["output"]
+    assert (call["type"], call["status"], call["action"]) == ("local_shell_call", "incomplete",
+                                                              {"type": "exec", "command": [], "env": {}})
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

@@ -441,25 +441,6 @@ def test_translation_of_the_end():
     assert error == {"type": "error", "reason": "error", "errorMessage": "401 bad key [redacted]", "usage": ZERO_USAGE}
 
 
-def test_translation_holds_trailing_whitespace_until_the_final_text_decides():
-    events = PiStreamEvents(secrets=[])
-
-    def deltas(kind, index, *pieces):
-        return [frame for piece in pieces
-                for frame in events.translate({"type": kind, "contentIndex": index, "delta": piece})]
-
-    # openai-responses: "\n\n" streamed after each reasoning part, the last one dropped at the end
-    assert [f["delta"] for f in deltas("thinking_delta", 0, "part one", "\n\n", "part two", "\n\n")] == [
-        "part one", "\n\npart two"]
-    assert events.translate({"type": "thinking_end", "contentIndex": 0, "content": "part one\n\npart two",
-                             "contentSignature": "s"}) == [{"type": "thinking_end", "contentIndex": 0,
-                                                            "contentSignature": "s"}]
-    # a final text that keeps its trailing whitespace gets it before the end
-    assert [f["delta"] for f in deltas("text_delta", 1, "code ", "block\n")] == ["code", " block"]
-    assert events.translate({"type": "text_end", "contentIndex": 1, "content": "code block\n"}) == [
-        {"type": "text_delta", "contentIndex": 1, "delta": "\n"}, {"type": "text_end", "contentIndex": 1}]
-
-
 # --- Google: the tool call's thoughtSignature comes back as pi-ai gave it ------------------------------
 
 GEMINI = {"id": "gemini-3-pro-preview", "name": "Gemini 3 Pro", "reasoning": True, "input": ["text"],

@@ -538,3 +538,29 @@ def test_overflow_message_uses_anthropic_wording():
     vague = ApiError(400, "context_length_exceeded", code="context_length_exceeded")
     assert proxy.anthropic_overflow(vague, 777, {"contextWindow": 500}).message == \
         "prompt is too long: 777 tokens > 500 maximum"
+
+
+# --- events ----------------------------------------------------------------------------------------
+
+
+def test_trailing_whitespace_waits_until_the_final_text_decides():
+    def settled(*events):
+        return [(e["type"], e.get("delta")) for e in proxy.pi_events(iter(events))]
+
+    def deltas(kind, index, *pieces):
+        return [{"type": kind, "contentIndex": index, "delta": piece} for piece in pieces]
+
+    # openai-responses: "\n\n" streamed after each reasoning part, the last one dropped at the end
+    assert settled(*deltas("thinking_delta", 0, "part one", "\n\n", "part two", "\n\n"),
+                   {"type": "thinking_end", "contentIndex": 0, "content": "part one\n\npart two"}) == [
+        ("thinking_delta", "part one"), ("thinking_delta", "\n\npart two"), ("thinking_end", None)]
+    # a final text that keeps its trailing whitespace gets it before the end
+    assert settled(*deltas("text_delta", 1, "code ", "block\n"),
+                   {"type": "text_end", "contentIndex": 1, "content": "code block\n"}) == [
+        ("text_delta", "code"), ("text_delta", " block"), ("text_delta", "\n"), ("text_end", None)]
+    # blocks are held apart; other events pass as they are; an end without its text sends what was held
+    assert settled(*deltas("text_delta", 0, "a "), *deltas("thinking_delta", 1, "b "), {"type": "heartbeat"},
+                   {"type": "text_end", "contentIndex": 0},
+                   {"type": "thinking_end", "contentIndex": 1, "content": "b"}) == [
+        ("text_delta", "a"), ("thinking_delta", "b"), ("heartbeat", None), ("text_delta", " "), ("text_end", None),
+        ("thinking_end", None)]
