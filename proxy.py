@@ -233,7 +233,8 @@ def load_config(args: argparse.Namespace, environ=os.environ) -> Config:
         max_bridges=int(environ.get("PI_PROXY_MAX_BRIDGES") or defaults.max_bridges),
         queue_size=int(environ["PI_PROXY_QUEUE_SIZE"]) if environ.get("PI_PROXY_QUEUE_SIZE") else None,
         queue_timeout_s=float(environ.get("PI_PROXY_QUEUE_TIMEOUT_S", defaults.queue_timeout_s)),
-        client_header_timeout_s=float(environ.get("PI_PROXY_CLIENT_HEADER_TIMEOUT_S", defaults.client_header_timeout_s)),
+        client_header_timeout_s=float(environ.get("PI_PROXY_CLIENT_HEADER_TIMEOUT_S",
+                                                  defaults.client_header_timeout_s)),
         client_body_timeout_s=float(environ.get("PI_PROXY_CLIENT_BODY_TIMEOUT_S", defaults.client_body_timeout_s)),
         client_idle_timeout_s=float(environ.get("PI_PROXY_CLIENT_IDLE_TIMEOUT_S", defaults.client_idle_timeout_s)),
         client_stall_timeout_s=float(environ.get("PI_PROXY_CLIENT_STALL_TIMEOUT_S", defaults.client_stall_timeout_s)),
@@ -1392,7 +1393,8 @@ class Relay:
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 reason = re.sub(r"\s+", " ", str(getattr(error, "reason", None) or error))[:500]
                 log.info("relay: %s %s failed: %s", method, urllib.parse.urlsplit(url).netloc, reason)
-                bridge_socket.sendall(relay_head(502, "Bad Gateway", [(RELAY_ERROR_HEADER, reason), ("content-length", "0")]))
+                bridge_socket.sendall(relay_head(502, "Bad Gateway",
+                                                 [(RELAY_ERROR_HEADER, reason), ("content-length", "0")]))
                 return
             relay_response(response, bridge_socket)
             complete = True
@@ -2120,7 +2122,8 @@ def image_in(response: requests.Response, max_bytes: int, budget: ImageBudget) -
 
 # Where OpenAI-compatible servers put an assistant's reasoning, in the order pi-ai reads them.
 REASONING_FIELDS = ("reasoning_content", "reasoning", "reasoning_text")
-_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {
     "anyOf": [
         {"type": "string"},
@@ -2183,7 +2186,8 @@ CHAT_SCHEMA = {
                     **{name: {"type": ["string", "null"]} for name in REASONING_FIELDS},
                 },
                 "allOf": [
-                    {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"]}},
+                    {"if": {"properties": {"role": {"const": "tool"}}},
+                     "then": {"required": ["tool_call_id", "content"]}},
                     {"if": {"properties": {"role": {"enum": ["system", "developer", "user"]}}},
                      "then": {"required": ["content"]}},
                 ],
@@ -3252,13 +3256,15 @@ _R_TOOL_RULES = {
                                                     "format": {"type": "object"}}},
 }
 _R_TOOL = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}},
-           "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": rule} for kind, rule in _R_TOOL_RULES.items()]
+           "allOf": [{"if": {"properties": {"type": {"const": kind}}}, "then": rule}
+                     for kind, rule in _R_TOOL_RULES.items()]
            + [{"if": {"properties": {"type": {"enum": list(HOSTED_TOOLS_DROPPED)}}},
                "then": {"additionalProperties": ignored("a hosted tool this proxy drops: nothing here can run it")}}]}
 _R_TOOLS = {"type": "array", "items": {
     "allOf": [_R_TOOL, {"if": {"properties": {"type": {"const": "namespace"}}},
                         "then": {"required": ["name", "tools"],
-                                 "properties": {"name": {"type": "string"}, "tools": {"type": "array", "items": _R_TOOL}}}}]}}
+                                 "properties": {"name": {"type": "string"},
+                                                "tools": {"type": "array", "items": _R_TOOL}}}}]}}
 RESPONSES_VALIDATOR = Draft202012Validator({
     "title": "responses request",
     "type": "object",
@@ -3271,7 +3277,8 @@ RESPONSES_VALIDATOR = Draft202012Validator({
                            "id": ignored("the id of a replayed output item"),
                            "status": ignored("the status of a replayed output item")},
             # An item without a type is a message (OpenAI's "easy input message").
-            "allOf": [{"if": {"properties": {"type": {"const": kind}}, **({} if kind == "message" else {"required": ["type"]})},
+            "allOf": [{"if": {"properties": {"type": {"const": kind}},
+                              **({} if kind == "message" else {"required": ["type"]})},
                        "then": rule} for kind, rule in _R_ITEM_RULES.items()]}},
         "instructions": {"type": "string"},
         "tools": _R_TOOLS,
@@ -3286,7 +3293,8 @@ RESPONSES_VALIDATOR = Draft202012Validator({
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
         "text": {"type": "object", "properties": {"format": {
-            "type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
             "if": {"properties": {"type": {"const": "json_schema"}}},
             "then": {"required": ["name"], "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}}}}},
         "store": {"type": "boolean"},
@@ -3486,7 +3494,8 @@ def responses_tools(tools: list) -> tuple[list, dict]:
             grammar = (tool.get("format") or {}).get("definition")
             if grammar:
                 description += f"\n\nThe `{CUSTOM_INPUT}` argument must follow this grammar:\n{grammar}"
-            parameters = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
+            parameters = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}},
+                          "required": [CUSTOM_INPUT]}
         else:
             parameters = tool.get("parameters") or {"type": "object", "properties": {}}
         pi_tools.append({"name": pi_name, "description": description, "parameters": parameters})
@@ -3519,7 +3528,8 @@ def loose_text(item: dict) -> str:
         if isinstance(value, str) and value:
             return value
         if isinstance(value, list):
-            text = "".join(part["text"] for part in value if isinstance(part, dict) and isinstance(part.get("text"), str))
+            text = "".join(part["text"] for part in value
+                           if isinstance(part, dict) and isinstance(part.get("text"), str))
             if text:
                 return text
     return ""
@@ -3649,7 +3659,8 @@ def responses_as_chat(body: dict, tools: dict) -> dict:
                                        and choice.get("name")):
         pi_names = {(t.namespace, t.name): pi_name for pi_name, t in tools.items()}
         name = choice.get("name", LOCAL_SHELL)
-        chat["tool_choice"] = {"type": "function", "function": {"name": pi_names.get((choice.get("namespace"), name), name)}}
+        chat["tool_choice"] = {"type": "function",
+                               "function": {"name": pi_names.get((choice.get("namespace"), name), name)}}
     elif choice is not None:
         log.debug("tool_choice of type %s has no pi equivalent; using auto", choice["type"])
     return chat
@@ -3666,7 +3677,8 @@ def responses_options(body: dict, chat: dict) -> dict:
 def responses_usage(usage: dict) -> dict:
     """pi-ai usage -> Responses usage. Like OpenAI, input_tokens includes the cached tokens."""
     chat = chat_usage(usage)
-    return {"input_tokens": chat["prompt_tokens"], "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"]["cached_tokens"]},
+    return {"input_tokens": chat["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"]["cached_tokens"]},
             "output_tokens": chat["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": chat["total_tokens"]}
 
@@ -4223,7 +4235,10 @@ class Figures:
 
     def summary(self) -> dict:
         ordered = sorted(self.ttfts)
-        percentile = (lambda p: ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else None)
+
+        def percentile(p):
+            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else None
+
         return {"requests": self.requests, "errors": self.errors, "tokens": dict(self.tokens),
                 "cost_usd": round(self.cost, 6), "ttft_ms": {"p50": percentile(0.5), "p90": percentile(0.9)}}
 
@@ -4291,14 +4306,17 @@ def copilot_quota(github: tuple[str, str | None], redirects: dict) -> dict:
         snapshot = snapshots.get(name)
         if snapshot is None and old_name in monthly:  # free plans: remaining of a monthly allowance
             total, left = monthly[old_name], limited.get(old_name, monthly[old_name])
-            snapshot = {"entitlement": total, "remaining": left, "percent_remaining": 100 * left / total if total else 0}
+            snapshot = {"entitlement": total, "remaining": left,
+                        "percent_remaining": 100 * left / total if total else 0}
         if not isinstance(snapshot, dict):
             return None
         if snapshot.get("unlimited"):
             return "unlimited"
-        return {key: snapshot.get(key) for key in ("entitlement", "remaining", "percent_remaining", "overage_permitted")}
+        return {key: snapshot.get(key)
+                for key in ("entitlement", "remaining", "percent_remaining", "overage_permitted")}
 
-    return {"plan": data.get("copilot_plan"), "reset": data.get("quota_reset_date") or data.get("limited_user_reset_date"),
+    return {"plan": data.get("copilot_plan"),
+            "reset": data.get("quota_reset_date") or data.get("limited_user_reset_date"),
             "premium_requests": quota("premium_interactions", "premium_interactions"),
             "chat": quota("chat", "chat"), "completions": quota("completions", "completions")}
 
@@ -4312,7 +4330,8 @@ def quota_lines(quota: dict) -> list:
     """`python proxy.py usage`: the quota for the terminal."""
     if "error" in quota:
         return [f"GitHub Copilot quota: unavailable ({quota['error']})"]
-    lines = [f"GitHub Copilot plan: {quota['plan'] or 'unknown'}" + (f", resets {quota['reset']}" if quota["reset"] else "")]
+    lines = [f"GitHub Copilot plan: {quota['plan'] or 'unknown'}"
+             + (f", resets {quota['reset']}" if quota["reset"] else "")]
     for key, label in (("premium_requests", "premium requests"), ("chat", "chat"), ("completions", "completions")):
         figures = quota[key]
         if figures == "unlimited" or figures is None:
@@ -4870,7 +4889,8 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.errorhandler(HTTPException)
     def on_http_error(error: HTTPException):
-        return error_response(ApiError(error.code, error.description, ERROR_TYPES.get(error.code, "invalid_request_error")))
+        return error_response(ApiError(error.code, error.description,
+                                       ERROR_TYPES.get(error.code, "invalid_request_error")))
 
     @app.errorhandler(Exception)
     def on_unexpected(error: Exception):
@@ -4885,7 +4905,8 @@ def create_app(proxy: Proxy) -> Flask:
     @app.before_request
     def refuse_when_closing():
         if request.environ.get("pi_proxy.closing"):
-            response = error_response(ApiError(503, "The proxy is shutting down; retry elsewhere or later", "api_error"))
+            response = error_response(ApiError(503, "The proxy is shutting down; retry elsewhere or later",
+                                               "api_error"))
             response.headers["Connection"] = "close"
             return response
 
@@ -5157,7 +5178,8 @@ class Handler(WSGIHandler):
         self._head_timer.cancel()
         environ = super().get_environ()
         if environ["wsgi.input"] is self.wsgi_input:
-            self.wsgi_input = environ["wsgi.input"] = TimedInput(self.wsgi_input, self.server.config.client_body_timeout_s)
+            self.wsgi_input = environ["wsgi.input"] = TimedInput(self.wsgi_input,
+                                                                 self.server.config.client_body_timeout_s)
         environ["pi_proxy.socket"] = self.socket
         # gevent decodes chunked bodies itself; this tells Werkzeug to read one to its end
         # (capped by MAX_CONTENT_LENGTH) instead of treating it as empty.
@@ -5211,7 +5233,8 @@ def serve(config: Config, watching_stdin: bool = False):
     try:
         server.init_socket()
     except OSError as error:  # the port is taken, the address is not this machine's: say so, no traceback
-        raise SystemExit(f"pi-proxy: cannot listen on {config.host}:{config.port}: {os.strerror(error.errno) if error.errno else error}") from None
+        reason = os.strerror(error.errno) if error.errno else error
+        raise SystemExit(f"pi-proxy: cannot listen on {config.host}:{config.port}: {reason}") from None
     url = f"http://{config.host}:{server.server_port}"
     available = proxy.available_models()
     providers = sorted({m["provider"] for m in available})
