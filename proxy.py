@@ -3199,11 +3199,17 @@ def anthropic_overflow(error: ApiError, estimate: int, model: dict) -> ApiError:
     return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", code="context_length_exceeded")
 
 
+def messages_context(body: dict, model: dict, proxy, run) -> tuple[dict, int]:
+    """A Messages request's pi context, its images fetched, and its input-token estimate (also
+    count_tokens' answer). `run` runs the translation (off_loop for a large request)."""
+    context = run(anthropic_to_context, body, model, proxy.envelope_key())
+    fetch_remote_images(context, proxy.config)
+    return context, run(count_request_tokens, context, model)
+
+
 def prepare_messages(body: dict, model: dict, proxy, run) -> Exchange:
     key = proxy.envelope_key()
-    context = run(anthropic_to_context, body, model, key)
-    fetch_remote_images(context, proxy.config)
-    estimate = run(count_request_tokens, context, model)
+    context, estimate = messages_context(body, model, proxy, run)
     events = AnthropicEvents(f"msg_{uuid.uuid4().hex[:24]}", body["model"], estimate,
                              functools.partial(signature_out, model, key=key))
     return Exchange(context, anthropic_options(body), upstream_payload(anthropic_extras(body), model["api"]), events,
@@ -5012,9 +5018,8 @@ def create_app(proxy: Proxy) -> Flask:
                             "tools", client)
         availability = proxy.model_availability(client.upstream_key)
         model = resolve_claude_model(body["model"], proxy.registry.models, availability)
-        context = off_loop(client.body_size, anthropic_to_context, body, model, proxy.envelope_key())
-        fetch_remote_images(context, proxy.config)
-        return {"input_tokens": off_loop(client.body_size, count_request_tokens, context, model)}
+        _, estimate = messages_context(body, model, proxy, functools.partial(off_loop, client.body_size))
+        return {"input_tokens": estimate}
 
     @app.get("/usage")
     def usage():

@@ -20,11 +20,11 @@ from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
 from tests.helpers import RunningProxy, models_json  # noqa: E402
 
 POLLER = """
-import sys, time, requests
+import select, sys, time, requests
 url, slowest, count = sys.argv[1], 0.0, 0
 with requests.Session() as session:
     print("ready", flush=True)
-    while not sys.stdin.closed and select.select([sys.stdin], [], [], 0)[0] == []:
+    while not select.select([sys.stdin], [], [], 0)[0]:  # until told to stop
         started = time.perf_counter()
         session.get(url, timeout=600)
         slowest, count = max(slowest, time.perf_counter() - started), count + 1
@@ -36,7 +36,7 @@ def worst_healthz(proxy, while_running) -> tuple[float, float, int]:
     """(slowest /healthz in ms while `while_running()` runs, its duration in s, /healthz answered).
     The client asking /healthz is a process of its own: as a thread here it would share this
     process's GIL with the fake upstream, which parses the large request meanwhile, and measure that."""
-    poller = subprocess.Popen([sys.executable, "-c", "import select\n" + POLLER, f"{proxy.url}/healthz"],
+    poller = subprocess.Popen([sys.executable, "-c", POLLER, f"{proxy.url}/healthz"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     poller.stdout.readline()
     time.sleep(0.3)
