@@ -44,6 +44,7 @@ import binascii
 import collections
 import errno
 import functools
+import gc
 import hmac
 import ipaddress
 import itertools
@@ -1004,19 +1005,29 @@ _JSON_VALUE = json.JSONDecoder().raw_decode
 _CHUNKED_LEVELS = 4  # request -> context -> messages -> message: one message per C call
 
 
-def parse_json(text: str):
-    """json.loads(text), in chunks."""
-    value, end = _parse_chunked(text, _JSON_SPACE.match(text).end(), _CHUNKED_LEVELS)
+def parse_json(text: str, caps: dict | None = None):
+    """json.loads(text), in chunks. `caps` maps a dotted path to (most entries, its setting): an
+    array there with more is refused (413) as soon as the parser passes its cap, before the rest
+    of it is built (a huge list, besides the work, costs the collector a pass over every entry)."""
+    caps = {tuple(path.split(".")): cap for path, cap in (caps or {}).items()}
+    value, end = _parse_chunked(text, _JSON_SPACE.match(text).end(), _CHUNKED_LEVELS, (), caps)
     if _JSON_SPACE.match(text, end).end() != len(text):
         raise json.JSONDecodeError("Extra data", text, end)
     return value
 
 
-def _parse_chunked(text: str, index: int, levels: int):
+def too_many_entries(path: str, count, cap: int, setting: str) -> ApiError:
+    return ApiError(413, f"{path} holds {count} entries; this proxy takes at most {cap} ({setting})",
+                    "request_too_large", param=path, code="request_too_large")
+
+
+def _parse_chunked(text: str, index: int, levels: int, path: tuple | None, caps: dict):
+    """A value at `path` (None inside an array: caps name no array entries)."""
     opening = text[index:index + 1]
     if levels == 0 or opening not in ("[", "{"):
         return _JSON_VALUE(text, index)
     closing, members = ("]", []) if opening == "[" else ("}", {})
+    cap = caps.get(path) if opening == "[" else None
     index = _JSON_SPACE.match(text, index + 1).end()
     if text[index:index + 1] == closing:
         return members, index + 1
@@ -1027,11 +1038,13 @@ def _parse_chunked(text: str, index: int, levels: int):
             if not isinstance(key, str) or text[index:index + 1] != ":":
                 raise json.JSONDecodeError("Expecting a property name and ':'", text, index)
             index = _JSON_SPACE.match(text, index + 1).end()
-        value, index = _parse_chunked(text, index, levels - 1)
-        if opening == "{":
+            value, index = _parse_chunked(text, index, levels - 1, None if path is None else (*path, key), caps)
             members[key] = value
         else:
+            value, index = _parse_chunked(text, index, levels - 1, None, caps)
             members.append(value)
+            if cap and len(members) > cap[0]:
+                raise too_many_entries(".".join(path), f"more than {cap[0]}", *cap)
         index = _JSON_SPACE.match(text, index).end()
         separator = text[index:index + 1]
         if separator == closing:
@@ -1049,6 +1062,20 @@ def json_text(value, levels: int = _CHUNKED_LEVELS) -> str:
     if levels and isinstance(value, list):
         return "[" + ",".join(json_text(member, levels - 1) for member in value) + "]"
     return json.dumps(value, allow_nan=False)
+
+
+RELEASED_AT_ONCE = 1000  # list entries release() frees in one step
+
+
+def release(value, levels: int = _CHUNKED_LEVELS):
+    """Empty a large document's outer lists in place, a slice at a time. Freeing a million small
+    objects takes C 0.1 s, all of it holding the GIL; freed in slices, the loop runs in between."""
+    if levels and isinstance(value, dict):
+        for member in value.values():
+            release(member, levels - 1)
+    elif isinstance(value, list):
+        while value:
+            del value[-RELEASED_AT_ONCE:]
 
 
 def bridge_line(bridge_request: dict) -> bytes:
@@ -1102,9 +1129,28 @@ class Bridge:
             pass  # the process died at once; events() reports it
 
     def _read_stdout(self):
-        # A reader of its own, so waiting for a line can time out without interrupting a read.
-        for line in self.proc.stdout:
-            self.lines.put(line)
+        # A reader of its own, so waiting for a line can time out without interrupting a read. It
+        # reads 8 KiB once the loop has found the pipe readable, as it does a client's socket: a
+        # read that finds output waiting returns without yielding, and the queue's hand-offs to the
+        # response alone never let the loop poll, so a fast bridge kept every other client waiting.
+        fd, part = self.proc.stdout.fileno(), []
+        while True:
+            gevent.socket.wait_read(fd)
+            try:
+                chunk = os.read(fd, 8192)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            start = 0
+            while (end := chunk.find(b"\n", start)) != -1:
+                part.append(chunk[start:end + 1])
+                self.lines.put(b"".join(part))
+                part, start = [], end + 1
+            if start < len(chunk):
+                part.append(chunk[start:])
+        if part:
+            self.lines.put(b"".join(part))
         self.lines.put(b"")
 
     def _drain_stderr(self):
@@ -4632,25 +4678,55 @@ def close_connection(response: Response) -> Response:
     return response
 
 
+BODY_CHUNK = 262_144  # bytes of a request body read at a time
+
+
 def read_body(limit: int) -> bytes:
     """The request's body, or ApiError 413 past `limit` bytes, chunked bodies included."""
     too_large = ApiError(413, f"The request body is larger than {limit} bytes", "request_too_large")
     if (request.content_length or 0) > limit:
         raise too_large
+    parts, size = [], 0
     try:
-        raw = request.stream.read(limit + 1)
+        while size <= limit and (part := request.stream.read(min(BODY_CHUNK, limit + 1 - size))):
+            parts.append(part)
+            size += len(part)
+            # A read that finds its data waiting returns without yielding: a client sending 50 MB
+            # fast would have the loop to itself. The loop's other sockets get a turn per chunk.
+            gevent.idle()
     except OSError as error:  # cut short, malformed chunks, or too slow: the connection is unusable
         after_this_request(close_connection)
         if isinstance(error, BodyTimeout):
             raise ApiError(408, str(error), code="request_timeout") from None
         log.info("a request body could not be read: %s", error)
         raise ApiError(400, f"The request body could not be read: {error}") from None
-    if len(raw) > limit:
+    if size > limit:
         raise too_large
-    return raw
+    return b"".join(parts)
 
 
 OFF_LOOP_BYTES = 100_000  # a request larger than this is parsed, checked and serialised off the loop
+
+
+class CollectorPause:
+    """No cyclic garbage collection while large requests are worked on off the loop: a document
+    parsed from JSON has no cycles to find, and each full pass of the collector over the millions
+    of objects being made holds the GIL, and so the loop, for tens of ms."""
+
+    def __init__(self):
+        self.holders = 0
+
+    def __enter__(self):
+        self.holders += 1
+        gc.disable()
+
+    def __exit__(self, *exc_info):
+        self.holders -= 1
+        if not self.holders:
+            gc.enable()
+
+
+COLLECTOR_PAUSE = CollectorPause()
 
 
 def off_loop(body_size: int, function, *args):
@@ -4659,7 +4735,8 @@ def off_loop(body_size: int, function, *args):
     (jsonschema) is preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
     if body_size <= OFF_LOOP_BYTES:
         return function(*args)
-    result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
+    with COLLECTOR_PAUSE:
+        result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
     for record in records:
         log.handle(record)
     if error is not None:
@@ -4674,6 +4751,8 @@ def outcome(function, args) -> tuple:
     _held.records = []
     try:
         return function(*args), None, _held.records
+    except ApiError as error:  # the client's: its traceback's frames would keep the request's data alive
+        return None, error.with_traceback(None), _held.records
     except Exception as error:
         return None, error, _held.records
     finally:
@@ -4691,20 +4770,26 @@ def read_request(config: Config, check, messages: str, tools: str, client: Clien
     `messages` and `tools` are where this API keeps its messages and its tools."""
     raw = read_body(config.max_body_size)
     client.body_size = len(raw)
-    body = off_loop(client.body_size, parse_body, raw)
+    counted = {messages: (config.max_messages, "PI_PROXY_MAX_MESSAGES"),
+               tools: (config.max_tools, "PI_PROXY_MAX_TOOLS")}
+    body = off_loop(client.body_size, parse_body, raw, counted)
     client.record.note_body(body)
-    return off_loop(client.body_size, checked_body, body, config, check, messages, tools)
+    return off_loop(client.body_size, checked_body, body, config, check, counted)
 
 
-def checked_body(body, config: Config, check, messages: str, tools: str) -> dict:
-    check_caps(body, config, {messages: (config.max_messages, "PI_PROXY_MAX_MESSAGES"),
-                              tools: (config.max_tools, "PI_PROXY_MAX_TOOLS")})
-    return check(body)
-
-
-def parse_body(raw: bytes):
+def checked_body(body, config: Config, check, counted: dict) -> dict:
+    """The body, checked; a refused one is released here, in the pool, not freed on the loop."""
     try:
-        return parse_json(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        check_caps(body, config, counted)
+        return check(body)
+    except ApiError:
+        release(body)
+        raise
+
+
+def parse_body(raw: bytes, counted: dict):
+    try:
+        return parse_json(raw.decode(json.detect_encoding(raw), "surrogatepass"), counted)
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
     except RecursionError:
@@ -4720,8 +4805,7 @@ def check_caps(body, config: Config, counted: dict):
         for name in path.split("."):
             found = found.get(name) if isinstance(found, dict) else None
         if isinstance(found, list) and len(found) > cap:
-            raise ApiError(413, f"{path} holds {len(found)} entries; this proxy takes at most {cap} ({setting})",
-                           "request_too_large", param=path, code="request_too_large")
+            raise too_many_entries(path, len(found), cap, setting)
     if not isinstance(body, (dict, list)):
         return
     values, stack = 0, [(body, 1, None)]
@@ -5231,6 +5315,9 @@ def serve(config: Config, watching_stdin: bool = False):
     # each of the loop's many returns from I/O: Python's default, 5 ms, adds up to stalls.
     sys.setswitchinterval(0.0005)
     proxy = build_proxy(config)
+    # What startup made (pi-ai's catalogue, the registry, compiled schemas) lives as long as the
+    # proxy: kept out of the collector's full passes, which would otherwise walk it at every one.
+    gc.freeze()
     in_flight = InFlight(create_app(proxy))
     server = WSGIServer((config.host, config.port), in_flight, handler_class=Handler, log=None, error_log=log)
     server.config = config  # the Handler's timeouts

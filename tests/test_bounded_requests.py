@@ -2,16 +2,20 @@
 client's 400 before any bridge is taken; no exception loses a bridge; messages, tools, values and
 nesting are capped (413/400) before schema validation; client text never forges a log line."""
 
+import gc
 import json
 import socket
+import sys
 import threading
 import time
 
+import gevent
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import proxy as proxy_module
 from tests.fake_upstream import Reply
 from tests.helpers import error_family, response_error, running_proxy
 
@@ -266,6 +270,88 @@ def test_a_large_request_is_answered_alongside_small_ones(proxy, fake):
     big.join()
     assert result["response"].status_code == 200, result["response"].text
     assert answered > 1
+
+
+@pytest.mark.parametrize("path, text", [
+    ("messages", '{"model": "m", "messages": [1, 2, 3, this is never read'),
+    ("context.messages", '{"context": {"messages": [{"role": "user"}, {}, {}, {}, and so on'),
+])
+def test_the_parser_refuses_an_array_at_its_cap_before_reading_on(path, text):
+    """A 47 MB body of 1.4 M messages is refused after 100,001 of them are parsed, not after all of
+    them are built (16 s of work, and a list the collector walks whole at each pass): here the
+    garbage after the cap is never read."""
+    with pytest.raises(proxy_module.ApiError) as refused:
+        proxy_module.parse_json(text, {path: (2, "PI_PROXY_MAX_MESSAGES")})
+    assert refused.value.status == 413 and refused.value.param == path
+    assert "more than 2" in refused.value.message and "PI_PROXY_MAX_MESSAGES" in refused.value.message
+    assert proxy_module.parse_json('{"messages": [1, 2], "tools": [1, 2, 3]}', {"messages": (2, "X")}) == \
+        {"messages": [1, 2], "tools": [1, 2, 3]}, "at the cap, and arrays elsewhere, parse as json.loads does"
+
+
+def test_a_refused_body_is_released_in_the_pool_thread():
+    """Freeing a refused million-entry body is C holding the GIL for 0.1 s; emptied a slice at a
+    time in the pool thread, the loop runs in between. The body's lists are left empty."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}] * 2500, "tools": [{}] * 3,
+            "context": {"messages": [1] * 10}}
+    config = proxy_module.Config(max_messages=1000)
+    counted = {"messages": (config.max_messages, "PI_PROXY_MAX_MESSAGES"), "tools": (config.max_tools, "X")}
+    with pytest.raises(proxy_module.ApiError):
+        proxy_module.checked_body(body, config, lambda checked: checked, counted)
+    assert body == {"model": "m", "messages": [], "tools": [], "context": {"messages": []}}
+
+
+def test_no_collection_while_large_requests_are_worked_on_off_the_loop():
+    """A parsed body has no cycles: the collector's full passes over it (tens of ms, GIL held) are
+    paused while any large request is in the pool, and resume when the last one is done."""
+    large = proxy_module.OFF_LOOP_BYTES + 1
+    release = threading.Event()  # not monkey-patched here: it blocks the pool thread, not the loop
+
+    def slow():
+        release.wait(10)
+        return gc.isenabled()
+
+    first = gevent.spawn(proxy_module.off_loop, large, slow)
+    second = gevent.spawn(proxy_module.off_loop, large, gc.isenabled)
+    assert second.get(timeout=10) is False and not gc.isenabled()
+    release.set()
+    assert first.get(timeout=10) is False
+    assert gc.isenabled(), "enabled again once the last large request is done"
+    assert proxy_module.off_loop(10, gc.isenabled) is True, "small requests are not paused for"
+
+
+FLOOD = "import sys\nline = b'x' * 200 + b'\\n'\nfor _ in range(60_000): sys.stdout.buffer.write(line)"
+
+
+def test_a_bridge_printing_faster_than_its_client_reads_leaves_the_loop_to_others():
+    """A bridge's output is read as a client's socket is, when the loop finds it readable: a read
+    that finds output waiting never yields, and the hand-offs through its bounded queue alone
+    never let the loop poll, so a fast bridge used to keep every timer and other socket waiting
+    until it was done (the stall bench/stall.py measured at 130-280 ms on a 200,000-token stream)."""
+    ticks = []
+
+    def ticker():
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.005)
+
+    bridge = proxy_module.Bridge([sys.executable, "-c", FLOOD])
+    clock = gevent.spawn(ticker)
+    try:
+        read, started = 0, time.monotonic()
+        while bridge.lines.get(timeout=30):
+            read += 1
+            busy = time.perf_counter() + 0.00002  # a translator's work per event
+            while time.perf_counter() < busy:
+                pass
+        ended = time.monotonic()
+    finally:
+        clock.kill()
+        bridge.close()
+    assert read == 60_000
+    during = [tick for tick in ticks if started <= tick <= ended]
+    gaps = [later - earlier for earlier, later in zip([started, *during], [*during, ended], strict=True)]
+    assert ended - started > 0.5, "long enough to tell"
+    assert max(gaps) < 0.25, f"the loop's timers waited {max(gaps):.2f} s while the bridge's output was read"
 
 
 # --- log forging -------------------------------------------------------------------------------
