@@ -4681,16 +4681,15 @@ def close_connection(response: Response) -> Response:
 BODY_CHUNK = 262_144  # bytes of a request body read at a time
 
 
-def read_body(limit: int) -> bytes:
+def read_body(limit: int) -> bytearray:
     """The request's body, or ApiError 413 past `limit` bytes, chunked bodies included."""
     too_large = ApiError(413, f"The request body is larger than {limit} bytes", "request_too_large")
     if (request.content_length or 0) > limit:
         raise too_large
-    parts, size = [], 0
+    body = bytearray()  # grown in place: joining 50 MB of parts would hold the loop for 30 ms
     try:
-        while size <= limit and (part := request.stream.read(min(BODY_CHUNK, limit + 1 - size))):
-            parts.append(part)
-            size += len(part)
+        while len(body) <= limit and (part := request.stream.read(min(BODY_CHUNK, limit + 1 - len(body)))):
+            body += part
             # A read that finds its data waiting returns without yielding: a client sending 50 MB
             # fast would have the loop to itself. The loop's other sockets get a turn per chunk.
             gevent.idle()
@@ -4700,9 +4699,9 @@ def read_body(limit: int) -> bytes:
             raise ApiError(408, str(error), code="request_timeout") from None
         log.info("a request body could not be read: %s", error)
         raise ApiError(400, f"The request body could not be read: {error}") from None
-    if size > limit:
+    if len(body) > limit:
         raise too_large
-    return b"".join(parts)
+    return body
 
 
 OFF_LOOP_BYTES = 100_000  # a request larger than this is parsed, checked and serialised off the loop
@@ -4787,7 +4786,7 @@ def checked_body(body, config: Config, check, counted: dict) -> dict:
         raise
 
 
-def parse_body(raw: bytes, counted: dict):
+def parse_body(raw: bytearray, counted: dict):
     try:
         return parse_json(raw.decode(json.detect_encoding(raw), "surrogatepass"), counted)
     except (ValueError, UnicodeDecodeError) as error:
