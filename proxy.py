@@ -1054,14 +1054,17 @@ def _parse_chunked(text: str, index: int, levels: int, path: tuple | None, caps:
         index = _JSON_SPACE.match(text, index + 1).end()
 
 
-def json_text(value, levels: int = _CHUNKED_LEVELS) -> str:
-    """json.dumps(value, allow_nan=False), in chunks."""
-    if levels and isinstance(value, dict):
-        return "{" + ",".join(json.dumps(str(key)) + ":" + json_text(member, levels - 1)
-                              for key, member in value.items()) + "}"
-    if levels and isinstance(value, list):
-        return "[" + ",".join(json_text(member, levels - 1) for member in value) + "]"
-    return json.dumps(value, allow_nan=False)
+def json_pieces(value, levels: int = _CHUNKED_LEVELS):
+    """json.dumps(value, allow_nan=False), in pieces: the outer arrays and objects taken apart."""
+    if levels and isinstance(value, (dict, list)):
+        pairs = value.items() if isinstance(value, dict) else ((None, member) for member in value)
+        yield "{" if isinstance(value, dict) else "["
+        for index, (key, member) in enumerate(pairs):
+            yield ("," if index else "") + ("" if key is None else json.dumps(str(key)) + ":")
+            yield from json_pieces(member, levels - 1)
+        yield "}" if isinstance(value, dict) else "]"
+    else:
+        yield json.dumps(value, allow_nan=False)
 
 
 RELEASED_AT_ONCE = 1000  # list entries release() frees in one step
@@ -1078,14 +1081,26 @@ def release(value, levels: int = _CHUNKED_LEVELS):
             del value[-RELEASED_AT_ONCE:]
 
 
-def bridge_line(bridge_request: dict) -> bytes:
-    """A bridge's request line. Made before a bridge is taken, so that input the bridge could not
-    read is the client's 400, not a bridge taken and lost."""
+LINE_BLOCK = 262_144  # characters of a bridge's request line encoded (and written) at a time
+
+
+def bridge_line(bridge_request: dict) -> list[bytes]:
+    """A bridge's request line, in blocks of about LINE_BLOCK: joined, encoded and copied whole, a
+    40 MB line held the GIL for 0.1 s. Made before a bridge is taken, so that input the bridge could
+    not read is the client's 400, not a bridge taken and lost."""
+    blocks, block, size = [], [], 0
     try:
-        return json_text(bridge_request).encode() + b"\n"
+        for piece in json_pieces(bridge_request):
+            block.append(piece)
+            size += len(piece)
+            if size >= LINE_BLOCK:
+                blocks.append("".join(block).encode())
+                block, size = [], 0
     except (ValueError, RecursionError):
         raise ApiError(400, "The request holds values that cannot be forwarded (NaN, Infinity, or nesting "
                             "too deep)", code="invalid_value") from None
+    blocks.append("".join([*block, "\n"]).encode())
+    return blocks
 
 
 class BridgeGone(Exception):
@@ -1120,10 +1135,14 @@ class Bridge:
         self._reaper = None
         self.stopped_because = None  # why the proxy ended it, told to its client instead of the exit status
 
-    def send(self, line: bytes):
-        """Give the bridge its request (bridge_line)."""
+    def send(self, line: list[bytes]):
+        """Give the bridge its request (bridge_line's blocks), the loop's other clients served
+        between blocks: a pipe its reader keeps emptying takes 40 MB without a write ever yielding."""
         try:
-            self.proc.stdin.write(line)
+            for index, block in enumerate(line):
+                if index:
+                    gevent.idle()
+                self.proc.stdin.write(block)
             self.proc.stdin.flush()
         except OSError:
             pass  # the process died at once; events() reports it
@@ -2044,13 +2063,18 @@ class ImageBudget:
             raise RemoteImageRefused(f"refused: the request's images together are larger than {self.total} bytes")
 
 
-def fetch_remote_images(context: dict, config: Config, addresses=checked_addresses):
-    """Replace the image blocks that name a URL (image_from_url) with the fetched images: all at
+def images_by_url(context: dict) -> list:
+    """(content blocks, index) of each image block that names a URL (image_from_url): one scan of
+    the context, which for a large request runs off the loop."""
+    return [(blocks, index) for message in context["messages"] if message["role"] != "assistant"
+            for blocks in [message["content"]] for index, block in enumerate(blocks) if "url" in block]
+
+
+def fetch_remote_images(pending: list, config: Config, addresses=checked_addresses):
+    """Replace the image blocks `pending` names (images_by_url) with the fetched images: all at
     once, within remote_image_timeout and the byte budget; the first failure, in request order of
     finishing, refuses the request and stops the other fetches. `addresses(host, port)` is the
-    checked resolver (checked_addresses). A request without such images costs one scan."""
-    pending = [(blocks, index) for message in context["messages"] if message["role"] != "assistant"
-               for blocks in [message["content"]] for index, block in enumerate(blocks) if "url" in block]
+    checked resolver (checked_addresses)."""
     if not pending:
         return
     first = pending[0][0][pending[0][1]]["param"]
@@ -2526,11 +2550,11 @@ class ChatChunks:
 
 def prepare_chat(body: dict, model: dict, proxy, run) -> Exchange:
     context = run(chat_to_context, body, model)
-    fetch_remote_images(context, proxy.config)
+    fetch_remote_images(run(images_by_url, context), proxy.config)
     stream = bool(body.get("stream"))
     include_usage = bool(body.get("stream_options", {}).get("include_usage")) or not stream
     chunks = ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", body["model"], int(time.time()), include_usage)
-    options = thinking_for_history(chat_options(body), context, model)
+    options = run(thinking_for_history, chat_options(body), context, model)
     return Exchange(context, options, upstream_payload(chat_extras(body), model["api"]), chunks, stream)
 
 
@@ -3249,7 +3273,7 @@ def messages_context(body: dict, model: dict, proxy, run) -> tuple[dict, int]:
     """A Messages request's pi context, its images fetched, and its input-token estimate (also
     count_tokens' answer). `run` runs the translation (off_loop for a large request)."""
     context = run(anthropic_to_context, body, model, proxy.envelope_key())
-    fetch_remote_images(context, proxy.config)
+    fetch_remote_images(run(images_by_url, context), proxy.config)
     return context, run(count_request_tokens, context, model)
 
 
@@ -3964,7 +3988,7 @@ def prepare_responses(body: dict, model: dict, proxy, run) -> Exchange:
     pi_tools, tools = responses_tools(body.get("tools", []))
     items = stored_input(body, proxy.response_store, proxy.config.max_body_size)  # the store lives on the loop
     context = run(responses_to_context, body, items, model, pi_tools, tools, key)
-    fetch_remote_images(context, proxy.config)
+    fetch_remote_images(run(images_by_url, context), proxy.config)
     chat = responses_as_chat(body, tools)
     # Kept as sent: its item_reference entries are resolved again when a later response chains onto it.
     keep = functools.partial(proxy.response_store.keep, input_items=input_items(body),
@@ -4516,7 +4540,7 @@ class Proxy:
         apis = {api for provider, apis in self.apis_by_provider.items() if self.is_available(provider) for api in apis}
         return [self.node, str(bridge_script()), *(["--warm-up"] if self.config.bridge_warm_up else []), *sorted(apis)]
 
-    def open_stream(self, line: bytes, secrets: list, heartbeat: float | None, client: ClientRequest) -> "Call":
+    def open_stream(self, line: list[bytes], secrets: list, heartbeat: float | None, client: ClientRequest) -> "Call":
         """A bridge taken from the pool and given its request line; from here on the request's
         Call owns it (see Call)."""
         try:
@@ -4731,7 +4755,7 @@ COLLECTOR_PAUSE = CollectorPause()
 def off_loop(body_size: int, function, *args):
     """function(*args); for a large request (of body_size bytes), in gevent's thread pool, so that
     the loop serves the other clients meanwhile. The GIL still lets the loop run: pure Python
-    (jsonschema) is preempted every few ms, and the JSON work is chunked (parse_json, json_text)."""
+    (jsonschema) is preempted every few ms, and the JSON work is chunked (parse_json, json_pieces)."""
     if body_size <= OFF_LOOP_BYTES:
         return function(*args)
     with COLLECTOR_PAUSE:
@@ -5084,6 +5108,9 @@ def create_app(proxy: Proxy) -> Flask:
                 return Response([api.encode(frame) for frame in exchange.translator.fail(error)],
                                 mimetype="text/event-stream")
             raise refused(error) from None
+        # The bridge has its line. The context, the most a request makes, is emptied in the pool: freed
+        # whole where the request ends, it would be C holding the GIL (15 ms per 100,000 messages).
+        off_loop(client.body_size, release, exchange.context)
         if exchange.stream:
             return sse_response(stream_sse(call, exchange.translator, api), call)
         final = call.final()

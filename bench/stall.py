@@ -97,6 +97,8 @@ def scenarios(fake, names) -> dict:
     every = {
         "chat, 20,000 messages of 400 chars (8 MB), answered": lambda: chat(
             [{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y" * 400}] * 10_000),
+        "chat, 100,000 messages of 400 chars (40 MB, the default cap), answered": lambda: chat(
+            [{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y" * 400}] * 50_000),
         "chat, 1.4 M messages (47 MB)": lambda: chat([{"role": "user", "content": "hi"}] * 1_400_000),
         "responses, 200,000 input items": lambda: json.dumps({"model": "fake-responses/gpt-test",
                                                                "input": [{"role": "user", "content": "z"}] * 200_000}

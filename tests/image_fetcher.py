@@ -30,7 +30,7 @@ def answer(case: dict) -> dict:
     context = {"messages": [{"role": "user", "content": blocks}]}
     started = time.monotonic()
     try:
-        proxy.fetch_remote_images(context, config, addresses)
+        proxy.fetch_remote_images(proxy.images_by_url(context), config, addresses)
         result = {"images": context["messages"][0]["content"]}
     except proxy.ApiError as error:
         result = {"status": error.status, "message": error.message, "param": error.param}

@@ -288,6 +288,18 @@ def test_the_parser_refuses_an_array_at_its_cap_before_reading_on(path, text):
         {"messages": [1, 2], "tools": [1, 2, 3]}, "at the cap, and arrays elsewhere, parse as json.loads does"
 
 
+def test_the_bridge_line_is_made_and_written_in_blocks():
+    """A 40 MB line joined, encoded and copied whole held the GIL for 0.1 s: it is made in blocks of
+    about LINE_BLOCK characters, written one at a time, and reads back as the request."""
+    bridge_request = {"op": "stream", "model": {"id": "m"}, "options": {"maxTokens": 5, "stop": None},
+                      "context": {"messages": [{"role": "user", "content": [{"type": "text", "text": "é \"q\"" * 50}],
+                                                "timestamp": 0}] * 5000, "tools": []}}
+    blocks = proxy_module.bridge_line(bridge_request)
+    assert len(blocks) > 5 and max(len(block) for block in blocks[:-1]) < 2 * proxy_module.LINE_BLOCK
+    assert blocks[-1].endswith(b"\n") and b"\n" not in b"".join(blocks)[:-1]
+    assert json.loads(b"".join(blocks)) == bridge_request
+
+
 def test_a_refused_body_is_released_in_the_pool_thread():
     """Freeing a refused million-entry body is C holding the GIL for 0.1 s; emptied a slice at a
     time in the pool thread, the loop runs in between. The body's lists are left empty."""
