@@ -4731,35 +4731,13 @@ def read_body(limit: int) -> bytearray:
 OFF_LOOP_BYTES = 100_000  # a request larger than this is parsed, checked and serialised off the loop
 
 
-class CollectorPause:
-    """No cyclic garbage collection while large requests are worked on off the loop: a document
-    parsed from JSON has no cycles to find, and each full pass of the collector over the millions
-    of objects being made holds the GIL, and so the loop, for tens of ms."""
-
-    def __init__(self):
-        self.holders = 0
-
-    def __enter__(self):
-        self.holders += 1
-        gc.disable()
-
-    def __exit__(self, *exc_info):
-        self.holders -= 1
-        if not self.holders:
-            gc.enable()
-
-
-COLLECTOR_PAUSE = CollectorPause()
-
-
 def off_loop(body_size: int, function, *args):
     """function(*args); for a large request (of body_size bytes), in gevent's thread pool, so that
     the loop serves the other clients meanwhile. The GIL still lets the loop run: pure Python
     (jsonschema) is preempted every few ms, and the JSON work is chunked (parse_json, json_pieces)."""
     if body_size <= OFF_LOOP_BYTES:
         return function(*args)
-    with COLLECTOR_PAUSE:
-        result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
+    result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
     for record in records:
         log.handle(record)
     if error is not None:

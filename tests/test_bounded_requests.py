@@ -2,7 +2,6 @@
 client's 400 before any bridge is taken; no exception loses a bridge; messages, tools, values and
 nesting are capped (413/400) before schema validation; client text never forges a log line."""
 
-import gc
 import json
 import socket
 import sys
@@ -310,25 +309,6 @@ def test_a_refused_body_is_released_in_the_pool_thread():
     with pytest.raises(proxy_module.ApiError):
         proxy_module.checked_body(body, config, lambda checked: checked, counted)
     assert body == {"model": "m", "messages": [], "tools": [], "context": {"messages": []}}
-
-
-def test_no_collection_while_large_requests_are_worked_on_off_the_loop():
-    """A parsed body has no cycles: the collector's full passes over it (tens of ms, GIL held) are
-    paused while any large request is in the pool, and resume when the last one is done."""
-    large = proxy_module.OFF_LOOP_BYTES + 1
-    release = threading.Event()  # not monkey-patched here: it blocks the pool thread, not the loop
-
-    def slow():
-        release.wait(10)
-        return gc.isenabled()
-
-    first = gevent.spawn(proxy_module.off_loop, large, slow)
-    second = gevent.spawn(proxy_module.off_loop, large, gc.isenabled)
-    assert second.get(timeout=10) is False and not gc.isenabled()
-    release.set()
-    assert first.get(timeout=10) is False
-    assert gc.isenabled(), "enabled again once the last large request is done"
-    assert proxy_module.off_loop(10, gc.isenabled) is True, "small requests are not paused for"
 
 
 FLOOD = "import sys\nline = b'x' * 200 + b'\\n'\nfor _ in range(60_000): sys.stdout.buffer.write(line)"
