@@ -1103,6 +1103,14 @@ def bridge_line(bridge_request: dict) -> list[bytes]:
     return blocks
 
 
+def let_the_loop_poll():
+    """Give the loop one turn at its sockets and timers before going on. A read or write that finds
+    its socket or pipe ready never yields; gevent.sleep(0) runs only the greenlets already scheduled,
+    and gevent.idle() waits for the loop to have nothing else to do, which under load may be never.
+    A 0.1 ms timer fires after the loop's next poll."""
+    gevent.sleep(0.0001)
+
+
 class BridgeGone(Exception):
     """The bridge was stopped, or closed its relay connection: its upstream request must stop."""
 
@@ -1141,7 +1149,7 @@ class Bridge:
         try:
             for index, block in enumerate(line):
                 if index:
-                    gevent.idle()
+                    let_the_loop_poll()
                 self.proc.stdin.write(block)
             self.proc.stdin.flush()
         except OSError:
@@ -4714,9 +4722,8 @@ def read_body(limit: int) -> bytearray:
     try:
         while len(body) <= limit and (part := request.stream.read(min(BODY_CHUNK, limit + 1 - len(body)))):
             body += part
-            # A read that finds its data waiting returns without yielding: a client sending 50 MB
-            # fast would have the loop to itself. The loop's other sockets get a turn per chunk.
-            gevent.idle()
+            if len(part) == BODY_CHUNK:  # more may follow: a client sending 50 MB fast would have the loop
+                let_the_loop_poll()      # to itself, each read finding its data waiting
     except OSError as error:  # cut short, malformed chunks, or too slow: the connection is unusable
         after_this_request(close_connection)
         if isinstance(error, BodyTimeout):

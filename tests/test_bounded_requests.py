@@ -311,6 +311,25 @@ def test_a_refused_body_is_released_in_the_pool_thread():
     assert body == {"model": "m", "messages": [], "tools": [], "context": {"messages": []}}
 
 
+def test_letting_the_loop_poll_returns_while_the_loop_is_never_idle():
+    """Reading a large body and writing a long bridge line yield to the loop between chunks. The
+    yield must let the loop poll, not wait for it to be idle: while another greenlet keeps it busy
+    (here one that never stops yielding), gevent.idle() never returns, and a request would hang."""
+    def spin():
+        while True:
+            gevent.sleep(0)
+
+    spinner = gevent.spawn(spin)
+    try:
+        gevent.sleep(0.01)
+        with gevent.Timeout(5):
+            proxy_module.let_the_loop_poll()
+        assert gevent.with_timeout(0.5, gevent.idle, timeout_value="waiting") == "waiting", \
+            "the premise: gevent.idle() waits for a loop that is never idle"
+    finally:
+        spinner.kill()
+
+
 FLOOD = "import sys\nline = b'x' * 200 + b'\\n'\nfor _ in range(60_000): sys.stdout.buffer.write(line)"
 
 
