@@ -1016,11 +1016,6 @@ def parse_json(text: str, caps: dict | None = None):
     return value
 
 
-def too_many_entries(path: str, count, cap: int, setting: str) -> ApiError:
-    return ApiError(413, f"{path} holds {count} entries; this proxy takes at most {cap} ({setting})",
-                    "request_too_large", param=path, code="request_too_large")
-
-
 def _parse_chunked(text: str, index: int, levels: int, path: tuple | None, caps: dict):
     """A value at `path` (None inside an array: caps name no array entries)."""
     opening = text[index:index + 1]
@@ -1044,7 +1039,9 @@ def _parse_chunked(text: str, index: int, levels: int, path: tuple | None, caps:
             value, index = _parse_chunked(text, index, levels - 1, None, caps)
             members.append(value)
             if cap and len(members) > cap[0]:
-                raise too_many_entries(".".join(path), f"more than {cap[0]}", *cap)
+                dotted = ".".join(path)
+                raise ApiError(413, f"{dotted} holds more than {cap[0]} entries; this proxy takes at most {cap[0]} "
+                                    f"({cap[1]})", "request_too_large", param=dotted, code="request_too_large")
         index = _JSON_SPACE.match(text, index).end()
         separator = text[index:index + 1]
         if separator == closing:
@@ -1056,13 +1053,19 @@ def _parse_chunked(text: str, index: int, levels: int, path: tuple | None, caps:
 
 def json_pieces(value, levels: int = _CHUNKED_LEVELS):
     """json.dumps(value, allow_nan=False), in pieces: the outer arrays and objects taken apart."""
-    if levels and isinstance(value, (dict, list)):
-        pairs = value.items() if isinstance(value, dict) else ((None, member) for member in value)
-        yield "{" if isinstance(value, dict) else "["
-        for index, (key, member) in enumerate(pairs):
-            yield ("," if index else "") + ("" if key is None else json.dumps(str(key)) + ":")
+    if levels and isinstance(value, dict):
+        yield "{"
+        for index, (key, member) in enumerate(value.items()):
+            yield ("," if index else "") + json.dumps(str(key)) + ":"
             yield from json_pieces(member, levels - 1)
-        yield "}" if isinstance(value, dict) else "]"
+        yield "}"
+    elif levels and isinstance(value, list):
+        yield "["
+        for index, member in enumerate(value):
+            if index:
+                yield ","
+            yield from json_pieces(member, levels - 1)
+        yield "]"
     else:
         yield json.dumps(value, allow_nan=False)
 
@@ -4782,13 +4785,13 @@ def read_request(config: Config, check, messages: str, tools: str, client: Clien
                tools: (config.max_tools, "PI_PROXY_MAX_TOOLS")}
     body = off_loop(client.body_size, parse_body, raw, counted)
     client.record.note_body(body)
-    return off_loop(client.body_size, checked_body, body, config, check, counted)
+    return off_loop(client.body_size, checked_body, body, config, check)
 
 
-def checked_body(body, config: Config, check, counted: dict) -> dict:
+def checked_body(body, config: Config, check) -> dict:
     """The body, checked; a refused one is released here, in the pool, not freed on the loop."""
     try:
-        check_caps(body, config, counted)
+        check_caps(body, config)
         return check(body)
     except ApiError:
         release(body)
@@ -4804,16 +4807,10 @@ def parse_body(raw: bytearray, counted: dict):
         raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
 
 
-def check_caps(body, config: Config, counted: dict):
-    """Bounded work per request, before the schema sees it: the arrays in `counted` (a dotted
-    path -> (cap, its setting)) and the whole body's values are counted (413), its nesting
-    measured, and numbers JSON cannot carry to the bridge (NaN, Infinity) refused (400)."""
-    for path, (cap, setting) in counted.items():
-        found = body
-        for name in path.split("."):
-            found = found.get(name) if isinstance(found, dict) else None
-        if isinstance(found, list) and len(found) > cap:
-            raise too_many_entries(path, len(found), cap, setting)
+def check_caps(body, config: Config):
+    """Bounded work per request, before the schema sees it (the messages and tools were counted
+    while parsing, parse_json): the whole body's values are counted (413), its nesting measured,
+    and numbers JSON cannot carry to the bridge (NaN, Infinity) refused (400)."""
     if not isinstance(body, (dict, list)):
         return
     values, stack = 0, [(body, 1, None)]
@@ -4915,7 +4912,7 @@ class ClientApi:
     name: str  # in usage records and log lines
     family: str  # its error shape (error_response): "openai", "anthropic" or "pi"
     check: Callable  # the request body -> the validated body, or ApiError 400
-    messages: str  # where the body keeps its messages, and its tools (check_caps)
+    messages: str  # where the body keeps its messages, and its tools (their caps: read_request)
     tools: str
     resolve: Callable  # (the requested model, the registry's models, is_available) -> a pi model
     prepare: Callable  # (body, pi model, Proxy, run) -> Exchange; run(f, *args): f's work, off the loop if large

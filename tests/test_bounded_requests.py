@@ -304,10 +304,9 @@ def test_a_refused_body_is_released_in_the_pool_thread():
     time in the pool thread, the loop runs in between. The body's lists are left empty."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}] * 2500, "tools": [{}] * 3,
             "context": {"messages": [1] * 10}}
-    config = proxy_module.Config(max_messages=1000)
-    counted = {"messages": (config.max_messages, "PI_PROXY_MAX_MESSAGES"), "tools": (config.max_tools, "X")}
+    config = proxy_module.Config(max_json_values=1000)
     with pytest.raises(proxy_module.ApiError):
-        proxy_module.checked_body(body, config, lambda checked: checked, counted)
+        proxy_module.checked_body(body, config, lambda checked: checked)
     assert body == {"model": "m", "messages": [], "tools": [], "context": {"messages": []}}
 
 
