@@ -24,7 +24,8 @@ The file reads in the order data flows through it; a section uses only what come
   13. pi streamProxy       estimate, Claude model names; streamProxy: pi-agent-core's protocol
   14. Usage                a record per request: its log line, the totals behind GET /usage
   15. HTTP                 the Flask app: Proxy and Call, CLIENT_APIS (one row per client API) served by
-                           one route and one SSE generator; authentication, client-disconnect detection
+                           one route and one SSE generator; a large request prepared in a child process;
+                           authentication, client-disconnect detection
   16. Shutdown             SIGTERM: stop accepting, let requests finish for a grace period, end the rest
   17. Main                 command line (serve, login, logout, models) and the gevent server
 
@@ -42,16 +43,19 @@ import atexit
 import base64
 import binascii
 import collections
+import ctypes
 import errno
 import functools
 import gc
 import hmac
+import io
 import ipaddress
 import itertools
 import json
 import logging
 import math
 import os
+import pickle
 import re
 import resource
 import secrets
@@ -65,6 +69,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 import zlib
@@ -78,6 +83,7 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.monkey
+import gevent.os
 import gevent.queue
 import gevent.select
 import gevent.server
@@ -107,21 +113,6 @@ def one_line(record: logging.LogRecord) -> bool:
 
 
 log.addFilter(one_line)
-_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
-_LOOP_THREAD = _thread_ident()
-_held = gevent.monkey.get_original("_thread", "_local")()
-
-
-def hold_off_loop(record: logging.LogRecord) -> bool:
-    """A line logged in a pool thread (off_loop) is held, and logged by the loop when the work
-    comes back: the handlers' locks are gevent's, and a pool thread waiting on one hangs."""
-    if _thread_ident() == _LOOP_THREAD:
-        return True
-    _held.records.append(record)
-    return False
-
-
-log.addFilter(hold_off_loop)
 HERE = Path(__file__).resolve().parent
 BRIDGE_SCRIPT = HERE / "bridge.mjs"
 BRIDGE_BUNDLE = HERE / "build" / "bridge.mjs"  # bridge.mjs and pi-ai in one build (`make install`)
@@ -285,6 +276,10 @@ class ApiError(Exception):
         self.upstream_event = upstream_event  # the bridge's error event (redacted), when upstream failed
         self.details = details  # Anthropic's `error.details`, which the anthropic SDK acts on
         self.request_id = None  # the request's id, named in every body (as Anthropic's API does)
+
+    def __reduce__(self):  # sent by a large request's child process (section 15)
+        return ApiError, (self.status, self.message, self.type, self.param, self.code, self.retry_after,
+                          self.upstream_event, self.details)
 
     def openai_body(self) -> dict:
         return self._named({"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -996,10 +991,9 @@ def bridge_script() -> Path:
     return BRIDGE_SCRIPT
 
 
-# The C JSON parser and serialiser hold the GIL for a whole document: in a worker thread (see
-# off_loop) a big one would still stall the loop for its whole length. These take the outer
-# arrays and objects apart and hand their members to the C code one by one, so the thread can
-# be preempted between them.
+# Request bodies are parsed with their outer arrays and objects taken apart, their members handed to
+# the C parser one by one: an array a cap names (the messages, the tools) is refused as soon as the
+# parser passes its cap, before the rest of it is read and built.
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _JSON_VALUE = json.JSONDecoder().raw_decode
 _CHUNKED_LEVELS = 4  # request -> context -> messages -> message: one message per C call
@@ -1007,8 +1001,7 @@ _CHUNKED_LEVELS = 4  # request -> context -> messages -> message: one message pe
 
 def parse_json(text: str, caps: dict | None = None):
     """json.loads(text), in chunks. `caps` maps a dotted path to (most entries, its setting): an
-    array there with more is refused (413) as soon as the parser passes its cap, before the rest
-    of it is built (a huge list, besides the work, costs the collector a pass over every entry)."""
+    array there with more is refused (413) as soon as the parser passes its cap."""
     caps = {tuple(path.split(".")): cap for path, cap in (caps or {}).items()}
     value, end = _parse_chunked(text, _JSON_SPACE.match(text).end(), _CHUNKED_LEVELS, (), caps)
     if _JSON_SPACE.match(text, end).end() != len(text):
@@ -1051,59 +1044,29 @@ def _parse_chunked(text: str, index: int, levels: int, path: tuple | None, caps:
         index = _JSON_SPACE.match(text, index + 1).end()
 
 
-def json_pieces(value, levels: int = _CHUNKED_LEVELS):
-    """json.dumps(value, allow_nan=False), in pieces: the outer arrays and objects taken apart."""
-    if levels and isinstance(value, dict):
-        yield "{"
-        for index, (key, member) in enumerate(value.items()):
-            yield ("," if index else "") + json.dumps(str(key)) + ":"
-            yield from json_pieces(member, levels - 1)
-        yield "}"
-    elif levels and isinstance(value, list):
-        yield "["
-        for index, member in enumerate(value):
-            if index:
-                yield ","
-            yield from json_pieces(member, levels - 1)
-        yield "]"
-    else:
-        yield json.dumps(value, allow_nan=False)
-
-
-RELEASED_AT_ONCE = 1000  # list entries release() frees in one step
-
-
-def release(value, levels: int = _CHUNKED_LEVELS):
-    """Empty a large document's outer lists in place, a slice at a time. Freeing a million small
-    objects takes C 0.1 s, all of it holding the GIL; freed in slices, the loop runs in between."""
-    if levels and isinstance(value, dict):
-        for member in value.values():
-            release(member, levels - 1)
-    elif isinstance(value, list):
-        while value:
-            del value[-RELEASED_AT_ONCE:]
-
-
-LINE_BLOCK = 262_144  # characters of a bridge's request line encoded (and written) at a time
-
-
-def bridge_line(bridge_request: dict) -> list[bytes]:
-    """A bridge's request line, in blocks of about LINE_BLOCK: joined, encoded and copied whole, a
-    40 MB line held the GIL for 0.1 s. Made before a bridge is taken, so that input the bridge could
-    not read is the client's 400, not a bridge taken and lost."""
-    blocks, block, size = [], [], 0
+def json_text(value) -> bytes:
+    """value as JSON text for a bridge. What JSON cannot carry (NaN, Infinity, nesting too deep to
+    write) is the client's 400, found where the request is prepared: before a bridge is taken."""
     try:
-        for piece in json_pieces(bridge_request):
-            block.append(piece)
-            size += len(piece)
-            if size >= LINE_BLOCK:
-                blocks.append("".join(block).encode())
-                block, size = [], 0
+        return json.dumps(value, allow_nan=False).encode()
     except (ValueError, RecursionError):
         raise ApiError(400, "The request holds values that cannot be forwarded (NaN, Infinity, or nesting "
                             "too deep)", code="invalid_value") from None
-    blocks.append("".join([*block, "\n"]).encode())
-    return blocks
+
+
+LINE_BLOCK = 262_144  # bytes of a bridge's request line written at a time
+
+
+def bridge_line(bridge_request: dict, context: bytes | None = None) -> list:
+    """A bridge's request line, in blocks of at most LINE_BLOCK (Bridge.send lets the loop serve
+    its other clients between them). `context`, the pi context as JSON text (json_text), goes in
+    as it is: a large request's was made in its child process (section 15), never parsed here."""
+    line = json_text(bridge_request)
+    if context is None:
+        return [line + b"\n"]
+    view = memoryview(context)
+    return [line[:-1] + b',"context":', *(view[at:at + LINE_BLOCK] for at in range(0, len(view), LINE_BLOCK)),
+            b"}\n"]
 
 
 def let_the_loop_poll():
@@ -1898,7 +1861,7 @@ class Exchange:
     """A client's request, translated: what the bridge is asked (context, options, the upstream
     payload) and the translator that answers pi's events in the client's API (see CLIENT_APIS)."""
 
-    context: dict
+    context: bytes  # the pi context, as JSON text (json_text)
     options: dict
     payload: dict  # upstream_payload: fields pi-ai does not model, in the upstream API's vocabulary
     translator: object  # pi events -> the client API's frames: translate(event), fail(ApiError)
@@ -2074,46 +2037,49 @@ class ImageBudget:
             raise RemoteImageRefused(f"refused: the request's images together are larger than {self.total} bytes")
 
 
-def images_by_url(context: dict) -> list:
-    """(content blocks, index) of each image block that names a URL (image_from_url): one scan of
-    the context, which for a large request runs off the loop."""
-    return [(blocks, index) for message in context["messages"] if message["role"] != "assistant"
-            for blocks in [message["content"]] for index, block in enumerate(blocks) if "url" in block]
+def add_remote_images(context: dict, fetch_images):
+    """Replace the context's image blocks that name a URL (image_from_url) with the images
+    fetch_images((URL, param) pairs) brings: fetch_remote_images, or in a large request's child
+    process, the proxy's (section 15)."""
+    pending = [(blocks, index) for message in context["messages"] if message["role"] != "assistant"
+               for blocks in [message["content"]] for index, block in enumerate(blocks) if "url" in block]
+    if pending:
+        images = fetch_images([(blocks[index]["url"], blocks[index]["param"]) for blocks, index in pending])
+        for (blocks, index), image in zip(pending, images, strict=True):
+            blocks[index] = image
 
 
-def fetch_remote_images(pending: list, config: Config, addresses=checked_addresses):
-    """Replace the image blocks `pending` names (images_by_url) with the fetched images: all at
-    once, within remote_image_timeout and the byte budget; the first failure, in request order of
-    finishing, refuses the request and stops the other fetches. `addresses(host, port)` is the
-    checked resolver (checked_addresses)."""
-    if not pending:
-        return
-    first = pending[0][0][pending[0][1]]["param"]
+def fetch_remote_images(wanted: list, config: Config, addresses=checked_addresses) -> list:
+    """The images `wanted` ((URL, param) pairs) names, in its order: all fetched at once, within
+    remote_image_timeout and the byte budget; the first failure, in order of finishing, refuses the
+    request and stops the other fetches. `addresses(host, port)` is the checked resolver
+    (checked_addresses)."""
+    first = wanted[0][1]
     if not config.remote_images:
         raise ApiError(400, f"The image at {first} is given by URL, and this proxy fetches none (its operator can "
                             "allow it with PI_PROXY_REMOTE_IMAGES=1); send the image as base64 data", param=first,
                        code="unsupported_image_url")
-    if len(pending) > config.remote_image_max_count:
-        blocks, index = pending[config.remote_image_max_count]
-        raise ApiError(400, f"The request gives {len(pending)} images by URL; this proxy fetches at most "
+    if len(wanted) > config.remote_image_max_count:
+        raise ApiError(400, f"The request gives {len(wanted)} images by URL; this proxy fetches at most "
                             f"{config.remote_image_max_count} (PI_PROXY_REMOTE_IMAGE_MAX_COUNT)",
-                       param=blocks[index]["param"], code="too_many_images")
+                       param=wanted[config.remote_image_max_count][1], code="too_many_images")
     budget = ImageBudget(config.remote_image_max_total_bytes)
-    fetches = {gevent.spawn(fetch_image, blocks[index]["url"], config, budget, addresses): (blocks, index)
-               for blocks, index in pending}
+    fetches = {gevent.spawn(fetch_image, url, config, budget, addresses): index
+               for index, (url, _) in enumerate(wanted)}
+    images = [None] * len(wanted)
     try:
         for fetch in gevent.iwait(list(fetches), timeout=config.remote_image_timeout):
-            blocks, index = fetches[fetch]
+            index = fetches[fetch]
             if isinstance(fetch.exception, RemoteImageRefused):
-                refuse(blocks[index]["param"], fetch.exception)
-            blocks[index] = fetch.get()
-        late = [where for fetch, where in fetches.items() if not fetch.ready()]
+                refuse(wanted[index][1], fetch.exception)
+            images[index] = fetch.get()
+        late = [index for fetch, index in fetches.items() if not fetch.ready()]
         if late:
-            blocks, index = late[0]
-            refuse(blocks[index]["param"], RemoteImageRefused(
+            refuse(wanted[late[0]][1], RemoteImageRefused(
                 f"refused: fetching the request's images took longer than {config.remote_image_timeout:g} s"))
     finally:
         gevent.killall(list(fetches), block=False)
+    return images
 
 
 def refuse(param: str, refused: RemoteImageRefused):
@@ -2559,14 +2525,14 @@ class ChatChunks:
         return [error.openai_body()]
 
 
-def prepare_chat(body: dict, model: dict, proxy, run) -> Exchange:
-    context = run(chat_to_context, body, model)
-    fetch_remote_images(run(images_by_url, context), proxy.config)
+def prepare_chat(body: dict, model: dict, proxy, fetch_images) -> Exchange:
+    context = chat_to_context(body, model)
+    add_remote_images(context, fetch_images)
     stream = bool(body.get("stream"))
     include_usage = bool(body.get("stream_options", {}).get("include_usage")) or not stream
     chunks = ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", body["model"], int(time.time()), include_usage)
-    options = run(thinking_for_history, chat_options(body), context, model)
-    return Exchange(context, options, upstream_payload(chat_extras(body), model["api"]), chunks, stream)
+    options = thinking_for_history(chat_options(body), context, model)
+    return Exchange(json_text(context), options, upstream_payload(chat_extras(body), model["api"]), chunks, stream)
 
 
 # ==================================================================================================
@@ -3280,20 +3246,21 @@ def anthropic_overflow(error: ApiError, estimate: int, model: dict) -> ApiError:
     return ApiError(400, f"prompt is too long: {used} tokens > {limit} maximum", code="context_length_exceeded")
 
 
-def messages_context(body: dict, model: dict, proxy, run) -> tuple[dict, int]:
+def messages_context(body: dict, model: dict, proxy, fetch_images) -> tuple[dict, int]:
     """A Messages request's pi context, its images fetched, and its input-token estimate (also
-    count_tokens' answer). `run` runs the translation (off_loop for a large request)."""
-    context = run(anthropic_to_context, body, model, proxy.envelope_key())
-    fetch_remote_images(run(images_by_url, context), proxy.config)
-    return context, run(count_request_tokens, context, model)
+    count_tokens' answer)."""
+    context = anthropic_to_context(body, model, proxy.envelope_key())
+    add_remote_images(context, fetch_images)
+    return context, count_request_tokens(context, model)
 
 
-def prepare_messages(body: dict, model: dict, proxy, run) -> Exchange:
+def prepare_messages(body: dict, model: dict, proxy, fetch_images) -> Exchange:
     key = proxy.envelope_key()
-    context, estimate = messages_context(body, model, proxy, run)
+    context, estimate = messages_context(body, model, proxy, fetch_images)
     events = AnthropicEvents(f"msg_{uuid.uuid4().hex[:24]}", body["model"], estimate,
                              functools.partial(signature_out, model, key=key))
-    return Exchange(context, anthropic_options(body), upstream_payload(anthropic_extras(body), model["api"]), events,
+    return Exchange(json_text(context), anthropic_options(body), upstream_payload(anthropic_extras(body), model["api"]),
+                    events,
                     bool(body.get("stream")), PING_INTERVAL,
                     refused=functools.partial(anthropic_overflow, estimate=estimate, model=model))
 
@@ -3429,7 +3396,9 @@ class ResponseStore:
         self.size = 0
 
     def put(self, key: tuple, value):
-        data = json.dumps(value, separators=(",", ":")).encode()
+        self.put_json(key, json.dumps(value, separators=(",", ":")).encode())
+
+    def put_json(self, key: tuple, data: bytes):
         if len(data) + self.ENTRY_BYTES > self.max_bytes:
             log.debug("not storing %s %s: %d bytes are more than the store holds", *key, len(data))
             return
@@ -3456,13 +3425,15 @@ class ResponseStore:
     def drop(self, key: tuple):
         self.size -= len(self.entries.pop(key)[1]) + self.ENTRY_BYTES
 
-    def keep(self, response: dict, input_items: list, previous: str | None):
+    def keep(self, response: dict, input_json: bytes, previous: str | None):
         """A finished response: its output items under their ids; under its own id, its previous
-        response, its input as sent and its output's ids (what previous_response_id brings back)."""
+        response, its input as sent (input_json: its items as JSON text) and its output's ids (what
+        previous_response_id brings back)."""
         for item in response["output"]:
             self.put(("item", item["id"]), item)
-        self.put(("response", response["id"]), {"previous": previous, "input": input_items,
-                                                "output": [item["id"] for item in response["output"]]})
+        output = json.dumps([item["id"] for item in response["output"]]).encode()
+        self.put_json(("response", response["id"]),
+                      b'{"previous":%s,"input":%s,"output":%s}' % (json.dumps(previous).encode(), input_json, output))
 
     def history(self, response_id: str, budget: "ByteBudget") -> list | None:
         """As OpenAI defines previous_response_id: the response's input items and output items,
@@ -3994,20 +3965,20 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
-def prepare_responses(body: dict, model: dict, proxy, run) -> Exchange:
+def prepare_responses(body: dict, model: dict, proxy, fetch_images) -> Exchange:
     key = proxy.envelope_key()
     pi_tools, tools = responses_tools(body.get("tools", []))
-    items = stored_input(body, proxy.response_store, proxy.config.max_body_size)  # the store lives on the loop
-    context = run(responses_to_context, body, items, model, pi_tools, tools, key)
-    fetch_remote_images(run(images_by_url, context), proxy.config)
+    items = stored_input(body, proxy.response_store, proxy.config.max_body_size)
+    context = responses_to_context(body, items, model, pi_tools, tools, key)
+    add_remote_images(context, fetch_images)
     chat = responses_as_chat(body, tools)
     # Kept as sent: its item_reference entries are resolved again when a later response chains onto it.
-    keep = functools.partial(proxy.response_store.keep, input_items=input_items(body),
+    keep = functools.partial(proxy.response_store.keep, input_json=json_text(input_items(body)),
                              previous=body.get("previous_response_id")) if stored(body) else None
     events = ResponsesEvents(response_object(body, f"resp_{uuid.uuid4().hex}", int(time.time())),
                              canonical_id(model), tools, key, keep)
-    return Exchange(context, responses_options(body, chat), upstream_payload(chat_extras(chat), model["api"]), events,
-                    bool(body.get("stream")))
+    return Exchange(json_text(context), responses_options(body, chat),
+                    upstream_payload(chat_extras(chat), model["api"]), events, bool(body.get("stream")))
 
 
 def response_of(frames: list) -> dict:
@@ -4203,9 +4174,9 @@ class PiStreamEvents:
         return self.translate(error.upstream_event)
 
 
-def prepare_pi(body: dict, model: dict, proxy, run) -> Exchange:
+def prepare_pi(body: dict, model: dict, proxy, fetch_images) -> Exchange:
     options = body.get("options", {})
-    return Exchange(pi_stream_context(body["context"]), pi_stream_options(options), {}, PiStreamEvents(),
+    return Exchange(json_text(pi_stream_context(body["context"])), pi_stream_options(options), {}, PiStreamEvents(),
                     client_headers=options.get("headers"))
 
 
@@ -4449,7 +4420,6 @@ class ClientRequest:
     record: "RequestRecord"
     upstream_key: str | None = None  # UPSTREAM_KEY_HEADER: the client's own key for the upstream
     connection: socket.socket | None = None  # the client's socket: a Call watches it (watch_client)
-    body_size: int = 0  # a large request's work is done off the loop (off_loop)
     calls: list = field(default_factory=list)  # its Calls that no response owns yet (create_app's close_calls)
 
 
@@ -4468,6 +4438,7 @@ class Proxy:
                                   Admission(config.max_bridges, config.queue_size, config.queue_timeout_s), self.relay)
         self._envelope_key = None  # read or made on first use
         self.response_store = ResponseStore(config.response_store_bytes, config.response_store_age_s)
+        self.preparers = gevent.lock.BoundedSemaphore(os.cpu_count() or 2)  # child processes (prepared)
         self.ledger = Ledger()
         self._quota = (0.0, None)  # (when fetched, the Copilot quota), kept for a minute
 
@@ -4510,11 +4481,11 @@ class Proxy:
         if credential is None:
             raise ApiError(401, f"No credentials for provider {model['provider']!r}", "authentication_error")
         while True:
-            bridge_request, secrets = self.stream_request(model, exchange.context, options, exchange.payload,
-                                                          credential, exchange.client_headers)
+            bridge_request, secrets = self.stream_request(model, options, exchange.payload, credential,
+                                                          exchange.client_headers)
             try:
-                line = off_loop(client.body_size, bridge_line, bridge_request)
-                return self.open_stream(line, secrets, exchange.heartbeat, client)
+                return self.open_stream(bridge_line(bridge_request, exchange.context), secrets, exchange.heartbeat,
+                                        client)
             except ApiError as error:
                 if error.status != 401 or not credential.refreshable:
                     raise
@@ -4522,9 +4493,10 @@ class Proxy:
             credential = self.credentials.for_provider(model["provider"], bad_key=credential.key)
             credential.refreshable = False
 
-    def stream_request(self, model: dict, context: dict, options: dict, payload: dict, credential: Credential,
+    def stream_request(self, model: dict, options: dict, payload: dict, credential: Credential,
                        client_headers: dict | None = None) -> tuple[dict, list]:
-        """The bridge request for one call, and the secrets that must never reach the client.
+        """The bridge request for one call (its context aside: bridge_line), and the secrets that
+        must never reach the client.
         `client_headers` are a client's own additions (see addable_headers)."""
         settings = self.registry.settings.get(model["provider"], ProviderSettings())
         # pi-ai sends the model's own headers; models.json's provider headers, then its model
@@ -4540,7 +4512,7 @@ class Proxy:
         # lets the proxy's (Bridge.events) decide, with its message; the SDKs' stays a backstop.
         options = {**options, "apiKey": credential.key or None, "headers": headers,
                    "timeoutMs": self.config.upstream_timeout_ms + 1000}
-        bridge_request = {"op": "stream", "model": model, "context": context, "options": options, "payload": payload}
+        bridge_request = {"op": "stream", "model": model, "options": options, "payload": payload}
         if client_headers:
             bridge_request["clientHeaders"] = addable_headers(client_headers)
         return bridge_request, secrets
@@ -4738,64 +4710,21 @@ def read_body(limit: int) -> bytearray:
     return body
 
 
-OFF_LOOP_BYTES = 100_000  # a request larger than this is parsed, checked and serialised off the loop
-
-
-def off_loop(body_size: int, function, *args):
-    """function(*args); for a large request (of body_size bytes), in gevent's thread pool, so that
-    the loop serves the other clients meanwhile. The GIL still lets the loop run: pure Python
-    (jsonschema) is preempted every few ms, and the JSON work is chunked (parse_json, json_pieces)."""
-    if body_size <= OFF_LOOP_BYTES:
-        return function(*args)
-    result, error, records = gevent.get_hub().threadpool.apply(outcome, (function, args))
-    for record in records:
-        log.handle(record)
-    if error is not None:
-        raise error
-    return result
-
-
-def outcome(function, args) -> tuple:
-    """(result, None, log records) or (None, the exception, log records), in a pool thread. An
-    exception raised there would have gevent print its traceback, so a client's bad request (an
-    ApiError) would write one to the log every time; the log records are hold_off_loop's."""
-    _held.records = []
-    try:
-        return function(*args), None, _held.records
-    except ApiError as error:  # the client's: its traceback's frames would keep the request's data alive
-        return None, error.with_traceback(None), _held.records
-    except Exception as error:
-        return None, error, _held.records
-    finally:
-        _held.records = None
-
-
 def client_request() -> ClientRequest:
     """The API request's values the code below its route needs (see ClientRequest)."""
     return ClientRequest(request.environ["pi_proxy.record"], request.headers.get(UPSTREAM_KEY_HEADER),
                          request.environ.get("pi_proxy.socket"), calls=request.environ.setdefault("pi_proxy.calls", []))
 
 
-def read_request(config: Config, check, messages: str, tools: str, client: ClientRequest) -> dict:
+def checked_body(raw: bytearray, config: Config, check, messages: str, tools: str, record: "RequestRecord") -> dict:
     """The request's JSON body: parsed, within the caps, then checked (validated) by `check`.
     `messages` and `tools` are where this API keeps its messages and its tools."""
-    raw = read_body(config.max_body_size)
-    client.body_size = len(raw)
     counted = {messages: (config.max_messages, "PI_PROXY_MAX_MESSAGES"),
                tools: (config.max_tools, "PI_PROXY_MAX_TOOLS")}
-    body = off_loop(client.body_size, parse_body, raw, counted)
-    client.record.note_body(body)
-    return off_loop(client.body_size, checked_body, body, config, check)
-
-
-def checked_body(body, config: Config, check) -> dict:
-    """The body, checked; a refused one is released here, in the pool, not freed on the loop."""
-    try:
-        check_caps(body, config)
-        return check(body)
-    except ApiError:
-        release(body)
-        raise
+    body = parse_body(raw, counted)
+    record.note_body(body)
+    check_caps(body, config)
+    return check(body)
 
 
 def parse_body(raw: bytearray, counted: dict):
@@ -4840,6 +4769,201 @@ def linked_path(link) -> str:
         link, key = link
         parts.appendleft(key)
     return json_path(parts)
+
+
+def prepare_call(api: "ClientApi", raw: bytearray, proxy: Proxy, client: ClientRequest, fetch_images) -> tuple:
+    """A client API's request body -> (the pi model, the Exchange): a job for `prepared`."""
+    body = checked_body(raw, proxy.config, api.check, api.messages, api.tools, client.record)
+    model = api.resolve(body["model"], proxy.registry.models, proxy.model_availability(client.upstream_key))
+    return model, api.prepare(body, model, proxy, fetch_images)
+
+
+def count_tokens_estimate(raw: bytearray, proxy: Proxy, client: ClientRequest, fetch_images) -> int:
+    """A count_tokens request body -> its input-token estimate: a job for `prepared`."""
+    body = checked_body(raw, proxy.config, functools.partial(validate, validator=COUNT_TOKENS_VALIDATOR), "messages",
+                        "tools", client.record)
+    model = resolve_claude_model(body["model"], proxy.registry.models, proxy.model_availability(client.upstream_key))
+    return messages_context(body, model, proxy, fetch_images)[1]
+
+
+# A large request is parsed, checked, translated and serialised in a child process forked for it.
+# Here, that work would share the GIL with the loop, and what it builds (hundreds of thousands of
+# objects for a long conversation) the collector would walk at each full pass: tens of ms during
+# which no client is served. The child has the proxy's state as of the fork (registry, credentials,
+# the Responses store); it sends back its small results pickled and the pi context as JSON text in
+# a buffer of its own, and asks this process for the remote images (fetching needs the loop). It
+# must never run gevent: its copy of the loop has every client's watchers. It closes what it
+# inherited and dies with the proxy (PDEATHSIG); the proxy kills and reaps it whatever happens.
+PREPARED_APART_BYTES = 100_000  # a request body larger than this is prepared in a child process
+_FRAME = struct.Struct("!cQ")  # a frame's kind (b"b": a buffer; b"p": a pickled message) and its size
+BUFFER_BYTES = 65_536  # a pickled message's bytes objects this large travel as buffers of their own
+PIPE_READ = 1_048_576  # bytes read at a time
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+_fork = gevent.monkey.get_original("os", "fork")  # a plain fork: gevent is not reinitialised in the child
+_set_signal = gevent.monkey.get_original("signal", "signal")
+
+
+def prepared(job, raw: bytearray, proxy: Proxy, client: ClientRequest):
+    """job(raw, proxy, client, fetch_images): prepare_call or count_tokens_estimate, here for a
+    small body, in a child process (prepare_apart) for a large one, at most one per core at once."""
+    if len(raw) <= PREPARED_APART_BYTES:
+        return job(raw, proxy, client, functools.partial(fetch_remote_images, config=proxy.config))
+    proxy.envelope_key()  # read or made here, once, not in each child
+    with proxy.preparers:
+        return prepare_apart(job, raw, proxy, client)
+
+
+class ChildPickler(pickle.Pickler):
+    """Pickles a child's message: large bytes go into `buffers` (sent as they are), and the
+    Responses store (a translator's `keep` refers to it) stands for the proxy's own."""
+
+    def __init__(self, file, store: "ResponseStore"):
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.store, self.buffers = store, []
+
+    def persistent_id(self, obj):
+        if obj is self.store:
+            return "store"
+        if type(obj) is bytes and len(obj) >= BUFFER_BYTES:
+            self.buffers.append(obj)
+            return len(self.buffers) - 1
+        return None
+
+
+class ProxyUnpickler(pickle.Unpickler):
+    def __init__(self, file, store: "ResponseStore", buffers: list):
+        super().__init__(file)
+        self.store, self.buffers = store, buffers
+
+    def persistent_load(self, pid):
+        return self.store if pid == "store" else self.buffers[pid]
+
+
+def send_message(fd: int, message: tuple, store: "ResponseStore", wait):
+    """message, pickled, its large bytes first as buffers of their own (ChildPickler). wait(fd)
+    returns once fd is writable: gevent's wait_write here; in the child, whose pipes block, nothing."""
+    data = io.BytesIO()
+    pickler = ChildPickler(data, store)
+    pickler.dump(message)
+    for kind, payload in [*((b"b", buffer) for buffer in pickler.buffers), (b"p", data.getbuffer())]:
+        for piece in (_FRAME.pack(kind, len(payload)), payload):
+            view = memoryview(piece)
+            while view:
+                wait(fd)
+                try:
+                    view = view[os.write(fd, view[:PIPE_READ]):]
+                except BlockingIOError:
+                    pass
+
+
+def read_message(fd: int, store: "ResponseStore", wait) -> tuple:
+    """The message send_message sent; its buffers are read into buffers of their exact size, never
+    copied. wait(fd) returns once fd is readable (as for send_message). EOFError if the pipe ends."""
+    buffers = []
+    while True:
+        kind, size = _FRAME.unpack(read_exactly(fd, _FRAME.size, wait))
+        if kind == b"p":
+            return ProxyUnpickler(io.BytesIO(read_exactly(fd, size, wait)), store, buffers).load()
+        buffers.append(read_exactly(fd, size, wait))
+
+
+def read_exactly(fd: int, size: int, wait) -> bytearray:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        wait(fd)
+        try:
+            count = os.readv(fd, [view[got:got + PIPE_READ]])
+        except BlockingIOError:
+            continue
+        if count == 0:
+            raise EOFError("the pipe ended")
+        got += count
+    return buffer
+
+
+def prepare_apart(job, raw: bytearray, proxy: Proxy, client: ClientRequest):
+    """job's result, computed by a child process; its ApiError raised here. The remote images it
+    asks for are fetched here (fetch_remote_images), on the loop."""
+    from_child, to_proxy = os.pipe()
+    from_proxy, to_child = os.pipe()
+    parent = os.getpid()
+    try:
+        pid = gevent.os.fork_and_watch(fork=_fork)
+    except OSError as error:  # out of processes or memory
+        for fd in (from_child, to_proxy, from_proxy, to_child):
+            os.close(fd)
+        raise ApiError(503, f"The proxy could not start a process to prepare the request: {error}",
+                       "overloaded_error", code="proxy_overloaded", retry_after=Admission.RETRY_AFTER) from None
+    if pid == 0:
+        child_prepares(job, raw, proxy, client, parent, to_proxy, from_proxy)
+    os.close(to_proxy)
+    os.close(from_proxy)
+    os.set_blocking(from_child, False)
+    os.set_blocking(to_child, False)
+    store = proxy.response_store
+    try:
+        while True:
+            kind, payload, *noted = read_message(from_child, store, gevent.socket.wait_read)
+            if kind != "images":
+                break
+            try:
+                reply = ("images", fetch_remote_images(payload, proxy.config))
+            except ApiError as error:
+                reply = ("refused", error)
+            send_message(to_child, reply, store, gevent.socket.wait_write)
+    except EOFError:
+        raise RuntimeError("the child process preparing the request ended without an answer") from None
+    finally:
+        os.close(from_child)
+        os.close(to_child)
+        if gevent.os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            gevent.os.waitpid(pid, 0)
+    client.record.model, client.record.stream = noted
+    if kind == "refused":
+        raise payload
+    if kind == "failed":
+        raise RuntimeError(f"preparing the request failed in its child process:\n{payload}")
+    return payload
+
+
+def child_prepares(job, raw: bytearray, proxy: Proxy, client: ClientRequest, parent: int, out: int, back: int):
+    """The child process: job's outcome sent to the proxy, then exit; it never returns."""
+    status = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if hasattr(libc, "prctl"):  # Linux
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the proxy ended before prctl
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the proxy's handlers are its loop's
+            _set_signal(signum, signal.SIG_DFL)
+        low = 3
+        for fd in sorted((out, back)):  # client sockets, the listening socket, bridges' pipes
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        gc.freeze()  # the proxy's objects: a collection walking them would copy every page they are on
+
+        def ask_for_images(wanted: list) -> list:
+            send_message(out, ("images", wanted), proxy.response_store, wait=lambda fd: None)
+            kind, payload = read_message(back, proxy.response_store, wait=lambda fd: None)
+            if kind == "refused":
+                raise payload
+            return payload
+
+        try:
+            outcome = ("done", job(raw, proxy, client, ask_for_images))
+        except ApiError as error:
+            outcome = ("refused", error.with_traceback(None))
+        except Exception:
+            outcome = ("failed", traceback.format_exc())
+        send_message(out, (*outcome, client.record.model, client.record.stream), proxy.response_store,
+                     wait=lambda fd: None)
+        status = 0
+    finally:
+        os._exit(status)
 
 
 def sse_response(frames, call: Call) -> Response:
@@ -4912,10 +5036,10 @@ class ClientApi:
     name: str  # in usage records and log lines
     family: str  # its error shape (error_response): "openai", "anthropic" or "pi"
     check: Callable  # the request body -> the validated body, or ApiError 400
-    messages: str  # where the body keeps its messages, and its tools (their caps: read_request)
+    messages: str  # where the body keeps its messages, and its tools (their caps: checked_body)
     tools: str
     resolve: Callable  # (the requested model, the registry's models, is_available) -> a pi model
-    prepare: Callable  # (body, pi model, Proxy, run) -> Exchange; run(f, *args): f's work, off the loop if large
+    prepare: Callable  # (body, pi model, Proxy, fetch_images) -> Exchange; fetch_images: add_remote_images'
     encode: Callable[[object], bytes]  # a translator's frame -> SSE bytes
     whole: Callable[[list], dict] | None = None  # a whole reply's frames -> the reply; None: it always streams
     trailer: bytes = b""  # after a stream's last frame
@@ -5079,9 +5203,8 @@ def create_app(proxy: Proxy) -> Flask:
         """Every client API's route (CLIENT_APIS): its request read once, made a pi call, and its
         answer streamed or assembled whole."""
         client = client_request()
-        body = read_request(proxy.config, api.check, api.messages, api.tools, client)
-        model = api.resolve(body["model"], proxy.registry.models, proxy.model_availability(client.upstream_key))
-        exchange = api.prepare(body, model, proxy, functools.partial(off_loop, client.body_size))
+        model, exchange = prepared(functools.partial(prepare_call, api), read_body(proxy.config.max_body_size), proxy,
+                                   client)
         refused = exchange.refused or (lambda error: error)
         try:
             call = proxy.start(model, exchange, client)
@@ -5090,9 +5213,6 @@ def create_app(proxy: Proxy) -> Flask:
                 return Response([api.encode(frame) for frame in exchange.translator.fail(error)],
                                 mimetype="text/event-stream")
             raise refused(error) from None
-        # The bridge has its line. The context, the most a request makes, is emptied in the pool: freed
-        # whole where the request ends, it would be C holding the GIL (15 ms per 100,000 messages).
-        off_loop(client.body_size, release, exchange.context)
         if exchange.stream:
             return sse_response(stream_sse(call, exchange.translator, api), call)
         final = call.final()
@@ -5105,12 +5225,7 @@ def create_app(proxy: Proxy) -> Flask:
 
     @app.post("/v1/messages/count_tokens")
     def count_tokens():
-        client = client_request()
-        body = read_request(proxy.config, functools.partial(validate, validator=COUNT_TOKENS_VALIDATOR), "messages",
-                            "tools", client)
-        availability = proxy.model_availability(client.upstream_key)
-        model = resolve_claude_model(body["model"], proxy.registry.models, availability)
-        _, estimate = messages_context(body, model, proxy, functools.partial(off_loop, client.body_size))
+        estimate = prepared(count_tokens_estimate, read_body(proxy.config.max_body_size), proxy, client_request())
         return {"input_tokens": estimate}
 
     @app.get("/usage")
@@ -5319,9 +5434,6 @@ def watch_stdin(stopping: gevent.event.Event):
 
 
 def serve(config: Config, watching_stdin: bool = False):
-    # A worker thread (off_loop) holds the GIL until the loop has waited this long for it, at
-    # each of the loop's many returns from I/O: Python's default, 5 ms, adds up to stalls.
-    sys.setswitchinterval(0.0005)
     proxy = build_proxy(config)
     # What startup made (pi-ai's catalogue, the registry, compiled schemas) lives as long as the
     # proxy: kept out of the collector's full passes, which would otherwise walk it at every one.

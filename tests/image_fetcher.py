@@ -26,12 +26,10 @@ def answer(case: dict) -> dict:
         return [hosts[host]] if host in hosts else proxy.checked_addresses(host, port)
 
     config = proxy.Config(remote_images=True, **case.get("config", {}))
-    blocks = [{"type": "image", "url": url, "param": f"images[{i}]"} for i, url in enumerate(case["urls"])]
-    context = {"messages": [{"role": "user", "content": blocks}]}
+    wanted = [(url, f"images[{i}]") for i, url in enumerate(case["urls"])]
     started = time.monotonic()
     try:
-        proxy.fetch_remote_images(proxy.images_by_url(context), config, addresses)
-        result = {"images": context["messages"][0]["content"]}
+        result = {"images": proxy.fetch_remote_images(wanted, config, addresses)}
     except proxy.ApiError as error:
         result = {"status": error.status, "message": error.message, "param": error.param}
     return {**result, "elapsed": time.monotonic() - started}

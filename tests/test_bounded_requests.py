@@ -287,27 +287,22 @@ def test_the_parser_refuses_an_array_at_its_cap_before_reading_on(path, text):
         {"messages": [1, 2], "tools": [1, 2, 3]}, "at the cap, and arrays elsewhere, parse as json.loads does"
 
 
-def test_the_bridge_line_is_made_and_written_in_blocks():
-    """A 40 MB line joined, encoded and copied whole held the GIL for 0.1 s: it is made in blocks of
-    about LINE_BLOCK characters, written one at a time, and reads back as the request."""
-    bridge_request = {"op": "stream", "model": {"id": "m"}, "options": {"maxTokens": 5, "stop": None},
-                      "context": {"messages": [{"role": "user", "content": [{"type": "text", "text": "é \"q\"" * 50}],
-                                                "timestamp": 0}] * 5000, "tools": []}}
-    blocks = proxy_module.bridge_line(bridge_request)
-    assert len(blocks) > 5 and max(len(block) for block in blocks[:-1]) < 2 * proxy_module.LINE_BLOCK
-    assert blocks[-1].endswith(b"\n") and b"\n" not in b"".join(blocks)[:-1]
-    assert json.loads(b"".join(blocks)) == bridge_request
-
-
-def test_a_refused_body_is_released_in_the_pool_thread():
-    """Freeing a refused million-entry body is C holding the GIL for 0.1 s; emptied a slice at a
-    time in the pool thread, the loop runs in between. The body's lists are left empty."""
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}] * 2500, "tools": [{}] * 3,
-            "context": {"messages": [1] * 10}}
-    config = proxy_module.Config(max_json_values=1000)
-    with pytest.raises(proxy_module.ApiError):
-        proxy_module.checked_body(body, config, lambda checked: checked)
-    assert body == {"model": "m", "messages": [], "tools": [], "context": {"messages": []}}
+def test_the_bridge_line_carries_the_context_as_given_in_blocks():
+    """A large request's context comes from its child process as JSON text: it goes into the line as
+    it is, in blocks of at most LINE_BLOCK (the loop serves its other clients between them), and
+    the line reads back as the request."""
+    context = {"messages": [{"role": "user", "content": [{"type": "text", "text": "é \"q\"" * 50}], "timestamp": 0}]
+               * 5000, "tools": []}
+    bridge_request = {"op": "stream", "model": {"id": "m"}, "options": {"maxTokens": 5, "stop": None}}
+    blocks = proxy_module.bridge_line(bridge_request, proxy_module.json_text(context))
+    assert len(blocks) > 5 and max(len(block) for block in blocks) <= proxy_module.LINE_BLOCK
+    line = b"".join(blocks)
+    assert line.endswith(b"\n") and b"\n" not in line[:-1]
+    assert json.loads(line) == {**bridge_request, "context": context}
+    assert json.loads(b"".join(proxy_module.bridge_line(bridge_request))) == bridge_request
+    with pytest.raises(proxy_module.ApiError) as refused:
+        proxy_module.json_text({"messages": [{"temperature": float("nan")}]})
+    assert refused.value.status == 400 and "cannot be forwarded" in refused.value.message
 
 
 def test_letting_the_loop_poll_returns_while_the_loop_is_never_idle():
@@ -381,11 +376,10 @@ def test_client_text_cannot_forge_log_lines(proxy, fake):
     assert "\\r\\n" + forged in log
 
 
-def test_lines_logged_off_the_loop_reach_the_log(proxy, fake):
-    """Large requests are translated in pool threads, several at once here: what the translation
-    logs (at DEBUG, 300 lines each) reaches the log through the loop, and no thread hangs on the
-    log's lock (gevent's: a pool thread waiting for it while another holds it never wakes)."""
-    padding = [{"role": "user", "content": "p" * 1000}] * 120  # over 100 KB: translated off the loop
+def test_lines_logged_by_child_processes_reach_the_log(proxy, fake):
+    """Large requests are prepared in child processes, several at once here: what the translation
+    logs (at DEBUG, 300 lines each) reaches the proxy's log whole."""
+    padding = [{"role": "user", "content": "p" * 1000}] * 120  # over 100 KB: prepared in a child process
     def send(index, results):
         body = {"model": "fake-responses/gpt-test",
                 "input": [*padding, *[{"type": f"odd-{index}", "text": "t"}] * 300, {"role": "user", "content": "hi"}]}
@@ -411,8 +405,8 @@ def test_lines_logged_off_the_loop_reach_the_log(proxy, fake):
                 "user": "x" * 200_000}).encode(),  # nesting cap
 ])
 def test_a_large_bad_request_writes_no_traceback(proxy, fake, body):
-    """Bodies over 100 KB are checked in a pool thread: the client's 4xx must not reach the log as
-    a traceback (gevent prints one for any exception a pool thread raises)."""
+    """Bodies over 100 KB are checked in a child process: the client's 4xx comes back as the
+    client's error, in its API's shape, and reaches the log as no traceback."""
     response = requests.post(proxy.url + CHAT, data=body, headers={"Content-Type": "application/json"}, timeout=60)
     assert 400 <= response.status_code < 500, response.text
     assert "error" in response.json()

@@ -215,9 +215,10 @@ def test_store_forgets_after_its_age():
 def test_history_chains_previous_responses_and_resolves_references():
     store = module.ResponseStore(10**6, 60, Clock())
     user = {"role": "user", "content": "q1"}
-    store.keep({"id": "resp_1", "output": [item("msg_1", "a1")]}, [user], None)
+    store.keep({"id": "resp_1", "output": [item("msg_1", "a1")]}, module.json_text([user]), None)
     store.keep({"id": "resp_2", "output": [item("msg_2", "a2")]},
-               [{"type": "item_reference", "id": "msg_1"}, {"role": "user", "content": "q2"}], "resp_1")
+               module.json_text([{"type": "item_reference", "id": "msg_1"}, {"role": "user", "content": "q2"}]),
+               "resp_1")
     assert [i.get("id") or i["content"] for i in store.history("resp_2", budget())] == [
         "q1", "msg_1", "msg_1", "q2", "msg_2"]
     items = module.stored_input({"previous_response_id": "resp_2", "input": [

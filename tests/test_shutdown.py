@@ -38,7 +38,7 @@ def graceful(agent_dir, tmp_path):
 def refused(proxy) -> bool:
     try:
         socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: closed with the connection in its backlog
         return True
     return False
 
