@@ -45,6 +45,7 @@ import binascii
 import collections
 import ctypes
 import errno
+import fcntl
 import functools
 import gc
 import hmac
@@ -1044,29 +1045,28 @@ def _parse_chunked(text: str, index: int, levels: int, path: tuple | None, caps:
         index = _JSON_SPACE.match(text, index + 1).end()
 
 
-def json_text(value) -> bytes:
-    """value as JSON text for a bridge. What JSON cannot carry (NaN, Infinity, nesting too deep to
+class JsonText(list):
+    """JSON text in pieces (bytes), written as they are: a large request's pi context comes from its
+    child process (section 15) in the pieces it was read in, never joined into one object here."""
+
+
+def json_text(value) -> JsonText:
+    """value as JSON text, in one piece. What JSON cannot carry (NaN, Infinity, nesting too deep to
     write) is the client's 400, found where the request is prepared: before a bridge is taken."""
     try:
-        return json.dumps(value, allow_nan=False).encode()
+        return JsonText([json.dumps(value, allow_nan=False).encode()])
     except (ValueError, RecursionError):
         raise ApiError(400, "The request holds values that cannot be forwarded (NaN, Infinity, or nesting "
                             "too deep)", code="invalid_value") from None
 
 
-LINE_BLOCK = 262_144  # bytes of a bridge's request line written at a time
-
-
-def bridge_line(bridge_request: dict, context: bytes | None = None) -> list:
-    """A bridge's request line, in blocks of at most LINE_BLOCK (Bridge.send lets the loop serve
-    its other clients between them). `context`, the pi context as JSON text (json_text), goes in
-    as it is: a large request's was made in its child process (section 15), never parsed here."""
-    line = json_text(bridge_request)
+def bridge_line(bridge_request: dict, context: JsonText | None = None) -> list[bytes]:
+    """A bridge's request line, in pieces (Bridge.send lets the loop serve its other clients between
+    them): bridge_request, with `context`, the pi context, in it as it is."""
+    head = b"".join(json_text(bridge_request))
     if context is None:
-        return [line + b"\n"]
-    view = memoryview(context)
-    return [line[:-1] + b',"context":', *(view[at:at + LINE_BLOCK] for at in range(0, len(view), LINE_BLOCK)),
-            b"}\n"]
+        return [head + b"\n"]
+    return [head[:-1] + b',"context":', *context, b"}\n"]
 
 
 def let_the_loop_poll():
@@ -1110,8 +1110,8 @@ class Bridge:
         self.stopped_because = None  # why the proxy ended it, told to its client instead of the exit status
 
     def send(self, line: list[bytes]):
-        """Give the bridge its request (bridge_line's blocks), the loop's other clients served
-        between blocks: a pipe its reader keeps emptying takes 40 MB without a write ever yielding."""
+        """Give the bridge its request (bridge_line's pieces), the loop's other clients served
+        between pieces: a pipe its reader keeps emptying takes 40 MB without a write ever yielding."""
         try:
             for index, block in enumerate(line):
                 if index:
@@ -1359,7 +1359,10 @@ class Upstreams:
             timeout=urllib3.Timeout(connect=min(timeout, 30.0), read=timeout))
 
 
-def read_relay_request(reader) -> tuple[str, str, list, bytes]:
+RELAY_READ = 262_144  # bytes of a bridge's request body read at a time
+
+
+def read_relay_request(reader) -> tuple[str, str, list, bytearray]:
     """method, absolute URL, [(name, value)] and body of a bridge's request (HTTP/1.1, absolute
     form, Content-Length framing, as web-fetch.mjs sends it). ValueError if it is not one."""
     method, target, _version = reader.readline(8192).decode("latin-1").split()
@@ -1370,7 +1373,15 @@ def read_relay_request(reader) -> tuple[str, str, list, bytes]:
             raise ValueError("not a bridge's request")
         headers.append((name.strip(), value.strip()))
     length = next((int(value) for name, value in headers if name.lower() == "content-length"), 0)
-    return method, target, headers, reader.read(length) if length else b""
+    body = bytearray()  # read a part at a time: a read that finds its data waiting never yields
+    while len(body) < length:
+        part = reader.read1(min(RELAY_READ, length - len(body)))
+        if not part:
+            raise ValueError("the bridge's request ended early")
+        body += part
+        if len(body) < length:
+            let_the_loop_poll()
+    return method, target, headers, body
 
 
 def relay_head(status: int, reason: str, headers) -> bytes:
@@ -1861,7 +1872,7 @@ class Exchange:
     """A client's request, translated: what the bridge is asked (context, options, the upstream
     payload) and the translator that answers pi's events in the client's API (see CLIENT_APIS)."""
 
-    context: bytes  # the pi context, as JSON text (json_text)
+    context: JsonText  # the pi context (json_text)
     options: dict
     payload: dict  # upstream_payload: fields pi-ai does not model, in the upstream API's vocabulary
     translator: object  # pi events -> the client API's frames: translate(event), fail(ApiError)
@@ -3425,7 +3436,7 @@ class ResponseStore:
     def drop(self, key: tuple):
         self.size -= len(self.entries.pop(key)[1]) + self.ENTRY_BYTES
 
-    def keep(self, response: dict, input_json: bytes, previous: str | None):
+    def keep(self, response: dict, input_json: JsonText, previous: str | None):
         """A finished response: its output items under their ids; under its own id, its previous
         response, its input as sent (input_json: its items as JSON text) and its output's ids (what
         previous_response_id brings back)."""
@@ -3433,7 +3444,8 @@ class ResponseStore:
             self.put(("item", item["id"]), item)
         output = json.dumps([item["id"] for item in response["output"]]).encode()
         self.put_json(("response", response["id"]),
-                      b'{"previous":%s,"input":%s,"output":%s}' % (json.dumps(previous).encode(), input_json, output))
+                      b'{"previous":%s,"input":%s,"output":%s}' % (json.dumps(previous).encode(), b"".join(input_json),
+                                                                    output))
 
     def history(self, response_id: str, budget: "ByteBudget") -> list | None:
         """As OpenAI defines previous_response_id: the response's input items and output items,
@@ -4797,7 +4809,8 @@ def count_tokens_estimate(raw: bytearray, proxy: Proxy, client: ClientRequest, f
 PREPARED_APART_BYTES = 100_000  # a request body larger than this is prepared in a child process
 _FRAME = struct.Struct("!cQ")  # a frame's kind (b"b": a buffer; b"p": a pickled message) and its size
 BUFFER_BYTES = 65_536  # a pickled message's bytes objects this large travel as buffers of their own
-PIPE_READ = 1_048_576  # bytes read at a time
+PIPE_BYTES = 1_048_576  # what the child's pipe to the proxy holds (Linux lets it be set), and is read at a time
+CHILD_NICENESS = 10  # the child yields the CPU to the loop: the large request waits, not everyone else
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 _fork = gevent.monkey.get_original("os", "fork")  # a plain fork: gevent is not reinitialised in the child
 _set_signal = gevent.monkey.get_original("signal", "signal")
@@ -4814,7 +4827,7 @@ def prepared(job, raw: bytearray, proxy: Proxy, client: ClientRequest):
 
 
 class ChildPickler(pickle.Pickler):
-    """Pickles a child's message: large bytes go into `buffers` (sent as they are), and the
+    """Pickles a child's message: large JSON text goes into `buffers` (sent as it is), and the
     Responses store (a translator's `keep` refers to it) stands for the proxy's own."""
 
     def __init__(self, file, store: "ResponseStore"):
@@ -4824,7 +4837,7 @@ class ChildPickler(pickle.Pickler):
     def persistent_id(self, obj):
         if obj is self.store:
             return "store"
-        if type(obj) is bytes and len(obj) >= BUFFER_BYTES:
+        if type(obj) is JsonText and sum(map(len, obj)) >= BUFFER_BYTES:
             self.buffers.append(obj)
             return len(self.buffers) - 1
         return None
@@ -4836,50 +4849,53 @@ class ProxyUnpickler(pickle.Unpickler):
         self.store, self.buffers = store, buffers
 
     def persistent_load(self, pid):
-        return self.store if pid == "store" else self.buffers[pid]
+        return self.store if pid == "store" else JsonText(self.buffers[pid])
 
 
 def send_message(fd: int, message: tuple, store: "ResponseStore", wait):
-    """message, pickled, its large bytes first as buffers of their own (ChildPickler). wait(fd)
-    returns once fd is writable: gevent's wait_write here; in the child, whose pipes block, nothing."""
+    """message, pickled, its large JSON text first, as it is (ChildPickler). wait(fd) returns once fd
+    is writable: gevent's wait_write here; in the child, whose pipes block, nothing."""
     data = io.BytesIO()
     pickler = ChildPickler(data, store)
     pickler.dump(message)
-    for kind, payload in [*((b"b", buffer) for buffer in pickler.buffers), (b"p", data.getbuffer())]:
-        for piece in (_FRAME.pack(kind, len(payload)), payload):
+    frames = [(b"b", pieces) for pieces in pickler.buffers] + [(b"p", [data.getvalue()])]
+    for kind, pieces in frames:
+        for piece in [_FRAME.pack(kind, sum(map(len, pieces))), *pieces]:
             view = memoryview(piece)
             while view:
                 wait(fd)
                 try:
-                    view = view[os.write(fd, view[:PIPE_READ]):]
+                    view = view[os.write(fd, view):]
                 except BlockingIOError:
                     pass
 
 
 def read_message(fd: int, store: "ResponseStore", wait) -> tuple:
-    """The message send_message sent; its buffers are read into buffers of their exact size, never
-    copied. wait(fd) returns once fd is readable (as for send_message). EOFError if the pipe ends."""
+    """The message send_message sent; its JSON text in the pieces it was read in. wait(fd)
+    returns once fd is readable (as for send_message). EOFError if the pipe ends first."""
     buffers = []
     while True:
-        kind, size = _FRAME.unpack(read_exactly(fd, _FRAME.size, wait))
+        kind, size = _FRAME.unpack(b"".join(read_pieces(fd, _FRAME.size, wait)))
         if kind == b"p":
-            return ProxyUnpickler(io.BytesIO(read_exactly(fd, size, wait)), store, buffers).load()
-        buffers.append(read_exactly(fd, size, wait))
+            return ProxyUnpickler(io.BytesIO(b"".join(read_pieces(fd, size, wait))), store, buffers).load()
+        buffers.append(read_pieces(fd, size, wait))
 
 
-def read_exactly(fd: int, size: int, wait) -> bytearray:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
+def read_pieces(fd: int, size: int, wait) -> list[bytes]:
+    """size bytes from fd, as read: one 60 MB buffer, zeroed by Python before the first read, or
+    joined after the last, would hold the loop for tens of ms."""
+    pieces, left = [], size
+    while left:
         wait(fd)
         try:
-            count = os.readv(fd, [view[got:got + PIPE_READ]])
+            piece = os.read(fd, min(left, PIPE_BYTES))
         except BlockingIOError:
             continue
-        if count == 0:
+        if not piece:
             raise EOFError("the pipe ended")
-        got += count
-    return buffer
+        pieces.append(piece)
+        left -= len(piece)
+    return pieces
 
 
 def prepare_apart(job, raw: bytearray, proxy: Proxy, client: ClientRequest):
@@ -4887,6 +4903,10 @@ def prepare_apart(job, raw: bytearray, proxy: Proxy, client: ClientRequest):
     asks for are fetched here (fetch_remote_images), on the loop."""
     from_child, to_proxy = os.pipe()
     from_proxy, to_child = os.pipe()
+    try:
+        fcntl.fcntl(from_child, fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # else 64 KiB a read: a 60 MB context in 1,000
+    except (AttributeError, OSError):  # not Linux, or a lower pipe-max-size
+        pass
     parent = os.getpid()
     try:
         pid = gevent.os.fork_and_watch(fork=_fork)
@@ -4945,6 +4965,7 @@ def child_prepares(job, raw: bytearray, proxy: Proxy, client: ClientRequest, par
             low = fd + 1
         os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         gc.freeze()  # the proxy's objects: a collection walking them would copy every page they are on
+        os.nice(CHILD_NICENESS)
 
         def ask_for_images(wanted: list) -> list:
             send_message(out, ("images", wanted), proxy.response_store, wait=lambda fd: None)
@@ -4975,7 +4996,7 @@ def sse_response(frames, call: Call) -> Response:
     return response
 
 
-COALESCED_BYTES = 65536  # at most this much per write; then the other clients get their turn
+COALESCED_BYTES = 16384  # at most this much per write (about 4 ms of translation); then the others get their turn
 
 
 def coalesce(frames, bridge: Bridge):
@@ -4990,7 +5011,7 @@ def coalesce(frames, bridge: Bridge):
         if not bridge.lines.qsize() or size >= COALESCED_BYTES:
             yield b"".join(batch)
             if size >= COALESCED_BYTES:
-                gevent.sleep(0)
+                let_the_loop_poll()
             batch, size = [], 0
     if batch:
         yield b"".join(batch)

@@ -123,7 +123,7 @@ def main():
             os.setpriority(os.PRIO_PROCESS, int(thread), 10)
         try:
             time.sleep(1.0)
-            quiet, _, count = poller.during(lambda: time.sleep(3))
+            quiet, _, count = poller.during(lambda: time.sleep(20))
             print(f"nothing else running: {shown(quiet)} ({count} answered)", flush=True)
             for name, make in scenarios(fake, sys.argv[1:]).items():
                 data = make()

@@ -287,18 +287,20 @@ def test_the_parser_refuses_an_array_at_its_cap_before_reading_on(path, text):
         {"messages": [1, 2], "tools": [1, 2, 3]}, "at the cap, and arrays elsewhere, parse as json.loads does"
 
 
-def test_the_bridge_line_carries_the_context_as_given_in_blocks():
-    """A large request's context comes from its child process as JSON text: it goes into the line as
-    it is, in blocks of at most LINE_BLOCK (the loop serves its other clients between them), and
-    the line reads back as the request."""
+def test_the_bridge_line_carries_the_context_in_the_pieces_it_came_in():
+    """A large request's context comes from its child process as JSON text in the pieces it was
+    read in: they go into the line as they are (one 60 MB buffer, zeroed or joined, held the loop
+    for tens of ms), and the line reads back as the request."""
     context = {"messages": [{"role": "user", "content": [{"type": "text", "text": "é \"q\"" * 50}], "timestamp": 0}]
-               * 5000, "tools": []}
+               * 500, "tools": []}
+    text = b"".join(proxy_module.json_text(context))
+    pieces = proxy_module.JsonText(text[at:at + 1000] for at in range(0, len(text), 1000))
     bridge_request = {"op": "stream", "model": {"id": "m"}, "options": {"maxTokens": 5, "stop": None}}
-    blocks = proxy_module.bridge_line(bridge_request, proxy_module.json_text(context))
-    assert len(blocks) > 5 and max(len(block) for block in blocks) <= proxy_module.LINE_BLOCK
-    line = b"".join(blocks)
-    assert line.endswith(b"\n") and b"\n" not in line[:-1]
-    assert json.loads(line) == {**bridge_request, "context": context}
+    line = proxy_module.bridge_line(bridge_request, pieces)
+    assert len(line) == len(pieces) + 2 and all(piece in line for piece in pieces), "no piece joined or copied"
+    whole = b"".join(line)
+    assert whole.endswith(b"\n") and b"\n" not in whole[:-1]
+    assert json.loads(whole) == {**bridge_request, "context": context}
     assert json.loads(b"".join(proxy_module.bridge_line(bridge_request))) == bridge_request
     with pytest.raises(proxy_module.ApiError) as refused:
         proxy_module.json_text({"messages": [{"temperature": float("nan")}]})

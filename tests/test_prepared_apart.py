@@ -45,12 +45,13 @@ def prepared(job, size: int = LARGE, stub=None, request=None):
 def test_a_large_body_is_prepared_in_a_child_process_and_a_small_one_here():
     def job(raw, proxy, request, fetch_images):
         request.record.note_body({"model": "fake-chat/chat-model", "stream": True})
-        return os.getpid(), len(raw), b"x" * 200_000, {"small": b"y"}, proxy.response_store
+        return os.getpid(), len(raw), proxy_module.json_text(["x" * 200_000]), {"small": b"y"}, proxy.response_store
 
     stub, request = StubProxy(), client()
     pid, size, large, small, store = prepared(job, stub=stub, request=request)
     assert pid != os.getpid() and size == LARGE
-    assert large == b"x" * 200_000 and small == {"small": b"y"}, "large bytes travel as buffers, the rest pickled"
+    assert type(large) is proxy_module.JsonText and json.loads(b"".join(large)) == ["x" * 200_000]
+    assert small == {"small": b"y"}, "large JSON text travels as it is, the rest pickled"
     assert store is stub.response_store, "the store stands for the proxy's own, not a copy"
     assert (request.record.model, request.record.stream) == ("fake-chat/chat-model", True)
     assert pid not in [child for child, _ in children(os.getpid())], "the child was reaped"
