@@ -4996,7 +4996,7 @@ def sse_response(frames, call: Call) -> Response:
     return response
 
 
-COALESCED_BYTES = 16384  # at most this much per write (about 4 ms of translation); then the others get their turn
+COALESCED_BYTES = 65536  # at most this much per write; then the other clients get their turn
 
 
 def coalesce(frames, bridge: Bridge):
