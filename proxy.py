@@ -4803,12 +4803,12 @@ def count_tokens_estimate(raw: bytearray, proxy: Proxy, client: ClientRequest, f
 # objects for a long conversation) the collector would walk at each full pass: tens of ms during
 # which no client is served. The child has the proxy's state as of the fork (registry, credentials,
 # the Responses store); it sends back its small results pickled and the pi context as JSON text in
-# a buffer of its own, and asks this process for the remote images (fetching needs the loop). It
+# a frame of its own, and asks this process for the remote images (fetching needs the loop). It
 # must never run gevent: its copy of the loop has every client's watchers. It closes what it
 # inherited and dies with the proxy (PDEATHSIG); the proxy kills and reaps it whatever happens.
 PREPARED_APART_BYTES = 100_000  # a request body larger than this is prepared in a child process
-_FRAME = struct.Struct("!cQ")  # a frame's kind (b"b": a buffer; b"p": a pickled message) and its size
-BUFFER_BYTES = 65_536  # a pickled message's bytes objects this large travel as buffers of their own
+_FRAME = struct.Struct("!cQ")  # a frame's kind (b"b": JSON text; b"p": a pickled message) and its size
+BUFFER_BYTES = 65_536  # JSON text this large travels in a frame of its own, as it is
 PIPE_BYTES = 1_048_576  # what the child's pipe to the proxy holds (Linux lets it be set), and is read at a time
 CHILD_NICENESS = 10  # the child yields the CPU to the loop: the large request waits, not everyone else
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
@@ -4948,6 +4948,10 @@ def prepare_apart(job, raw: bytearray, proxy: Proxy, client: ClientRequest):
     return payload
 
 
+def blocking(fd: int):
+    """The child's wait for its pipes, which block: none."""
+
+
 def child_prepares(job, raw: bytearray, proxy: Proxy, client: ClientRequest, parent: int, out: int, back: int):
     """The child process: job's outcome sent to the proxy, then exit; it never returns."""
     status = 1
@@ -4968,8 +4972,8 @@ def child_prepares(job, raw: bytearray, proxy: Proxy, client: ClientRequest, par
         os.nice(CHILD_NICENESS)
 
         def ask_for_images(wanted: list) -> list:
-            send_message(out, ("images", wanted), proxy.response_store, wait=lambda fd: None)
-            kind, payload = read_message(back, proxy.response_store, wait=lambda fd: None)
+            send_message(out, ("images", wanted), proxy.response_store, blocking)
+            kind, payload = read_message(back, proxy.response_store, blocking)
             if kind == "refused":
                 raise payload
             return payload
@@ -4980,8 +4984,7 @@ def child_prepares(job, raw: bytearray, proxy: Proxy, client: ClientRequest, par
             outcome = ("refused", error.with_traceback(None))
         except Exception:
             outcome = ("failed", traceback.format_exc())
-        send_message(out, (*outcome, client.record.model, client.record.stream), proxy.response_store,
-                     wait=lambda fd: None)
+        send_message(out, (*outcome, client.record.model, client.record.stream), proxy.response_store, blocking)
         status = 0
     finally:
         os._exit(status)
@@ -5060,7 +5063,7 @@ class ClientApi:
     messages: str  # where the body keeps its messages, and its tools (their caps: checked_body)
     tools: str
     resolve: Callable  # (the requested model, the registry's models, is_available) -> a pi model
-    prepare: Callable  # (body, pi model, Proxy, fetch_images) -> Exchange; fetch_images: add_remote_images'
+    prepare: Callable  # (body, pi model, Proxy, fetch_images) -> Exchange; fetch_images: see add_remote_images
     encode: Callable[[object], bytes]  # a translator's frame -> SSE bytes
     whole: Callable[[list], dict] | None = None  # a whole reply's frames -> the reply; None: it always streams
     trailer: bytes = b""  # after a stream's last frame
@@ -5234,6 +5237,7 @@ def create_app(proxy: Proxy) -> Flask:
                 return Response([api.encode(frame) for frame in exchange.translator.fail(error)],
                                 mimetype="text/event-stream")
             raise refused(error) from None
+        exchange.context.clear()  # the bridge has its line: a large request's 60 MB are not kept to the end
         if exchange.stream:
             return sse_response(stream_sse(call, exchange.translator, api), call)
         final = call.final()
