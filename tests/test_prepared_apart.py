@@ -97,6 +97,31 @@ def test_a_child_asks_the_proxy_for_remote_images(remote_images, refusal):
     assert refusal in error.value.message
 
 
+def test_the_images_the_proxy_fetches_for_a_child_take_their_places(monkeypatch):
+    """The proxy's answer (here its fetcher stood in for: the real one refuses every loopback
+    address) goes back to the child, which puts each image where its URL was."""
+    fetched = []
+
+    def fetch_remote_images(wanted, config):
+        fetched.append((os.getpid(), wanted))
+        return [{"type": "image", "data": f"image of {url}", "mimeType": "image/png"} for url, _ in wanted]
+
+    monkeypatch.setattr(proxy_module, "fetch_remote_images", fetch_remote_images)
+
+    def job(raw, proxy, request, fetch_images):
+        context = {"messages": [
+            {"role": "user", "content": [{"type": "image", "url": "https://a.example/1.png", "param": "p1"},
+                                         {"type": "text", "text": "and"},
+                                         {"type": "image", "url": "https://b.example/2.png", "param": "p2"}]}]}
+        proxy_module.add_remote_images(context, fetch_images)
+        return context["messages"][0]["content"]
+
+    content = prepared(job, stub=StubProxy(remote_images=True))
+    assert fetched == [(os.getpid(), [("https://a.example/1.png", "p1"), ("https://b.example/2.png", "p2")])]
+    assert [block.get("data") or block["text"] for block in content] == [
+        "image of https://a.example/1.png", "and", "image of https://b.example/2.png"]
+
+
 def test_a_child_whose_request_is_abandoned_is_killed_and_reaped(tmp_path):
     """A request ended while its child works (its greenlet killed, as on shutdown) takes the child
     with it: no process left, no zombie."""
