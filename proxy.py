@@ -4811,6 +4811,7 @@ _FRAME = struct.Struct("!cQ")  # a frame's kind (b"b": JSON text; b"p": a pickle
 BUFFER_BYTES = 65_536  # JSON text this large travels in a frame of its own, as it is
 PIPE_BYTES = 1_048_576  # what the child's pipe to the proxy holds (Linux lets it be set), and is read at a time
 CHILD_NICENESS = 10  # the child yields the CPU to the loop: the large request waits, not everyone else
+PREPARE_TIMEOUT = 120.0  # seconds a child may take (the largest request the caps allow: about 10 s here)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 _fork = gevent.monkey.get_original("os", "fork")  # a plain fork: gevent is not reinitialised in the child
 _set_signal = gevent.monkey.get_original("signal", "signal")
@@ -4923,15 +4924,17 @@ def prepare_apart(job, raw: bytearray, proxy: Proxy, client: ClientRequest):
     os.set_blocking(to_child, False)
     store = proxy.response_store
     try:
-        while True:
-            kind, payload, *noted = read_message(from_child, store, gevent.socket.wait_read)
-            if kind != "images":
-                break
-            try:
-                reply = ("images", fetch_remote_images(payload, proxy.config))
-            except ApiError as error:
-                reply = ("refused", error)
-            send_message(to_child, reply, store, gevent.socket.wait_write)
+        with gevent.Timeout(PREPARE_TIMEOUT, ApiError(503, f"Preparing the request took longer than "
+                                                           f"{PREPARE_TIMEOUT:g} s", "api_error")):
+            while True:
+                kind, payload, *noted = read_message(from_child, store, gevent.socket.wait_read)
+                if kind != "images":
+                    break
+                try:
+                    reply = ("images", fetch_remote_images(payload, proxy.config))
+                except ApiError as error:
+                    reply = ("refused", error)
+                send_message(to_child, reply, store, gevent.socket.wait_write)
     except EOFError:
         raise RuntimeError("the child process preparing the request ended without an answer") from None
     finally:
@@ -4984,7 +4987,13 @@ def child_prepares(job, raw: bytearray, proxy: Proxy, client: ClientRequest, par
             outcome = ("refused", error.with_traceback(None))
         except Exception:
             outcome = ("failed", traceback.format_exc())
-        send_message(out, (*outcome, client.record.model, client.record.stream), proxy.response_store, blocking)
+        noted = (client.record.model, client.record.stream)
+        try:
+            send_message(out, (*outcome, *noted), proxy.response_store, blocking)
+        except OSError:
+            raise
+        except Exception:  # the outcome could not be pickled, so nothing was sent: a bug, told as one
+            send_message(out, ("failed", traceback.format_exc(), *noted), proxy.response_store, blocking)
         status = 0
     finally:
         os._exit(status)

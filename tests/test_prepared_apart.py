@@ -80,6 +80,12 @@ def test_a_childs_api_error_is_the_clients_and_a_bug_is_not():
     with pytest.raises(RuntimeError, match="ended without an answer"):
         prepared(gone)
 
+    def unpicklable(raw, proxy, request, fetch_images):
+        return threading.Lock()
+
+    with pytest.raises(RuntimeError, match="cannot pickle '_thread.lock' object"):
+        prepared(unpicklable)
+
 
 @pytest.mark.parametrize("remote_images, refusal", [
     (False, "this proxy fetches none"),
@@ -120,6 +126,23 @@ def test_the_images_the_proxy_fetches_for_a_child_take_their_places(monkeypatch)
     assert fetched == [(os.getpid(), [("https://a.example/1.png", "p1"), ("https://b.example/2.png", "p2")])]
     assert [block.get("data") or block["text"] for block in content] == [
         "image of https://a.example/1.png", "and", "image of https://b.example/2.png"]
+
+
+def test_a_child_past_its_time_is_killed_and_the_request_refused(monkeypatch, tmp_path):
+    pid_file = tmp_path / "child"
+
+    def job(raw, proxy, request, fetch_images):
+        pid_file.write_text(str(os.getpid()))
+        time.sleep(60)
+
+    monkeypatch.setattr(proxy_module, "PREPARE_TIMEOUT", 0.5)
+    started = time.monotonic()
+    with pytest.raises(proxy_module.ApiError) as error:
+        prepared(job)
+    assert error.value.status == 503 and "longer than 0.5 s" in error.value.message
+    assert time.monotonic() - started < 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_a_child_whose_request_is_abandoned_is_killed_and_reaped(tmp_path):
