@@ -227,6 +227,21 @@ def test_non_public_addresses_are_refused(guarded, fake, images, kind, url, reas
     assert len(images.hits) == before and not fake.requests
 
 
+@pytest.mark.parametrize("kind", list(ENDPOINTS))
+def test_a_large_request_s_images_are_checked_by_the_proxy_too(guarded, fake, images, kind):
+    """A body over 100 KB is prepared in a child process, which asks the proxy for its images:
+    the same fetcher, the same refusal naming the same field."""
+    body = body_for(kind, f"http://127.0.0.1:{images.port}/cat.png")
+    padding = [{"role": "user", "content": "p" * 1000}, {"role": "assistant", "content": "q" * 1000}] * 60
+    body["input" if kind == "responses" else "messages"] = [*body.get("messages", body.get("input")), *padding]
+    assert len(json.dumps(body)) > 100_000
+    before = len(images.hits)
+    error = error_of(requests.post(guarded.url + ENDPOINTS[kind][0], json=body, timeout=30), kind)
+    assert "refused: 127.0.0.1 is a loopback address" in error["message"], error["message"]
+    assert f"The image at {ENDPOINTS[kind][2]} " in error["message"]
+    assert len(images.hits) == before and not fake.requests
+
+
 def test_a_name_s_addresses_are_not_told(guarded):
     """What a name resolves to stays on the proxy's side (issue 12 point 5)."""
     error = error_of(post(guarded, "chat", f"http://localhost:{free_port()}/x.png"), "chat")
