@@ -3405,6 +3405,7 @@ class ResponseStore:
         # ("item" or "response", id) -> (expiry, JSON text), least recently used first
         self.entries = collections.OrderedDict()
         self.size = 0
+        self.hits = None  # in a large request's child process, the keys it read: the proxy refreshes them (touch)
 
     def put(self, key: tuple, value):
         self.put_json(key, json.dumps(value, separators=(",", ":")).encode())
@@ -3426,12 +3427,20 @@ class ResponseStore:
             self.drop(key)
             return None
         self.entries.move_to_end(key)
+        if self.hits is not None:
+            self.hits.append(key)
         data = self.entries[key][1]
         budget.charge(len(data))
         return json.loads(data)
 
     def expired(self, key: tuple) -> bool:
         return self.entries[key][0] <= self.clock()
+
+    def touch(self, keys: list):
+        """Make what a child process read (in its own copy of the store) the most recently used here."""
+        for key in keys:
+            if key in self.entries:
+                self.entries.move_to_end(key)
 
     def drop(self, key: tuple):
         self.size -= len(self.entries.pop(key)[1]) + self.ENTRY_BYTES
@@ -4943,7 +4952,8 @@ def prepare_apart(job, raw: bytearray, proxy: Proxy, client: ClientRequest):
         if gevent.os.waitpid(pid, os.WNOHANG) == (0, 0):
             os.kill(pid, signal.SIGKILL)
             gevent.os.waitpid(pid, 0)
-    client.record.model, client.record.stream = noted
+    client.record.model, client.record.stream, hits = noted
+    store.touch(hits)
     if kind == "refused":
         raise payload
     if kind == "failed":
@@ -4973,6 +4983,7 @@ def child_prepares(job, raw: bytearray, proxy: Proxy, client: ClientRequest, par
         os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         gc.freeze()  # the proxy's objects: a collection walking them would copy every page they are on
         os.nice(CHILD_NICENESS)
+        proxy.response_store.hits = []
 
         def ask_for_images(wanted: list) -> list:
             send_message(out, ("images", wanted), proxy.response_store, blocking)
@@ -4987,7 +4998,7 @@ def child_prepares(job, raw: bytearray, proxy: Proxy, client: ClientRequest, par
             outcome = ("refused", error.with_traceback(None))
         except Exception:
             outcome = ("failed", traceback.format_exc())
-        noted = (client.record.model, client.record.stream)
+        noted = (client.record.model, client.record.stream, proxy.response_store.hits)
         try:
             send_message(out, (*outcome, *noted), proxy.response_store, blocking)
         except OSError:

@@ -58,6 +58,21 @@ def test_a_large_body_is_prepared_in_a_child_process_and_a_small_one_here():
     assert prepared(job, size=proxy_module.PREPARED_APART_BYTES)[0] == os.getpid()
 
 
+def test_what_a_child_reads_of_the_store_is_the_most_recently_used_here():
+    """The child reads its own copy of the Responses store: the entries it used are refreshed in the
+    proxy's, or a long session's items, referenced at every turn, would be evicted first."""
+    stub = StubProxy()
+    for name in ("used", "other"):
+        stub.response_store.put(("item", name), {"id": name})
+
+    def job(raw, proxy, request, fetch_images):
+        return proxy.response_store.get(("item", "used"), proxy_module.ByteBudget(1000))
+
+    assert prepared(job, stub=stub) == {"id": "used"}
+    assert list(stub.response_store.entries) == [("item", "other"), ("item", "used")]
+    assert stub.response_store.hits is None
+
+
 def test_a_childs_api_error_is_the_clients_and_a_bug_is_not():
     def refused(raw, proxy, request, fetch_images):
         raise proxy_module.ApiError(413, "messages holds more than 2 entries", "request_too_large",
