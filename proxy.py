@@ -1060,6 +1060,9 @@ def json_text(value) -> JsonText:
                             "too deep)", code="invalid_value") from None
 
 
+LINE_BLOCK = 262_144  # bytes of a bridge's request line written between the loop's turns (Bridge.send)
+
+
 def bridge_line(bridge_request: dict, context: JsonText | None = None) -> list[bytes]:
     """A bridge's request line, in pieces (Bridge.send lets the loop serve its other clients between
     them): bridge_request, with `context`, the pi context, in it as it is."""
@@ -1113,10 +1116,13 @@ class Bridge:
         """Give the bridge its request (bridge_line's pieces), the loop's other clients served
         between pieces: a pipe its reader keeps emptying takes 40 MB without a write ever yielding."""
         try:
-            for index, block in enumerate(line):
-                if index:
+            written = 0
+            for piece in line:
+                if written >= LINE_BLOCK:  # a small request's few pieces go at once, without a turn
                     let_the_loop_poll()
-                self.proc.stdin.write(block)
+                    written = 0
+                self.proc.stdin.write(piece)
+                written += len(piece)
             self.proc.stdin.flush()
         except OSError:
             pass  # the process died at once; events() reports it

@@ -1,9 +1,10 @@
 """How long one large request stalls the proxy's other clients (issue 12, point 3).
 
 Starts the fake upstream and a real proxy (default limits), then, for each scenario, sends one
-large request while another client asks /healthz back to back; the figure is the slowest /healthz
-answer during the large request (the worst stall), next to the same client's slowest answer with
-nothing else going on. Not a test: run `.venv/bin/python bench/stall.py [scenario words...]`."""
+large request while another client asks /healthz back to back; the figures are that client's median,
+99th percentile and slowest answer during the large request (the slowest: the worst stall), next to
+the same over 20 s with nothing else going on. Not a test: run
+`.venv/bin/python bench/stall.py [scenario words...]`."""
 
 import json
 import os
