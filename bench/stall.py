@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.fake_upstream import FakeUpstream, Reply  # noqa: E402
-from tests.helpers import RunningProxy, models_json  # noqa: E402
+from tests.helpers import RunningProxy, children, models_json  # noqa: E402
 
 POLLER = r"""
 import gc, select, socket, sys, time
@@ -77,6 +78,42 @@ class Poller:
         return tuple(float(t) for t in times), duration, int(count)
 
 
+def rss_mb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+class PeakMemory:
+    """The largest resident memory (MB) of the proxy and of a child preparing a large request (it
+    runs proxy.py, where the bridges run node) while in the `with` block, sampled every 20 ms."""
+
+    def __init__(self, proxy):
+        self.pid, self.proxy, self.child = proxy.proc.pid, 0, 0
+        self.stopped = threading.Event()
+        self.sampler = threading.Thread(target=self.sample)
+
+    def sample(self):
+        while not self.stopped.wait(0.02):
+            self.proxy = max(self.proxy, rss_mb(self.pid))
+            for pid, cmdline in children(self.pid):
+                if b"proxy.py" in cmdline:
+                    self.child = max(self.child, rss_mb(pid))
+
+    def __enter__(self):
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *_):
+        self.stopped.set()
+        self.sampler.join()
+
+    def __str__(self) -> str:
+        return f"peak memory: proxy {self.proxy} MB, preparing child {self.child} MB"
+
+
 def shown(times) -> str:
     return "/healthz median {:.1f} ms, 99th percentile {:.1f} ms, slowest {:.1f} ms".format(*times)
 
@@ -128,9 +165,10 @@ def main():
             print(f"nothing else running: {shown(quiet)} ({count} answered)", flush=True)
             for name, make in scenarios(fake, sys.argv[1:]).items():
                 data = make()
-                times, seconds, count = poller.during(post(proxy, "/v1/chat/completions" if name.startswith(
-                    "chat") else "/v1/responses", data))
-                print(f"{name}: {shown(times)} during {seconds:.1f} s ({count} answered)", flush=True)
+                with PeakMemory(proxy) as memory:
+                    times, seconds, count = poller.during(post(proxy, "/v1/chat/completions" if name.startswith(
+                        "chat") else "/v1/responses", data))
+                print(f"{name}: {shown(times)} during {seconds:.1f} s ({count} answered); {memory}", flush=True)
             if sys.argv[1:] and "stream" not in sys.argv[1:]:
                 return
             fake.reset()  # a refused request left its reply unused
